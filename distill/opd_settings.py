@@ -1,0 +1,45 @@
+"""Settings of the multi-teacher on-policy distillation stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+
+class TeacherSpec(BaseModel):
+    """A teacher: a domain's expert (default) or an external HF checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: str
+    weight: float = Field(1.0, gt=0.0)
+    path: str | None = Field(None, description="HF checkpoint; default: the domain's GRPO expert")
+
+
+class OPDSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    student_init: str = Field("sft:all", description="'base', 'sft:all', 'sft:<domain>' or a path")
+    teachers: list[TeacherSpec] | None = Field(None, description="default: every domain's expert, weight 1")
+    rounds: PositiveInt = 3
+    prompts_per_domain: PositiveInt = 32
+    samples_per_prompt: PositiveInt = 1
+    max_new_tokens: PositiveInt = 64
+    max_turns: PositiveInt = 3
+    temperature: float = Field(1.0, ge=0.0)
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    chunk_size: PositiveInt = 1024
+    cache_dtype: Literal["fp32", "bf16"] = "fp32"
+    shard_tokens: PositiveInt = 65536
+    prefill_batch_size: PositiveInt = 32
+    # optimisation
+    epochs_per_round: PositiveInt = 1
+    mini_batch_size: PositiveInt = 64
+    micro_batch_size: PositiveInt = 16
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    reward_weight: float = Field(0.0, ge=0.0, description="MOPD-style mix of the domain reward")
+    seed: int = 0

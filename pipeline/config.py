@@ -1,0 +1,371 @@
+"""The experiment schema: one YAML file = one frozen, validated `ExperimentConfig`.
+
+Every section maps one-to-one onto a pydantic model with `extra="forbid"`; stage
+settings (`SFTSettings`, `GRPOSettings`, `OPDSettings`, `TrainerSettings`) live next to
+the code that uses them and are composed here. `load_config` applies dotted overrides
+(`domains.math.grpo.lr=1e-5`, `opd.rounds=3`), validates, then runs the checks that need
+the file system or the registries (data files exist, verifiers are known, teachers share
+the student's vocabulary); every problem is reported as `<yaml.path>: <reason>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from distill.opd_settings import OPDSettings
+from engine.trainer import TrainerSettings
+from experts.grpo_settings import GRPOSettings
+from experts.sft import SFTSettings
+
+
+class ConfigError(Exception):
+    """A config that cannot run; `errors` holds `(yaml_path, reason)` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("\n".join(f"config error: {p}: {r}" for p, r in errors))
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelSpec(Frozen):
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 384
+    tie_word_embeddings: bool = False
+    max_position_embeddings: PositiveInt = 1024
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class ModelConfig(Frozen):
+    base: str = Field("tiny", description="'tiny' (built from `tiny`) or a Hugging Face directory")
+    tiny: TinyModelSpec = TinyModelSpec()
+    tokenizer: str | None = Field(None, description="default: the base model's directory")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+class SyntheticData(Frozen):
+    generator: str
+    train_size: PositiveInt = 2000
+    eval_size: PositiveInt = 64
+
+
+class DataConfig(Frozen):
+    synthetic: SyntheticData | None = None
+    train: str | None = None
+    eval: str | None = None
+    adapter: str | None = Field(None, description="row adapter for real datasets (gsm8k, mbpp, ifeval, xlam)")
+    on_bad_row: Literal["skip", "error"] = "skip"
+    max_prompt_tokens: PositiveInt = 512
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.synthetic is None) == (self.train is None):
+            raise ValueError("give exactly one of `synthetic` or `train` (+ `eval`)")
+        if self.train is not None and self.eval is None:
+            raise ValueError("`eval` is required with `train`")
+        return self
+
+
+class DomainConfig(Frozen):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    data: DataConfig
+    verifier: str
+    sft: SFTSettings = SFTSettings()
+    grpo: GRPOSettings = GRPOSettings()
+
+
+class MixedRLConfig(Frozen):
+    enabled: bool = False
+    grpo: GRPOSettings = GRPOSettings()
+
+
+class GeneratorConfig(Frozen):
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: PositiveInt = 64
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class EvalConfig(Frozen):
+    max_new_tokens: PositiveInt = 96
+    samples: int = Field(4, ge=0, description="k samples per prompt for sampled pass@1 (0: greedy only)")
+    temperature: float = Field(1.0, gt=0.0)
+    max_prompts: PositiveInt | None = None
+
+
+class StageResources(Frozen):
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    trainer_ranks: PositiveInt = 1
+
+
+class ResourcesConfig(Frozen):
+    num_cpus: PositiveInt = 2
+    num_gpus: int = Field(0, ge=0)
+    default: StageResources = StageResources()
+    stages: dict[str, StageResources] = {}
+    retries: int = Field(0, ge=0)
+    concurrent_stages: PositiveInt = 1
+
+
+class LoggingConfig(Frozen):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "polymath"
+    progress: bool = True
+
+
+class ExperimentConfig(Frozen):
+    experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: str | None = Field(None, description="default: runs/<experiment>")
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerSettings = TrainerSettings()
+    generator: GeneratorConfig = GeneratorConfig()
+    domains: list[DomainConfig] = Field(min_length=1)
+    student_sft: SFTSettings = Field(SFTSettings(), description="SFT of the OPD student / mixed-RL start on every domain's data (stage sft:all)")
+    opd: OPDSettings = OPDSettings()
+    mixed_rl: MixedRLConfig = MixedRLConfig()
+    eval: EvalConfig = EvalConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross(self):
+        names = [d.name for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domain names must be unique, got {names}")
+        for t in self.opd.teachers or []:
+            if t.domain not in names:
+                raise ValueError(f"opd teacher domain {t.domain!r} is not one of {names}")
+        init = self.opd.student_init
+        if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
+            raise ValueError(f"opd.student_init {init!r}: no such domain")
+        if self.generator.backend == "vllm" and self.resources.num_gpus == 0:
+            raise ValueError("generator.backend 'vllm' needs resources.num_gpus > 0 (vLLM is GPU only)")
+        if self.trainer.device == "cuda" and self.resources.num_gpus == 0:
+            raise ValueError("trainer.device 'cuda' needs resources.num_gpus > 0")
+        return self
+
+    # derived values
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.experiment}")
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def domain(self, name: str) -> DomainConfig:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(f"no domain {name!r}; known: {self.domain_names}")
+
+    def teachers(self):
+        from distill.opd_settings import TeacherSpec
+
+        return self.opd.teachers or [TeacherSpec(domain=n) for n in self.domain_names]
+
+    def resources_for(self, stage: str) -> StageResources:
+        kind = stage.split(":")[0]
+        return self.resources.stages.get(stage) or self.resources.stages.get(kind) or self.resources.default
+
+
+# ---------------------------------------------------------------- loading + overrides
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_override(raw: dict, dotted: str) -> None:
+    """Set `a.b.c=value` in a raw YAML dict; list items are addressed by `name` or index."""
+    if "=" not in dotted:
+        raise ConfigError([(dotted, "override must look like path.to.key=value")])
+    path, value = dotted.split("=", 1)
+    keys = path.split(".")
+    node: Any = raw
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            match = [x for x in node if isinstance(x, dict) and x.get("name") == key]
+            if match:
+                idx = node.index(match[0])
+            elif key.isdigit() and int(key) < len(node):
+                idx = int(key)
+            else:
+                raise ConfigError([(where, "no list item with this name or index")])
+            if last:
+                node[idx] = _parse_value(value)
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = _parse_value(value)
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError([(where, "cannot descend into a scalar")])
+
+
+def format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "model-")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def load_raw(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([(str(path), "config file not found")])
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([(str(path), f"not valid YAML: {exc}")]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError([(str(path), "top level must be a mapping")])
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> ExperimentConfig:
+    raw = load_raw(path)
+    raw = copy.deepcopy(raw)
+    for o in overrides:
+        apply_override(raw, o)
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = [(format_loc(e["loc"]), e["msg"]) for e in exc.errors()]
+        errors += _semantic_errors_raw(raw, Path(path).parent) if check_files else []
+        raise ConfigError(errors) from None
+    if check_files:
+        errors = semantic_errors(cfg, Path(path).parent)
+        if errors:
+            raise ConfigError(errors)
+    return cfg
+
+
+def resolve_path(p: str, base: Path) -> Path:
+    """A relative data path is read relative to the working directory, else the config's."""
+    cand = Path(p)
+    if cand.is_absolute() or cand.exists():
+        return cand
+    return base / cand
+
+
+def _semantic_errors_raw(raw: dict, base: Path) -> list[tuple[str, str]]:
+    """File and registry checks on a config that failed schema validation (best effort)."""
+    errors = []
+    for i, d in enumerate(raw.get("domains") or []):
+        if not isinstance(d, dict):
+            continue
+        data = d.get("data") if isinstance(d.get("data"), dict) else {}
+        for split in ("train", "eval"):
+            if isinstance(data.get(split), str) and not resolve_path(data[split], base).exists():
+                errors.append((f"domains[{i}].data.{split}", f"file not found: {data[split]}"))
+        if isinstance(d.get("verifier"), str):
+            errors += _verifier_errors(d["verifier"], f"domains[{i}].verifier")
+    return errors
+
+
+def _verifier_errors(name: str, where: str) -> list[tuple[str, str]]:
+    from rewards import known_verifiers
+
+    known = known_verifiers()
+    return [] if name in known else [(where, f"unknown verifier {name!r}; known: {sorted(known)}")]
+
+
+def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
+    from engine.domains import known_domains
+
+    errors: list[tuple[str, str]] = []
+    for i, d in enumerate(cfg.domains):
+        where = f"domains[{i}]"
+        if d.data.synthetic and d.data.synthetic.generator not in known_domains():
+            errors.append((f"{where}.data.synthetic.generator",
+                           f"unknown generator {d.data.synthetic.generator!r}; known: {sorted(known_domains())}"))
+        for split in ("train", "eval"):
+            p = getattr(d.data, split)
+            if p is not None and not resolve_path(p, base).exists():
+                errors.append((f"{where}.data.{split}", f"file not found: {p}"))
+        errors += _verifier_errors(d.verifier, f"{where}.verifier")
+    if cfg.model.base != "tiny" and not Path(cfg.model.base).is_dir():
+        if not _looks_like_hub_id(cfg.model.base):
+            errors.append(("model.base", f"not 'tiny' and not a directory: {cfg.model.base}"))
+    errors += _vocab_errors(cfg)
+    return errors
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def _vocab_signature(model_dir: Path) -> tuple[int, str] | None:
+    """(vocab_size, hash of the tokenizer vocabulary) of a local HF directory."""
+    import hashlib
+
+    cfg = model_dir / "config.json"
+    tok = model_dir / "tokenizer.json"
+    if not cfg.is_file() or not tok.is_file():
+        return None
+    vocab_size = json.loads(cfg.read_text()).get("vocab_size")
+    model = json.loads(tok.read_text()).get("model", {})
+    added = json.loads(tok.read_text()).get("added_tokens", [])
+    digest = hashlib.sha256(json.dumps([model.get("vocab"), [(a["id"], a["content"]) for a in added]],
+                                       sort_keys=True).encode()).hexdigest()
+    return vocab_size, digest
+
+
+def _vocab_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """External teachers must share the student's tokenizer and vocabulary."""
+    errors = []
+    student_dir = Path(cfg.model.tokenizer or cfg.model.base)
+    student = _vocab_signature(student_dir) if cfg.model.base != "tiny" else None
+    for i, t in enumerate(cfg.opd.teachers or []):
+        if t.path is None:
+            continue
+        where = f"opd.teachers[{i}].path"
+        if not Path(t.path).is_dir():
+            errors.append((where, f"teacher checkpoint not found: {t.path}"))
+            continue
+        sig = _vocab_signature(Path(t.path))
+        if sig is None:
+            errors.append((where, "no config.json/tokenizer.json in the teacher checkpoint"))
+        elif student is not None and sig != student:
+            errors.append((where, f"teacher vocabulary (size {sig[0]}) differs from the student's (size {student[0]})"))
+        elif student is None and cfg.model.base == "tiny":
+            from engine.tokenizer import build_tiny_tokenizer
+
+            if sig[0] is not None and sig[0] < len(build_tiny_tokenizer()):
+                errors.append((where, "teacher vocabulary is smaller than the tiny student's tokenizer"))
+    return errors
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,80 @@
+"""The run directory: atomic writes, stage manifests and the skip rule.
+
+Layout (DESIGN.md section 2): `runs/<experiment>/config.yaml`, and per stage
+`<stage dir>/manifest.json` with status, the stage's input hash, timings, outputs and
+final metrics. A stage is skipped when its manifest says `done` for the same input hash.
+Stage names contain ':' (`sft:math`); their directories use '-' (`sft-math`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def stage_dirname(stage: str) -> str:
+    return stage.replace(":", "-")
+
+
+class RunDir:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage_dirname(stage)
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "manifest.json"
+
+    def read_manifest(self, stage: str) -> dict | None:
+        p = self.manifest_path(stage)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise RuntimeError(f"corrupt manifest {p}: {exc}") from exc
+
+    def is_done(self, stage: str, input_hash: str) -> bool:
+        m = self.read_manifest(stage)
+        return bool(m) and m.get("status") == "done" and m.get("input_hash") == input_hash
+
+    def write_manifest(self, stage: str, **fields) -> dict:
+        m = self.read_manifest(stage) or {}
+        m.update(fields, stage=stage, updated=time.time())
+        atomic_write_json(self.manifest_path(stage), m)
+        return m
+
+    def output(self, stage: str, key: str) -> str:
+        """An output path recorded by a finished stage (e.g. its final checkpoint)."""
+        m = self.read_manifest(stage)
+        if not m or m.get("status") != "done":
+            raise RuntimeError(f"stage {stage} has not finished in {self.root}")
+        try:
+            return m["outputs"][key]
+        except KeyError:
+            raise RuntimeError(f"stage {stage} recorded no output {key!r} in {self.manifest_path(stage)}") from None

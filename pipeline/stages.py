@@ -1,0 +1,111 @@
+"""Run one stage of the graph: dependency checks, skip/resume rule, manifest bookkeeping.
+
+`run_stage` is what every Ray job runs (`python -m pipeline stage CONFIG STAGE`). It
+refuses to start before its dependencies are done for the current config, skips a stage
+already done for the same input hash, resumes an interrupted one in place (the drivers
+continue from their newest complete checkpoint), and moves aside the partial work of a
+stage whose inputs changed, so stale checkpoints are never resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ExperimentConfig, dump_config
+from pipeline.graph import Stage, build_graph, input_hashes
+from pipeline.rundir import RunDir, atomic_write_text
+
+
+class StageNotBuilt(RuntimeError):
+    """The stage's driver is not part of this build yet."""
+
+
+@dataclass
+class StageContext:
+    cfg: ExperimentConfig
+    stage: Stage
+    run: RunDir
+    input_hash: str
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.stage_dir(self.stage.name)
+
+    def model_dir(self, stage: str) -> str:
+        """Final HF checkpoint of a finished model stage ('prepare' = the base model)."""
+        return self.run.output(stage, "model")
+
+
+def setup_environment(run_root: Path) -> None:
+    """Keep every cache inside ignored folders; CPU threads; offline hubs."""
+    cache = Path.cwd() / ".cache"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        os.environ.setdefault(var, str(run_root / "wandb"))
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+
+
+def _stage_functions():
+    from pipeline import stage_impl
+
+    return {
+        "prepare": stage_impl.prepare,
+        "sft": stage_impl.sft,
+        "grpo": stage_impl.grpo,
+        "mixed_rl": stage_impl.mixed_rl,
+        "opd": stage_impl.opd,
+        "eval": stage_impl.evaluate,
+        "report": stage_impl.report,
+    }
+
+
+def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), force: bool = False) -> dict:
+    stages = {s.name: s for s in build_graph(cfg)}
+    if name not in stages:
+        raise SystemExit(f"unknown stage {name!r}; stages: {list(stages)}")
+    stage = stages[name]
+    hashes = input_hashes(list(stages.values()))
+    run = RunDir(cfg.run_path)
+    setup_environment(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.root / "config.yaml", dump_config(cfg))
+    for dep in stage.deps:
+        if not run.is_done(dep, hashes[dep]):
+            raise SystemExit(f"stage {name} needs {dep} done for this config first "
+                             f"(run: python -m pipeline stage {config_path} {dep})")
+    h = hashes[name]
+    if run.is_done(name, h) and not force:
+        print(f"[{name}] done for input {h}: skipped")
+        return run.read_manifest(name)
+    old = run.read_manifest(name)
+    if old is not None and (old.get("input_hash") != h or force):
+        stale = run.stage_dir(name).with_name(run.stage_dir(name).name + f".stale-{int(time.time())}")
+        os.replace(run.stage_dir(name), stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        old = None
+    attempt = (old or {}).get("attempt", 0) + 1
+    started = time.time()
+    run.write_manifest(name, status="running", input_hash=h, started=started, attempt=attempt,
+                       deps={d: hashes[d] for d in stage.deps}, log=os.environ.get("POLYMATH_STAGE_LOG"))
+    ctx = StageContext(cfg, stage, run, h)
+    print(f"[{name}] running (input {h}, attempt {attempt})", flush=True)
+    try:
+        result = _stage_functions()[stage.kind](ctx) or {}
+    except BaseException as exc:
+        status = "not_built" if isinstance(exc, StageNotBuilt) else "failed"
+        run.write_manifest(name, status=status, error=f"{type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc(), ended=time.time())
+        raise
+    ended = time.time()
+    return run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
+                              outputs=result.get("outputs", {}), metrics=result.get("metrics", {}))
