@@ -41,5 +41,4 @@ class OPDSettings(BaseModel):
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
-    reward_weight: float = Field(0.0, ge=0.0, description="MOPD-style mix of the domain reward")
     seed: int = 0

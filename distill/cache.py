@@ -1,0 +1,413 @@
+"""The teacher hidden-state cache: one round's teacher states on disk, streamed to training.
+
+Layout (DESIGN.md section 5): `<cache_dir>/teacher-XXX/` per teacher, holding
+`shard-NNNNN.safetensors` (one tensor `hidden`, [tokens, hidden], bf16 or fp32),
+`index.json` (sample id -> teacher, shard, offset, length) and `manifest.json` (per-shard
+bytes + sha256, the index's sha256, dtype, hidden size, teacher name and index). The
+manifest is the completion marker: a teacher directory is built under a temporary name and
+renamed into place whole, so it is complete or absent.
+
+What is stored: the teacher's PRE-final-norm last-layer hidden state at each position that
+predicts a response token. For a target token at position t (mask[t] = 1, t >= 1), the
+logits come from position t - 1; a target at t = 0 has no predicting position and is not
+stored. Rows follow the sample's targets in ascending t, the same row-major order as
+`hidden[:, :-1][loss_mask[:, 1:] > 0]` on the student side. The pre-norm state is taken by
+a forward pre-hook on the final norm module: in transformers 5.24 `hidden_states[-1]` is
+the POST-norm state (`capture_outputs(tie_last_hidden_states=True)` overwrites the last
+layer's output with `last_hidden_state`), so it cannot be used. The writer runs only the
+base model (no lm_head, no (B, T, V) logits), in right-padded batches with an attention
+mask and positions 0..L-1, which leave every real position's causal context unchanged.
+
+The reader verifies size and sha256 of every shard when it loads it and fails with a
+`CacheError` naming the file on a missing, truncated or corrupt shard or a bad index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from distill.heads import get_head_spec
+from engine.atomic import atomic_write_bytes, atomic_write_json
+
+FORMAT_VERSION = 1
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class CacheError(RuntimeError):
+    """A missing, truncated or corrupt cache file, or an inconsistent index."""
+
+
+def teacher_dir_name(teacher_index: int) -> str:
+    return f"teacher-{int(teacher_index):03d}"
+
+
+def _field(sample, name: str, default=None):
+    return sample.get(name, default) if isinstance(sample, dict) else getattr(sample, name, default)
+
+
+def compute_predicting_positions(sample) -> list[int]:
+    """Positions whose hidden state predicts a response token: t - 1 for each target t >= 1.
+
+    Targets come from `response_mask` (or `loss_mask`, 1 = trained target, aligned with
+    `input_ids`) or else `response_start` (targets are positions >= response_start).
+    """
+    n = len(_field(sample, "input_ids"))
+    mask = _field(sample, "response_mask")
+    mask = _field(sample, "loss_mask") if mask is None else mask
+    if mask is None:
+        start = _field(sample, "response_start")
+        if start is None:
+            raise ValueError(f"sample {_field(sample, 'sample_id')!r}: needs response_mask, loss_mask "
+                             "or response_start")
+        mask = [0] * int(start) + [1] * (n - int(start))
+    if len(mask) != n:
+        raise ValueError(f"sample {_field(sample, 'sample_id')!r}: mask length {len(mask)} != {n} input_ids")
+    return [t - 1 for t in range(1, n) if mask[t]]
+
+
+def forward_prenorm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           position_ids: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states before the final norm, (B, T, H), from the base model only."""
+    spec = get_head_spec(model.config.model_type)
+    norm = model.get_submodule(spec.norm_module)
+    base = model.get_submodule(spec.norm_module.rsplit(".", 1)[0]) if "." in spec.norm_module else model
+    captured: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"final norm {spec.norm_module} ran {len(captured)} times in one forward")
+    return captured[0]
+
+
+def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)  # (B, T)
+    attn = torch.zeros((len(seqs), t), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, :len(s)] = 1
+    pos = torch.arange(t).unsqueeze(0).expand(len(seqs), t).contiguous()  # (B, T)
+    return ids, attn, pos
+
+
+# ----------------------------------------------------------------------------- writer
+
+class CacheWriter:
+    """Collects one teacher's per-sample states into shards; `close()` publishes the directory."""
+
+    def __init__(self, out_dir: str | Path, teacher_index: int, teacher_name: str, *, hidden_size: int,
+                 dtype: str = "bf16", shard_tokens: int = 65536):
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache dtype {dtype!r}; known: {sorted(CACHE_DTYPES)}")
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        self.out_dir, self.teacher_index, self.teacher_name = Path(out_dir), int(teacher_index), teacher_name
+        self.hidden_size, self.dtype, self.shard_tokens = int(hidden_size), dtype, int(shard_tokens)
+        self.final_dir = self.out_dir / teacher_dir_name(teacher_index)
+        self.tmp_dir = self.out_dir / f".{self.final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir(parents=True)
+        self._buf: list[torch.Tensor] = []
+        self._buf_rows = 0
+        self._index: dict[str, dict] = {}
+        self._shards: list[dict] = []
+
+    def _shard_name(self) -> str:
+        return f"shard-{len(self._shards):05d}.safetensors"
+
+    def add(self, sample_id: str, hidden: torch.Tensor) -> None:
+        """Append one sample's states, (L, H); a sample never spans two shards."""
+        if sample_id in self._index:
+            raise ValueError(f"sample id {sample_id!r} added twice to teacher {self.teacher_index}")
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise ValueError(f"sample {sample_id!r}: hidden {tuple(hidden.shape)}, expected (L, {self.hidden_size})")
+        n = hidden.shape[0]
+        if self._buf_rows and self._buf_rows + n > self.shard_tokens:
+            self._flush()
+        entry = {"teacher_index": self.teacher_index, "teacher": self.teacher_name, "length": n,
+                 "shard": self._shard_name() if n else None, "offset": self._buf_rows if n else 0}
+        self._index[sample_id] = entry
+        if n:
+            self._buf.append(hidden.detach().to("cpu", CACHE_DTYPES[self.dtype]))
+            self._buf_rows += n
+
+    def _flush(self) -> None:
+        if not self._buf_rows:
+            return
+        data = safetensors_save({"hidden": torch.cat(self._buf).contiguous()})  # (tokens, H)
+        name = self._shard_name()
+        atomic_write_bytes(self.tmp_dir / name, data)
+        self._shards.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                             "tokens": self._buf_rows})
+        self._buf, self._buf_rows = [], 0
+
+    def close(self) -> dict:
+        """Write the last shard, index and manifest; rename the directory into place."""
+        self._flush()
+        index_bytes = (json.dumps(self._index, indent=1, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(self.tmp_dir / "index.json", index_bytes)
+        manifest = {"format_version": FORMAT_VERSION, "teacher_index": self.teacher_index,
+                    "teacher_name": self.teacher_name, "dtype": self.dtype, "hidden_size": self.hidden_size,
+                    "num_samples": len(self._index), "num_tokens": sum(s["tokens"] for s in self._shards),
+                    "shard_tokens": self.shard_tokens, "shards": self._shards,
+                    "index_sha256": hashlib.sha256(index_bytes).hexdigest()}
+        atomic_write_json(self.tmp_dir / "manifest.json", manifest)
+        old = self.out_dir / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        if self.final_dir.exists():
+            os.replace(self.final_dir, old)
+        os.replace(self.tmp_dir, self.final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def write_teacher_cache(model, teacher_index: int, teacher_name: str, samples: Iterable, out_dir: str | Path, *,
+                        batch_size: int = 32, dtype: str = "bf16", shard_tokens: int = 65536,
+                        pad_token_id: int = 0) -> dict:
+    """Prefill `samples` through `model` and cache the states that predict their response tokens.
+
+    Each sample (dict or object) has `sample_id`, `input_ids` (prompt + response) and
+    `response_mask` / `loss_mask` / `response_start`. Returns a summary: the teacher
+    directory, samples, tokens, bytes, bytes_per_token and seconds.
+    """
+    t0 = time.perf_counter()
+    samples = list(samples)
+    writer = CacheWriter(out_dir, teacher_index, teacher_name, hidden_size=model.config.hidden_size,
+                         dtype=dtype, shard_tokens=shard_tokens)
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(samples), batch_size):
+                batch = samples[start:start + batch_size]
+                ids, attn, pos = _right_pad([list(_field(s, "input_ids")) for s in batch], pad_token_id)
+                dev = next(model.parameters()).device
+                hidden = forward_prenorm_hidden(model, ids.to(dev), attn.to(dev), pos.to(dev))  # (B, T, H)
+                for i, s in enumerate(batch):
+                    rows = torch.tensor(compute_predicting_positions(s), dtype=torch.long, device=dev)
+                    writer.add(str(_field(s, "sample_id")), hidden[i].index_select(0, rows))  # (L, H)
+        manifest = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    return {"dir": str(writer.final_dir), "samples": manifest["num_samples"], "tokens": manifest["num_tokens"],
+            "bytes": total_bytes, "bytes_per_token": total_bytes / max(manifest["num_tokens"], 1),
+            "seconds": time.perf_counter() - t0}
+
+
+def teacher_cache_complete(cache_dir: str | Path, teacher_index: int) -> bool:
+    """Whether the teacher's directory was published (its manifest exists); for resume."""
+    return (Path(cache_dir) / teacher_dir_name(teacher_index) / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------------- reader
+
+@dataclass
+class TeacherBatch:
+    """One teacher's samples of a mini-batch, with their cached states (each (L_i, H))."""
+
+    teacher_index: int
+    teacher_name: str
+    sample_ids: list[str]
+    hidden: list[torch.Tensor]
+
+    def cat(self) -> torch.Tensor:
+        return torch.cat(self.hidden) if self.hidden else torch.zeros(0, 0)  # (sum L_i, H)
+
+
+def _load_json(path: Path, what: str) -> tuple[dict, bytes]:
+    if not path.is_file():
+        raise CacheError(f"missing {what} {path}")
+    try:
+        data = path.read_bytes()
+        return json.loads(data), data
+    except ValueError as e:
+        raise CacheError(f"unreadable {what} {path}: {e}") from e
+
+
+class CacheReader:
+    """Reads a round's cache directory; shards are verified on every load from disk."""
+
+    def __init__(self, cache_dir: str | Path, *, prefetch: bool = True, max_cached_shards: int = 2):
+        self.cache_dir = Path(cache_dir)
+        self.manifests: dict[int, dict] = {}
+        self._where: dict[str, tuple[int, str | None, int, int]] = {}  # id -> (teacher, shard, offset, length)
+        dirs = sorted(p for p in self.cache_dir.glob("teacher-*") if p.is_dir())
+        if not dirs:
+            raise CacheError(f"no teacher-* directories in cache {self.cache_dir}")
+        for d in dirs:
+            self._load_teacher(d)
+        self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+        self._max_cached = max(1, max_cached_shards)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") if prefetch else None
+        self._pending: tuple[tuple[int, str], Future] | None = None
+        self.shard_loads = 0
+        self.bytes_read = 0
+
+    def _load_teacher(self, d: Path) -> None:
+        manifest, _ = _load_json(d / "manifest.json", "manifest")
+        missing = {"teacher_index", "teacher_name", "dtype", "hidden_size", "num_tokens", "shards",
+                   "index_sha256"} - set(manifest)
+        if missing or manifest["dtype"] not in CACHE_DTYPES:
+            raise CacheError(f"bad manifest {d / 'manifest.json'}: missing {sorted(missing)} or unknown dtype")
+        t = int(manifest["teacher_index"])
+        if d.name != teacher_dir_name(t):
+            raise CacheError(f"manifest {d / 'manifest.json'} says teacher {t}, directory is {d.name}")
+        index, raw = _load_json(d / "index.json", "index")
+        if hashlib.sha256(raw).hexdigest() != manifest.get("index_sha256"):
+            raise CacheError(f"corrupt index {d / 'index.json'}: sha256 differs from {d / 'manifest.json'}")
+        shards = {s["file"]: s for s in manifest["shards"]}
+        for sid, e in index.items():
+            e = e if isinstance(e, dict) else {}
+            shard, off, n = e.get("shard"), e.get("offset"), e.get("length")
+            ok = (e.get("teacher_index") == t and isinstance(off, int) and isinstance(n, int) and off >= 0
+                  and n >= 0 and ((n == 0 and shard is None) or (shard in shards and off + n <= shards[shard]["tokens"])))
+            if not ok:
+                raise CacheError(f"bad index {d / 'index.json'}: entry {sid!r} = {e} does not fit {d / 'manifest.json'}")
+            if sid in self._where:
+                raise CacheError(f"bad index {d / 'index.json'}: sample {sid!r} also cached for teacher "
+                                 f"{self._where[sid][0]}")
+            self._where[sid] = (t, shard, off, n)
+        if sum(e["length"] for e in index.values()) != manifest["num_tokens"]:  # entries checked above
+            raise CacheError(f"bad index {d / 'index.json'}: lengths do not sum to the manifest's num_tokens")
+        self.manifests[t] = manifest
+
+    # -- metadata
+    @property
+    def teacher_indices(self) -> list[int]:
+        return sorted(self.manifests)
+
+    def teacher_of(self, sample_id: str) -> int:
+        return self._entry(sample_id)[0]
+
+    def sample_ids(self, teacher_index: int | None = None) -> list[str]:
+        """Sample ids in teacher order, then storage order."""
+        keys = sorted(self._where, key=lambda s: (self._where[s][0], self._where[s][1] or "", self._where[s][2]))
+        return [s for s in keys if teacher_index is None or self._where[s][0] == teacher_index]
+
+    def _entry(self, sample_id: str):
+        try:
+            return self._where[sample_id]
+        except KeyError:
+            raise KeyError(f"sample {sample_id!r} is not in cache {self.cache_dir}") from None
+
+    # -- shards
+    def _shard_path(self, t: int, shard: str) -> Path:
+        return self.cache_dir / teacher_dir_name(t) / shard
+
+    def _read_verified(self, t: int, shard: str) -> torch.Tensor:
+        path, meta = self._shard_path(t, shard), next(s for s in self.manifests[t]["shards"] if s["file"] == shard)
+        if not path.is_file():
+            raise CacheError(f"missing shard {path}")
+        data = path.read_bytes()
+        if len(data) != meta["bytes"]:
+            raise CacheError(f"truncated shard {path}: {len(data)} bytes, manifest says {meta['bytes']}")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CacheError(f"corrupt shard {path}: sha256 differs from the manifest")
+        try:
+            hidden = safetensors_load(data)["hidden"]
+        except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+            raise CacheError(f"unreadable shard {path}: {e}") from e
+        m = self.manifests[t]
+        if tuple(hidden.shape) != (meta["tokens"], m["hidden_size"]) or hidden.dtype != CACHE_DTYPES[m["dtype"]]:
+            raise CacheError(f"shard {path}: {tuple(hidden.shape)} {hidden.dtype} does not match the manifest")
+        self.shard_loads += 1
+        self.bytes_read += len(data)
+        return hidden
+
+    def _shard(self, key: tuple[int, str], next_key: tuple[int, str] | None = None) -> torch.Tensor:
+        """The verified shard (tokens, H); starts reading `next_key` in the background."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            hidden = self._cache[key]
+        else:
+            pending, self._pending = self._pending, None
+            hidden = pending[1].result() if pending and pending[0] == key else self._read_verified(*key)
+            self._cache[key] = hidden
+            while len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
+        if (next_key is not None and self._pool is not None and next_key not in self._cache
+                and (self._pending is None or self._pending[0] != next_key)):
+            self._pending = (next_key, self._pool.submit(self._read_verified, *next_key))
+        return hidden
+
+    def get(self, sample_id: str) -> torch.Tensor:
+        """One sample's states, (L, H) (a copy, not a view of the shard)."""
+        t, shard, off, n = self._entry(sample_id)
+        if shard is None:
+            return self._empty(t)
+        return self._shard((t, shard))[off:off + n].clone()
+
+    def _empty(self, t: int) -> torch.Tensor:
+        m = self.manifests[t]
+        return torch.zeros(0, m["hidden_size"], dtype=CACHE_DTYPES[m["dtype"]])
+
+    def _stream(self, ids: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(sample_id, states) for `ids`, shard by shard in (teacher, shard) order, prefetching."""
+        by_shard: dict[tuple[int, str | None], list[str]] = {}
+        for sid in ids:
+            t, shard, _, _ = self._entry(sid)
+            by_shard.setdefault((t, shard), []).append(sid)
+        plan = sorted(by_shard, key=lambda k: (k[0], k[1] or ""))
+        loaded = [k for k in plan if k[1] is not None]
+        nxt = {k: (loaded[i + 1] if i + 1 < len(loaded) else None) for i, k in enumerate(loaded)}
+        for key in plan:
+            if key[1] is None:
+                yield from ((sid, self._empty(key[0])) for sid in by_shard[key])
+                continue
+            hidden = self._shard(key, nxt[key])  # (tokens, H)
+            for sid in by_shard[key]:
+                _, _, off, n = self._where[sid]
+                yield sid, hidden[off:off + n].clone()
+
+    # -- streaming
+    def iter_minibatch(self, sample_ids: Iterable[str]) -> Iterator[TeacherBatch]:
+        """One TeacherBatch per teacher present, in ascending teacher order.
+
+        Inside a teacher the caller's order is kept. Shards are visited in order, the next
+        one read on a background thread while the current one is sliced.
+        """
+        ids = list(sample_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError("iter_minibatch: duplicate sample ids")
+        by_teacher: dict[int, list[str]] = {}
+        for sid in ids:
+            by_teacher.setdefault(self._entry(sid)[0], []).append(sid)
+        got: dict[str, torch.Tensor] = {}
+        stream = self._stream(ids)  # teacher-major: a teacher's states are complete before the next's
+        for t in sorted(by_teacher):
+            while len(got) < len(by_teacher[t]):
+                sid, hidden = next(stream)
+                got[sid] = hidden
+            yield TeacherBatch(t, self.manifests[t]["teacher_name"], by_teacher[t], [got.pop(s) for s in by_teacher[t]])
+
+    def iter_samples(self) -> Iterator[tuple[int, str, torch.Tensor]]:
+        """(teacher_index, sample_id, hidden (L, H)) for every sample, teacher by teacher,
+        streamed one shard at a time."""
+        for sid, hidden in self._stream(self.sample_ids()):
+            yield self._where[sid][0], sid, hidden
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending = None
+        self._cache.clear()

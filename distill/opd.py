@@ -1,0 +1,294 @@
+"""Multi-teacher on-policy distillation (DeepSeek-V4 style) from cached hidden states.
+
+For each round:
+  1. rollout: the student samples answers to prompts of every domain (tool episodes are
+     multi-turn); each sample is routed to its domain's teacher. Saved to
+     `round-r/rollouts.jsonl`.
+  2. teach: each teacher in turn (one teacher model loaded at a time) prefills the
+     rollouts routed to it and writes its pre-norm last-layer hidden states at the
+     positions that predict response tokens to `round-r/cache/` (distill.cache).
+  3. train: optimiser steps over teacher-mixed mini-batches whose micro-batches are in
+     teacher order (distill.plan); the loss rebuilds teacher logits from the cached
+     states through the teacher's extracted head (distill.heads) and takes a chunked
+     full-vocabulary divergence (distill.kl); the HeadManager keeps at most one head
+     resident and refuses micro-batches out of teacher order.
+The loss is `sum_t w_teacher(sample) * D_t / (response tokens of the mini-batch)`.
+Resume: rollouts, cache shards and the round-end checkpoint are each complete-or-absent,
+so a killed stage restarts the unfinished part of the unfinished round.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.opd_settings import OPDSettings
+from distill.plan import plan_minibatches
+from engine.prompt_stream import PromptStream
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    index: int
+    name: str
+    domain: str
+    model_dir: str
+    weight: float
+
+
+@dataclass
+class DomainSpec:
+    verifier: str
+    environment: object | None = None
+
+
+class OPDLoss:
+    """Picklable loss sent to the trainer: teacher head resident one at a time."""
+
+    def __init__(self, head_paths: list[str], teacher_weights: list[float], divergence: str,
+                 chunk_size: int, jsd_beta: float):
+        self.head_paths = list(head_paths)
+        self.teacher_weights = list(teacher_weights)
+        self.divergence = divergence
+        self.chunk_size = chunk_size
+        self.jsd_beta = jsd_beta
+        self._heads = None
+        self._step = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_heads": None, "_step": None}
+
+    @property
+    def heads(self):
+        if self._heads is None:
+            from distill.heads import HeadManager
+
+            self._heads = HeadManager(self.head_paths, device="cpu")
+        return self._heads
+
+    def __call__(self, hidden, weight, batch):
+        from distill.kl import compute_chunked_divergence
+
+        step = int(batch["opt_step"])
+        if step != self._step:
+            if self._step is not None:
+                self.heads.end_step()
+            self.heads.begin_step()
+            self._step = step
+        t = int(batch["teacher_index"])
+        loads_before = self.heads.total_loads
+        head = self.heads.activate(t)
+        loaded = self.heads.total_loads - loads_before
+        mask = batch["loss_mask"][:, 1:] > 0  # (B, T-1): targets t>=1 predicted at t-1
+        h_s = hidden[:, :-1][mask]  # (N, H)
+        h_t = batch["teacher_hidden"]  # (N, Ht), same row-major order as the cache
+        if h_s.shape[0] != h_t.shape[0]:
+            raise RuntimeError(f"teacher {t}: {h_t.shape[0]} cached positions for {h_s.shape[0]} targets")
+        w = torch.full((h_s.shape[0],), self.teacher_weights[t], dtype=torch.float32)
+        loss_sum, per_token = compute_chunked_divergence(
+            h_s, weight, h_t.to(h_s.dtype), head, w, kind=self.divergence,
+            chunk_size=self.chunk_size, beta=self.jsd_beta)
+        loss = loss_sum / batch["global_tokens"]
+        n = per_token.numel()
+        return loss, {"head_load_events": float(loaded),
+                      "resident_heads": float(self.heads.max_resident_heads),
+                      f"kl_sum/teacher{t}": float(per_token.sum()), f"kl_tokens/teacher{t}": float(n)}
+
+    def finish(self) -> dict:
+        if self._heads is None:
+            return {"head_loads_per_step": [], "max_resident_heads": 0}
+        if self._step is not None:
+            self.heads.end_step()
+            self._step = None
+        return {"head_loads_per_step": list(self.heads.head_loads_per_step),
+                "max_resident_heads": int(self.heads.max_resident_heads)}
+
+
+# ------------------------------------------------------------------------------ phases
+
+
+def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domains: dict[str, DomainSpec],
+                  teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int) -> list[dict]:
+    """The student's samples for one round, each routed to its domain's teacher."""
+    from engine.chat import render_prompt
+    from engine.generation import SamplingParams
+    from engine.rollout import rollout
+
+    stop = [tokenizer.convert_tokens_to_ids("</tool_call>")]
+    samples = []
+    for d in sorted(streams):
+        rows = streams[d].take(settings.prompts_per_domain)
+        env = domains[d].environment
+        sampling = SamplingParams(n=settings.samples_per_prompt, temperature=settings.temperature,
+                                  max_new_tokens=settings.max_new_tokens,
+                                  stop_token_ids=stop if env is not None else [],
+                                  seed=settings.seed * 1000 + round_idx)
+        prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
+        trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env,
+                        max_turns=settings.max_turns)
+        for j, t in enumerate(trajs):
+            row = rows[j // settings.samples_per_prompt]
+            p = len(t.prompt_ids)
+            samples.append({
+                "sample_id": f"r{round_idx}-{d}-{j}", "domain": d, "teacher_index": teacher_of_domain[d],
+                "row_id": row.get("id"), "input_ids": list(t.prompt_ids) + list(t.response_ids),
+                "loss_mask": [0] * p + list(t.response_mask),
+                "rollout_logprobs": [0.0] * p + list(t.rollout_logprobs),
+                "finish_reason": t.finish_reason, "text": t.text, "reference": row.get("reference"),
+            })
+    return samples
+
+
+def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[TeacherRef], cache_dir: Path, *,
+                load_teacher, pad_id: int) -> dict:
+    """Each teacher in turn (one model resident) prefills the samples routed to it."""
+    from distill.cache import teacher_cache_complete, write_teacher_cache
+
+    stats = {}
+    for t in teachers:
+        if teacher_cache_complete(cache_dir, t.index):
+            continue  # written before an interruption
+        routed = [s for s in samples if s["teacher_index"] == t.index]
+        if not routed:
+            continue
+        model = load_teacher(t.model_dir)
+        stats[t.name] = write_teacher_cache(model, t.index, t.name, routed, cache_dir,
+                                            batch_size=settings.prefill_batch_size, dtype=settings.cache_dtype,
+                                            shard_tokens=settings.shard_tokens, pad_token_id=pad_id)
+        del model
+        gc.collect()
+    return stats
+
+
+def _micro_batch(samples: list[dict], plan, reader, *, pad_id: int, global_tokens: int, step: int) -> dict:
+    from engine.batching import Sample, pad_rows
+
+    chosen = [samples[i] for i in plan.sample_indices]
+    batch = pad_rows([Sample(s["input_ids"], s["loss_mask"]) for s in chosen], pad_id)
+    ids = [s["sample_id"] for s in chosen]
+    (tb,) = list(reader.iter_minibatch(ids))  # one teacher per micro-batch by construction
+    if tb.teacher_index != plan.teacher_index:
+        raise RuntimeError(f"cache routes {ids[0]} to teacher {tb.teacher_index}, plan says {plan.teacher_index}")
+    batch["teacher_hidden"] = tb.cat()  # (N, Ht) row-major over (sample, position)
+    batch["teacher_index"] = torch.tensor(plan.teacher_index)
+    batch["opt_step"] = torch.tensor(step)
+    batch["global_tokens"] = torch.tensor(float(global_tokens))
+    return batch
+
+
+def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, trainer, loss_fn, pad_id: int,
+                round_idx: int, step0: int, logger=None) -> tuple[list[dict], int]:
+    from distill.cache import CacheReader
+
+    reader = CacheReader(cache_dir)
+    teacher_of = [s["teacher_index"] for s in samples]
+    step = step0
+    records = []
+    try:
+        for epoch in range(settings.epochs_per_round):
+            plan = plan_minibatches(teacher_of, settings.mini_batch_size, settings.micro_batch_size,
+                                    seed=settings.seed * 100_003 + round_idx * 101 + epoch)
+            for micro_plans in plan:
+                global_tokens = max(sum(sum(samples[i]["loss_mask"][1:]) for mp in micro_plans
+                                        for i in mp.sample_indices), 1)
+                mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=global_tokens, step=step)
+                       for mp in micro_plans]
+                m = trainer.train_step(mbs, loss_fn)
+                n = m["num_micro_batches"]
+                rec = {"round": round_idx, "step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                       "lr": m["lr"], "tokens_per_s": m["tokens_per_s"],
+                       "head_loads": round(m.get("head_load_events", 0.0) * n),
+                       "teachers_in_step": len({mp.teacher_index for mp in micro_plans}),
+                       "resident_heads": m.get("resident_heads", 0.0)}
+                for k, v in m.items():
+                    if k.startswith("kl_sum/"):
+                        t = k.split("/", 1)[1]
+                        rec[f"kl/{t}"] = v / max(m.get(f"kl_tokens/{t}", 0.0), 1e-12)
+                records.append(rec)
+                if logger is not None:
+                    logger.log({k: v for k, v in rec.items() if k != "step"}, step=step + 1)
+                step += 1
+    finally:
+        reader.close()
+    return records, step
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: dict[str, list[dict]],
+            teachers: list[TeacherRef], domains: dict[str, DomainSpec], out_dir: str | Path, head_paths: list[str],
+            load_teacher, checkpoints=None, logger=None, evaluate_student=None) -> dict:
+    """All rounds; resumes after the last completed round. Returns the stage metrics."""
+    from engine.atomic import atomic_write_jsonl
+
+    out_dir = Path(out_dir)
+    teacher_of_domain = {t.domain: t.index for t in teachers}
+    streams = {d: PromptStream(rows, seed=settings.seed + i) for i, (d, rows) in enumerate(sorted(prompts.items()))}
+    history: dict = {"kl_per_teacher": [], "student_scores": [], "head_loads_per_step": [],
+                     "teachers_per_step": [], "max_resident_heads": 0, "cache_bytes_per_token": None,
+                     "time": {"rollout": 0.0, "teach": 0.0, "train": 0.0}}
+    start_round, step = 0, 0
+    if checkpoints is not None and checkpoints.latest() is not None:
+        extra = trainer.load_checkpoint(checkpoints.latest())
+        start_round, step, history = extra["round"], extra["step"], extra["history"]
+        for d, st in extra["streams"].items():
+            streams[d].load_state_dict(st)
+        generator.load_weights(trainer.state_dict())
+    loss_fn = OPDLoss(head_paths, [t.weight for t in teachers], settings.divergence, settings.chunk_size,
+                      settings.jsd_beta)
+    pad_id = tokenizer.pad_token_id
+    for r in range(start_round, settings.rounds):
+        rdir = out_dir / f"round-{r}"
+        t0 = time.time()
+        rollouts_path = rdir / "rollouts.jsonl"
+        if rollouts_path.is_file():
+            samples = _read_jsonl(rollouts_path)
+            for d in streams:  # the streams advanced when these rollouts were drawn
+                streams[d].take(settings.prompts_per_domain)
+        else:
+            samples = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
+                                    tokenizer=tokenizer, round_idx=r)
+            atomic_write_jsonl(rollouts_path, samples)
+        t1 = time.time()
+        teach_stats = teach_round(settings, samples, teachers, rdir / "cache", load_teacher=load_teacher,
+                                  pad_id=pad_id)
+        t2 = time.time()
+        records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
+                                    pad_id=pad_id, round_idx=r, step0=step, logger=logger)
+        t3 = time.time()
+        generator.load_weights(trainer.state_dict())
+        _update_history(history, records, teachers, teach_stats, samples, (t1 - t0, t2 - t1, t3 - t2))
+        if evaluate_student is not None:
+            history["student_scores"].append(evaluate_student(generator))
+        if logger is not None:
+            logger.log({f"round_kl/{k}": v for k, v in history["kl_per_teacher"][-1].items()}, step=step)
+        if checkpoints is not None:
+            checkpoints.save(trainer, step, {"round": r + 1, "step": step, "history": history,
+                                             "streams": {d: s.state_dict() for d, s in streams.items()}})
+    return history
+
+
+def _update_history(history, records, teachers, teach_stats, samples, times) -> None:
+    names = {f"teacher{t.index}": t.name for t in teachers}
+    kl: dict[str, list[float]] = {}
+    for rec in records:
+        for k, v in rec.items():
+            if k.startswith("kl/"):
+                kl.setdefault(names.get(k[3:], k[3:]), []).append(v)
+    history["kl_per_teacher"].append({n: sum(v) / len(v) for n, v in kl.items()})
+    history["head_loads_per_step"] += [rec["head_loads"] for rec in records]
+    history["teachers_per_step"] += [rec["teachers_in_step"] for rec in records]
+    history["max_resident_heads"] = max([history["max_resident_heads"]] + [rec["resident_heads"] for rec in records])
+    bpt = [s["bytes_per_token"] for s in teach_stats.values()]
+    if bpt:
+        history["cache_bytes_per_token"] = sum(bpt) / len(bpt)
+    for key, secs in zip(("rollout", "teach", "train"), times):
+        history["time"][key] += secs
+    history.setdefault("samples_per_round", []).append(len(samples))

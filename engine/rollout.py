@@ -1,0 +1,130 @@
+"""Rollouts: sample responses to prompts, single-turn or multi-turn with a tool environment.
+
+Multi-turn (tool domain): the sampling params carry the id of `</tool_call>` in
+`stop_token_ids`. A turn that ends there is a tool call: the environment executes it,
+`engine.chat.tool_result_ids` (close the assistant turn, the tool's result, reopen the
+assistant turn) is appended with loss mask 0, and generation continues on the whole
+context (earlier turns are kept, nothing is summarised). An episode ends at EOS, at a
+turn that hits `max_new_tokens`, when the response would exceed the total budget, or
+when the model calls a tool on its last allowed turn. Each turn batches all episodes
+still active into one `generator.generate` call.
+
+`Trajectory.finish_reason`: "stop" (EOS, or a stop token when there is no environment),
+"length" (a turn hit `max_new_tokens` or the response hit the total budget; the budget
+cut happens before a tool result that would not fit, or inside the model's turn) and
+"max_turns" (a tool call on the last turn, left unanswered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from engine.chat import tool_result_ids
+from engine.generation import Completion, SamplingParams, row_seed
+
+TOOL_CALL_OPEN = "<tool_call>"
+
+
+class Environment(Protocol):
+    def execute(self, call_text: str) -> str: ...
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int]  # model tokens + injected tool-result tokens, everything after the prompt
+    response_mask: list[int]  # 1 on model-generated tokens only
+    rollout_logprobs: list[float]  # aligned with response_ids; 0 where masked
+    num_turns: int
+    finish_reason: str  # "stop" | "length" | "max_turns"
+    text: str  # decoded response, special tokens skipped (what the verifier reads)
+
+
+@dataclass
+class _Episode:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    response_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    num_turns: int = 0
+    finish_reason: str | None = None
+
+    def add(self, ids: list[int], logprobs: list[float] | None) -> None:
+        self.response_ids += ids
+        self.response_mask += [0 if logprobs is None else 1] * len(ids)
+        self.logprobs += [0.0] * len(ids) if logprobs is None else list(logprobs)
+
+
+def tool_call_text(tokenizer, turn_ids: list[int]) -> str:
+    """What the environment executes: this turn's text from its last `<tool_call>` on."""
+    text = tokenizer.decode(turn_ids, skip_special_tokens=True)
+    start = text.rfind(TOOL_CALL_OPEN)
+    return text[start:] if start >= 0 else text
+
+
+def _step(ep: _Episode, done: Completion, *, budget: int, eos_id: int, environment, tokenizer,
+          max_turns: int) -> None:
+    """Apply one generated turn to an episode; execute its tool call if it made one."""
+    room = budget - len(ep.response_ids)
+    ep.num_turns += 1
+    if len(done.token_ids) > room:
+        ep.add(done.token_ids[:room], done.logprobs[:room])
+        ep.finish_reason = "length"
+        return
+    ep.add(done.token_ids, done.logprobs)
+    if done.finish_reason == "length":
+        ep.finish_reason = "length"
+        return
+    if environment is None or done.token_ids[-1] == eos_id:
+        ep.finish_reason = "stop"
+        return
+    if ep.num_turns >= max_turns:
+        ep.finish_reason = "max_turns"
+        return
+    result = environment.execute(tool_call_text(tokenizer, done.token_ids))
+    if not isinstance(result, str):
+        raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
+    injected = tool_result_ids(tokenizer, result)
+    if len(ep.response_ids) + len(injected) >= budget:  # no room left for the model to answer
+        ep.finish_reason = "length"
+        return
+    ep.add(injected, None)
+
+
+def _turn_seed(seed: int | None, turn: int) -> int | None:
+    return None if seed is None else row_seed(seed, turn, 0x7475726E)  # "turn"
+
+
+def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParams, *, tokenizer,
+            environment: Environment | None = None, max_turns: int = 4,
+            max_response_tokens: int | None = None) -> list[Trajectory]:
+    """`sampling.n` trajectories per prompt, flat, prompts in order (`out[i * n + j]`).
+
+    `max_response_tokens` bounds the whole response (model + tool tokens); default
+    `max_new_tokens * max_turns` with an environment, `max_new_tokens` without."""
+    if max_turns < 1:
+        raise ValueError(f"rollout: max_turns must be >= 1, got {max_turns}")
+    if max_response_tokens is not None and max_response_tokens < 1:
+        raise ValueError(f"rollout: max_response_tokens must be >= 1, got {max_response_tokens}")
+    if environment is not None and not sampling.stop_token_ids:
+        raise ValueError("rollout: an environment needs the tool-call end id in sampling.stop_token_ids, "
+                         "or generation never stops at a tool call")
+    turns = max_turns if environment is not None else 1
+    budget = max_response_tokens or sampling.max_new_tokens * turns
+    eos_id = tokenizer.eos_token_id
+    kw = dict(budget=budget, eos_id=eos_id, environment=environment, tokenizer=tokenizer, max_turns=turns)
+
+    episodes = [_Episode(list(p)) for p in prompt_ids_list for _ in range(sampling.n)]
+    for ep, done in zip(episodes, generator.generate(prompt_ids_list, sampling), strict=True):
+        _step(ep, done, **kw)
+    turn = 1
+    while active := [ep for ep in episodes if ep.finish_reason is None]:
+        contexts = [ep.prompt_ids + ep.response_ids for ep in active]
+        turn_sampling = replace(sampling, n=1, seed=_turn_seed(sampling.seed, turn))
+        for ep, done in zip(active, generator.generate(contexts, turn_sampling), strict=True):
+            _step(ep, done, **kw)
+        turn += 1
+    return [Trajectory(ep.prompt_ids, ep.response_ids, ep.response_mask, ep.logprobs, ep.num_turns,
+                       ep.finish_reason, tokenizer.decode(ep.response_ids, skip_special_tokens=True))
+            for ep in episodes]

@@ -1,0 +1,217 @@
+"""The trainer interface (docs/CONTRACTS.md "Trainer"), its settings, and what both
+backends share: the model forward that feeds a loss, aligned token log-probs, RNG and
+extra-state files, and the Hugging Face export.
+
+Backends: `torch` (`engine/trainer_torch.py`, one process) and `deepspeed`
+(`engine/trainer_deepspeed.py`, ZeRO 0-3, one rank per process; `pipeline/actors.py`
+runs several ranks as Ray actors behind the same methods).
+
+Attention: models are called with `attention_mask=None`, `use_cache=False` and the
+batch's `position_ids`; transformers then derives block-diagonal causal attention from
+the position restarts, which serves padded and packed rows alike (`engine/batching.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
+DUMMY_KEY = "_dummy"  # a micro-batch that only keeps ranks in step: its loss is scaled by 0
+BACKENDS = ("torch", "deepspeed")
+
+
+class TrainerSettings(BaseModel):
+    """How a stage's model is trained. Stage settings override the optimisation fields
+    through `with_overrides` (e.g. each stage's own `lr` and `steps`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["torch", "deepspeed"] = "torch"
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: PositiveInt | None = Field(None, description="optimiser steps; needed by linear/cosine")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 = no clipping")
+    seed: int = 0
+    deterministic: bool = True
+    logprob_chunk: int = Field(0, ge=0, description="positions per log-softmax chunk; 0 = all at once")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.schedule != "constant" and self.total_steps is None:
+            raise ValueError(f"schedule {self.schedule!r} needs total_steps")
+        if self.optimizer == "muon" and self.backend == "deepspeed" and (self.zero_stage or self.dtype != "fp32"):
+            raise ValueError("optimizer 'muon' under deepspeed needs zero_stage 0 and dtype fp32 "
+                             "(ZeRO and the bf16 optimizer flatten the 2-D matrices Muon works on)")
+        if self.backend == "torch" and self.zero_stage:
+            raise ValueError("zero_stage is a deepspeed setting; backend 'torch' needs zero_stage 0")
+        return self
+
+
+def with_overrides(settings: TrainerSettings, **fields: Any) -> TrainerSettings:
+    """A validated copy with some fields replaced (None values are ignored)."""
+    data = settings.model_dump()
+    data.update({k: v for k, v in fields.items() if v is not None})
+    return TrainerSettings.model_validate(data)
+
+
+class Trainer(Protocol):
+    def train_step(self, micro_batches: list[dict], loss_fn: LossFn) -> dict: ...
+    def forward_logprobs(self, batch: dict) -> torch.Tensor: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None: ...
+    def load_checkpoint(self, path: str | os.PathLike) -> dict: ...
+    def save_hf(self, path: str | os.PathLike) -> None: ...
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def compute_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                           chunk: int = 0) -> torch.Tensor:
+    """`lp[:, t] = log softmax(hidden[:, t-1] @ W^T)[input_ids[:, t]]`, `lp[:, 0] = 0`.
+
+    hidden (B, T, H), weight (V, H), input_ids (B, T) -> (B, T) float32. With `chunk > 0`
+    the (B, chunk, V) logits are built a chunk of positions at a time.
+    """
+    B, T, _ = hidden.shape
+    h = hidden[:, :-1]  # (B, T-1, H)
+    targets = input_ids[:, 1:]  # (B, T-1)
+    step = chunk if chunk > 0 else max(T - 1, 1)
+    pieces = []
+    for s in range(0, T - 1, step):
+        logits = (h[:, s:s + step] @ weight.T).float()  # (B, c, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (B, c)
+        picked = logits.gather(-1, targets[:, s:s + step, None]).squeeze(-1)  # (B, c)
+        pieces.append(picked - lse)
+    zero = torch.zeros(B, 1, dtype=torch.float32, device=hidden.device)
+    return torch.cat([zero, *pieces], dim=1)  # (B, T)
+
+
+class LogprobFn:
+    """Loss-shaped function returning aligned log-probs (zero at every segment start)."""
+
+    def __init__(self, chunk: int = 0):
+        self.chunk = chunk
+
+    def __call__(self, hidden, weight, batch):
+        lp = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk)  # (B, T)
+        return lp.masked_fill(batch["position_ids"] == 0, 0.0), {}
+
+
+# ----------------------------------------------------------------------------- model forward
+
+
+def run_loss(lm, batch: dict, loss_fn: LossFn):
+    """Post-final-norm hidden states of `lm` on `batch`, handed with the LM head to `loss_fn`."""
+    out = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           attention_mask=None, use_cache=False)
+    return loss_fn(out.last_hidden_state, lm.get_output_embeddings().weight, batch)
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def merge_step_metrics(parts: list[dict]) -> dict:
+    """Sum `loss`/`tokens`/`num_micro_batches` over parts; other loss metrics are averaged
+    weighted by micro-batch count; `grad_norm`/`lr` come from the first part."""
+    n = sum(p["num_micro_batches"] for p in parts)
+    out = {"loss": sum(p["loss"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+           "num_micro_batches": n, "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"]}
+    seconds = max(p["seconds"] for p in parts)
+    out["seconds"] = seconds
+    out["tokens_per_s"] = out["tokens"] / max(seconds, 1e-9)
+    keys = {k for p in parts for k in p.get("loss_metrics", {})}
+    for k in sorted(keys):
+        num = sum(p["loss_metrics"].get(k, 0.0) * p["num_micro_batches"] for p in parts)
+        out[k] = num / max(n, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- state files
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_extra_state(path: Path, extra_state: dict) -> None:
+    try:
+        text = json.dumps(extra_state, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"save_checkpoint: extra_state must be JSON-serialisable: {e}") from e
+    (path / "extra_state.json").write_text(text)
+
+
+def read_extra_state(path: Path) -> dict:
+    f = path / "extra_state.json"
+    if not f.exists():
+        raise FileNotFoundError(f"load_checkpoint: {f} is missing (not a complete checkpoint)")
+    return json.loads(f.read_text())
+
+
+def save_hf_dir(lm, state_dict: dict, path: Path, tokenizer_dir: str | None) -> None:
+    """`state_dict` as an HF model directory (safetensors + config), with the tokenizer."""
+    path.mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(str(path), state_dict=state_dict)
+    if tokenizer_dir and (Path(tokenizer_dir) / "tokenizer_config.json").exists():
+        from engine.model import load_tokenizer
+
+        load_tokenizer(tokenizer_dir).save_pretrained(str(path))
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def build_trainer(settings: TrainerSettings, model_dir: str | os.PathLike, *,
+                  tokenizer_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1):
+    """A local trainer for `settings.backend` over the HF model in `model_dir`.
+
+    `rank`/`world_size` are for DeepSpeed ranks (the process group is formed from the
+    RANK/WORLD_SIZE/MASTER_* environment); the torch backend is single-process.
+    """
+    tok = str(tokenizer_dir or model_dir)
+    if settings.backend == "torch":
+        if world_size != 1:
+            raise ValueError("backend 'torch' is single-process; use 'deepspeed' for world_size > 1")
+        from engine.trainer_torch import TorchTrainer
+
+        return TorchTrainer(settings, str(model_dir), tokenizer_dir=tok)
+    if settings.backend == "deepspeed":
+        from engine.trainer_deepspeed import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(settings, str(model_dir), tokenizer_dir=tok, rank=rank, world_size=world_size)
+    raise KeyError(f"unknown trainer backend {settings.backend!r}; known: {list(BACKENDS)}")

@@ -1,0 +1,201 @@
+"""DeepSpeed trainer: one data-parallel rank (ZeRO 0-3, fp32 or bf16; gloo on CPU, NCCL
+on CUDA). Several ranks are run as Ray actors by `pipeline/actors.py`.
+
+- The optimiser and LR schedule are torch objects handed to `deepspeed.initialize`, so
+  no DeepSpeed op is JIT-compiled for them (only DeepSpeed's shared-memory comm op, once,
+  cached under `TORCH_EXTENSIONS_DIR`).
+- Gradient accumulation boundaries are set by hand (`set_gradient_accumulation_boundary`)
+  so each step may have any number of micro-batches; DeepSpeed runs with
+  `gradient_accumulation_steps=1`, hence never rescales the loss.
+- Losses arrive normalised by a global denominator, so the gradient wanted is the SUM over
+  ranks; DeepSpeed averages over ranks, so each rank back-propagates `world_size * loss`.
+- The LM head weight is used outside its module's forward (the loss takes it as an
+  argument): under ZeRO-3 it is registered as an external parameter of the wrapper, so it
+  is gathered for the wrapper's forward and its gradient is reduced like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.model import load_model
+from engine.optim import build_optimizer, build_scheduler
+from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, merge_step_metrics, read_extra_state,
+                            rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state, to_device,
+                            write_extra_state)
+
+CKPT_TAG = "state"
+
+
+class _LossModule(nn.Module):
+    """What DeepSpeed wraps: forward = hidden states -> `loss_fn(hidden, W_head, batch)`."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict, loss_fn):
+        return run_loss(self.lm, batch, loss_fn)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, device: str) -> None:
+    """Form (once per process) the process group DeepSpeed runs over."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"process group already formed as rank {dist.get_rank()}/{dist.get_world_size()}, "
+                               f"asked for {rank}/{world_size}")
+        return
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise RuntimeError("MASTER_PORT must be set for world_size > 1 (the same port on every rank)")
+        os.environ["MASTER_PORT"] = str(free_port())
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
+                               auto_mpi_discovery=False, rank=rank, world_size=world_size)
+
+
+def ds_config(settings: TrainerSettings, world_size: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": {"stage": settings.zero_stage,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": settings.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedTrainer:
+    def __init__(self, settings: TrainerSettings, model_dir: str, *, tokenizer_dir: str | None = None,
+                 rank: int = 0, world_size: int = 1):
+        import deepspeed
+
+        if settings.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        init_process_group(rank, world_size, settings.device)
+        seed_everything(settings.seed, settings.deterministic)
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.tokenizer_dir = tokenizer_dir
+        module = _LossModule(load_model(model_dir, dtype="fp32", device=settings.device))
+        if settings.zero_stage == 3:
+            deepspeed.zero.register_external_parameter(module, module.lm.get_output_embeddings().weight)
+        optimizer = build_optimizer(module.lm, settings.optimizer, lr=settings.lr,
+                                    weight_decay=settings.weight_decay, betas=settings.betas, eps=settings.eps)
+        scheduler = build_scheduler(optimizer, schedule=settings.schedule, warmup_steps=settings.warmup_steps,
+                                    total_steps=settings.total_steps or 1, min_lr_ratio=settings.min_lr_ratio)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(settings, world_size))
+        self.device = self.engine.device
+        self.step = 0
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.engine.module.lm
+
+    # --------------------------------------------------------------------- training
+    def train_step(self, micro_batches: list[dict], loss_fn) -> dict:
+        """One optimiser step; metrics: loss (sum of micro-batch losses), grad_norm, lr,
+        tokens, tokens_per_s, and the loss_fn's own metrics averaged over micro-batches."""
+        return merge_step_metrics([self.train_step_part(micro_batches, loss_fn)])
+
+    def train_step_part(self, micro_batches: list[dict], loss_fn) -> dict:
+        """One optimiser step over this rank's micro-batches; every rank must pass the same
+        number of micro-batches (pad with `DUMMY_KEY` batches)."""
+        if not micro_batches:
+            raise ValueError("train_step: no micro-batches")
+        t0 = time.perf_counter()
+        self.engine.train()
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum, tokens, count, extra = 0.0, 0, 0, {}
+        for i, mb in enumerate(micro_batches):
+            mb = to_device(mb, self.device)
+            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            loss, metrics = self.engine(mb, loss_fn)
+            scale = 0.0 if DUMMY_KEY in mb else float(self.world_size)
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            if DUMMY_KEY in mb:
+                continue
+            loss_sum += float(loss.detach())
+            tokens += int(mb["attention_mask"].sum())
+            count += 1
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v)
+        self.step += 1
+        norm = self.engine.get_global_grad_norm()
+        part = {"loss": loss_sum, "tokens": tokens, "num_micro_batches": count,
+                "grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr,
+                "seconds": time.perf_counter() - t0,
+                "loss_metrics": {k: v / max(count, 1) for k, v in extra.items()}}
+        return part
+
+    @torch.no_grad()
+    def forward_logprobs(self, batch: dict) -> torch.Tensor:
+        self.engine.eval()
+        lp, _ = self.engine(to_device(batch, self.device), LogprobFn(self.settings.logprob_chunk))
+        return lp.float().cpu()  # (B, T)
+
+    # --------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full HF-named weights on CPU (gathered from the partitions under ZeRO-3)."""
+        import deepspeed
+
+        params = list(self.lm.parameters())
+        enabled = self.settings.zero_stage == 3
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=enabled):
+            return {k: v.detach().cpu().clone() for k, v in self.lm.state_dict().items()}
+
+    def save_hf(self, path: str | os.PathLike) -> None:
+        state = self.state_dict()  # collective under ZeRO-3: every rank calls it
+        if self.rank == 0:
+            save_hf_dir(self.lm, state, Path(path), self.tokenizer_dir)
+        self._barrier()
+
+    def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None:
+        path = Path(path)
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag=CKPT_TAG, client_state={"step": self.step},
+                                    save_latest=False)
+        self.save_hf(path)
+        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            write_extra_state(path, extra_state)
+        self._barrier()
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict:
+        path = Path(path)
+        extra = read_extra_state(path)
+        _, client = self.engine.load_checkpoint(str(path / "deepspeed"), tag=CKPT_TAG,
+                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise FileNotFoundError(f"load_checkpoint: no DeepSpeed state under {path / 'deepspeed'}")
+        self.step = client["step"]
+        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        return extra
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()

@@ -1,0 +1,214 @@
+"""GRPO stage driver: one domain's expert (or the mixed-RL baseline over all domains).
+
+Each step: take prompts -> sample G completions each (multi-turn with the domain's tool
+environment where there is one) -> score with the domain's verifier -> group advantages
+-> old (and reference) log-probs -> `epochs_per_step` passes over `mini_batches_per_step`
+optimiser steps -> push the new weights to the generator. The driver receives its
+workers (`trainer`, `generator`, `reference`) as arguments; it does not know whether they
+are local objects or Ray actor groups.
+
+Departures from the paper: clip-higher (DAPO) bounds by default; dynamic sampling and
+overlong filtering are options; sequences are scored by the same function the eval uses.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.prompt_stream import PromptStream
+from experts.grpo_settings import GRPOSettings
+from experts.rl_batch import RLSample, build_minibatches, samples_from_trajectories
+
+
+@dataclass
+class DomainSpec:
+    """What the driver needs to know about one domain."""
+
+    verifier: str
+    environment: object | None = None
+
+
+class GRPOLoss:
+    """Picklable loss closure sent to trainer ranks: flat hyperparameters only."""
+
+    def __init__(self, s: GRPOSettings):
+        self.kw = dict(policy_loss=s.policy_loss, clip_low=s.clip_low, clip_high=s.clip_high,
+                       kl_beta=s.kl_beta, kl_estimator=s.kl_estimator, loss_agg=s.loss_agg,
+                       offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
+
+    def __call__(self, hidden, weight, batch):
+        from experts.losses import compute_policy_loss, compute_token_logprobs
+
+        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"])  # (B, T)
+        return compute_policy_loss(
+            logprobs=logprobs,
+            old_logprobs=batch["old_logprobs"],
+            advantages=batch["advantages"],
+            mask=batch["loss_mask"],
+            ref_logprobs=batch.get("ref_logprobs"),
+            rollout_logprobs=batch.get("rollout_logprobs"),
+            global_tokens=batch["global_tokens"],
+            global_seqs=batch["global_seqs"],
+            max_len=batch["max_len"],
+            **self.kw,
+        )
+
+
+def _sample_round(settings, stream, domains, rows_needed, *, generator, tokenizer, step_seed, rnd):
+    """Roll out and score `rows_needed` prompts; returns per-group sample lists."""
+    from engine.chat import render_prompt
+    from engine.generation import SamplingParams
+    from engine.rollout import rollout
+    from rewards import score_batch
+
+    rows = stream.take(rows_needed)
+    groups: list[list[RLSample]] = []
+    by_domain: dict[str, list[dict]] = {}
+    for r in rows:
+        by_domain.setdefault(r["domain"], []).append(r)
+    stop_ids = [tokenizer.convert_tokens_to_ids("</tool_call>")]
+    for dom, drows in sorted(by_domain.items()):
+        spec = domains[dom]
+        sampling = SamplingParams(
+            n=settings.group_size, temperature=settings.temperature, top_p=settings.top_p,
+            max_new_tokens=settings.max_new_tokens,
+            stop_token_ids=stop_ids if spec.environment is not None else [],
+            seed=step_seed * 1000 + rnd,
+        )
+        prompts = [render_prompt(r["messages"], tokenizer) for r in drows]
+        trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer,
+                        environment=spec.environment, max_turns=settings.max_turns)
+        refs = [r["reference"] for r in drows for _ in range(settings.group_size)]
+        results = score_batch(spec.verifier, [t.text for t in trajs], refs)
+        scores = [res.score for res in results]
+        if settings.format_weight > 0:
+            fmt = score_batch("format", [t.text for t in trajs], refs)
+            scores = [(1 - settings.format_weight) * s + settings.format_weight * f.score
+                      for s, f in zip(scores, fmt)]
+        samples = samples_from_trajectories(trajs, scores, drows, settings.group_size)
+        for g in range(len(drows)):
+            groups.append(samples[g * settings.group_size:(g + 1) * settings.group_size])
+    return groups
+
+
+def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str, DomainSpec], *,
+                 generator, tokenizer, step: int) -> tuple[list[list[RLSample]], dict]:
+    """Sample one step's groups, with dynamic sampling (refill groups whose rewards are all
+    equal from the next prompts, up to `max_sampling_rounds`)."""
+    kept: list[list[RLSample]] = []
+    all_groups: list[list[RLSample]] = []
+    rounds = settings.max_sampling_rounds if settings.dynamic_sampling else 1
+    for rnd in range(rounds):
+        need = settings.prompts_per_step - len(kept)
+        groups = _sample_round(settings, stream, domains, need, generator=generator,
+                               tokenizer=tokenizer, step_seed=settings.seed + step, rnd=rnd)
+        all_groups.extend(groups)
+        for g in groups:
+            if not settings.dynamic_sampling or len({s.reward for s in g}) > 1:
+                kept.append(g)
+        if len(kept) >= settings.prompts_per_step:
+            break
+    kept = kept[: settings.prompts_per_step]
+    flat = [s for g in all_groups for s in g]
+    stats = {
+        "reward_mean": sum(s.reward for s in flat) / len(flat),
+        "reward_std": float(torch.tensor([s.reward for s in flat]).std()) if len(flat) > 1 else 0.0,
+        "response_len": sum(s.num_model_tokens for s in flat) / len(flat),
+        "truncated_frac": sum(s.finish_reason == "length" for s in flat) / len(flat),
+        "groups_kept": len(kept),
+        "groups_sampled": len(all_groups),
+    }
+    per_domain: dict[str, list[float]] = {}
+    for s in flat:
+        per_domain.setdefault(s.domain, []).append(s.reward)
+    for d, rs in per_domain.items():
+        stats[f"reward/{d}"] = sum(rs) / len(rs)
+    return kept, stats
+
+
+def compute_advantages(settings: GRPOSettings, groups: list[list[RLSample]]) -> list[RLSample]:
+    from experts.advantages import get_advantage_estimator
+
+    estimator = get_advantage_estimator(settings.advantage)
+    flat = []
+    for g in groups:
+        rewards = torch.tensor([[s.reward for s in g]], dtype=torch.float32)  # (1, G)
+        adv = estimator(rewards)[0]  # (G,)
+        for s, a in zip(g, adv.tolist()):
+            s.advantage = a
+            flat.append(s)
+    if settings.overlong_filter:
+        flat = [s for s in flat if s.finish_reason != "length"] or flat
+    return flat
+
+
+def run_grpo(settings: GRPOSettings, *, trainer, generator, tokenizer, train_rows: list[dict],
+             domains: dict[str, DomainSpec], out_dir: str | Path, reference=None, logger=None,
+             checkpoints=None) -> dict:
+    """Train for `settings.steps`, resuming from `checkpoints.latest()` if there is one."""
+    out_dir = Path(out_dir)
+    stream = PromptStream(train_rows, seed=settings.seed)
+    start = 0
+    if checkpoints is not None and checkpoints.latest() is not None:
+        extra = trainer.load_checkpoint(checkpoints.latest())
+        stream.load_state_dict(extra["prompt_stream"])
+        start = extra["step"]
+        random.setstate(_unlist(extra["py_random"]))
+        generator.load_weights(trainer.state_dict())
+    loss_fn = GRPOLoss(settings)
+    last = {}
+    for step in range(start, settings.steps):
+        t0 = time.time()
+        groups, stats = collect_step(settings, stream, domains, generator=generator,
+                                     tokenizer=tokenizer, step=step)
+        t_gen = time.time()
+        samples = compute_advantages(settings, groups)
+        train_metrics = _optimise(settings, samples, trainer=trainer, reference=reference,
+                                  loss_fn=loss_fn, pad_id=tokenizer.pad_token_id)
+        t_train = time.time()
+        generator.load_weights(trainer.state_dict())
+        t_sync = time.time()
+        ntok = sum(len(s.input_ids) for s in samples)
+        last = {"step": step + 1, **stats, **train_metrics,
+                "time/generate_score": t_gen - t0, "time/train": t_train - t_gen,
+                "time/sync": t_sync - t_train, "tokens_per_s": ntok / max(t_train - t_gen, 1e-9)}
+        if logger is not None:
+            logger.log(last, step=step + 1)
+        if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == settings.steps):
+            checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict(),
+                                                 "py_random": _listify(random.getstate())})
+    return last
+
+
+def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id) -> dict:
+    """Old/ref log-probs, then epochs x mini-batches optimiser steps; mean metrics."""
+    minibatches = build_minibatches(samples, settings.mini_batches_per_step, settings.micro_batch_size,
+                                    pad_id=pad_id, seed=settings.seed)
+    for micro_batches in minibatches:
+        for mb in micro_batches:
+            mb["old_logprobs"] = trainer.forward_logprobs(mb).detach()
+            if settings.kl_beta > 0:
+                if reference is None:
+                    raise ValueError("kl_beta > 0 needs a reference model")
+                mb["ref_logprobs"] = reference.forward_logprobs(mb).detach()
+    agg: dict[str, list[float]] = {}
+    for _ in range(settings.epochs_per_step):
+        for micro_batches in minibatches:
+            metrics = trainer.train_step(micro_batches, loss_fn)
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    agg.setdefault(k, []).append(float(v))
+    return {f"train/{k}": sum(v) / len(v) for k, v in agg.items()}
+
+
+def _listify(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _unlist(state):
+    return (state[0], tuple(state[1]), state[2])

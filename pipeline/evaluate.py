@@ -1,0 +1,121 @@
+"""The eval driver: every model on every domain's held-out set, greedy and sampled.
+
+For each model (base, experts, the OPD student, the mixed-RL baseline) and each domain:
+- greedy score: one completion per prompt at temperature 0, mean verifier score;
+- sampled pass@1: k completions per prompt at the configured temperature, the mean
+  verifier score over all k samples of every prompt (with 0/1 verifiers this is the
+  unbiased pass@1 estimator; with partial-credit verifiers it is the mean credit);
+- pass@k: the unbiased estimator of Chen et al. (2021) over the same k samples, a
+  sample counting as correct when its score is 1.
+
+The driver takes its workers as arguments: `load_policy(model_dir)` returns a policy
+`(eval_set, rows, temperature, n) -> texts` (n texts per row, in row order; multi-turn
+tool episodes included), and `score(verifier, texts, references) -> scores`. Models are
+evaluated one at a time, so only one is resident.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+Policy = Callable[["EvalSet", list, float, int], list]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    domain: str
+    verifier: str
+    rows: list = field(repr=False)  # data rows: {"id", "domain", "messages", "reference"}
+    environment_name: str | None = None  # a tool domain's environment (multi-turn), else None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    max_prompts: int | None = None
+
+
+def compute_pass_at_1(scores: list[list[float]]) -> float:
+    """Mean over prompts of the mean score over that prompt's samples.  scores: (P, k)."""
+    if not scores or any(len(s) == 0 for s in scores):
+        raise ValueError("pass@1 needs at least one prompt and one sample per prompt")
+    return sum(sum(s) / len(s) for s in scores) / len(scores)
+
+
+def compute_pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _group(values: list, k: int) -> list[list]:
+    return [values[i:i + k] for i in range(0, len(values), k)]
+
+
+def _checked(texts: list, expected: int, what: str) -> list:
+    if len(texts) != expected:
+        raise RuntimeError(f"{what}: the policy returned {len(texts)} completions, expected {expected}")
+    return texts
+
+
+def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) -> dict:
+    """{'greedy', 'pass@1', 'pass@k', 'n'} for one model on one domain."""
+    rows = es.rows[: settings.max_prompts] if settings.max_prompts else es.rows
+    if not rows:
+        raise ValueError(f"domain {es.domain!r} has no eval rows")
+    refs = [r["reference"] for r in rows]
+    greedy_texts = _checked(policy(es, rows, 0.0, 1), len(rows), f"{es.domain} greedy")
+    greedy = score(es.verifier, greedy_texts, refs)
+    out = {"greedy": sum(greedy) / len(greedy), "n": len(rows)}
+    k = settings.samples
+    if k > 0:
+        texts = _checked(policy(es, rows, settings.temperature, k), len(rows) * k, f"{es.domain} sampled")
+        per_prompt = _group(score(es.verifier, texts, [ref for ref in refs for _ in range(k)]), k)  # (P, k)
+        out["pass@1"] = compute_pass_at_1(per_prompt)
+        out["pass@k"] = sum(compute_pass_at_k(k, sum(s >= 1.0 for s in p), k) for p in per_prompt) / len(rows)
+    return out
+
+
+def evaluate_models(models: dict[str, str], sets: list[EvalSet], load_policy: Callable[[str], Policy],
+                    score, settings: EvalSettings, log: Callable[[str], None] = print) -> dict:
+    """The results table of `eval/results.json` (shape in docs/CONTRACTS.md)."""
+    results: dict = {"models": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {}, "seconds": {},
+                     "settings": {"samples": settings.samples, "temperature": settings.temperature,
+                                  "max_new_tokens": settings.max_new_tokens, "max_prompts": settings.max_prompts}}
+    for name, model_dir in models.items():
+        started = time.time()
+        policy = load_policy(model_dir)
+        for es in sets:
+            r = evaluate_domain(policy, es, score, settings)
+            results["models"].setdefault(name, {})[es.domain] = r["greedy"]
+            results["n_eval"][es.domain] = r["n"]
+            if "pass@1" in r:
+                results["sampled"].setdefault(name, {})[es.domain] = r["pass@1"]
+                results["pass_at_k"].setdefault(name, {})[es.domain] = r["pass@k"]
+            log(f"[eval] {name:<12} {es.domain:<8} greedy {r['greedy']:.3f}"
+                + (f"  pass@1 {r['pass@1']:.3f}  pass@{settings.samples} {r['pass@k']:.3f}" if "pass@1" in r else ""))
+        close = getattr(policy, "close", None)
+        if callable(close):
+            close()
+        del policy
+        results["seconds"][name] = round(time.time() - started, 2)
+    return results
+
+
+def model_label(stage: str) -> str:
+    """The results-table name of a model stage: 'prepare' -> 'base', 'opd' -> 'student'."""
+    return {"prepare": "base", "opd": "student"}.get(stage, stage)
+
+
+def models_to_evaluate(stage_names: list[str]) -> list[str]:
+    """The model-producing stages among `stage_names`, base first, in graph order."""
+    kinds = ("prepare", "sft", "grpo", "mixed_rl", "opd")
+    return [s for s in stage_names if s.split(":")[0] in kinds]

@@ -1,0 +1,264 @@
+"""The experiment report: `report/report.md` plus PNG plots, built from a run directory.
+
+Reads only files the stages wrote (`eval/results.json`, `<stage>/manifest.json`,
+`<stage>/metrics.jsonl`), never the config schema, so `python -m pipeline report RUN_DIR`
+works on any run directory, finished or not. Sections: the models x domains table
+(greedy, then sampled pass@1), training curves per stage (whichever of loss / reward /
+KL / ... each stage logged), OPD per-teacher KL across rounds, and stage timings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+from engine.atomic import atomic_write_bytes, atomic_write_text
+
+# Curves are plotted for numeric metric keys matching these, in this order of preference.
+CURVE_PATTERNS = ("loss", "reward", "kl", "score", "acc", "entropy", "clip", "grad_norm", "len")
+MAX_PANELS = 6
+MODEL_ORDER = ("base", "sft:", "grpo:", "sft:all", "mixed_rl", "student")
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        results = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RuntimeError(f"cannot read eval results {p}: {exc}") from exc
+    if not isinstance(results.get("models"), dict):
+        raise RuntimeError(f"{p}: no 'models' table (expected {{'models': {{model: {{domain: score}}}}}})")
+    return results
+
+
+def _model_rank(name: str) -> tuple[int, str]:
+    if name == "sft:all":
+        return MODEL_ORDER.index("sft:all"), name
+    for i, prefix in enumerate(MODEL_ORDER):
+        if name == prefix or (prefix.endswith(":") and name.startswith(prefix)):
+            return i, name
+    return len(MODEL_ORDER), name
+
+
+def _fmt(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+def format_results_table(results: dict, section: str = "models") -> str:
+    """Markdown table, one row per model, one column per domain plus the mean; the best
+    score of each column in bold."""
+    table = results.get(section) or {}
+    if not table:
+        return f"(no {section} results)"
+    models = sorted(table, key=_model_rank)
+    domains = list(dict.fromkeys(d for m in models for d in table[m]))
+    rows = {m: [table[m].get(d) for d in domains] for m in models}
+    if len(domains) > 1:
+        for m, vals in rows.items():
+            nums = [v for v in vals if _is_num(v)]
+            vals.append(sum(nums) / len(nums) if len(nums) == len(domains) else None)
+    cols = domains + ["mean"] if len(domains) > 1 else domains
+    best = []
+    for j in range(len(cols)):
+        column = {rows[m][j] for m in models if _is_num(rows[m][j])}
+        best.append(max(column) if len(column) > 1 else None)  # no bold when all are equal
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m in models:
+        cells = [f"**{_fmt(v)}**" if v is not None and v == best[j] else _fmt(v) for j, v in enumerate(rows[m])]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ run dir
+
+
+def read_manifests(run_dir: Path) -> dict[str, dict]:
+    """stage name -> manifest, in the order the stages started."""
+    found = {}
+    for p in sorted(run_dir.glob("*/manifest.json")):
+        try:
+            m = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        found[m.get("stage", p.parent.name)] = m
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].get("started") or math.inf, kv[0])))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (a killed writer) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def curve_keys(rows: list[dict]) -> list[str]:
+    """Numeric keys worth a curve, most wanted first, at most MAX_PANELS."""
+    keys = {k for r in rows for k, v in r.items() if _is_num(v) and k not in ("step", "epoch", "time")}
+
+    def rank(k: str) -> tuple[int, str]:
+        low = k.lower()
+        hits = [i for i, pat in enumerate(CURVE_PATTERNS) if pat in low]
+        return (hits[0] if hits else len(CURVE_PATTERNS), k)
+
+    wanted = sorted((k for k in keys if rank(k)[0] < len(CURVE_PATTERNS)), key=rank)
+    return wanted[:MAX_PANELS]
+
+
+def _save_png(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
+    os.environ.setdefault("MPLCONFIGDIR", str(Path.cwd() / ".cache" / "matplotlib"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(title: str, rows: list[dict], keys: list[str], out: Path) -> None:
+    plt = _pyplot()
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if _is_num(r.get(key))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_png(fig, out)
+    plt.close(fig)
+
+
+def plot_opd_kl(kl_per_teacher: list[dict], out: Path) -> None:
+    plt = _pyplot()
+    teachers = list(dict.fromkeys(t for r in kl_per_teacher for t in r))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for t in teachers:
+        pts = [(i + 1, r[t]) for i, r in enumerate(kl_per_teacher) if _is_num(r.get(t))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
+    ax.set_xlabel("OPD round")
+    ax.set_ylabel("KL(student || teacher)")
+    ax.set_xticks(range(1, len(kl_per_teacher) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("OPD: KL to each teacher on its own domain")
+    _save_png(fig, out)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def _results_section(run_dir: Path) -> list[str]:
+    path = run_dir / "eval" / "results.json"
+    if not path.is_file():
+        return ["## Scores", "", "No `eval/results.json` yet: the eval stage has not finished.", ""]
+    res = load_results(path)
+    s = res.get("settings", {})
+    out = ["## Scores", "", "Greedy decoding (temperature 0), mean verifier score on each domain's "
+           "held-out eval set; the best of each column in bold.", "", format_results_table(res, "models"), ""]
+    if res.get("sampled"):
+        out += [f"Sampled pass@1 over k={s.get('samples', '?')} samples at temperature "
+                f"{s.get('temperature', '?')}:", "", format_results_table(res, "sampled"), ""]
+    if res.get("pass_at_k"):
+        out += [f"pass@{s.get('samples', 'k')} (a sample counts when its score is 1):", "",
+                format_results_table(res, "pass_at_k"), ""]
+    if res.get("n_eval"):
+        out += ["Eval prompts per domain: " + ", ".join(f"{d} {n}" for d, n in res["n_eval"].items()), ""]
+    return out
+
+
+def _curves_section(run_dir: Path, manifests: dict[str, dict], plots: Path) -> list[str]:
+    out = ["## Training curves", ""]
+    any_plot = False
+    for stage, m in manifests.items():
+        stage_dir = run_dir / stage.replace(":", "-")
+        rows = read_metrics(stage_dir / "metrics.jsonl")
+        keys = curve_keys(rows)
+        if not keys:
+            continue
+        png = plots / f"{stage.replace(':', '-')}.png"
+        plot_curves(f"{stage} ({len(rows)} steps)", rows, keys, png)
+        last = {k: rows[-1][k] for k in keys if _is_num(rows[-1].get(k))}
+        out += [f"### {stage}", "", f"![{stage}](plots/{png.name})", "",
+                "Last step: " + ", ".join(f"{k} {_fmt(v)}" for k, v in last.items()), ""]
+        any_plot = True
+    return out if any_plot else out + ["No stage has logged metrics yet.", ""]
+
+
+def _opd_section(manifests: dict[str, dict], plots: Path) -> list[str]:
+    kl = ((manifests.get("opd") or {}).get("metrics") or {}).get("kl_per_teacher")
+    if not isinstance(kl, list) or not kl or not all(isinstance(r, dict) for r in kl):
+        return []
+    plot_opd_kl(kl, plots / "opd-kl-per-teacher.png")
+    teachers = list(dict.fromkeys(t for r in kl for t in r))
+    lines = ["## OPD: per-teacher KL across rounds", "", "![opd kl](plots/opd-kl-per-teacher.png)", "",
+             "| round | " + " | ".join(teachers) + " |", "|---|" + "---:|" * len(teachers)]
+    lines += [f"| {i} | " + " | ".join(_fmt(r.get(t)) for t in teachers) + " |" for i, r in enumerate(kl, 1)]
+    return lines + [""]
+
+
+def _timings_section(manifests: dict[str, dict]) -> list[str]:
+    lines = ["## Stage timings", "", "| stage | status | seconds | attempts |", "|---|---|---:|---:|"]
+    total = 0.0
+    for stage, m in manifests.items():
+        secs = m.get("seconds")
+        total += secs if _is_num(secs) else 0.0
+        lines.append(f"| {stage} | {m.get('status', '?')} | {f'{secs:.1f}' if _is_num(secs) else '-'} | "
+                     f"{m.get('attempt', '-')} |")
+    return lines + ["", f"Total stage time: {total:.1f} s ({total / 60:.1f} min).", ""]
+
+
+def _experiment_name(run_dir: Path) -> str:
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        try:
+            return str((yaml.safe_load(cfg.read_text()) or {}).get("experiment", run_dir.name))
+        except yaml.YAMLError:
+            pass
+    return run_dir.name
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Write `<run_dir>/report/report.md` (+ `report/plots/*.png`); returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    manifests = {k: v for k, v in read_manifests(run_dir).items() if k != "report"}
+    plots = run_dir / "report" / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Polymath report: {_experiment_name(run_dir)}", "", f"Run directory: `{run_dir}`", ""]
+    lines += _results_section(run_dir)
+    lines += _curves_section(run_dir, manifests, plots)
+    lines += _opd_section(manifests, plots)
+    lines += _timings_section(manifests)
+    out = run_dir / "report" / "report.md"
+    atomic_write_text(out, "\n".join(lines))
+    return out

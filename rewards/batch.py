@@ -1,0 +1,208 @@
+"""`score_batch` / `ScorerPool`: score many completions in worker processes, each item bounded.
+
+Workers are our own `python -m rewards._worker` subprocesses (not multiprocessing), so
+the pool needs nothing from the caller's `__main__`, works from any thread and inside a
+Ray actor, and never runs a verifier (or a sandboxed program) in the caller's process.
+Each item gets `timeout_s` from the moment its worker receives it; on expiry the worker's
+process group is killed (and every process of its sandbox uid swept), the item scores 0
+with the reason, and a fresh worker takes its place. A worker that dies mid-item scores
+that item 0 with its exit status and the tail of its stderr. A verifier that raises
+scores its item 0 ("verifier error: ..."). Nothing an item does fails the batch; only a
+worker that cannot start at all (three times in a row) raises.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from rewards import sandbox_isolation as iso
+from rewards.registry import RewardResult, get_verifier
+
+_STARTUP_TIMEOUT_S = 60.0
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class _Worker:
+    proc: subprocess.Popen
+    errlog: Any
+    buf: bytearray = dataclasses.field(default_factory=bytearray)
+    uid: int | None = None
+    work_root: str | None = None
+    ready: bool = False
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    task: int | None = None
+    deadline: float = 0.0
+
+    def stderr_tail(self, n: int = 800) -> str:
+        try:
+            self.errlog.seek(0, os.SEEK_END)
+            size = self.errlog.tell()
+            self.errlog.seek(max(0, size - n))
+            return self.errlog.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            return ""
+
+
+def _spawn() -> _Worker:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_PARENT, env.get("PYTHONPATH", "")) if p)
+    errlog = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rewards._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=errlog, env=env, start_new_session=True, close_fds=True,
+    )
+    os.set_blocking(proc.stdout.fileno(), False)
+    return _Worker(proc=proc, errlog=errlog)
+
+
+def _kill(worker: _Worker) -> None:
+    iso.kill_group(worker.proc.pid)
+    try:
+        worker.proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        pass
+    if worker.uid is not None:
+        iso.sweep_uid(worker.uid)
+    if worker.work_root:
+        shutil.rmtree(worker.work_root, ignore_errors=True)
+    for f in (worker.proc.stdin, worker.proc.stdout, worker.errlog):
+        try:
+            f.close()
+        except OSError:
+            pass
+
+
+class ScorerPool:
+    """A reusable set of scoring workers: `pool.score(name, completions, references)`."""
+
+    def __init__(self, num_workers: int | None = None, timeout_s: float = 30.0) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.num_workers = num_workers or max(1, len(os.sched_getaffinity(0)))
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
+        self.timeout_s = float(timeout_s)
+        self._workers: list[_Worker] = []
+        self._failed_starts = 0
+
+    def __enter__(self) -> "ScorerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self._workers:
+            _kill(w)
+        self._workers = []
+
+    def score(
+        self, name: str, completions: Sequence[str], references: Sequence[dict], **options: Any
+    ) -> list[RewardResult]:
+        get_verifier(name)  # unknown name: fail now, listing the known ones
+        if len(completions) != len(references):
+            raise ValueError(f"{len(completions)} completions but {len(references)} references")
+        tasks = [
+            json.dumps({"id": i, "name": name, "completion": c, "reference": r, "options": options})
+            for i, (c, r) in enumerate(zip(completions, references))
+        ]
+        results: list[RewardResult | None] = [None] * len(tasks)
+        pending = collections.deque(range(len(tasks)))
+        while pending or any(w.task is not None for w in self._workers):
+            self._top_up(len(pending))
+            self._dispatch(pending, tasks, results)
+            self._wait(results)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _top_up(self, n_pending: int) -> None:
+        idle = sum(1 for w in self._workers if w.task is None)
+        while len(self._workers) < self.num_workers and idle < n_pending:
+            self._workers.append(_spawn())
+            idle += 1
+
+    def _dispatch(self, pending: collections.deque, tasks: list[str], results: list) -> None:
+        for w in self._workers:
+            if w.ready and w.task is None and pending:
+                i = pending.popleft()
+                w.task, w.deadline = i, time.monotonic() + self.timeout_s
+                try:
+                    w.proc.stdin.write((tasks[i] + "\n").encode())
+                    w.proc.stdin.flush()
+                except OSError:
+                    self._retire(w, results, "scoring worker died before taking the item")
+
+    def _wait(self, results: list) -> None:
+        now = time.monotonic()
+        deadlines = [w.deadline if w.task is not None else w.started + _STARTUP_TIMEOUT_S for w in self._workers]
+        timeout = max(0.0, min(deadlines, default=now + 1.0) - now)
+        with selectors.DefaultSelector() as sel:
+            for w in self._workers:
+                sel.register(w.proc.stdout.fileno(), selectors.EVENT_READ, w)
+            for key, _ in sel.select(min(timeout, 1.0)):
+                self._read(key.data, results)
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w.task is not None and now > w.deadline:
+                self._retire(w, results, f"timeout: item took longer than {self.timeout_s:g}s")
+            elif not w.ready and now > w.started + _STARTUP_TIMEOUT_S:
+                self._retire(w, results, "scoring worker did not start")
+
+    def _read(self, w: _Worker, results: list) -> None:
+        try:
+            data = os.read(w.proc.stdout.fileno(), 1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            code = w.proc.wait()
+            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            self._retire(w, results, f"scoring worker crashed ({why}): {w.stderr_tail()}")
+            return
+        w.buf += data
+        while b"\n" in w.buf:
+            line, _, rest = bytes(w.buf).partition(b"\n")
+            w.buf = bytearray(rest)
+            msg = json.loads(line)
+            if "hello" in msg:
+                w.ready, w.uid, w.work_root, self._failed_starts = True, msg.get("uid"), msg.get("work_root"), 0
+            elif msg.get("id") == w.task:
+                results[w.task] = RewardResult(msg["score"], msg["info"])
+                w.task = None
+
+    def _retire(self, w: _Worker, results: list, reason: str) -> None:
+        """Kill `w`; its item (if any) scores 0 with `reason`; a worker that never started counts."""
+        _kill(w)
+        self._workers.remove(w)
+        if w.task is not None:
+            results[w.task] = RewardResult(0.0, {"reason": reason})
+        elif not w.ready:
+            self._failed_starts += 1
+            if self._failed_starts >= 3:
+                raise RuntimeError(f"scoring workers fail to start: {reason}: {w.stderr_tail()}")
+
+
+def score_batch(
+    name: str,
+    completions: Sequence[str],
+    references: Sequence[dict],
+    num_workers: int | None = None,
+    timeout_s: float = 30.0,
+    **options: Any,
+) -> list[RewardResult]:
+    """Score `completions` against `references` with verifier `name` in worker processes."""
+    n = len(completions)
+    workers = min(num_workers or max(1, len(os.sched_getaffinity(0))), max(1, n))
+    with ScorerPool(num_workers=workers, timeout_s=timeout_s) as pool:
+        return pool.score(name, completions, references, **options)

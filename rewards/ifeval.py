@@ -1,0 +1,66 @@
+"""`ifeval` verifier: IFEval instruction following, strict and loose as IFEval defines them.
+
+Reference: IFEval's own fields, `{"instruction_id_list": [...], "kwargs": [{...}, ...]}`;
+`None`-valued kwargs (as in the public HF rows) are dropped, so rows score unconverted.
+strict: an instruction is followed when the response is non-empty and its checker passes.
+loose: followed when any of 8 variants passes: the response, it without its first line,
+without its last line, without both, and each of those four with every `*` removed.
+`score` = the strict instruction-level fraction (partial credit is a denser RL signal;
+`mode=` picks another of strict/loose x instruction/prompt). `info` reports all four.
+Checkers and their departures from IFEval: rewards/ifeval_checks.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rewards.ifeval_checks import CHECKERS
+from rewards.registry import RewardResult, register
+
+MODES = ("strict_instruction", "strict_prompt", "loose_instruction", "loose_prompt")
+
+
+def loose_variants(response: str) -> list[str]:
+    lines = response.split("\n")
+    cut = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    base = [response] + cut
+    return base + [r.replace("*", "") for r in base]
+
+
+def check_instruction(instruction_id: str, kwargs: dict[str, Any], response: str) -> bool:
+    """One checker on one text; a bad id or bad kwargs is a ValueError naming them."""
+    try:
+        fn = CHECKERS[instruction_id]
+    except KeyError:
+        raise ValueError(f"unknown ifeval instruction {instruction_id!r}; known: {', '.join(sorted(CHECKERS))}") from None
+    args = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    try:
+        return bool(response.strip()) and bool(fn(response, **args))
+    except TypeError as exc:
+        raise ValueError(f"ifeval instruction {instruction_id!r}: bad kwargs {args!r}: {exc}") from None
+
+
+@register("ifeval")
+def ifeval_verifier(completion: str, reference: dict[str, Any], mode: str = "strict_instruction", **_: Any) -> RewardResult:
+    ids = reference.get("instruction_id_list") if isinstance(reference, dict) else None
+    if not isinstance(ids, list) or not ids:
+        raise ValueError(f"ifeval reference needs a non-empty 'instruction_id_list', got {reference!r}")
+    kwargs = reference.get("kwargs") or [{} for _ in ids]
+    if len(kwargs) != len(ids):
+        raise ValueError(f"ifeval reference: {len(ids)} instruction ids but {len(kwargs)} kwargs")
+    if mode not in MODES:
+        raise ValueError(f"ifeval mode must be one of {MODES}, got {mode!r}")
+    variants = loose_variants(completion)
+    strict = [check_instruction(i, kw, completion) for i, kw in zip(ids, kwargs)]
+    loose = [any(check_instruction(i, kw, v) for v in variants) for i, kw in zip(ids, kwargs)]
+    metrics = {
+        "strict_instruction": sum(strict) / len(ids),
+        "strict_prompt": float(all(strict)),
+        "loose_instruction": sum(loose) / len(ids),
+        "loose_prompt": float(all(loose)),
+    }
+    info: dict[str, Any] = {"followed_strict": dict(zip(ids, strict)), "followed_loose": dict(zip(ids, loose)), **metrics}
+    failed = [i for i, ok in zip(ids, strict) if not ok]
+    if failed:
+        info["reason"] = "not followed (strict): " + ", ".join(failed)
+    return RewardResult(metrics[mode], info)

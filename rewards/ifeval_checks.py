@@ -1,0 +1,245 @@
+"""IFEval's instruction checkers, by IFEval's own ids and kwarg names (Zhou et al., 2023).
+
+Each checker is `(response: str, **kwargs) -> bool` with the semantics of the reference
+implementation (google-research `instruction_following_eval/instructions.py`).
+Departures, all because nothing may be downloaded here (no nltk data, no langdetect):
+- `length_constraints:number_sentences` counts sentences with IFEval's own regex
+  splitter (`split_into_sentences`) instead of nltk's punkt model;
+- `change_case:capital_word_frequency` tokenises with a regex (words, hyphenated words,
+  apostrophes) instead of `nltk.word_tokenize`;
+- `change_case:english_lowercase` / `english_capital` check the case only, not that the
+  language is English; `language:response_language` is not implemented;
+- keywords are matched literally (`re.escape`), where IFEval passes them as regexes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from typing import Callable
+
+Checker = Callable[..., bool]
+CHECKERS: dict[str, Checker] = {}
+RELATIONS = ("less than", "at least")
+
+
+def checker(instruction_id: str) -> Callable[[Checker], Checker]:
+    def deco(fn: Checker) -> Checker:
+        if instruction_id in CHECKERS:
+            raise ValueError(f"ifeval instruction {instruction_id!r} is already registered")
+        CHECKERS[instruction_id] = fn
+        return fn
+
+    return deco
+
+
+def _compare(count: int, threshold: int, relation: str) -> bool:
+    if relation == "less than":
+        return count < threshold
+    if relation == "at least":
+        return count >= threshold
+    raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+
+
+def split_into_sentences(text: str) -> list[str]:
+    """IFEval's regex sentence splitter (instructions_util.split_into_sentences)."""
+    alpha, digits = "([A-Za-z])", "([0-9])"
+    prefixes, suffixes = "(Mr|St|Mrs|Ms|Dr)[.]", "(Inc|Ltd|Jr|Sr|Co)"
+    starters = r"(Mr|Mrs|Ms|Dr|Prof|Capt|Cpt|Lt|He\s|She\s|It\s|They\s|Their\s|Our\s|We\s|But\s|However\s|That\s|This\s|Wherever)"
+    acronyms, websites = "([A-Z][.][A-Z][.](?:[A-Z][.])?)", "[.](com|net|org|io|gov|edu|me)"
+    text = (" " + text + "  ").replace("\n", " ")
+    text = re.sub(prefixes, "\\1<prd>", text)
+    text = re.sub(websites, "<prd>\\1", text)
+    text = re.sub(digits + "[.]" + digits, "\\1<prd>\\2", text)
+    text = re.sub(r"\.{2,}", lambda m: "<prd>" * len(m.group(0)) + "<stop>", text)
+    text = text.replace("Ph.D.", "Ph<prd>D<prd>")
+    text = re.sub(r"\s" + alpha + "[.] ", " \\1<prd> ", text)
+    text = re.sub(acronyms + " " + starters, "\\1<stop> \\2", text)
+    text = re.sub(alpha + "[.]" + alpha + "[.]" + alpha + "[.]", "\\1<prd>\\2<prd>\\3<prd>", text)
+    text = re.sub(alpha + "[.]" + alpha + "[.]", "\\1<prd>\\2<prd>", text)
+    text = re.sub(" " + suffixes + "[.] " + starters, " \\1<stop> \\2", text)
+    text = re.sub(" " + suffixes + "[.]", " \\1<prd>", text)
+    text = re.sub(" " + alpha + "[.]", " \\1<prd>", text)
+    for a, b in ((".\u201d", "\u201d."), ('."', '".'), ('!"', '"!'), ('?"', '"?')):
+        text = text.replace(a, b)
+    for p in ".?!":
+        text = text.replace(p, p + "<stop>")
+    sentences = [s.strip() for s in text.replace("<prd>", ".").split("<stop>")]
+    return [s for s in sentences if s]
+
+
+def count_words(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+@checker("punctuation:no_comma")
+def no_comma(response: str) -> bool:
+    return "," not in response
+
+
+@checker("length_constraints:number_words")
+def number_words(response: str, num_words: int, relation: str) -> bool:
+    return _compare(count_words(response), num_words, relation)
+
+
+@checker("length_constraints:number_sentences")
+def number_sentences(response: str, num_sentences: int, relation: str) -> bool:
+    return _compare(len(split_into_sentences(response)), num_sentences, relation)
+
+
+@checker("length_constraints:number_paragraphs")
+def number_paragraphs(response: str, num_paragraphs: int) -> bool:
+    """Exactly N paragraphs separated by `***`; an empty inner paragraph fails."""
+    parts = re.split(r"\s?\*\*\*\s?", response)
+    count = len(parts)
+    for i, part in enumerate(parts):
+        if not part.strip():
+            if i in (0, len(parts) - 1):
+                count -= 1
+            else:
+                return False
+    return count == num_paragraphs
+
+
+@checker("length_constraints:nth_paragraph_first_word")
+def nth_paragraph_first_word(response: str, num_paragraphs: int, nth_paragraph: int, first_word: str) -> bool:
+    parts = re.split(r"\n\n", response)
+    count = sum(1 for p in parts if p.strip())
+    if nth_paragraph > count or not parts[nth_paragraph - 1].strip():
+        return False
+    word = parts[nth_paragraph - 1].strip().split()[0].lstrip("'").lstrip('"')
+    first = ""
+    for ch in word:
+        if ch in {".", ",", "?", "!", "'", '"'}:
+            break
+        first += ch.lower()
+    return count == num_paragraphs and first == first_word.lower()
+
+
+@checker("keywords:existence")
+def keywords_existence(response: str, keywords: list[str]) -> bool:
+    return all(re.search(re.escape(k), response, flags=re.IGNORECASE) for k in keywords)
+
+
+@checker("keywords:forbidden_words")
+def forbidden_words(response: str, forbidden_words: list[str]) -> bool:
+    return not any(re.search(r"\b" + re.escape(w) + r"\b", response, flags=re.IGNORECASE) for w in forbidden_words)
+
+
+@checker("keywords:frequency")
+def keyword_frequency(response: str, keyword: str, frequency: int, relation: str) -> bool:
+    return _compare(len(re.findall(re.escape(keyword.strip()), response, flags=re.IGNORECASE)), frequency, relation)
+
+
+@checker("keywords:letter_frequency")
+def letter_frequency(response: str, letter: str, let_frequency: int, let_relation: str) -> bool:
+    return _compare(collections.Counter(response.lower())[letter.lower()], let_frequency, let_relation)
+
+
+@checker("detectable_format:json_format")
+def json_format(response: str) -> bool:
+    text = response.strip()
+    for prefix in ("```json", "```Json", "```JSON", "```"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+            break
+    text = text.removesuffix("```").strip()
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+@checker("detectable_format:title")
+def title(response: str) -> bool:
+    return any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", response))
+
+
+@checker("detectable_format:number_bullet_lists")
+def number_bullet_lists(response: str, num_bullets: int) -> bool:
+    stars = re.findall(r"^\s*\*[^\*].*$", response, flags=re.MULTILINE)
+    dashes = re.findall(r"^\s*-.*$", response, flags=re.MULTILINE)
+    return len(stars) + len(dashes) == num_bullets
+
+
+@checker("detectable_format:number_highlighted_sections")
+def number_highlighted_sections(response: str, num_highlights: int) -> bool:
+    n = sum(1 for h in re.findall(r"\*[^\n\*]*\*", response) if h.strip("*").strip())
+    n += sum(1 for h in re.findall(r"\*\*[^\n\*]*\*\*", response) if h[2:-2].strip())
+    return n >= num_highlights
+
+
+@checker("detectable_format:multiple_sections")
+def multiple_sections(response: str, section_spliter: str, num_sections: int) -> bool:
+    sections = re.split(r"\s?" + re.escape(section_spliter.strip()) + r"\s?\d+\s?", response)
+    return len(sections) - 1 >= num_sections
+
+
+@checker("detectable_format:constrained_response")
+def constrained_response(response: str) -> bool:
+    options = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
+    return any(o in response.strip() for o in options)
+
+
+@checker("detectable_content:postscript")
+def postscript(response: str, postscript_marker: str) -> bool:
+    marker = postscript_marker.strip()
+    if marker == "P.P.S":
+        pattern = r"\s*p\.\s?p\.\s?s.*$"
+    elif marker == "P.S.":
+        pattern = r"\s*p\.\s?s\..*$"
+    else:
+        pattern = r"\s*" + re.escape(marker.lower()) + r".*$"
+    return bool(re.findall(pattern, response.lower(), flags=re.MULTILINE))
+
+
+@checker("detectable_content:number_placeholders")
+def number_placeholders(response: str, num_placeholders: int) -> bool:
+    return len(re.findall(r"\[.*?\]", response)) >= num_placeholders
+
+
+@checker("change_case:english_lowercase")
+def english_lowercase(response: str) -> bool:
+    return response.islower()
+
+
+@checker("change_case:english_capital")
+def english_capital(response: str) -> bool:
+    return response.isupper()
+
+
+@checker("change_case:capital_word_frequency")
+def capital_word_frequency(response: str, capital_frequency: int, capital_relation: str) -> bool:
+    words = re.findall(r"[A-Za-z0-9_]+(?:[-'][A-Za-z0-9_]+)*", response)
+    return _compare(sum(1 for w in words if w.isupper()), capital_frequency, capital_relation)
+
+
+@checker("startend:quotation")
+def quotation(response: str) -> bool:
+    text = response.strip()
+    return len(text) > 1 and text[0] == '"' and text[-1] == '"'
+
+
+@checker("startend:end_checker")
+def end_checker(response: str, end_phrase: str) -> bool:
+    return response.strip().strip('"').lower().endswith(end_phrase.strip().lower())
+
+
+@checker("combination:two_responses")
+def two_responses(response: str) -> bool:
+    valid = []
+    parts = response.split("******")
+    for i, part in enumerate(parts):
+        if not part.strip():
+            if i not in (0, len(parts) - 1):
+                return False
+        else:
+            valid.append(part)
+    return len(valid) == 2 and valid[0].strip() != valid[1].strip()
+
+
+@checker("combination:repeat_prompt")
+def repeat_prompt(response: str, prompt_to_repeat: str) -> bool:
+    return response.strip().lower().startswith(prompt_to_repeat.strip().lower())

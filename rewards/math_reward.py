@@ -1,0 +1,114 @@
+"""`math` verifier: extract the final answer, compare it with math-verify.
+
+Extraction rules, first that fires wins (recorded in `info["rule"]`):
+  1. the LAST `\\boxed{...}` (or `\\fbox{...}`), braces matched;
+  2. the last "the answer is X" / "final answer: X" (X up to the end of its line);
+  3. the last number in the text (`1,234`, `-0.5`, `3/4`).
+Only the extracted answer is compared, so a right value that appears only in the
+reasoning while the boxed answer is wrong scores 0.
+
+Comparison: `math_verify.parse` + `verify` (fractions vs decimals, LaTeX, sets,
+symbolic expressions). Their built-in timeout uses `signal.alarm`, which fails off the
+main thread, so it is switched off here (`parsing_timeout=None, timeout_seconds=None`);
+time is bounded by `score_batch`, which runs verifiers in worker processes it can kill.
+When math-verify can parse neither side (plain words such as "Paris"), the answers are
+compared as normalised strings instead (`info["compare"] = "string"`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from rewards.registry import RewardResult, register
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS_RE = re.compile(r"(?:(?:the\s+)?(?:final\s+)?answer\s+is|final\s+answer\s*:)\s*:?\s*", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+def _matched_brace(text: str, open_idx: int) -> int | None:
+    """Index of the `}` closing the `{` at `open_idx`, or None if unbalanced."""
+    depth = 0
+    for i in range(open_idx, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last balanced `\\boxed{...}`."""
+    for m in reversed(list(_BOXED_RE.finditer(text))):
+        close = _matched_brace(text, m.end() - 1)
+        if close is not None:
+            return text[m.end() : close].strip()
+    return None
+
+
+def extract_answer(text: str) -> tuple[str | None, str]:
+    """(answer, rule) with rule in {"boxed", "answer_is", "last_number", "none"}."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed, "boxed"
+    matches = list(_ANSWER_IS_RE.finditer(text))
+    if matches:
+        tail = text[matches[-1].end() :].split("\n", 1)[0].strip()
+        tail = tail.strip().strip("$").strip().rstrip(".").strip().strip("$").strip()
+        if tail:
+            return tail, "answer_is"
+    numbers = _NUMBER_RE.findall(text)
+    if numbers:
+        return numbers[-1].replace(",", "").replace(" ", ""), "last_number"
+    return None, "none"
+
+
+def _parse(text: str) -> list:
+    from math_verify import parse
+
+    candidates = [text] if ("$" in text or "\\boxed" in text) else [f"${text}$", text]
+    for cand in candidates:
+        parsed = parse(cand, parsing_timeout=None)
+        if parsed:
+            return parsed
+    return []
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().strip("$").strip().rstrip(".")).lower()
+
+
+def answers_match(gold: str, answer: str) -> tuple[bool, str]:
+    """(equal, how): math-verify equivalence, or normalised-string equality as fallback."""
+    from math_verify import verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    gold_parsed, answer_parsed = _parse(gold), _parse(answer)
+    if gold_parsed and answer_parsed:
+        if verify(gold_parsed, answer_parsed, timeout_seconds=None):
+            return True, "math_verify"
+    if not gold_parsed or not answer_parsed:
+        return _normalise(gold) == _normalise(answer), "string"
+    return False, "math_verify"
+
+
+@register("math")
+def math_verifier(completion: str, reference: dict[str, Any], **_: Any) -> RewardResult:
+    """1.0 when the extracted final answer equals `reference["answer"]`, else 0.0."""
+    if not isinstance(reference, dict) or "answer" not in reference:
+        raise ValueError(f"math reference must be a dict with an 'answer' field, got {reference!r}")
+    gold = str(reference["answer"]).strip()
+    answer, rule = extract_answer(completion)
+    info: dict[str, Any] = {"rule": rule, "extracted": answer, "gold": gold}
+    if answer is None:
+        info["reason"] = "no final answer found"
+        return RewardResult(0.0, info)
+    equal, how = answers_match(gold, answer)
+    info["compare"] = how
+    if not equal:
+        info["reason"] = "answer differs from reference"
+    return RewardResult(1.0 if equal else 0.0, info)

@@ -1,0 +1,106 @@
+"""Parse the XML tool-call format shared by the chat template, the environment and `tool`.
+
+    <tool_call><invoke name="NAME"><parameter name="ARG">VALUE</parameter>...</invoke>...</tool_call>
+
+Several `invoke`s may share one block; only whitespace may sit between elements. VALUE
+is plain text for string parameters and JSON otherwise: with a schema the declared type
+decides; without one a VALUE that parses as JSON is decoded, anything else stays text.
+`<tool_response>` blocks are ignored (tool output is not the model's call). No side
+effects on import; the environment reuses `parse_tool_calls` to execute calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+_BLOCK_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_RESPONSE_RE = re.compile(r"<tool_response>.*?</tool_response>", re.DOTALL)
+_INVOKE_RE = re.compile(r'\s*<invoke name="([^"<>]+)">(.*?)</invoke>\s*', re.DOTALL)
+_PARAM_RE = re.compile(r'\s*<parameter name="([^"<>]+)">(.*?)</parameter>\s*', re.DOTALL)
+
+
+class ToolCallParseError(ValueError):
+    """Malformed tool-call markup; the message says what and where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+def tool_param_types(tools: list[dict] | None) -> dict[str, dict[str, str]]:
+    """{tool name: {param: JSON-schema type}} from OpenAI-style or bare function schemas."""
+    out: dict[str, dict[str, str]] = {}
+    for tool in tools or []:
+        fn = tool.get("function", tool)
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        out[fn["name"]] = {k: v.get("type", "") for k, v in props.items() if isinstance(v, dict)}
+    return out
+
+
+def decode_value(raw: str, json_type: str | None) -> Any:
+    if json_type == "string":
+        return raw
+    try:
+        return json.loads(raw.strip())
+    except ValueError:
+        return raw
+
+
+def _parse_params(body: str, where: str, types: dict[str, str]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    pos = 0
+    while pos < len(body) and body[pos:].strip():
+        m = _PARAM_RE.match(body, pos)
+        if m is None:
+            raise ToolCallParseError(f"{where}: expected <parameter name=\"...\">, got {body[pos:pos + 40]!r}")
+        name = m.group(1)
+        if name in args:
+            raise ToolCallParseError(f"{where}: parameter {name!r} given twice")
+        args[name] = decode_value(m.group(2), types.get(name))
+        pos = m.end()
+    return args
+
+
+def _parse_block(block: str, b: int, types: dict[str, dict[str, str]]) -> list[ToolCall]:
+    calls, pos = [], 0
+    while pos < len(block) and block[pos:].strip():
+        m = _INVOKE_RE.match(block, pos)
+        if m is None:
+            raise ToolCallParseError(f"tool_call block {b}: expected <invoke name=\"...\">, got {block[pos:pos + 40]!r}")
+        where = f"tool_call block {b}, invoke {m.group(1)!r}"
+        calls.append(ToolCall(m.group(1), _parse_params(m.group(2), where, types.get(m.group(1), {}))))
+        pos = m.end()
+    if not calls:
+        raise ToolCallParseError(f"tool_call block {b} has no <invoke>")
+    return calls
+
+
+def parse_tool_calls(text: str, tools: list[dict] | None = None) -> list[ToolCall]:
+    """Every call in `text`, in order; raises ToolCallParseError on malformed markup."""
+    text = _RESPONSE_RE.sub("", text)
+    opens, closes = text.count("<tool_call>"), text.count("</tool_call>")
+    blocks = _BLOCK_RE.findall(text)
+    if opens != closes or opens != len(blocks):
+        raise ToolCallParseError(f"unbalanced tool_call tags: {opens} <tool_call>, {closes} </tool_call>")
+    types = tool_param_types(tools)
+    return [c for b, block in enumerate(blocks) for c in _parse_block(block, b, types)]
+
+
+def try_parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[list[ToolCall], str | None]:
+    """(calls, None) or ([], reason): never raises on any input text."""
+    try:
+        return parse_tool_calls(text, tools), None
+    except ToolCallParseError as exc:
+        return [], str(exc)
+
+
+def final_answer(text: str) -> str:
+    """The text after the last `</tool_call>` or `</tool_response>`, stripped."""
+    cut = max(text.rfind("</tool_call>") + len("</tool_call>") if "</tool_call>" in text else 0,
+              text.rfind("</tool_response>") + len("</tool_response>") if "</tool_response>" in text else 0)
+    return text[cut:].strip()

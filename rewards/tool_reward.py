@@ -1,0 +1,130 @@
+"""`tool` verifier: tool calls (parsed, schema-checked, compared) and the final answer.
+
+Reference: `{"calls": [{"name", "arguments"}], "answer": ..., "tools": [schemas]}`
+(`answer` and `tools` optional). The completion is a whole episode: assistant text,
+`<tool_call>` blocks, `<tool_response>` blocks, final answer text.
+- calls score: produced calls are matched to expected calls in order (each expected
+  call takes the first unused produced call with its name); a matched call earns the
+  fraction of argument names in either call whose values agree, 0 if it violates the
+  schema; the sum is divided by max(#expected, #produced), so missing and extra calls
+  both cost. One wrong argument of two -> 0.5 for that call.
+- answer score: the final text (after the last tool block) equals the reference after
+  normalisation (case, whitespace, trailing period), or, for a numeric reference, the
+  last number in it equals the reference (rel. tol. 1e-6).
+- score = calls_weight * calls + (1 - calls_weight) * answer, calls_weight = 0.5;
+  with no `answer` in the reference, score = calls.
+Malformed markup scores 0 with the parser's reason; nothing raises on any completion.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from rewards.registry import RewardResult, register
+from rewards.tool_calls import ToolCall, final_answer, try_parse_tool_calls
+
+_JSON_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "null": lambda v: v is None,
+}
+
+
+def schema_errors(call: ToolCall, tools: list[dict] | None) -> list[str]:
+    """Why `call` violates its tool's schema (unknown tool, missing/unknown args, types, enum)."""
+    if not tools:
+        return []
+    by_name = {t.get("function", t)["name"]: t.get("function", t) for t in tools}
+    if call.name not in by_name:
+        return [f"unknown tool {call.name!r}"]
+    params = by_name[call.name].get("parameters") or {}
+    props = params.get("properties") or {}
+    errors = [f"{call.name}: missing required argument {r!r}" for r in params.get("required", []) if r not in call.arguments]
+    for arg, value in call.arguments.items():
+        spec = props.get(arg)
+        if spec is None:
+            if props and params.get("additionalProperties") is not True:
+                errors.append(f"{call.name}: unknown argument {arg!r}")
+            continue
+        types = spec.get("type")
+        types = [types] if isinstance(types, str) else (types or [])
+        if types and not any(_JSON_TYPES.get(t, lambda v: True)(value) for t in types):
+            errors.append(f"{call.name}.{arg}: expected {'/'.join(types)}, got {type(value).__name__}")
+        if "enum" in spec and value not in spec["enum"]:
+            errors.append(f"{call.name}.{arg}: {value!r} not in {spec['enum']}")
+    return errors
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def call_credit(expected: dict, produced: ToolCall) -> float:
+    keys = set(expected.get("arguments", {})) | set(produced.arguments)
+    if not keys:
+        return 1.0
+    exp_args = expected.get("arguments", {})
+    good = sum(1 for k in keys if k in exp_args and k in produced.arguments and _values_equal(exp_args[k], produced.arguments[k]))
+    return good / len(keys)
+
+
+def score_calls(expected: list[dict], produced: list[ToolCall], tools: list[dict] | None) -> tuple[float, list[str]]:
+    notes, used, total = [], set(), 0.0
+    for e in expected:
+        j = next((j for j, p in enumerate(produced) if j not in used and p.name == e["name"]), None)
+        if j is None:
+            notes.append(f"missing call {e['name']!r}")
+            continue
+        used.add(j)
+        errors = schema_errors(produced[j], tools)
+        credit = 0.0 if errors else call_credit(e, produced[j])
+        notes += errors or ([] if credit == 1.0 else [f"{e['name']}: arguments differ ({credit:.2f} agree)"])
+        total += credit
+    notes += [f"unexpected call {p.name!r}" for j, p in enumerate(produced) if j not in used]
+    denom = max(len(expected), len(produced))
+    return (total / denom if denom else 1.0), notes
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", str(text).strip().rstrip(".").strip()).lower()
+
+
+def answer_matches(reference: Any, text: str) -> bool:
+    if _norm(reference) == _norm(text):
+        return True
+    try:
+        ref = float(str(reference).replace(",", ""))
+    except ValueError:
+        return False
+    nums = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return bool(nums) and math.isclose(float(nums[-1]), ref, rel_tol=1e-6, abs_tol=1e-9)
+
+
+@register("tool")
+def tool_verifier(completion: str, reference: dict[str, Any], calls_weight: float = 0.5, **_: Any) -> RewardResult:
+    if not isinstance(reference, dict) or not isinstance(reference.get("calls"), list):
+        raise ValueError(f"tool reference needs a 'calls' list, got {reference!r}")
+    tools = reference.get("tools")
+    calls, error = try_parse_tool_calls(completion, tools)
+    if error:
+        return RewardResult(0.0, {"reason": f"malformed tool call: {error}"})
+    calls_score, notes = score_calls(reference["calls"], calls, tools)
+    info: dict[str, Any] = {"calls": [{"name": c.name, "arguments": c.arguments} for c in calls], "calls_score": calls_score}
+    score = calls_score
+    if reference.get("answer") is not None:
+        answer = final_answer(completion)
+        ok = answer_matches(reference["answer"], answer)
+        info.update(final_answer=answer, answer_correct=ok)
+        notes += [] if ok else ["final answer differs from reference"]
+        score = calls_weight * calls_score + (1.0 - calls_weight) * float(ok)
+    if notes:
+        info["reason"] = "; ".join(notes)
+    return RewardResult(score, info)

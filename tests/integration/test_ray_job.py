@@ -1,0 +1,194 @@
+"""A real local Ray head: `ray job submit` of one stage, and the runner's `--address` mode.
+
+The head binds 127.0.0.1 on free ports with token authentication (a token of its own, in
+the test's temp dir). Teardown kills exactly the processes this test started (the
+session of `ray start`) instead of `ray stop`, which would stop every Ray on the machine.
+All Ray clients run as subprocesses, so this process never caches the head's token.
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow  # a Ray head takes 5-20 s to start on the shared 2 cores
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from test_runner import TINY_MODEL  # noqa: E402
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _kill_session(sid: int) -> None:
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                proc.send_signal(signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's unix sockets live here
+    token = temp / "token"
+    token.write_text(secrets.token_hex(32))
+    gcs, dash, client, agent, agent_grpc, nm, om, metrics, renv = _free_ports(9)
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+           "--port", str(gcs), "--dashboard-port", str(dash), "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp), "--ray-client-server-port", str(client),
+           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--node-manager-port", str(nm), "--object-manager-port", str(om), "--metrics-export-port",
+           str(metrics), "--runtime-env-agent-port", str(renv), "--disable-usage-stats"]
+    start = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        out, _ = start.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        start.kill()
+        out = "ray start timed out"
+    address = f"http://127.0.0.1:{dash}"
+    if start.returncode != 0 or not _dashboard_up(address, env):
+        _kill_session(start.pid)
+        pytest.skip(f"cannot start a local Ray head with its dashboard here: {out[-600:]}")
+    yield {"address": address, "env": env, "temp": temp}
+    _kill_session(start.pid)
+
+
+def _dashboard_up(address: str, env: dict, wait_s: float = 30.0) -> bool:
+    probe = ("from ray.job_submission import JobSubmissionClient as C; import sys; "
+             "C(sys.argv[1]).list_jobs()")
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True).returncode == 0:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def _config(tmp_path: Path) -> Path:
+    raw = {"experiment": "jobtest", "run_dir": str(tmp_path / "run"), "model": TINY_MODEL,
+           "domains": [{"name": "math", "data": {"synthetic": {"generator": "math", "train_size": 8,
+                                                               "eval_size": 4}}, "verifier": "math"}],
+           "opd": {"student_init": "base"}, "logging": {"progress": False}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _manifest(run: Path, stage: str) -> dict:
+    return json.loads((run / stage.replace(":", "-") / "manifest.json").read_text())
+
+
+def test_ray_job_submit_runs_a_stage(ray_head, tmp_path):
+    config = _config(tmp_path)
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", ".", "--",
+           "python", "-m", "pipeline", "stage", str(config), "prepare"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    m = _manifest(tmp_path / "run", "prepare")
+    assert m["status"] == "done"
+    assert Path(m["outputs"]["model"], "config.json").is_file()
+    assert Path(m["outputs"]["data:math:eval"]).is_file()
+
+
+def _run_cli(ray_head, config: Path, *args, timeout=240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline", "run", str(config), "--address", ray_head["address"], *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def test_runner_address_mode_submits_follows_and_skips(ray_head, tmp_path):
+    config = _config(tmp_path)
+    proc = _run_cli(ray_head, config, "--only", "prepare")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[prepare] submitted job" in proc.stdout
+    assert "  [prepare] [prepare] running (input" in proc.stdout  # the job's log, followed
+    m = _manifest(tmp_path / "run", "prepare")
+    assert m["status"] == "done" and m["log"] == str(tmp_path / "run" / "prepare" / "stage.log")
+    assert "[prepare] running (input" in (tmp_path / "run" / "prepare" / "stage.log").read_text()
+    again = _run_cli(ray_head, config, "--only", "prepare")
+    assert again.returncode == 0 and "[prepare] skipped" in again.stdout and "submitted" not in again.stdout
+
+
+RUNNER = """
+import sys
+sys.path.insert(0, {integration!r})
+from pathlib import Path
+from test_runner import fake
+from pipeline.config import load_config
+from pipeline.runner import run_experiment
+cfg = load_config({config!r})
+sys.exit(run_experiment(cfg, {config!r}, [], address={address!r}, only={only!r},
+                        entrypoint=fake(Path({tmp!r}), {plan!r})))
+"""
+
+
+def _fake_runner(ray_head, tmp_path: Path, plan: dict, only=("prepare", "sft:math")) -> list[str]:
+    config = _config(tmp_path)
+    code = RUNNER.format(integration=str(ROOT / "tests" / "integration"), config=str(config), tmp=str(tmp_path),
+                         plan=plan, address=ray_head["address"], only=list(only))
+    return [sys.executable, "-c", code]
+
+
+def _run_fake(ray_head, tmp_path: Path, plan: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(_fake_runner(ray_head, tmp_path, plan, **kw), cwd=ROOT, env=ray_head["env"],
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_runner_address_mode_not_built_and_failure(ray_head, tmp_path):
+    (tmp_path / "a").mkdir()
+    proc = _run_fake(ray_head, tmp_path / "a", {"sft:math": "not_built"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[sft:math] not built yet" in proc.stdout
+    assert _manifest(tmp_path / "a" / "run", "sft:math")["status"] == "not_built"
+
+    (tmp_path / "b").mkdir()
+    proc = _run_fake(ray_head, tmp_path / "b", {"prepare": "fail"})
+    assert proc.returncode == 1
+    assert "FAILED: prepare: RuntimeError: fake failure in prepare" in proc.stdout
+    assert "sft:math       cancelled" in proc.stdout or "sft:math       blocked" in proc.stdout
+
+
+def test_rerun_follows_a_job_left_running(ray_head, tmp_path):
+    """A killed runner leaves its job running on the cluster; the rerun follows that job
+    instead of starting a second process on the same stage directory."""
+    plan = {"prepare": "slow:15"}
+    first = subprocess.Popen(_fake_runner(ray_head, tmp_path, plan, only=["prepare"]), cwd=ROOT, env=ray_head["env"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = tmp_path / "run" / "prepare" / "steps.log"
+    deadline = time.time() + 120
+    while not (steps.is_file() and steps.read_text().strip()):
+        assert first.poll() is None and time.time() < deadline, "the job did not start"
+        time.sleep(0.3)
+    first.kill()
+    first.wait()
+    proc = _run_fake(ray_head, tmp_path, plan, only=["prepare"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[prepare] following job" in proc.stdout and "submitted job" not in proc.stdout
+    m = _manifest(tmp_path / "run", "prepare")
+    assert m["status"] == "done" and m["attempt"] == 1
+    assert [line.split() for line in steps.read_text().splitlines()] == [["1", str(i)] for i in range(15)]

@@ -1,0 +1,205 @@
+"""The runner on an embedded local Ray: order, concurrency, skip, invalidation, failures.
+
+Most tests launch `fake_stage.py` (the real `run_stage` bookkeeping around fake drivers)
+so they test orchestration in seconds; one runs the real `python -m pipeline stage`.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.graph import build_graph, input_hashes
+from pipeline.launch import default_ray_temp_dir
+from pipeline.rundir import RunDir
+from pipeline.runner import run_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = ROOT / "tests" / "integration" / "fake_stage.py"
+TINY_MODEL = {"base": "tiny", "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                                       "intermediate_size": 64, "max_position_embeddings": 128}}
+
+
+def write_config(tmp_path: Path, domains=("math",), **resources) -> Path:
+    raw = {
+        "experiment": "runner-test",
+        "run_dir": str(tmp_path / "run"),
+        "model": TINY_MODEL,
+        "domains": [{"name": d, "data": {"synthetic": {"generator": "math", "train_size": 8, "eval_size": 4}},
+                     "verifier": "math"} for d in domains],
+        "opd": {"student_init": "base"},
+        "resources": {"num_cpus": 2, "concurrent_stages": 2, "retries": 0, **resources},
+        "logging": {"progress": False, "wandb": "disabled"},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def fake(tmp_path: Path, plan: dict | None = None):
+    plan_path = "-"
+    if plan:
+        plan_path = str(tmp_path / "plan.json")
+        Path(plan_path).write_text(json.dumps(plan))
+    return lambda config, stage, overrides: ["python", str(FAKE), plan_path, config, stage, *overrides]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    temp = default_ray_temp_dir()
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(temp),
+             object_store_memory=128 * 1024**2, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _in_checkout(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _manifests(cfg):
+    run = RunDir(cfg.run_path)
+    return {s.name: run.read_manifest(s.name) for s in build_graph(cfg)}
+
+
+def _launch_count(cfg, stage) -> int:
+    log = RunDir(cfg.run_path).stage_dir(stage) / "stage.log"
+    return log.read_text().count("=====") if log.is_file() else 0
+
+
+def test_graph_runs_in_order_concurrently_then_skips(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path, domains=("math", "code"))
+    cfg = load_config(path)
+    slow = {"sft:math": "slow:4", "sft:code": "slow:4"}
+    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path, slow)) == 0
+    ms = _manifests(cfg)
+    assert all(m["status"] == "done" for m in ms.values()), {k: m["status"] for k, m in ms.items()}
+    for stage in build_graph(cfg):  # every stage started after all its deps ended
+        for dep in stage.deps:
+            assert ms[stage.name]["started"] >= ms[dep]["ended"], (stage.name, dep)
+    # the two expert chains ran side by side (concurrent_stages = 2)
+    assert ms["sft:code"]["started"] < ms["sft:math"]["ended"] and ms["sft:math"]["started"] < ms["sft:code"]["ended"]
+    assert ms["prepare"]["log"].endswith("prepare/stage.log")
+    out = capsys.readouterr().out
+    assert "[eval] done" in out and "report" in out
+
+    # second run: nothing is started
+    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") >= len(ms)
+    assert all(_launch_count(cfg, s) == 1 for s in ms)
+
+    # one domain's GRPO setting changes: exactly that chain downstream reruns
+    over = ["domains.math.grpo.lr=0.001"]
+    cfg2 = load_config(path, over)
+    assert run_experiment(cfg2, str(path), over, entrypoint=fake(tmp_path)) == 0
+    out = capsys.readouterr().out
+    rerun = {s for s in ms if f"[{s}] running" in out}
+    assert rerun == {"grpo:math", "opd", "eval", "report"}
+    assert all(m["status"] == "done" for m in _manifests(cfg2).values())
+
+
+def test_not_built_skips_dependents_and_succeeds(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path, domains=("math", "code"))
+    cfg = load_config(path)
+    code = run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path, {"grpo:code": "not_built"}))
+    out = capsys.readouterr().out
+    assert code == 0
+    ms = _manifests(cfg)
+    assert ms["grpo:code"]["status"] == "not_built"
+    assert ms["grpo:math"]["status"] == "done" and ms["sft:code"]["status"] == "done"
+    assert ms["opd"] is None and ms["eval"] is None  # dependents never started
+    assert "[grpo:code] not built yet" in out
+    assert "not built yet: grpo:code (their dependents were skipped)" in out
+    assert "opd            blocked" in out and "needs grpo:code (not built yet)" in out
+
+
+def test_failure_retries_then_stops_with_log_path(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path, retries=1)
+    cfg = load_config(path)
+    # fails once, retried, resumes and finishes
+    assert run_experiment(cfg, str(path), [], only=["prepare", "sft:math"],
+                          entrypoint=fake(tmp_path, {"sft:math": "fail_once"})) == 0
+    m = RunDir(cfg.run_path).read_manifest("sft:math")
+    assert m["status"] == "done" and m["attempt"] == 2
+    assert "failed, retrying (RuntimeError: fake failure in sft:math)" in capsys.readouterr().out
+
+    # fails every time: retried once, then the run stops, non-zero, error + log path
+    code = run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path, {"grpo:math": "fail"}))
+    out = capsys.readouterr().out
+    assert code == 1
+    m = RunDir(cfg.run_path).read_manifest("grpo:math")
+    assert m["status"] == "failed" and m["attempt"] == 2
+    assert "FAILED: grpo:math: RuntimeError: fake failure in grpo:math" in out
+    assert str(RunDir(cfg.run_path).stage_dir("grpo:math") / "stage.log") in out
+    assert RunDir(cfg.run_path).read_manifest("opd") is None
+
+
+def test_killed_stage_process_fails_fast_or_retries(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    t0 = time.time()
+    code = run_experiment(cfg, str(path), [], only=["prepare"], entrypoint=fake(tmp_path, {"prepare": "die_once"}))
+    assert code == 1 and time.time() - t0 < 60
+    assert "stage process killed by signal SIGKILL" in capsys.readouterr().out
+    assert RunDir(cfg.run_path).read_manifest("prepare")["status"] == "running"  # died without a word
+    # with one retry (a fresh run dir) the same death is survived: attempt 2 finishes it
+    (tmp_path / "b").mkdir()
+    path = write_config(tmp_path / "b", retries=1)
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], only=["prepare"], entrypoint=fake(tmp_path, {"prepare": "die_once"})) == 0
+    m = RunDir(cfg.run_path).read_manifest("prepare")
+    assert m["status"] == "done" and m["attempt"] == 2
+    assert "[prepare] failed, retrying (stage process killed by signal SIGKILL)" in capsys.readouterr().out
+
+
+def test_only_with_missing_deps_is_blocked(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], only=["grpo:math"], entrypoint=fake(tmp_path)) == 1
+    assert "needs sft:math, which is not selected and not done" in capsys.readouterr().out
+    assert run_experiment(cfg, str(path), [], only=["nope"], entrypoint=fake(tmp_path)) == 2
+
+
+def test_infeasible_resources_fail_instead_of_hanging(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path, stages={"prepare": {"num_cpus": 1, "trainer_ranks": 4}})
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], only=["prepare"], entrypoint=fake(tmp_path)) == 1
+    assert "needs 4 CPU (4 rank(s)); the local Ray has 2" in capsys.readouterr().out
+
+
+def test_placement_group_for_trainer_ranks(tmp_path, ray_local):
+    path = write_config(tmp_path, stages={"prepare": {"num_cpus": 0.5, "trainer_ranks": 2}})
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], only=["prepare"], entrypoint=fake(tmp_path)) == 0
+    from ray.util import placement_group_table
+
+    env = json.loads((RunDir(cfg.run_path).stage_dir("prepare") / "env.json").read_text())
+    assert env["POLYMATH_TRAINER_RANKS"] == "2"
+    pgs = {pg["name"]: pg for pg in placement_group_table().values()}
+    pg = pgs[env["POLYMATH_PLACEMENT_GROUP"]]
+    assert pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == 2
+    assert pg["bundles"][0] == {"CPU": 0.5}
+    assert pg["state"] == "REMOVED"  # released when the stage ended
+
+
+def test_real_prepare_stage_then_skip(tmp_path, ray_local, capsys):
+    """The real entrypoint, `python -m pipeline stage CONFIG prepare`, under the runner."""
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], only=["prepare"]) == 0
+    m = RunDir(cfg.run_path).read_manifest("prepare")
+    assert m["status"] == "done" and m["input_hash"] == input_hashes(build_graph(cfg))["prepare"]
+    assert Path(m["outputs"]["model"], "config.json").is_file()
+    assert "[prepare] running (input" in (RunDir(cfg.run_path).stage_dir("prepare") / "stage.log").read_text()
+    capsys.readouterr()
+    assert run_experiment(cfg, str(path), [], only=["prepare"]) == 0
+    assert "[prepare] skipped" in capsys.readouterr().out
+    assert _launch_count(cfg, "prepare") == 1

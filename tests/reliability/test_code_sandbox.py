@@ -1,0 +1,119 @@
+"""Hostile programs against the code sandbox: each is contained and scores 0 with a reason.
+
+After the batch: no process of any sandbox uid is alive, this process has no children
+left, nothing was written or deleted outside the sandbox's temporary directory, and the
+scoring pool survived every attack (the last, honest item still scores 1).
+"""
+
+import os
+import pathlib
+import shutil
+import time
+
+import psutil
+import pytest
+
+from rewards import score_batch
+from rewards.sandbox_isolation import UID_BASE, probe
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+REF = {"tests": ["assert sq(2) == 4", "assert sq(3) == 9"]}
+OK = "\ndef sq(x):\n    return x * x\n"  # appended to attacks that "succeeded", so success would score 1
+
+
+def hostile(victim_dir: str, repo_victim_dir: str) -> dict[str, str]:
+    victim = os.path.join(victim_dir, "victim.txt")
+    repo_victim = os.path.join(repo_victim_dir, "victim.txt")
+    return {
+        "infinite_loop": "while True:\n    pass" + OK,
+        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass" + OK,
+        "memory_bomb": "x = bytearray(8 * 1024 ** 3)" + OK,
+        "huge_output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)" + OK,
+        "write_outside": f"open({os.path.join(victim_dir, 'evil.txt')!r}, 'w').write('pwned')" + OK,
+        "read_secret": "import os\nassert os.environ.get('POLYMATH_FAKE_SECRET') == 'hunter2'" + OK,
+        "network": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2).close()" + OK,
+        "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)" + OK,
+        "os_exit_before_tests": "import os\nos._exit(0)" + OK,
+        "delete_outside": f"import os\nos.remove({victim!r})" + OK,
+        "write_into_repo": f"open({os.path.join(repo_victim_dir, 'evil.txt')!r}, 'w').write('pwned')" + OK,
+        "delete_in_repo": f"import os\nos.remove({repo_victim!r})" + OK,
+        "sleep_past_limit": "import time\ntime.sleep(60)" + OK,
+        "escape_and_linger": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nraise SystemExit(0)" + OK,
+    }
+
+
+def _sandbox_processes() -> list[psutil.Process]:
+    alive = []
+    for p in psutil.process_iter(["uids", "status"]):
+        try:
+            if p.info["uids"].real >= UID_BASE and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except (psutil.Error, TypeError):
+            continue
+    return alive
+
+
+@pytest.fixture
+def repo_victim_dir():
+    """A root-owned directory outside /tmp (inside the repo's ignored .cache) with a victim file."""
+    d = ROOT / ".cache" / f"sandbox-victim-{os.getpid()}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "victim.txt").write_text("keep me")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
+    monkeypatch.setenv("POLYMATH_FAKE_SECRET", "hunter2")
+    victim_dir = tmp_path / "outside"
+    victim_dir.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(victim_dir, 0o755)
+    (victim_dir / "victim.txt").write_text("keep me")
+    tmp_before = set(os.listdir("/tmp"))
+
+    attacks = hostile(str(victim_dir), str(repo_victim_dir))
+    names = list(attacks) + ["honest"]
+    codes = list(attacks.values()) + [OK]
+    start = time.monotonic()
+    results = score_batch("code", codes, [REF] * len(codes), num_workers=2, timeout_s=20, wall_s=2.0, cpu_s=2)
+    elapsed = time.monotonic() - start
+
+    by_name = dict(zip(names, results))
+    for name in attacks:
+        res = by_name[name]
+        assert res.score == 0.0, (name, res.info)
+        assert res.info.get("reason"), name
+    assert by_name["honest"].score == 1.0, by_name["honest"].info
+    assert "timeout" in by_name["sleep_past_limit"].info["reason"]
+    assert "output limit" in by_name["huge_output"].info["reason"]
+    assert "exited with code 0" in by_name["os_exit_before_tests"].info["reason"]
+    assert "MemoryError" in by_name["memory_bomb"].info["reason"]
+
+    assert (victim_dir / "victim.txt").read_text() == "keep me"
+    assert not (victim_dir / "evil.txt").exists()
+    assert (repo_victim_dir / "victim.txt").read_text() == "keep me"
+    assert not (repo_victim_dir / "evil.txt").exists()
+    if os.geteuid() == 0:  # under the sandbox uid, writes outside fail with EACCES
+        assert "PermissionError" in by_name["write_into_repo"].info["reason"]
+    leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("polymath-sbx")}
+    assert not leaked, f"sandbox dirs left behind: {leaked}"
+    assert _sandbox_processes() == [], "sandboxed processes survived"
+    assert psutil.Process().children(recursive=True) == []
+    assert elapsed < 60
+
+
+@pytest.mark.skipif(not probe()["network"], reason="kernel refuses network namespaces here")
+def test_network_is_a_namespace_and_reported():
+    (res,) = score_batch("code", ["import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)"], [REF])
+    assert res.info["network_isolation"] == "namespace"
+    assert "Network is unreachable" in res.info["reason"] or "OSError" in res.info["reason"]
+
+
+@pytest.mark.skipif(not probe()["filesystem"], reason="kernel refuses mount namespaces here")
+def test_tmp_writes_land_in_the_sandbox_dir():
+    marker = f"polymath-sbx-probe-{os.getpid()}"
+    code = f"open('/tmp/{marker}', 'w').write('x')\nimport os\nassert os.getcwd() == '/tmp'" + OK
+    (res,) = score_batch("code", [code], [REF])
+    assert res.score == 1.0, res.info  # the write succeeded inside the sandbox ...
+    assert not os.path.exists(f"/tmp/{marker}")  # ... and did not reach the real /tmp

@@ -1,0 +1,98 @@
+"""The experiment schema, overrides, CLI validate/plan, and every shipped YAML."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, apply_override, load_config
+from pipeline.graph import build_graph, input_hashes
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
+def test_every_shipped_config_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path)
+    assert cfg.domains
+
+
+def _write(tmp_path, raw):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _tiny_raw():
+    return yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+
+
+def test_config_is_frozen(tmp_path):
+    cfg = load_config(_write(tmp_path, _tiny_raw()))
+    with pytest.raises(Exception):
+        cfg.seed = 3
+
+
+def test_errors_name_every_yaml_path(tmp_path):
+    raw = _tiny_raw()
+    raw["opd"]["roundz"] = 3  # unknown key
+    raw["domains"][1]["grpo"] = {"clip_high": "wide"}  # wrong type
+    raw["domains"][2]["data"] = {"train": "nope/train.jsonl", "eval": "nope/eval.jsonl"}  # missing file
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, raw))
+    paths = [p for p, _ in exc.value.errors]
+    assert "opd.roundz" in paths
+    assert "domains[1].grpo.clip_high" in paths
+    assert "domains[2].data.train" in paths
+
+
+def test_validate_cli_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/tiny.yaml"],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    raw = _tiny_raw()
+    raw["domains"][0]["verifier"] = "astrology"
+    raw["mystery"] = 1
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(_write(tmp_path, raw))],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "config error: mystery:" in bad.stderr
+    assert "config error: domains[0].verifier: unknown verifier 'astrology'" in bad.stderr
+
+
+def test_dotted_overrides_address_domains_by_name(tmp_path):
+    cfg = load_config(_write(tmp_path, _tiny_raw()), ["domains.math.grpo.lr=1e-5", "opd.rounds=5"])
+    assert cfg.domain("math").grpo.lr == 1e-5
+    assert cfg.domain("code").grpo.lr != 1e-5
+    assert cfg.opd.rounds == 5
+    with pytest.raises(ConfigError):
+        apply_override({"domains": [{"name": "math"}]}, "domains.physics.grpo.lr=1")
+
+
+def test_vllm_without_gpu_is_rejected(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, _tiny_raw()), ["generator.backend=vllm"])
+    assert "num_gpus" in str(exc.value)
+
+
+def test_a_change_invalidates_exactly_the_downstream_stages(tmp_path):
+    p = _write(tmp_path, _tiny_raw())
+    before = input_hashes(build_graph(load_config(p)))
+    after = input_hashes(build_graph(load_config(p, ["domains.math.grpo.lr=1e-5"])))
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"grpo:math", "opd", "eval", "report"}
+
+
+def test_plan_lists_stages_with_submit_lines():
+    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "configs/tiny.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for d in ("math", "code", "ifeval", "tool"):
+        assert f"sft:{d}" in out and f"grpo:{d}" in out
+    for s in ("opd", "eval", "report"):
+        assert f" {s} " in out
+    assert "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipeline stage configs/tiny.yaml opd" in out
+    assert out.index("grpo:math") < out.index(" opd ") < out.index(" eval ") < out.index(" report ")

@@ -1,0 +1,103 @@
+"""The eval driver with fake workers: pass@k math, aggregation, the results shape."""
+
+import itertools
+import random
+
+import pytest
+
+from pipeline.evaluate import (EvalSet, EvalSettings, compute_pass_at_1, compute_pass_at_k, evaluate_models,
+                               model_label, models_to_evaluate)
+
+
+def _brute_pass_at_k(n, c, k):
+    """Fraction of all k-subsets of n samples (c correct) that hold a correct one."""
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(1, 8)
+        c, k = rng.randint(0, n), rng.randint(1, n)
+        assert compute_pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+    # hand-worked: n=4, c=1, k=2 -> 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5
+    assert compute_pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert compute_pass_at_k(4, 1, 1) == pytest.approx(0.25)  # pass@1 = c/n
+    with pytest.raises(ValueError, match="pass@k needs"):
+        compute_pass_at_k(3, 4, 1)
+
+
+def test_pass_at_1_is_mean_of_means():
+    # prompt 1: (1 + 0 + 0 + 1) / 4 = 0.5; prompt 2: (0.5 + 0.5 + 1 + 0) / 4 = 0.5 -> 0.5
+    assert compute_pass_at_1([[1, 0, 0, 1], [0.5, 0.5, 1, 0]]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        compute_pass_at_1([[]])
+
+
+def _rows(domain, answers):
+    return [{"id": f"{domain}-{i}", "domain": domain, "messages": [{"role": "user", "content": f"q{i}"}],
+             "reference": {"answer": a}} for i, a in enumerate(answers)]
+
+
+class FakeModel:
+    """Greedy: right on the first `right` prompts. Sampled: sample j is right iff j < right_samples."""
+
+    def __init__(self, right, right_samples):
+        self.right, self.right_samples, self.calls = right, right_samples, []
+
+    def __call__(self, es, rows, temperature, n):
+        self.calls.append((es.domain, temperature, n))
+        out = []
+        for i, r in enumerate(rows):
+            for j in range(n):
+                ok = i < self.right if temperature == 0.0 else j < self.right_samples
+                out.append(r["reference"]["answer"] if ok else "wrong")
+        return out
+
+
+def _score(verifier, texts, refs):
+    assert verifier == "exact"
+    return [float(t == r["answer"]) for t, r in zip(texts, refs)]
+
+
+def test_evaluate_models_table_shape_and_values():
+    sets = [EvalSet("math", "exact", _rows("math", ["1", "2", "3", "4"])),
+            EvalSet("tool", "exact", _rows("tool", ["a", "b"]), environment_name="tool")]
+    fakes = {"dir/base": FakeModel(0, 0), "dir/student": FakeModel(2, 1)}
+    loaded = []
+
+    def load(model_dir):
+        loaded.append(model_dir)
+        return fakes[model_dir]
+
+    res = evaluate_models({"base": "dir/base", "student": "dir/student"}, sets, load, _score,
+                          EvalSettings(samples=4, temperature=0.7), log=lambda s: None)
+    assert loaded == ["dir/base", "dir/student"]  # one model at a time, in order
+    assert res["models"] == {"base": {"math": 0.0, "tool": 0.0}, "student": {"math": 0.5, "tool": 1.0}}
+    # student sampled: 1 of 4 samples right on every prompt -> pass@1 0.25, pass@4 = 1
+    assert res["sampled"]["student"] == {"math": 0.25, "tool": 0.25}
+    assert res["pass_at_k"]["student"] == {"math": 1.0, "tool": 1.0}
+    assert res["n_eval"] == {"math": 4, "tool": 2}
+    assert fakes["dir/student"].calls == [("math", 0.0, 1), ("math", 0.7, 4), ("tool", 0.0, 1), ("tool", 0.7, 4)]
+
+
+def test_greedy_only_and_max_prompts():
+    sets = [EvalSet("math", "exact", _rows("math", ["1", "2", "3", "4"]))]
+    res = evaluate_models({"m": "x"}, sets, lambda d: FakeModel(1, 0), _score,
+                          EvalSettings(samples=0, max_prompts=2), log=lambda s: None)
+    assert res["models"] == {"m": {"math": 0.5}} and res["sampled"] == {} and res["n_eval"] == {"math": 2}
+
+
+def test_policy_returning_wrong_count_is_an_error():
+    sets = [EvalSet("math", "exact", _rows("math", ["1", "2"]))]
+    with pytest.raises(RuntimeError, match="math greedy: the policy returned 1 completions, expected 2"):
+        evaluate_models({"m": "x"}, sets, lambda d: (lambda es, rows, t, n: ["1"]), _score,
+                        EvalSettings(samples=0), log=lambda s: None)
+
+
+def test_model_names():
+    stages = ["prepare", "sft:math", "grpo:math", "sft:all", "mixed_rl", "opd"]
+    assert models_to_evaluate(stages + ["eval"]) == stages
+    assert [model_label(s) for s in stages] == ["base", "sft:math", "grpo:math", "sft:all", "mixed_rl", "student"]
