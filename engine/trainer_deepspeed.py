@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.model import load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, merge_step_metrics, read_extra_state,
+from engine.trainer import (DUMMY_KEY, as_float, LogprobFn, TrainerSettings, merge_step_metrics, read_extra_state,
                             rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state, to_device,
                             write_extra_state)
 
@@ -79,7 +79,9 @@ def ds_config(settings: TrainerSettings, world_size: int) -> dict:
         "train_batch_size": world_size,
         "gradient_clipping": settings.grad_clip,
         "zero_optimization": {"stage": settings.zero_stage,
-                              "stage3_gather_16bit_weights_on_model_save": True},
+                              "stage3_gather_16bit_weights_on_model_save": True,
+                              "overlap_comm": False, "reduce_bucket_size": 2_000_000,
+                              "allgather_bucket_size": 2_000_000, "stage3_prefetch_bucket_size": 2_000_000},
         "bf16": {"enabled": settings.dtype == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -135,6 +137,8 @@ class DeepSpeedTrainer:
             loss, metrics = self.engine(mb, loss_fn)
             scale = 0.0 if DUMMY_KEY in mb else float(self.world_size)
             self.engine.backward(loss * scale)
+            if i == len(micro_batches) - 1:
+                own_norm = self._plain_grad_norm()
             self.engine.step()
             if DUMMY_KEY in mb:
                 continue
@@ -142,14 +146,23 @@ class DeepSpeedTrainer:
             tokens += int(mb["attention_mask"].sum())
             count += 1
             for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + float(v)
+                extra[k] = extra.get(k, 0.0) + as_float(v)
         self.step += 1
         norm = self.engine.get_global_grad_norm()
+        norm = own_norm if norm is None else norm
         part = {"loss": loss_sum, "tokens": tokens, "num_micro_batches": count,
                 "grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr,
                 "seconds": time.perf_counter() - t0,
                 "loss_metrics": {k: v / max(count, 1) for k, v in extra.items()}}
         return part
+
+    def _plain_grad_norm(self) -> float | None:
+        """Global grad norm where DeepSpeed keeps none (ZeRO 0, fp32: grads are all-reduced
+        in place before the step); None otherwise."""
+        if self.settings.zero_stage or self.settings.dtype != "fp32":
+            return None
+        grads = [p.grad for p in self.lm.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     @torch.no_grad()
     def forward_logprobs(self, batch: dict) -> torch.Tensor:

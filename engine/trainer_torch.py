@@ -11,7 +11,7 @@ import torch
 
 from engine.model import DTYPES, load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, merge_step_metrics, read_extra_state,
+from engine.trainer import (DUMMY_KEY, as_float, LogprobFn, TrainerSettings, merge_step_metrics, read_extra_state,
                             rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state, to_device,
                             write_extra_state)
 
@@ -74,7 +74,7 @@ class TorchTrainer:
             tokens += int(mb["attention_mask"].sum())
             count += 1
             for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + float(v)
+                extra[k] = extra.get(k, 0.0) + as_float(v)
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lm.parameters(), max_norm))
         lr = self.optimizer.param_groups[0]["lr"]

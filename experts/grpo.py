@@ -4,7 +4,7 @@ Each step: take prompts -> sample G completions each (multi-turn with the domain
 environment where there is one) -> score with the domain's verifier -> group advantages
 -> old (and reference) log-probs -> `epochs_per_step` passes over `mini_batches_per_step`
 optimiser steps -> push the new weights to the generator. The driver receives its
-workers (`trainer`, `generator`, `reference`) as arguments; it does not know whether they
+workers (`trainer`, `generator`, `scorer`, `reference`) as arguments; it does not know whether they
 are local objects or Ray actor groups.
 
 Departures from the paper: clip-higher (DAPO) bounds by default; dynamic sampling and
@@ -13,7 +13,6 @@ overlong filtering are options; sequences are scored by the same function the ev
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +58,11 @@ class GRPOLoss:
         )
 
 
-def _sample_round(settings, stream, domains, rows_needed, *, generator, tokenizer, step_seed, rnd):
+def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd):
     """Roll out and score `rows_needed` prompts; returns per-group sample lists."""
     from engine.chat import render_prompt
     from engine.generation import SamplingParams
     from engine.rollout import rollout
-    from rewards import score_batch
 
     rows = stream.take(rows_needed)
     groups: list[list[RLSample]] = []
@@ -84,10 +82,10 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, tokenize
         trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer,
                         environment=spec.environment, max_turns=settings.max_turns)
         refs = [r["reference"] for r in drows for _ in range(settings.group_size)]
-        results = score_batch(spec.verifier, [t.text for t in trajs], refs)
+        results = scorer.score(spec.verifier, [t.text for t in trajs], refs)
         scores = [res.score for res in results]
         if settings.format_weight > 0:
-            fmt = score_batch("format", [t.text for t in trajs], refs)
+            fmt = scorer.score("format", [t.text for t in trajs], refs)
             scores = [(1 - settings.format_weight) * s + settings.format_weight * f.score
                       for s, f in zip(scores, fmt)]
         samples = samples_from_trajectories(trajs, scores, drows, settings.group_size)
@@ -97,7 +95,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, tokenize
 
 
 def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str, DomainSpec], *,
-                 generator, tokenizer, step: int) -> tuple[list[list[RLSample]], dict]:
+                 generator, scorer, tokenizer, step: int) -> tuple[list[list[RLSample]], dict]:
     """Sample one step's groups, with dynamic sampling (refill groups whose rewards are all
     equal from the next prompts, up to `max_sampling_rounds`)."""
     kept: list[list[RLSample]] = []
@@ -105,7 +103,7 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
     rounds = settings.max_sampling_rounds if settings.dynamic_sampling else 1
     for rnd in range(rounds):
         need = settings.prompts_per_step - len(kept)
-        groups = _sample_round(settings, stream, domains, need, generator=generator,
+        groups = _sample_round(settings, stream, domains, need, generator=generator, scorer=scorer,
                                tokenizer=tokenizer, step_seed=settings.seed + step, rnd=rnd)
         all_groups.extend(groups)
         for g in groups:
@@ -147,7 +145,7 @@ def compute_advantages(settings: GRPOSettings, groups: list[list[RLSample]]) -> 
     return flat
 
 
-def run_grpo(settings: GRPOSettings, *, trainer, generator, tokenizer, train_rows: list[dict],
+def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, train_rows: list[dict],
              domains: dict[str, DomainSpec], out_dir: str | Path, reference=None, logger=None,
              checkpoints=None) -> dict:
     """Train for `settings.steps`, resuming from `checkpoints.latest()` if there is one."""
@@ -158,18 +156,19 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, tokenizer, train_row
         extra = trainer.load_checkpoint(checkpoints.latest())
         stream.load_state_dict(extra["prompt_stream"])
         start = extra["step"]
-        random.setstate(_unlist(extra["py_random"]))
         generator.load_weights(trainer.state_dict())
+        if logger is not None and hasattr(logger, "truncate_after"):
+            logger.truncate_after(start)
     loss_fn = GRPOLoss(settings)
     last = {}
     for step in range(start, settings.steps):
         t0 = time.time()
-        groups, stats = collect_step(settings, stream, domains, generator=generator,
+        groups, stats = collect_step(settings, stream, domains, generator=generator, scorer=scorer,
                                      tokenizer=tokenizer, step=step)
         t_gen = time.time()
         samples = compute_advantages(settings, groups)
         train_metrics = _optimise(settings, samples, trainer=trainer, reference=reference,
-                                  loss_fn=loss_fn, pad_id=tokenizer.pad_token_id)
+                                  loss_fn=loss_fn, pad_id=tokenizer.pad_token_id, step=step)
         t_train = time.time()
         generator.load_weights(trainer.state_dict())
         t_sync = time.time()
@@ -180,15 +179,15 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, tokenizer, train_row
         if logger is not None:
             logger.log(last, step=step + 1)
         if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == settings.steps):
-            checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict(),
-                                                 "py_random": _listify(random.getstate())})
+            checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict()})
     return last
 
 
-def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id) -> dict:
+def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id, step) -> dict:
     """Old/ref log-probs, then epochs x mini-batches optimiser steps; mean metrics."""
     minibatches = build_minibatches(samples, settings.mini_batches_per_step, settings.micro_batch_size,
-                                    pad_id=pad_id, seed=settings.seed)
+                                    pad_id=pad_id, seed=settings.seed + step,
+                                    max_len=settings.max_new_tokens * settings.max_turns)
     for micro_batches in minibatches:
         for mb in micro_batches:
             mb["old_logprobs"] = trainer.forward_logprobs(mb).detach()
@@ -205,10 +204,3 @@ def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id) -> dict
                     agg.setdefault(k, []).append(float(v))
     return {f"train/{k}": sum(v) / len(v) for k, v in agg.items()}
 
-
-def _listify(state):
-    return [state[0], list(state[1]), state[2]]
-
-
-def _unlist(state):
-    return (state[0], tuple(state[1]), state[2])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import resolve_path
-from pipeline.stages import StageContext, StageNotBuilt
+from pipeline.stages import StageContext
 
 
 # ------------------------------------------------------------------------------ prepare
@@ -62,20 +62,163 @@ def read_rows(ctx: StageContext, domain: str, split: str) -> list[dict]:
 # ------------------------------------------------------------------------------ trainers
 
 
+def _domain_spec_map(cfg, names):
+    """Verifier and tool environment of each domain (environment only for multi-turn ones)."""
+    from engine.domains import get_domain
+
+    out = {}
+    for n in names:
+        d = cfg.domain(n)
+        env = None
+        if d.data.synthetic is not None:
+            env = get_domain(d.data.synthetic.generator).environment()
+        out[n] = (d.verifier, env)
+    return out
+
+
+def _make_trainer(ctx: StageContext, init_dir: str, **overrides):
+    """A local trainer for one rank, or a Ray actor group of data-parallel ranks."""
+    from engine.trainer import build_trainer, with_overrides
+
+    settings = with_overrides(ctx.cfg.trainer, **overrides)
+    ranks = ctx.cfg.resources_for(ctx.stage.name).trainer_ranks
+    tok = ctx.cfg.model.tokenizer or init_dir
+    if ranks == 1:
+        return build_trainer(settings, init_dir, tokenizer_dir=tok)
+    from pipeline.actors import TrainerGroup
+
+    return TrainerGroup(settings, init_dir, ranks, tokenizer_dir=tok)
+
+
+def _logger(ctx: StageContext, total_steps: int, start_config: dict):
+    from engine.metrics import MetricsLogger
+
+    return MetricsLogger(ctx.out_dir, total_steps=total_steps, wandb_mode=ctx.cfg.logging.wandb,
+                         project=ctx.cfg.logging.project, run_name=f"{ctx.cfg.experiment}/{ctx.stage.name}",
+                         config=start_config, progress=ctx.cfg.logging.progress)
+
+
+def _finish(trainer, logger) -> None:
+    logger.close()
+    if hasattr(trainer, "shutdown"):
+        trainer.shutdown()
+
+
 def sft(ctx: StageContext) -> dict:
-    raise StageNotBuilt("the SFT driver is not built yet (issue 4)")
+    """`sft:<domain>` on that domain's demonstrations; `sft:all` on every domain's."""
+    from engine.checkpoint import CheckpointManager
+    from engine.model import load_tokenizer
+    from experts.sft import run_sft
+
+    cfg = ctx.cfg
+    target = ctx.stage.name.split(":", 1)[1]
+    names = cfg.domain_names if target == "all" else [target]
+    settings = cfg.student_sft if target == "all" else cfg.domain(target).sft
+    base = ctx.model_dir("prepare")
+    train = [r for n in names for r in read_rows(ctx, n, "train")]
+    evals = [r for n in names for r in read_rows(ctx, n, "eval")]
+    tokenizer = load_tokenizer(cfg.model.tokenizer or base)
+    trainer = _make_trainer(ctx, base, **settings.trainer_overrides())
+    logger = _logger(ctx, settings.steps, settings.model_dump())
+    checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=settings.keep_last)
+    try:
+        result = run_sft(settings, trainer=trainer, tokenizer=tokenizer, train_rows=train, eval_rows=evals,
+                         out_dir=ctx.out_dir, logger=logger, checkpoints=checkpoints)
+    finally:
+        _finish(trainer, logger)
+    return {"outputs": {"model": str(checkpoints.latest())},
+            "metrics": {"final_loss": result["final"].get("loss"), "eval_loss": result["final"].get("eval_loss"),
+                        "steps": result["steps"]}}
+
+
+def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]) -> dict:
+    from engine.checkpoint import CheckpointManager
+    from engine.generation import build_generator
+    from engine.model import load_tokenizer
+    from experts.grpo import DomainSpec, run_grpo
+    from rewards import ScorerPool
+
+    cfg = ctx.cfg
+    tokenizer = load_tokenizer(cfg.model.tokenizer or init_dir)
+    train = [r for n in names for r in read_rows(ctx, n, "train")]
+    specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in _domain_spec_map(cfg, names).items()}
+    trainer = _make_trainer(ctx, init_dir, lr=settings.lr, weight_decay=settings.weight_decay,
+                            warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip,
+                            schedule="constant", total_steps=None, seed=settings.seed)
+    reference = None
+    if settings.kl_beta > 0:
+        from engine.trainer import build_trainer, with_overrides
+
+        reference = build_trainer(with_overrides(cfg.trainer, seed=settings.seed), init_dir)
+    generator = build_generator(cfg.generator, init_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
+    logger = _logger(ctx, settings.steps, settings.model_dump())
+    checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=settings.keep_last)
+    scorer = ScorerPool(num_workers=max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
+    try:
+        final = run_grpo(settings, trainer=trainer, generator=generator, scorer=scorer, tokenizer=tokenizer,
+                         train_rows=train,
+                         domains=specs, out_dir=ctx.out_dir, reference=reference, logger=logger,
+                         checkpoints=checkpoints)
+    finally:
+        scorer.close()
+        generator.close()
+        _finish(trainer, logger)
+    keep = ("reward_mean", "train/loss", "train/clip_frac_high", "train/approx_kl", "response_len")
+    return {"outputs": {"model": str(checkpoints.latest())},
+            "metrics": {k: v for k, v in final.items() if k in keep or k.startswith("reward/")}}
 
 
 def grpo(ctx: StageContext) -> dict:
-    raise StageNotBuilt("the GRPO driver is not built yet (issue 5)")
+    d = ctx.stage.name.split(":", 1)[1]
+    return _run_grpo_stage(ctx, ctx.cfg.domain(d).grpo, ctx.model_dir(f"sft:{d}"), [d])
 
 
 def mixed_rl(ctx: StageContext) -> dict:
-    raise StageNotBuilt("the mixed-RL baseline is not built yet (issue 7)")
+    """One GRPO run on every domain at once, from the OPD student's SFT start: the baseline."""
+    return _run_grpo_stage(ctx, ctx.cfg.mixed_rl.grpo, ctx.model_dir("sft:all"), ctx.cfg.domain_names)
 
 
 def opd(ctx: StageContext) -> dict:
-    raise StageNotBuilt("the OPD driver is not built yet (issue 6)")
+    from distill.heads import assert_same_vocab, extract_head
+    from distill.opd import DomainSpec, TeacherRef, run_opd
+    from engine.checkpoint import CheckpointManager
+    from engine.generation import build_generator
+    from engine.model import load_model, load_tokenizer
+
+    cfg = ctx.cfg
+    s = cfg.opd
+    init = s.student_init
+    student_dir = ctx.model_dir("prepare" if init == "base" else init) if (init == "base" or init.startswith("sft:")) else init
+    teachers = [TeacherRef(i, t.path or f"grpo:{t.domain}", t.domain,
+                           t.path or ctx.model_dir(f"grpo:{t.domain}"), t.weight)
+                for i, t in enumerate(cfg.teachers())]
+    assert_same_vocab(student_dir, [t.model_dir for t in teachers])
+    head_paths = []
+    for t in teachers:
+        hp = ctx.out_dir / "heads" / f"teacher-{t.index}" / "head.safetensors"
+        if not hp.is_file():
+            extract_head(t.model_dir, hp)
+        head_paths.append(str(hp))
+    tokenizer = load_tokenizer(cfg.model.tokenizer or student_dir)
+    specs = {n: DomainSpec(verifier=v, environment=e)
+             for n, (v, e) in _domain_spec_map(cfg, [t.domain for t in teachers]).items()}
+    prompts = {t.domain: read_rows(ctx, t.domain, "train") for t in teachers}
+    steps_per_round = -(-len(teachers) * s.prompts_per_domain * s.samples_per_prompt // s.mini_batch_size)
+    total = s.rounds * s.epochs_per_round * steps_per_round
+    trainer = _make_trainer(ctx, student_dir, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
+                            schedule="constant", total_steps=None, warmup_steps=0, seed=s.seed)
+    generator = build_generator(cfg.generator, student_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
+    logger = _logger(ctx, total, s.model_dump())
+    checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
+    try:
+        history = run_opd(s, trainer=trainer, generator=generator, tokenizer=tokenizer, prompts=prompts,
+                          teachers=teachers, domains=specs, out_dir=ctx.out_dir, head_paths=head_paths,
+                          load_teacher=lambda p: load_model(p, dtype=cfg.model.dtype),
+                          checkpoints=checkpoints, logger=logger)
+    finally:
+        generator.close()
+        _finish(trainer, logger)
+    return {"outputs": {"model": str(checkpoints.latest())}, "metrics": history}
 
 
 def evaluate(ctx: StageContext) -> dict:

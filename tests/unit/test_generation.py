@@ -250,7 +250,7 @@ def test_weight_buckets_cover_state_in_order():
 
 
 def test_vllm_output_mapping():
-    from engine.generation_vllm import WeightSyncExtension, _completion
+    from engine.generation_vllm import WeightSyncExtension, _completion, pack_tensors, unpack_tensors
 
     lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731
     out = SimpleNamespace(token_ids=[4, 9], logprobs=[{4: lp(-0.5)}, {9: lp(-1.5), 3: lp(-0.1)}], finish_reason="stop")
@@ -265,6 +265,12 @@ def test_vllm_output_mapping():
     got = []
     model = torch.nn.Linear(2, 2)
     model.load_weights = lambda weights: got.extend(weights)
-    worker = WeightSyncExtension()
+    worker = WeightSyncExtension()  # an old vLLM worker: no reload_weights
     worker.model_runner = SimpleNamespace(model=model)
-    assert worker.polymath_load_weights([("a", torch.ones(2))]) == 1 and got[0][0] == "a"
+    assert worker.polymath_stage_weights(pack_tensors([("a", torch.ones(2))])) == 1
+    assert worker.polymath_stage_weights(pack_tensors([("b", torch.zeros(3))])) == 2
+    assert worker.polymath_commit_weights() == 2 and [n for n, _ in got] == ["a", "b"]
+    assert worker.polymath_commit_weights() == 0  # staging was cleared
+    named = [("f", torch.randn(3, 2)), ("b", torch.randn(4).to(torch.bfloat16)), ("s", torch.tensor(2.5))]
+    back = unpack_tensors(pack_tensors(named))
+    assert all(n == m and t.dtype == u.dtype and torch.equal(t, u) for (n, t), (m, u) in zip(named, back))

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (see BENCHMARKS.md); results in bench/results/."""

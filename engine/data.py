@@ -1,0 +1,196 @@
+"""Row files: write JSONL atomically; read JSONL/parquet with row-by-row validation.
+
+A row is `{"id", "domain", "messages", "reference"}` (docs/CONTRACTS.md). `read_rows`
+checks every row and records each bad one with its file and line (parquet: row number):
+not UTF-8, not JSON, not an object, a missing or mistyped field, an unknown role, an
+empty prompt, a prompt over `max_prompt_tokens`, a duplicate id, or an adapter that
+rejects the record. `on_bad_row="skip"` drops them (and logs a summary),
+`on_bad_row="error"` raises `DataError` listing them all.
+
+Departure from a plain `datasets.load_dataset("json")`: JSONL is parsed line by line
+with the standard library, because Arrow would (a) fail the whole file on its first bad
+line, with no line number, and (b) unify heterogeneous `reference` dicts into one
+struct, filling missing keys with nulls, which changes tool-call arguments and IFEval
+kwargs. Parquet (already a table) is read through `datasets.load_dataset("parquet")`;
+`as_dataset` turns validated rows into a `datasets.Dataset` with `reference` stored as
+a JSON string so it round-trips unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from engine.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant", "tool")
+POLICIES = ("skip", "error")
+
+
+class DataError(ValueError):
+    """Bad rows under `on_bad_row="error"`; the message lists each with file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+    file: str
+    line: int  # 1-based line (JSONL) or row number (parquet)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclasses.dataclass
+class LoadResult:
+    rows: list[dict]
+    bad: list[BadRow]
+
+    def summary(self) -> str:
+        return f"{len(self.rows)} rows kept, {len(self.bad)} bad"
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Validate `rows` and write them one per line, atomically (temporary name + rename)."""
+    for i, row in enumerate(rows):
+        reason = row_problem(row)
+        if reason:
+            raise DataError(f"write_jsonl {path}: row {i} (id {row.get('id') if isinstance(row, dict) else None!r}): {reason}")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def _prompt_length(messages: list[dict], tokenizer) -> int:
+    """Prompt length in tokens, or in characters of its contents without a tokenizer
+    (for the character-level tiny tokenizer this is within a few role tokens)."""
+    from engine.chat import prompt_messages, render_prompt
+
+    if tokenizer is not None:
+        return len(render_prompt(messages, tokenizer))
+    return sum(len(m["content"]) for m in prompt_messages(messages))
+
+
+def row_problem(row: Any, max_prompt_tokens: int | None = None, tokenizer=None) -> str | None:
+    """Why `row` is not a valid row, or None."""
+    if not isinstance(row, dict):
+        return f"row must be a JSON object, got {type(row).__name__}"
+    for field, kind in (("id", str), ("domain", str), ("messages", list), ("reference", dict)):
+        if field not in row:
+            return f"missing field {field!r}"
+        if not isinstance(row[field], kind):
+            return f"field {field!r} must be {kind.__name__}, got {type(row[field]).__name__}"
+    if not row["id"]:
+        return "empty id"
+    for j, m in enumerate(row["messages"]):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"messages[{j}] must be {{role in {list(ROLES)}, content: str}}, got {m!r:.80}"
+    prompt = []
+    for m in row["messages"]:
+        if m["role"] == "assistant":
+            break
+        prompt.append(m)
+    if not any(m["content"].strip() for m in prompt if m["role"] == "user"):
+        return "empty prompt (no non-blank user message before the first assistant message)"
+    if max_prompt_tokens is not None:
+        n = _prompt_length(row["messages"], tokenizer)
+        if n > max_prompt_tokens:
+            return f"prompt too long: {n} > max_prompt_tokens={max_prompt_tokens}"
+    return None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, record, problem) for each non-blank line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, None, f"not UTF-8 ({exc.reason} at byte {exc.start})"
+                continue
+            try:
+                yield lineno, json.loads(text), None
+            except json.JSONDecodeError as exc:
+                yield lineno, None, f"bad JSON: {exc.msg} (column {exc.colno})"
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    from datasets import load_dataset
+
+    table = load_dataset("parquet", data_files=str(path), split="train")
+    for i, record in enumerate(table, start=1):
+        if isinstance(record.get("reference"), str):
+            try:
+                record = {**record, "reference": json.loads(record["reference"])}
+            except json.JSONDecodeError as exc:
+                yield i, None, f"reference is a string but not JSON: {exc.msg}"
+                continue
+        yield i, record, None
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    if path.suffix == ".parquet":
+        return _parquet_records(path)
+    if path.suffix in (".jsonl", ".json"):
+        return _jsonl_records(path)
+    raise ValueError(f"{path}: unsupported row file type {path.suffix!r}; use .jsonl or .parquet")
+
+
+def read_rows(path: str | os.PathLike, *, adapter: str | Callable[..., dict] | None = None,
+              domain: str | None = None, max_prompt_tokens: int | None = None, tokenizer=None) -> LoadResult:
+    """Every valid row of `path` (after `adapter`) and every bad one with its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"row file not found: {path}")
+    convert = None
+    if adapter is not None:
+        from engine.adapters import get_adapter
+
+        convert = get_adapter(adapter) if isinstance(adapter, str) else adapter
+    rows, bad, ids = [], [], set()
+    for lineno, record, problem in _records(path):
+        if problem is None and convert is not None:
+            try:
+                record = convert(record, domain=domain or "", default_id=f"{path.stem}-{lineno}")
+            except (ValueError, KeyError, TypeError) as exc:
+                problem = f"adapter rejected the record: {type(exc).__name__}: {exc}"
+        if problem is None:
+            problem = row_problem(record, max_prompt_tokens, tokenizer)
+        if problem is None and record["id"] in ids:
+            problem = f"duplicate id {record['id']!r}"
+        if problem is not None:
+            bad.append(BadRow(str(path), lineno, problem))
+            continue
+        ids.add(record["id"])
+        rows.append(record)
+    return LoadResult(rows, bad)
+
+
+def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip", adapter=None, domain: str | None = None,
+              max_prompt_tokens: int | None = None, tokenizer=None, max_listed: int = 20) -> list[dict]:
+    """The valid rows of `path`; bad rows are skipped (logged) or fatal, per `on_bad_row`."""
+    if on_bad_row not in POLICIES:
+        raise ValueError(f"on_bad_row must be one of {POLICIES}, got {on_bad_row!r}")
+    result = read_rows(path, adapter=adapter, domain=domain, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer)
+    if result.bad:
+        listed = "\n  ".join(str(b) for b in result.bad[:max_listed])
+        more = f"\n  ... and {len(result.bad) - max_listed} more" if len(result.bad) > max_listed else ""
+        message = f"{path}: {len(result.bad)} bad row(s) of {len(result.bad) + len(result.rows)}:\n  {listed}{more}"
+        if on_bad_row == "error":
+            raise DataError(message)
+        log.warning("skipping %s", message)
+    return result.rows
+
+
+def as_dataset(rows: list[dict]):
+    """A `datasets.Dataset` of validated rows; `reference` is kept as a JSON string."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{**r, "reference": json.dumps(r["reference"], sort_keys=True)} for r in rows])

@@ -1,0 +1,126 @@
+"""Per-token log-probabilities (and entropy) of a causal LM, chunked over tokens.
+
+`compute_token_logprobs(hidden (B,T,H), weight (V,H), input_ids (B,T))` returns
+`logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])` from the logits at position
+t - 1, with `logprobs[:, 0] = 0` (docs/CONTRACTS.md alignment). `hidden` is the model's
+post-final-norm hidden state and `weight` its vocabulary projection.
+
+The (tokens x vocabulary) logits are never all alive at once: a custom autograd function
+walks the tokens in chunks of `chunk_size`, saving only its inputs; backward recomputes
+each chunk's log-softmax and forms the gradient with respect to the logits in closed
+form (as `distill/kl.py` does). Not `torch.utils.checkpoint`: its first call imports
+torch._dynamo, ~5 s on the 2-core CI machine. Logits are computed in the inputs' dtype
+(a bf16 matmul on GPU) and the log-softmax in float32 (float64 for float64 inputs).
+Pure math: torch + stdlib only.
+
+Caveat: the recomputation in backward reads `weight` again, so it must still hold its
+full values then (under DeepSpeed ZeRO-3 pass a gathered weight, or `chunk_size=None`
+for one plain autograd pass that keeps the (tokens, V) log-softmax for backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _chunk_log_softmax(h: Tensor, weight: Tensor, temperature: float, acc: torch.dtype) -> Tensor:
+    """log_softmax(h W^T / temperature) of one chunk, (c, V) in `acc`."""
+    logits = (h @ weight.T).to(acc)  # (c, V), matmul in the inputs' dtype
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """Forward and backward walk the tokens in chunks; backward recomputes each chunk's
+    log-softmax and uses the closed forms (z = logits / temperature, p = softmax(z)):
+    d logp_y / dz = onehot(y) - p;  d H / dz = -p (log p + H)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk_size):
+        acc = torch.promote_types(h.dtype, torch.float32)
+        n = h.shape[0]
+        lp = torch.empty(n, dtype=acc, device=h.device)  # (N,)
+        ent = torch.empty(n, dtype=acc, device=h.device)  # (N,)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logp = _chunk_log_softmax(h[s:e], weight, temperature, acc)  # (c, V)
+            lp[s:e] = logp.gather(-1, targets[s:e].unsqueeze(-1)).squeeze(-1)
+            ent[s:e] = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(h, weight, targets, ent)
+        ctx.temperature, ctx.chunk_size, ctx.acc = temperature, chunk_size, acc
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        h, weight, targets, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
+        w_acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None  # (V, H)
+        for s in range(0, h.shape[0], ctx.chunk_size):
+            e = min(s + ctx.chunk_size, h.shape[0])
+            logp = _chunk_log_softmax(h[s:e], weight, ctx.temperature, ctx.acc)  # (c, V)
+            p = logp.exp()
+            # dL/dz = g_lp (onehot - p) - g_ent p (log p + H)
+            g = logp.add_(ent[s:e].unsqueeze(-1)).mul_(p).mul_(-grad_ent[s:e].unsqueeze(-1))
+            g.sub_(p.mul_(grad_lp[s:e].unsqueeze(-1)))
+            g.scatter_add_(-1, targets[s:e].unsqueeze(-1), grad_lp[s:e].unsqueeze(-1).to(g.dtype))
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)  # dz/dlogits
+            if need_h:
+                grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
+            if need_w:
+                grad_w.addmm_(g.to(w_acc).T, h[s:e].to(w_acc))  # (V, H)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size, temperature: float) -> None:
+    if hidden.dim() != 3 or weight.dim() != 2 or input_ids.dim() != 2:
+        raise ValueError("hidden (B, T, H), weight (V, H), input_ids (B, T) expected; got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(input_ids.shape)}")
+    if hidden.shape[1] < 1:
+        raise ValueError("hidden and input_ids need at least one position (T >= 1)")
+    if hidden.shape[:2] != input_ids.shape or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+                         f"input_ids {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= weight.shape[0]):
+        bad = ((input_ids < 0) | (input_ids >= weight.shape[0])).nonzero()[0].tolist()
+        raise ValueError(f"input_ids[{bad[0]}, {bad[1]}] = {int(input_ids[bad[0], bad[1]])} is outside "
+                         f"the vocabulary of size {weight.shape[0]}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def compute_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
+                           chunk_size: int | None = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0,
+                           return_entropy: bool = False):
+    """Aligned log-probs (B, T) [and entropies (B, T)], chunked over tokens.
+
+    `entropy[:, t]` is the entropy of the distribution that predicted token t (0 at t=0).
+    `temperature` divides the logits (match the sampler's when computing ratios to its
+    log-probs). `chunk_size=None`: one plain autograd pass (no chunking, no recompute).
+    """
+    _check_inputs(hidden, weight, input_ids, chunk_size, temperature)
+    B, T, H = hidden.shape
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    h = hidden[:, :-1].reshape(-1, H)  # (N, H), N = B * (T - 1)
+    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # (N,)
+    if chunk_size is None:  # plain autograd over all tokens at once
+        logp = _chunk_log_softmax(h, weight, float(temperature), acc)  # (N, V)
+        lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+        ent = -(logp.exp() * logp).sum(-1)  # (N,)
+    else:
+        lp, ent = _ChunkedTokenLogprobs.apply(h, weight, targets, float(temperature), int(chunk_size))
+    zeros = torch.zeros(B, 1, dtype=acc, device=hidden.device)  # (B, 1)
+    logprobs = torch.cat([zeros, lp.view(B, T - 1)], dim=1)  # (B, T)
+    if not return_entropy:
+        return logprobs
+    return logprobs, torch.cat([zeros, ent.view(B, T - 1)], dim=1)  # (B, T) each
