@@ -61,7 +61,7 @@ class _Clock:
         self.records = []
 
     def log(self, metrics, step=None):
-        self.records.append({"t": time.perf_counter(), **metrics})
+        self.records.append({"t": time.perf_counter(), "cpu": time.process_time(), **metrics})
 
 
 def ours_child(a: dict) -> dict:
@@ -80,7 +80,7 @@ def ours_child(a: dict) -> dict:
     tok = load_tokenizer(a["model"])
     trainer = build_trainer(TrainerSettings(lr=5e-4, seed=0, deterministic=False), a["model"])
     clock = _Clock()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_grpo(settings, trainer=trainer, generator=HFGenerator(a["model"], tok), scorer=LocalScorer(), tokenizer=tok,
              train_rows=make_rows(c["prompts"] * steps), domains={"math": DomainSpec("math")},
              out_dir=a["work_dir"], logger=clock)
@@ -88,7 +88,9 @@ def ours_child(a: dict) -> dict:
     total = [e - s for s, e in zip(marks, marks[1:])]
     gen = [r["time/generate_score"] for r in clock.records]
     w = a["warmup"]
-    return {"step_seconds": total[w:], "excl_generation_seconds": [t - g for t, g in zip(total, gen)][w:],
+    cpu = [c0] + [r["cpu"] for r in clock.records]
+    return {"step_seconds": total[w:], "step_cpu_seconds": [e - s for s, e in zip(cpu, cpu[1:])][w:],
+            "excl_generation_seconds": [t - g for t, g in zip(total, gen)][w:],
             "response_len": [r["response_len"] for r in clock.records][w:]}
 
 
@@ -112,10 +114,10 @@ def trl_child(a: dict) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0, self.g0 = time.perf_counter(), gen_time[0]
+            self.t0, self.g0, self.c0 = time.perf_counter(), gen_time[0], time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            spans.append((time.perf_counter() - self.t0, gen_time[0] - self.g0))
+            spans.append((time.perf_counter() - self.t0, gen_time[0] - self.g0, time.process_time() - self.c0))
 
     rows = make_rows(c["prompts"] * steps)
     data = Dataset.from_list([{"prompt": r["messages"], "reference": r["reference"]} for r in rows])
@@ -133,7 +135,8 @@ def trl_child(a: dict) -> dict:
         trainer.__dict__[name] = _timed(getattr(trainer, name), gen_time)
     trainer.train()
     w = a["warmup"]
-    return {"step_seconds": [t for t, _ in spans][w:], "excl_generation_seconds": [t - g for t, g in spans][w:]}
+    return {"step_seconds": [t for t, _, _ in spans][w:], "step_cpu_seconds": [c for _, _, c in spans][w:],
+            "excl_generation_seconds": [t - g for t, g, _ in spans][w:]}
 
 
 def _timed(fn, acc: list):
@@ -175,20 +178,22 @@ def main(argv: list[str] | None = None) -> dict:
                                        "warmup": 1, "steps": steps, "work_dir": str(Path(tmp) / f"{kind}{r}")},
                               inprocess=opts.inprocess, child_fn=run_named_child) for r in range(repeats)]
             out[kind] = {"step_seconds": summarize([s for r in runs for s in r["step_seconds"]]),
+                         "step_cpu_seconds": summarize([s for r in runs for s in r["step_cpu_seconds"]]),
                          "excl_generation_seconds": summarize([s for r in runs for s in r["excl_generation_seconds"]])}
     ratio = out["ours"]["step_seconds"]["median"] / out["trl"]["step_seconds"]["median"]
+    ratio_cpu = out["ours"]["step_cpu_seconds"]["median"] / out["trl"]["step_cpu_seconds"]["median"]
     ratio_ex = out["ours"]["excl_generation_seconds"]["median"] / out["trl"]["excl_generation_seconds"]["median"]
     res = {"quick": opts.quick, "config": cfg, "repeats": repeats, "steps_per_process": steps, "threads": opts.threads,
            **out, "ratio_ours_over_trl_time": ratio, "ratio_ours_over_trl_time_excl_generation": ratio_ex,
+           "ratio_ours_over_trl_cpu_time": ratio_cpu,
            "targets": {"step_time_ours_over_trl": {"target": 1.0, "measured": ratio,
                                                    "measured_excl_generation": ratio_ex}}}
     write_results("grpo_vs_trl", res, opts.out)
     print_table(f"GRPO step, ours vs trl.GRPOTrainer ({cfg['prompts']} prompts x G={cfg['group']}, "
                 f"<= {cfg['max_new_tokens']} new tokens; seconds median [min-max])",
-                ["", "step s", "step s excl. generation"],
-                [["ours", fmt(out["ours"]["step_seconds"]), fmt(out["ours"]["excl_generation_seconds"])],
-                 ["TRL", fmt(out["trl"]["step_seconds"]), fmt(out["trl"]["excl_generation_seconds"])],
-                 ["ours/TRL", f"{ratio:.2f}x", f"{ratio_ex:.2f}x"]])
+                ["", "step s", "step CPU s", "step s excl. generation"],
+                [[k, fmt(out[k]["step_seconds"]), fmt(out[k]["step_cpu_seconds"]), fmt(out[k]["excl_generation_seconds"])]
+                 for k in ("ours", "trl")] + [["ours/TRL", f"{ratio:.2f}x", f"{ratio_cpu:.2f}x", f"{ratio_ex:.2f}x"]])
     return res
 
 

@@ -78,6 +78,7 @@ def _teach(cfg, root, seqs, teachers: list[str], tag: str, threads: int, inproce
 def _repeat(args: dict, repeats: int, inprocess: bool) -> dict:
     runs = [_child(args, inprocess) for _ in range(repeats)]
     return {"step_seconds": [s for r in runs for s in r["step_seconds"]],
+            "step_cpu_seconds": [s for r in runs for s in r["step_cpu_seconds"]],
             "peak_rss": [r["peak_rss"] for r in runs], "base_rss": [r["base_rss"] for r in runs], "runs": runs}
 
 
@@ -95,7 +96,7 @@ def compare_one(cfg, root, models, seqs, teacher: str, opts) -> dict:
     out = {"teacher": teacher, "teacher_params": models[teacher]["params"], "tokens_per_step": tokens,
            "prefill_seconds": prefill, "teach_peak_rss_mib": teach["peak_rss"] / MIB}
     for name, r in (("ours", ours), ("trl", trl)):
-        out[name] = {"step_seconds": summarize(r["step_seconds"]),
+        out[name] = {"step_seconds": summarize(r["step_seconds"]), "step_cpu_seconds": summarize(r["step_cpu_seconds"]),
                      "tokens_per_s": summarize([tokens / s for s in r["step_seconds"]]),
                      "peak_rss_mib": summarize([x / MIB for x in r["peak_rss"]]),
                      "base_rss_mib": summarize([x / MIB for x in r["base_rss"]])}
@@ -103,19 +104,26 @@ def compare_one(cfg, root, models, seqs, teacher: str, opts) -> dict:
     out["ratio_tokens_per_s"] = out["ours"]["tokens_per_s"]["median"] / out["trl"]["tokens_per_s"]["median"]
     out["ratio_tokens_per_s_with_prefill"] = (out["ours"]["tokens_per_s_with_prefill"]["median"]
                                               / out["trl"]["tokens_per_s"]["median"])
+    out["ratio_tokens_per_cpu_s"] = out["trl"]["step_cpu_seconds"]["median"] / out["ours"]["step_cpu_seconds"]["median"]
     out["ratio_peak_rss"] = out["ours"]["peak_rss_mib"]["median"] / out["trl"]["peak_rss_mib"]["median"]
     out["ours"]["loss"] = ours["runs"][0]["loss"]
+    out["_raw"] = (teach, ours)
     return out
 
 
-def teacher_sweep(cfg, root, models, seqs, opts) -> list[dict]:
+def teacher_sweep(cfg, root, models, seqs, opts, one_teacher: tuple[dict, dict]) -> list[dict]:
+    """Ours with 1..N teachers of the 4x shape; N=1 is the 4x comparison's run (reused)."""
     rows = []
     for n in cfg["teachers"]:
-        dirs = [models[f"t4x_{i}"]["dir"] for i in range(n)]
-        teach = _teach(cfg, root, seqs, dirs, f"n{n}", opts.threads, opts.inprocess)
-        r = _repeat({"kind": "ours", "threads": opts.threads, "seqs": str(seqs), "warmup": 1, "steps": opts.steps,
-                     "student": models["student"]["dir"], "heads": teach["heads"], "cache_dir": teach["cache_dir"],
-                     "micro_batch": cfg["batch"], "chunk_size": cfg["chunk_size"]}, opts.repeats, opts.inprocess)
+        if n == 1:
+            teach, r = one_teacher
+        else:
+            dirs = [models[f"t4x_{i}"]["dir"] for i in range(n)]
+            teach = _teach(cfg, root, seqs, dirs, f"n{n}", opts.threads, opts.inprocess)
+            r = _repeat({"kind": "ours", "threads": opts.threads, "seqs": str(seqs), "warmup": 1, "steps": opts.steps,
+                         "student": models["student"]["dir"], "heads": teach["heads"],
+                         "cache_dir": teach["cache_dir"], "micro_batch": cfg["batch"],
+                         "chunk_size": cfg["chunk_size"]}, opts.repeats, opts.inprocess)
         head_bytes = Path(teach["heads"][0]).stat().st_size
         rows.append({"teachers": n, "step_seconds": summarize(r["step_seconds"]),
                      "peak_rss_mib": summarize([x / MIB for x in r["peak_rss"]]),
@@ -130,11 +138,12 @@ def teacher_sweep(cfg, root, models, seqs, opts) -> list[dict]:
 def print_results(res: dict) -> None:
     rows = [[c["teacher"], f"{c['teacher_params'] / 1e6:.1f}M", fmt(c["ours"]["tokens_per_s"]),
              fmt(c["ours"]["tokens_per_s_with_prefill"]), fmt(c["trl"]["tokens_per_s"]),
-             f"{c['ratio_tokens_per_s']:.2f}x", f"{c['ratio_tokens_per_s_with_prefill']:.2f}x",
+             f"{c['ratio_tokens_per_s']:.2f}x", f"{c['ratio_tokens_per_cpu_s']:.2f}x",
+             f"{c['ratio_tokens_per_s_with_prefill']:.2f}x",
              fmt(c["ours"]["peak_rss_mib"]), fmt(c["trl"]["peak_rss_mib"])] for c in res["comparisons"]]
     print_table(f"OPD training step vs trl.DistillationTrainer (student {res['student_params'] / 1e6:.1f}M params; "
                 "median [min-max])",
-                ["teacher", "params", "ours tok/s", "ours+prefill", "TRL tok/s", "ratio", "ratio+prefill",
+                ["teacher", "params", "ours tok/s", "ours+prefill", "TRL tok/s", "ratio", "ratio CPU", "ratio+prefill",
                  "ours RSS MiB", "TRL RSS MiB"], rows)
     rows = [[r["teachers"], fmt(r["step_seconds"]), fmt(r["peak_rss_mib"]), f"{r['teach_peak_rss_mib']:.0f}",
              f"{r['our_teacher_side_mib']:.1f}", f"{r['trl_teachers_resident_mib']:.0f}",
@@ -165,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         seqs = root / "seqs.json"
         write_sequences(cfg, seqs)
         comparisons = [compare_one(cfg, root, models, seqs, t, opts) for t in ("t1x", "t4x_0")]
-        sweep = teacher_sweep(cfg, root, models, seqs, opts)
+        sweep = teacher_sweep(cfg, root, models, seqs, opts, comparisons[1].pop("_raw"))
+        comparisons[0].pop("_raw")
     res = {"config": cfg, "quick": opts.quick, "repeats": opts.repeats, "steps_per_process": opts.steps,
            "threads": opts.threads, "inprocess": opts.inprocess, "student_params": models["student"]["params"],
            "comparisons": comparisons, "teacher_sweep": sweep,

@@ -57,13 +57,14 @@ class _StepClock:
     """A logger whose `log` calls mark the end of each optimiser step."""
 
     def __init__(self):
-        self.marks = [time.perf_counter()]
+        self.marks = [(time.perf_counter(), time.process_time())]
 
     def log(self, _metrics, step=None):
-        self.marks.append(time.perf_counter())
+        self.marks.append((time.perf_counter(), time.process_time()))
 
-    def intervals(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+    def intervals(self, k: int = 0) -> list[float]:
+        """Wall (k=0) or this process's CPU (k=1) seconds of each step."""
+        return [b[k] - a[k] for a, b in zip(self.marks, self.marks[1:])]
 
 
 def ours_child(a: dict) -> dict:
@@ -86,7 +87,8 @@ def ours_child(a: dict) -> dict:
     records, _ = train_round(settings, samples, Path(a["cache_dir"]), trainer=trainer, loss_fn=loss_fn,
                              pad_id=0, round_idx=0, step0=0, logger=clock)
     finish = loss_fn.finish()
-    return {"step_seconds": clock.intervals()[a["warmup"]:], "loss": [r["loss"] for r in records],
+    return {"step_seconds": clock.intervals()[a["warmup"]:], "step_cpu_seconds": clock.intervals(1)[a["warmup"]:],
+            "loss": [r["loss"] for r in records],
             "head_loads_per_step": finish["head_loads_per_step"], "max_resident_heads": finish["max_resident_heads"],
             "peak_rss": peak_rss_bytes(), "base_rss": base_rss}
 
@@ -117,14 +119,14 @@ def trl_child(a: dict) -> dict:
     base_rss = current_rss_bytes()
     seqs = load_sequences(a["seqs"])
     b, steps = len(seqs["seqs"]), a["warmup"] + a["steps"]
-    marks: list[tuple[float, float]] = []
+    marks: list[tuple[float, float]] = []  # (wall, CPU) seconds per step
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            marks.append((self.t0, time.perf_counter()))
+            marks.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
 
     args = DistillationConfig(
         output_dir=a["work_dir"], per_device_train_batch_size=b, gradient_accumulation_steps=1,
@@ -140,8 +142,9 @@ def trl_child(a: dict) -> dict:
     trainer._generate = _fixed_generate(seqs)
     torch.manual_seed(0)
     trainer.train()
-    times = [e - s for s, e in marks]
-    return {"step_seconds": times[a["warmup"]:], "peak_rss": peak_rss_bytes(), "base_rss": base_rss,
+    w = a["warmup"]
+    return {"step_seconds": [t for t, _ in marks][w:], "step_cpu_seconds": [c for _, c in marks][w:],
+            "peak_rss": peak_rss_bytes(), "base_rss": base_rss,
             "optimizer": type(trainer.optimizer).__name__}
 
 

@@ -122,9 +122,13 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    import tempfile
+
     from datasets import load_dataset
 
-    table = load_dataset("parquet", data_files=str(path), split="train")
+    # Held in memory, prepared in a throw-away cache: nothing written under ~/.cache.
+    with tempfile.TemporaryDirectory(prefix="rows-parquet-") as cache:
+        table = load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True)
     for i, record in enumerate(table, start=1):
         if isinstance(record.get("reference"), str):
             try:

@@ -26,9 +26,9 @@ from torch import nn
 
 from engine.model import load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, as_float, LogprobFn, TrainerSettings, merge_step_metrics, read_extra_state,
-                            rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state, to_device,
-                            write_extra_state)
+from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, as_float, merge_step_metrics,
+                            read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state,
+                            to_device, write_extra_state)
 
 CKPT_TAG = "state"
 
@@ -55,10 +55,12 @@ def init_process_group(rank: int, world_size: int, device: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    backend = "nccl" if device == "cuda" else "gloo"
     if dist.is_initialized():
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
             raise RuntimeError(f"process group already formed as rank {dist.get_rank()}/{dist.get_world_size()}, "
                                f"asked for {rank}/{world_size}")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
         return
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("LOCAL_RANK", str(rank))
@@ -67,9 +69,9 @@ def init_process_group(rank: int, world_size: int, device: str) -> None:
     if "MASTER_PORT" not in os.environ:
         if world_size > 1:
             raise RuntimeError("MASTER_PORT must be set for world_size > 1 (the same port on every rank)")
-        os.environ["MASTER_PORT"] = str(free_port())
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
-                               auto_mpi_discovery=False, rank=rank, world_size=world_size)
+        # one rank: an in-memory store, no TCP port to race other processes for
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
 
 
 def ds_config(settings: TrainerSettings, world_size: int) -> dict:

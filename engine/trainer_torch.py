@@ -11,9 +11,9 @@ import torch
 
 from engine.model import DTYPES, load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, as_float, LogprobFn, TrainerSettings, merge_step_metrics, read_extra_state,
-                            rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state, to_device,
-                            write_extra_state)
+from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, as_float, merge_step_metrics,
+                            read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state,
+                            to_device, write_extra_state)
 
 
 def load_hf_weights(lm, path: Path) -> None:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from engine.batching import EpochCursor, Sample, build_step_batches, pad_rows
@@ -104,24 +103,37 @@ def _resume(trainer, checkpoints, cursor: EpochCursor, logger) -> int:
         return 0
     extra = trainer.load_checkpoint(latest)
     cursor.load_state_dict(extra["cursor"])
-    if logger is not None and hasattr(logger, "truncate_after"):
+    if hasattr(logger, "truncate_after"):
         logger.truncate_after(extra["step"])
     return int(extra["step"])
 
 
 def run_sft(settings: SFTSettings, *, trainer, tokenizer, train_rows: list[dict], out_dir: str | Path,
             eval_rows: list[dict] | None = None, logger=None, checkpoints: CheckpointManager | None = None) -> dict:
-    """Train for `settings.steps` optimiser steps (resuming from `out_dir/checkpoints`)."""
+    """Train for `settings.steps` optimiser steps (resuming from `out_dir/checkpoints`).
+
+    Without a `logger`, metrics go to `out_dir/metrics.jsonl` (no wandb, no progress bar).
+    Returns `{"steps", "resumed_from", "final": last step's metrics (+ eval_loss),
+    "checkpoint": the final step-N directory (an HF model directory)}`.
+    """
     out_dir = Path(out_dir)
     checkpoints = checkpoints or CheckpointManager(out_dir / "checkpoints", keep_last=settings.keep_last)
     pad_id = tokenizer.pad_token_id
     train = render_samples(train_rows, tokenizer, settings.max_length)
     evals = render_samples(eval_rows, tokenizer, settings.max_length) if eval_rows else []
     cursor = EpochCursor(len(train), seed=settings.seed, shuffle=settings.shuffle)
+    own_logger = logger is None
+    if own_logger:
+        from engine.metrics import MetricsLogger
+
+        logger = MetricsLogger(out_dir, total_steps=settings.steps, wandb_mode="disabled", progress=False)
     start = _resume(trainer, checkpoints, cursor, logger)
     loss_fn = SFTLoss()
     last: dict = {}
     latest_path = checkpoints.latest()
+    if evals and start == 0:  # the starting model's eval loss, logged as step 0
+        logger.log({"eval_loss": compute_eval_loss(trainer, evals, pad_id=pad_id,
+                                                   batch_size=settings.eval_batch_size)}, step=0)
     for step in range(start, settings.steps):
         picked = [train[i] for i in cursor.take(settings.batch_size)]
         micro = build_step_batches(picked, micro_batch_size=settings.micro_batch_size, pad_id=pad_id,
@@ -134,11 +146,12 @@ def run_sft(settings: SFTSettings, *, trainer, tokenizer, train_rows: list[dict]
         done = step + 1
         if evals and ((settings.eval_every and done % settings.eval_every == 0) or done == settings.steps):
             last["eval_loss"] = compute_eval_loss(trainer, evals, pad_id=pad_id, batch_size=settings.eval_batch_size)
-        if logger is not None:
-            logger.log(last, step=done)
+        logger.log(last, step=done)
         if done % settings.save_every == 0 or done == settings.steps:
             latest_path = checkpoints.save(trainer, done, {"step": done, "cursor": cursor.state_dict()})
     if not last and evals:  # resumed after the final checkpoint: nothing left to train
         last["eval_loss"] = compute_eval_loss(trainer, evals, pad_id=pad_id, batch_size=settings.eval_batch_size)
+    if own_logger:
+        logger.close()
     return {"steps": settings.steps, "resumed_from": start, "final": last,
             "checkpoint": str(latest_path) if latest_path else None}

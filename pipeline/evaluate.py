@@ -84,29 +84,61 @@ def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) 
     return out
 
 
+def evaluate_model(policy: Policy, sets: list[EvalSet], score, settings: EvalSettings,
+                   log: Callable[[str], None] = print, name: str = "") -> dict:
+    """One model's entry: {'greedy': {domain: x}, 'sampled': ..., 'pass_at_k': ..., 'n_eval': ...}."""
+    entry: dict = {"greedy": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {}}
+    for es in sets:
+        r = evaluate_domain(policy, es, score, settings)
+        entry["greedy"][es.domain] = r["greedy"]
+        entry["n_eval"][es.domain] = r["n"]
+        if "pass@1" in r:
+            entry["sampled"][es.domain] = r["pass@1"]
+            entry["pass_at_k"][es.domain] = r["pass@k"]
+        log(f"[eval] {name:<12} {es.domain:<8} greedy {r['greedy']:.3f}"
+            + (f"  pass@1 {r['pass@1']:.3f}  pass@{settings.samples} {r['pass@k']:.3f}" if "pass@1" in r else ""))
+    return entry
+
+
 def evaluate_models(models: dict[str, str], sets: list[EvalSet], load_policy: Callable[[str], Policy],
-                    score, settings: EvalSettings, log: Callable[[str], None] = print) -> dict:
-    """The results table of `eval/results.json` (shape in docs/CONTRACTS.md)."""
-    results: dict = {"models": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {}, "seconds": {},
-                     "settings": {"samples": settings.samples, "temperature": settings.temperature,
-                                  "max_new_tokens": settings.max_new_tokens, "max_prompts": settings.max_prompts}}
+                    score, settings: EvalSettings, log: Callable[[str], None] = print,
+                    done: dict[str, dict] | None = None,
+                    on_model: Callable[[str, dict], None] | None = None) -> dict:
+    """The results table of `eval/results.json` (shape in docs/CONTRACTS.md).
+
+    `done` holds entries of models already evaluated (an interrupted eval resumes without
+    redoing them); `on_model(name, entry)` is called as each model finishes.
+    """
+    entries = dict(done or {})
     for name, model_dir in models.items():
+        if name in entries:
+            log(f"[eval] {name:<12} done in an earlier attempt")
+            continue
         started = time.time()
         policy = load_policy(model_dir)
-        for es in sets:
-            r = evaluate_domain(policy, es, score, settings)
-            results["models"].setdefault(name, {})[es.domain] = r["greedy"]
-            results["n_eval"][es.domain] = r["n"]
-            if "pass@1" in r:
-                results["sampled"].setdefault(name, {})[es.domain] = r["pass@1"]
-                results["pass_at_k"].setdefault(name, {})[es.domain] = r["pass@k"]
-            log(f"[eval] {name:<12} {es.domain:<8} greedy {r['greedy']:.3f}"
-                + (f"  pass@1 {r['pass@1']:.3f}  pass@{settings.samples} {r['pass@k']:.3f}" if "pass@1" in r else ""))
+        entry = evaluate_model(policy, sets, score, settings, log, name)
         close = getattr(policy, "close", None)
         if callable(close):
             close()
         del policy
-        results["seconds"][name] = round(time.time() - started, 2)
+        entries[name] = {**entry, "seconds": round(time.time() - started, 2)}
+        if on_model is not None:
+            on_model(name, entries[name])
+    return assemble_results({n: entries[n] for n in models}, settings)
+
+
+def assemble_results(entries: dict[str, dict], settings: EvalSettings) -> dict:
+    """Per-model entries -> {'models': greedy table, 'sampled', 'pass_at_k', 'n_eval', ...}."""
+    results: dict = {"models": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {}, "seconds": {},
+                     "settings": {"samples": settings.samples, "temperature": settings.temperature,
+                                  "max_new_tokens": settings.max_new_tokens, "max_prompts": settings.max_prompts}}
+    for name, e in entries.items():
+        results["models"][name] = e["greedy"]
+        if e["sampled"]:
+            results["sampled"][name] = e["sampled"]
+            results["pass_at_k"][name] = e["pass_at_k"]
+        results["n_eval"].update(e["n_eval"])
+        results["seconds"][name] = e.get("seconds")
     return results
 
 

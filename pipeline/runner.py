@@ -47,7 +47,7 @@ class StageState:
 
 
 class Scheduler:
-    """Decides what to launch next; knows nothing of Ray (tested with a fake backend)."""
+    """Decides what to launch next from the stage states and the manifests; knows no Ray."""
 
     def __init__(self, stages: list[Stage], selected: list[Stage], hashes: dict[str, str],
                  run: RunDir, retries: int, concurrency: int):
@@ -122,7 +122,8 @@ class Scheduler:
         elif same_input and manifest.get("status") == "not_built":
             st.status, st.note = "not_built", manifest.get("error", "")
         else:
-            reason = manifest.get("error") if same_input and manifest.get("status") == "failed" else None
+            raised = (outcome.returncode or 0) > 0 and same_input and manifest.get("status") == "failed"
+            reason = manifest.get("error") if raised else None  # else: killed, no word from the stage
             st.note = reason or outcome.describe()
             if st.attempts <= self.retries and not self.stopping:
                 st.status = "pending"  # retried: run_stage resumes it in place

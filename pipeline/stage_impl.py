@@ -223,6 +223,8 @@ def opd(ctx: StageContext) -> dict:
 
 def evaluate(ctx: StageContext) -> dict:
     """Every model stage of the graph on every domain's eval rows -> `eval/results.json`."""
+    import json
+
     from engine.atomic import atomic_write_json
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models, model_label, models_to_evaluate
     from rewards import ScorerPool
@@ -234,11 +236,20 @@ def evaluate(ctx: StageContext) -> dict:
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
 
-    with ScorerPool(num_workers=max(1, int(cfg.resources_for(ctx.stage.name).num_cpus))) as pool:
+    # verifiers mostly wait on sandboxed subprocesses (code): at least two workers
+    with ScorerPool(num_workers=max(2, int(cfg.resources_for(ctx.stage.name).num_cpus))) as pool:
         def score(verifier, texts, refs):
             return [r.score for r in pool.score(verifier, texts, refs)]
 
-        results = evaluate_models(models, sets, lambda model_dir: _eval_policy(ctx, model_dir), score, settings)
+        partial = ctx.out_dir / "partial.json"  # finished models, so an interrupted eval resumes
+        done = json.loads(partial.read_text()) if partial.is_file() else {}
+
+        def on_model(name, entry):
+            done[name] = entry
+            atomic_write_json(partial, done)
+
+        results = evaluate_models(models, sets, lambda model_dir: _eval_policy(ctx, model_dir), score, settings,
+                                  done=done, on_model=on_model)
     out = ctx.out_dir / "results.json"
     atomic_write_json(out, results)
     return {"outputs": {"results": str(out)}, "metrics": {"models": results["models"]}}

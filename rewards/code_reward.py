@@ -142,6 +142,17 @@ def _reason(passed: list[bool], state: dict[str, Any], out: SandboxOutcome, limi
     return "failed tests: " + "; ".join(f"{k}: {v}" for k, v in list(state["errors"].items())[:3])
 
 
+def _syntax_error(code: str) -> str | None:
+    """The program's SyntaxError, found by compiling (never executing) it in this worker."""
+    if "\x00" in code:
+        return "source contains NUL bytes"
+    try:
+        compile(code, "<program>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None
+
+
 def _limits_from(options: dict[str, Any]) -> SandboxLimits:
     keys = {f for f in SandboxLimits.__dataclass_fields__}
     return SandboxLimits(**{k: v for k, v in options.items() if k in keys})
@@ -161,6 +172,10 @@ def code_verifier(completion: str, reference: dict[str, Any], **options: Any) ->
 
         return score_batch("code", [completion], [reference], num_workers=1, timeout_s=limits.wall_s + 30, **options)[0]
     code, how = extract_code(completion)
+    syntax = _syntax_error(code)
+    if syntax is not None:  # nothing can pass: skip the sandbox (most untrained samples land here)
+        return RewardResult(0.0, {"extracted": how, "passed": [False] * len(tests), "fraction_passed": 0.0,
+                                  "reason": f"program does not compile: {syntax}"})
     nonce = secrets.token_hex(16)
     spec = json.dumps({"setup": setup, "program": code, "tests": tests})
     out = run_python({"harness.py": HARNESS, "spec.json": spec}, "harness.py", ["{channel_fd}"],

@@ -1,4 +1,4 @@
-"""`ifeval`: a one-sentence answer about a topic under one or two IFEval constraints.
+"""`ifeval`: a one-sentence answer about a topic under two IFEval constraints.
 
 Prompt `owl: all lowercase; end with "bye"`; demonstration `the owl is calm, wise. bye`;
 reference `{"instruction_id_list": [...], "kwargs": [...]}` with IFEval's own ids and
@@ -10,12 +10,14 @@ length_constraints:number_words (at least / less than). The unconstrained answer
 changes the text.
 
 Sizing (DESIGN.md section 7): the edits are surface rewrites a tiny character model
-picks up in a minute; the word-count constraints need counting, and pairs of
+picks up in a minute; the word-count constraints need counting, and the two
 constraints must be composed. Eval prompts are held out whole (hash of the prompt).
 
-Imperfect on purpose: in `WRONG_RATE` of the training demonstrations one constraint is
-not applied (well-formed text that the verifier scores below 1). SFT learns the
-rewrites; the reward tells GRPO which ones it still skips.
+Imperfect on purpose: in `WRONG_RATE` of the training demonstrations one of the two
+constraints is not applied (well-formed text that the verifier scores 0.5). Measured
+(notes below): with one or two constraints per prompt and a 20% drop rate the SFT model
+already scored 0.80, too little headroom; with two constraints and 40% drops the SFT
+model often skips one, and the reward tells GRPO which.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ TOPICS = {
 END_PHRASES = ("bye", "the end", "ok")
 KEYWORDS = ("blue", "home", "star", "time", "gold")
 FILLER = ("I", "like", "it", "a", "lot", "and", "so", "do", "you")
-WRONG_RATE = 0.2
+WRONG_RATE = 0.4
 
 # constraint name -> IFEval instruction id
 KINDS = {
@@ -101,14 +103,14 @@ def respond(topic: str, constraints: list[tuple[str, dict]]) -> str:
 
 def draw(rng: random.Random, split: str) -> tuple[str, dict]:
     topic = rng.choice(sorted(TOPICS))
-    kinds = rng.sample(sorted(KINDS), rng.choice((1, 2)))
-    if any(set(kinds) >= c for c in CONFLICTS):
-        kinds = kinds[:1]
+    kinds = rng.sample(sorted(KINDS), 2)
+    while any(set(kinds) >= c for c in CONFLICTS):
+        kinds = rng.sample(sorted(KINDS), 2)
     built = [(k, make_constraint(k, rng)) for k in kinds]
     prompt = f"{topic}: " + "; ".join(phrase for _, (phrase, _) in built)
     constraints = [(k, kw) for k, (_, kw) in built]
     if split == "train" and rng.random() < WRONG_RATE:
-        constraints = constraints[1:] if len(constraints) > 1 else []
+        constraints.pop(rng.randrange(len(constraints)))
     return prompt, {
         "messages": [{"role": "user", "content": prompt},
                      {"role": "assistant", "content": respond(topic, constraints)}],

@@ -12,11 +12,14 @@ problems are held out as whole expressions (the hash of `7*5-3`), so the model c
 have memorised an eval answer, only the facts it is made of.
 
 Imperfect on purpose: only `1 - DIRECT_RATE` of the training demonstrations write the
-scratchpad; the rest answer directly (`\\boxed{32}`). Measured (notes below), a model
-trained on scratchpads only reaches ~86% greedy on held-out problems, one trained on
-this mix answers mostly directly, and direct answers to unseen triples are mostly
-wrong. Sampling still produces scratchpads some of the time and those score higher,
-which is the signal GRPO can use to make the model show its work.
+scratchpad; the rest answer directly (`\\boxed{32}`). Greedy decoding then answers
+directly, and direct answers to unseen expressions are wrong more often; sampling still
+writes scratchpads some of the time and those score higher, which is the signal GRPO
+can use to make the model show its work.
+
+Measured (tiny Qwen2 1.06M, 900k training tokens ~ one unloaded minute on 2 cores,
+batch 64, AdamW 3e-3 cosine; greedy on 128 held-out problems): scratchpad-only
+demonstrations -> 0.86; this mix (70% direct) -> 0.67, every answer direct.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ All Ray clients run as subprocesses, so this process never caches the head's tok
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,9 +74,12 @@ def ray_head():
     address = f"http://127.0.0.1:{dash}"
     if start.returncode != 0 or not _dashboard_up(address, env):
         _kill_session(start.pid)
+        shutil.rmtree(temp, ignore_errors=True)
         pytest.skip(f"cannot start a local Ray head with its dashboard here: {out[-600:]}")
     yield {"address": address, "env": env, "temp": temp}
     _kill_session(start.pid)
+    time.sleep(1.0)  # let the killed processes release their files
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _dashboard_up(address: str, env: dict, wait_s: float = 30.0) -> bool:

@@ -15,7 +15,8 @@ from pipeline.config import load_config
 from pipeline.graph import build_graph, input_hashes
 from pipeline.launch import default_ray_temp_dir
 from pipeline.rundir import RunDir
-from pipeline.runner import run_experiment
+from pipeline.launch import Outcome
+from pipeline.runner import Scheduler, run_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "tests" / "integration" / "fake_stage.py"
@@ -72,6 +73,29 @@ def _manifests(cfg):
 def _launch_count(cfg, stage) -> int:
     log = RunDir(cfg.run_path).stage_dir(stage) / "stage.log"
     return log.read_text().count("=====") if log.is_file() else 0
+
+
+def test_scheduler_respects_deps_and_concurrency(tmp_path):
+    """The scheduling rule alone, no processes: a stand-in stage 'runs' by writing its manifest."""
+    cfg = load_config(write_config(tmp_path, domains=("math", "code", "tool")))
+    stages, run = build_graph(cfg), RunDir(cfg.run_path)
+    hashes = input_hashes(stages)
+    sched = Scheduler(stages, stages, hashes, run, retries=0, concurrency=2)
+    waves = []
+    while not sched.finished():
+        launched = [n for what, n in sched.next_actions() if what == "launch"]
+        assert launched and len(sched.running()) <= 2
+        waves.append(launched)
+        for name in list(sched.running()):
+            run.write_manifest(name, status="done", input_hash=hashes[name])
+            sched.complete(Outcome(name, 0))
+    # graph order among the ready ones (sft:math, grpo:math, sft:code, ...), two at a time
+    assert waves == [["prepare"], ["sft:math", "sft:code"], ["grpo:math", "grpo:code"], ["sft:tool"],
+                     ["grpo:tool"], ["opd"], ["eval"], ["report"]]
+    # a stage whose process exits 0 without a done manifest is a failure, never a success
+    sched = Scheduler(stages, stages, {**hashes, "prepare": "changed"}, run, retries=0, concurrency=2)
+    assert sched.next_actions() == [("launch", "prepare")]
+    assert sched.complete(Outcome("prepare", 0)) == "failed" and sched.stopping
 
 
 def test_independent_stages_run_concurrently(tmp_path, ray_local):

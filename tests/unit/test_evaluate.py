@@ -101,3 +101,24 @@ def test_model_names():
     stages = ["prepare", "sft:math", "grpo:math", "sft:all", "mixed_rl", "opd"]
     assert models_to_evaluate(stages + ["eval"]) == stages
     assert [model_label(s) for s in stages] == ["base", "sft:math", "grpo:math", "sft:all", "mixed_rl", "student"]
+
+
+def test_interrupted_eval_resumes_without_redoing_models():
+    sets = [EvalSet("math", "exact", _rows("math", ["1", "2"]))]
+    saved, loaded = {}, []
+
+    def load(model_dir):
+        loaded.append(model_dir)
+        if model_dir == "dir/b" and len(loaded) == 2:
+            raise KeyboardInterrupt  # killed while loading the second model
+        return FakeModel(1, 0)
+
+    models = {"a": "dir/a", "b": "dir/b"}
+    settings = EvalSettings(samples=0)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_models(models, sets, load, _score, settings, log=lambda s: None, on_model=saved.__setitem__)
+    assert list(saved) == ["a"]
+    res = evaluate_models(models, sets, load, _score, settings, log=lambda s: None, done=dict(saved),
+                          on_model=saved.__setitem__)
+    assert loaded == ["dir/a", "dir/b", "dir/b"]  # 'a' was not evaluated again
+    assert res["models"] == {"a": {"math": 0.5}, "b": {"math": 0.5}} and list(saved) == ["a", "b"]
