@@ -46,7 +46,8 @@ class GRPOLoss:
         logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"])  # (B, T)
         return compute_policy_loss(
             logprobs=logprobs,
-            old_logprobs=batch["old_logprobs"],
+            # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1
+            old_logprobs=batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach(),
             advantages=batch["advantages"],
             mask=batch["loss_mask"],
             ref_logprobs=batch.get("ref_logprobs"),
@@ -188,9 +189,11 @@ def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id, step) -
     minibatches = build_minibatches(samples, settings.mini_batches_per_step, settings.micro_batch_size,
                                     pad_id=pad_id, seed=settings.seed + step,
                                     max_len=settings.max_new_tokens * settings.max_turns)
+    on_policy = settings.epochs_per_step == 1 and len(minibatches) == 1
     for micro_batches in minibatches:
         for mb in micro_batches:
-            mb["old_logprobs"] = trainer.forward_logprobs(mb).detach()
+            if not on_policy:  # otherwise the loss uses its own detached log-probs (no extra forward)
+                mb["old_logprobs"] = trainer.forward_logprobs(mb).detach()
             if settings.kl_beta > 0:
                 if reference is None:
                     raise ValueError("kl_beta > 0 needs a reference model")

@@ -26,7 +26,7 @@ Imports torch and the stdlib only. All tensors are (B, T) and aligned with `inpu
   `compute_global_denominators`: pieces of a mini-batch divided by the whole mini-batch's
   denominators SUM to the whole batch's loss and gradient.
 
-`compute_token_logprobs` (chunked, see `experts.logprobs`) is re-exported here.
+`compute_token_logprobs` (chunked, see `engine.logprobs`) is re-exported here.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from experts.logprobs import compute_token_logprobs  # noqa: F401  (re-export)
+from engine.logprobs import compute_token_logprobs  # noqa: F401  (re-export)
 
 Tensor = torch.Tensor
 PolicyLossFn = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]

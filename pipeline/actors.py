@@ -153,14 +153,3 @@ class TrainerGroup:
             ray.kill(a)
         self.ranks = []
 
-
-def make_trainer(settings: TrainerSettings, model_dir: str | os.PathLike, num_ranks: int = 1, *,
-                 tokenizer_dir: str | os.PathLike | None = None, num_cpus_per_rank: float = 0.0,
-                 num_gpus_per_rank: float = 0.0):
-    """A local trainer for one rank, a `TrainerGroup` of Ray actors for several."""
-    if num_ranks == 1:
-        from engine.trainer import build_trainer
-
-        return build_trainer(settings, model_dir, tokenizer_dir=tokenizer_dir)
-    return TrainerGroup(settings, model_dir, num_ranks, tokenizer_dir=tokenizer_dir,
-                        num_cpus_per_rank=num_cpus_per_rank, num_gpus_per_rank=num_gpus_per_rank)

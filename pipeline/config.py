@@ -19,9 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from distill.opd_settings import OPDSettings
-from engine.trainer import TrainerSettings
+from engine.trainer_settings import TrainerSettings
 from experts.grpo_settings import GRPOSettings
-from experts.sft import SFTSettings
+from experts.sft_settings import SFTSettings
 
 
 class ConfigError(Exception):

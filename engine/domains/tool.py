@@ -20,6 +20,13 @@ Imperfect on purpose: in `WRONG_RATE` of the training demonstrations the final a
 reads the other field of a weather result (temp for wind, wind for temp): a well-formed
 episode whose call is right and whose answer is not, which the reward separates.
 
+Measured (tiny Qwen2 1.06M, 900k training tokens ~ one unloaded minute on 2 cores =
+154 steps of batch 64 at ~77 tokens; greedy on 128 held-out questions, multi-turn with
+this environment): mean score 0.40, 12.5% fully right; typical errors are a city or
+operand copied wrongly into the call and a final answer misread from the result.
+Without `day` it scored 0.87, on eval sets dominated by `add` and with weather values
+recited from memory per city rather than read from the result.
+
 `ToolEnvironment.execute(call_text)` parses the call with `rewards.tool_calls`, checks
 it against the schemas, runs the tools and returns their results (one line per call),
 or a line starting `error:` for a malformed or invalid call; output is bounded.

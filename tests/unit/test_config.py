@@ -16,9 +16,19 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_every_shipped_config_validates(path, monkeypatch):
+    """tiny.yaml fully; the GPU examples read data the user exports first, so for them
+    every check but "data file exists" must pass."""
     monkeypatch.chdir(ROOT)
-    cfg = load_config(path)
-    assert cfg.domains
+    if "examples" not in path.parts:
+        assert load_config(path).domains
+        return
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        others = [(p, r) for p, r in exc.errors if not (".data." in p and r.startswith("file not found"))]
+        assert not others, others
+        cfg = load_config(path, check_files=False)
+    assert cfg.domains and cfg.resources.num_gpus > 0
 
 
 def _write(tmp_path, raw):

@@ -109,7 +109,6 @@ def test_code_demonstrations_under_sandbox():
 
 def test_code_expression_precedence():
     assert code_domain.expression([("add", 3), ("multiply by", 2)]) == "(x+3)*2"
-    assert code_domain.expression([("add", 3), ("multiply by", 2)], drop_parens=True) == "x+3*2"
     assert code_domain.expression([("multiply by", 2), ("add", 3)]) == "x*2+3"
     assert code_domain.expression([("subtract", 4), ("mod", 3)]) == "(x-4)%3"
     assert code_domain.expression([("mod", 5), ("multiply by", 3)]) == "x%5*3"
@@ -118,6 +117,36 @@ def test_code_expression_precedence():
         for s2 in steps[::5]:
             fn = eval(f"lambda x: {code_domain.expression([s1, s2])}")
             assert all(fn(x) == code_domain.evaluate([s1, s2], x) for x in range(-6, 7)), (s1, s2)
+
+
+def test_code_folded_constants():
+    # add 3, multiply by 2: (x+3)*2 = x*2+6; add 4, subtract 9: x-5; multiply 4 then 6: x*24
+    assert code_domain.folded([("add", 3), ("multiply by", 2)]) == "x*2+6"
+    assert code_domain.folded([("subtract", 3), ("multiply by", 2)]) == "x*2-6"
+    assert code_domain.folded([("add", 4), ("subtract", 9)]) == "x-5"
+    assert code_domain.folded([("add", 4), ("subtract", 4)]) == "x"
+    assert code_domain.folded([("multiply by", 4), ("multiply by", 6)]) == "x*24"
+    assert code_domain.folded([("multiply by", 4), ("add", 6)]) is None
+    assert code_domain.folded([("mod", 4), ("add", 6)]) is None
+    steps = [(w, k) for w in code_domain.STEPS for k in code_domain.CONSTANTS]
+    pairs = [(s1, s2) for s1 in steps for s2 in steps if code_domain.folded([s1, s2])]
+    assert len(pairs) == 7 * 64  # (+-,+-) 4, (*,*) 1, (+-,*) 2 of 16 operator pairs
+    for s1, s2 in pairs:
+        fn = eval(f"lambda x: {code_domain.folded([s1, s2])}")
+        assert all(fn(x) == code_domain.evaluate([s1, s2], x) for x in range(-6, 7)), (s1, s2)
+    rows = get_domain("code").generate("train", 1500, seed=0)
+    literal = [r for r in rows if r["messages"][1]["content"] == f"def f(x): return {code_domain.expression(parse(r))}"]
+    foldable = [r for r in rows if code_domain.folded(parse(r))]
+    folded_share = 1 - sum(code_domain.folded(parse(r)) is not None for r in literal) / len(foldable)
+    assert abs(folded_share - code_domain.FOLD_RATE) < 0.06
+    evals = get_domain("code").generate("eval", 60, seed=0)
+    assert all(r["messages"][1]["content"] == f"def f(x): return {code_domain.expression(parse(r))}" for r in evals)
+
+
+def parse(row):
+    """The steps of a code prompt `f(x): add 3, multiply by 2`."""
+    text = row["messages"][0]["content"].removeprefix("f(x): ")
+    return [(part.rsplit(" ", 1)[0], int(part.rsplit(" ", 1)[1])) for part in text.split(", ")]
 
 
 def test_math_scratchpad_and_direct_demonstrations():

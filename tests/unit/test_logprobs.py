@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from experts.logprobs import compute_token_logprobs
+from engine.logprobs import compute_token_logprobs
 from experts.losses import compute_token_logprobs as reexported
 
 torch.set_num_threads(1)

@@ -1,0 +1,52 @@
+"""Trainer settings: how a stage's model is trained (torch-free, so configs load fast)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+BACKENDS = ("torch", "deepspeed")
+
+
+class TrainerSettings(BaseModel):
+    """How a stage's model is trained. Stage settings override the optimisation fields
+    through `with_overrides` (e.g. each stage's own `lr` and `steps`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["torch", "deepspeed"] = "torch"
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: PositiveInt | None = Field(None, description="optimiser steps; needed by linear/cosine")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 = no clipping")
+    seed: int = 0
+    deterministic: bool = True
+    logprob_chunk: int = Field(0, ge=0, description="positions per log-softmax chunk; 0 = all at once")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.schedule != "constant" and self.total_steps is None:
+            raise ValueError(f"schedule {self.schedule!r} needs total_steps")
+        if self.optimizer == "muon" and self.backend == "deepspeed" and (self.zero_stage or self.dtype != "fp32"):
+            raise ValueError("optimizer 'muon' under deepspeed needs zero_stage 0 and dtype fp32 "
+                             "(ZeRO and the bf16 optimizer flatten the 2-D matrices Muon works on)")
+        if self.backend == "torch" and self.zero_stage:
+            raise ValueError("zero_stage is a deepspeed setting; backend 'torch' needs zero_stage 0")
+        return self
+
+
+def with_overrides(settings: TrainerSettings, **fields: Any) -> TrainerSettings:
+    """A validated copy with some fields replaced (None values are ignored)."""
+    data = settings.model_dump()
+    data.update({k: v for k, v in fields.items() if v is not None})
+    return TrainerSettings.model_validate(data)
