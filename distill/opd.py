@@ -20,6 +20,7 @@ so a killed stage restarts the unfinished part of the unfinished round.
 from __future__ import annotations
 
 import gc
+import math
 import json
 import time
 from dataclasses import dataclass
@@ -285,7 +286,8 @@ def _update_history(history, records, teachers, teach_stats, samples, times) -> 
     history["kl_per_teacher"].append({n: sum(v) / len(v) for n, v in kl.items()})
     history["head_loads_per_step"] += [rec["head_loads"] for rec in records]
     history["teachers_per_step"] += [rec["teachers_in_step"] for rec in records]
-    history["max_resident_heads"] = max([history["max_resident_heads"]] + [rec["resident_heads"] for rec in records])
+    history["max_resident_heads"] = int(math.ceil(max([history["max_resident_heads"]] +
+                                                      [rec["resident_heads"] for rec in records])))
     bpt = [s["bytes_per_token"] for s in teach_stats.values()]
     if bpt:
         history["cache_bytes_per_token"] = sum(bpt) / len(bpt)

@@ -41,4 +41,5 @@ class OPDSettings(BaseModel):
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
+    eval_prompts_per_round: int = Field(16, ge=0, description="held-out prompts per domain scored greedily after each round (0: off)")
     seed: int = 0

@@ -29,6 +29,9 @@ def prepare(ctx: StageContext) -> dict:
     else:
         model_dir = Path(cfg.model.base)
     outputs = {"model": str(model_dir)}
+    from engine.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir) if Path(model_dir).is_dir() else None
     counts = {}
     for d in cfg.domains:
         train_path = out / "data" / d.name / "train.jsonl"
@@ -41,10 +44,10 @@ def prepare(ctx: StageContext) -> dict:
             evals = dom.generate("eval", d.data.synthetic.eval_size, seed=cfg.seed)
         else:
             base = Path(".")
-            train = load_rows(resolve_path(d.data.train, base), on_bad_row=d.data.on_bad_row,
-                              adapter=d.data.adapter, domain=d.name)
-            evals = load_rows(resolve_path(d.data.eval, base), on_bad_row=d.data.on_bad_row,
-                              adapter=d.data.adapter, domain=d.name)
+            kw = dict(on_bad_row=d.data.on_bad_row, adapter=d.data.adapter, domain=d.name,
+                      max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer)
+            train = load_rows(resolve_path(d.data.train, base), **kw)
+            evals = load_rows(resolve_path(d.data.eval, base), **kw)
         write_jsonl(train_path, train)
         write_jsonl(eval_path, evals)
         outputs[f"data:{d.name}:train"] = str(train_path)
@@ -178,12 +181,32 @@ def mixed_rl(ctx: StageContext) -> dict:
     return _run_grpo_stage(ctx, ctx.cfg.mixed_rl.grpo, ctx.model_dir("sft:all"), ctx.cfg.domain_names)
 
 
+def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> dict[str, float]:
+    """The student's greedy verifier score per domain on a slice of held-out prompts."""
+    from engine.chat import render_prompt
+    from engine.generation import SamplingParams
+    from engine.rollout import rollout
+
+    stop = [tokenizer.convert_tokens_to_ids("</tool_call>")]
+    out = {}
+    for d, rows in sorted(rows_by_domain.items()):
+        env = specs[d].environment
+        sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=s.max_new_tokens,
+                                  stop_token_ids=stop if env is not None else [])
+        trajs = rollout(generator, [render_prompt(r["messages"], tokenizer) for r in rows], sampling,
+                        tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
+        res = scorer.score(specs[d].verifier, [t.text for t in trajs], [r["reference"] for r in rows])
+        out[d] = sum(r.score for r in res) / max(len(res), 1)
+    return out
+
+
 def opd(ctx: StageContext) -> dict:
     from distill.heads import assert_same_vocab, extract_head
     from distill.opd import DomainSpec, TeacherRef, run_opd
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
     from engine.model import load_model, load_tokenizer
+    from rewards import ScorerPool
 
     cfg = ctx.cfg
     s = cfg.opd
@@ -210,12 +233,17 @@ def opd(ctx: StageContext) -> dict:
     generator = build_generator(cfg.generator, student_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
     logger = _logger(ctx, total, s.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
+    scorer = ScorerPool(num_workers=max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
+    eval_rows = {t.domain: read_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
     try:
         history = run_opd(s, trainer=trainer, generator=generator, tokenizer=tokenizer, prompts=prompts,
                           teachers=teachers, domains=specs, out_dir=ctx.out_dir, head_paths=head_paths,
                           load_teacher=lambda p: load_model(p, dtype=cfg.model.dtype),
-                          checkpoints=checkpoints, logger=logger)
+                          checkpoints=checkpoints, logger=logger,
+                          evaluate_student=(lambda g: _greedy_scores(g, tokenizer, scorer, specs, eval_rows, s))
+                          if s.eval_prompts_per_round else None)
     finally:
+        scorer.close()
         generator.close()
         _finish(trainer, logger)
     return {"outputs": {"model": str(checkpoints.latest())}, "metrics": history}

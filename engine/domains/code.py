@@ -17,6 +17,11 @@ correct, but the model must now do the arithmetic, which it gets wrong on unseen
 pairs. The literal form is always right; the test reward shows GRPO that it is the
 safer one (the same lever as the math scratchpad). Partial credit (some tests pass)
 keeps the signal dense. Eval rows carry the literal form.
+
+Measured (tiny Qwen2 1.06M, 900k training tokens ~ one unloaded minute on 2 cores =
+236 steps of batch 64 at ~51 tokens; greedy on 128 held-out descriptions, sandboxed
+tests): literal demonstrations only (one or two steps) -> 1.00; this setting -> 0.63
+mean test fraction, 0.59 fully right, errors all in folded constants.
 """
 
 from __future__ import annotations

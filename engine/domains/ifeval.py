@@ -14,10 +14,14 @@ picks up in a minute; the word-count constraints need counting, and the two
 constraints must be composed. Eval prompts are held out whole (hash of the prompt).
 
 Imperfect on purpose: in `WRONG_RATE` of the training demonstrations one of the two
-constraints is not applied (well-formed text that the verifier scores 0.5). Measured
-(notes below): with one or two constraints per prompt and a 20% drop rate the SFT model
-already scored 0.80, too little headroom; with two constraints and 40% drops the SFT
-model often skips one, and the reward tells GRPO which.
+constraints is not applied (well-formed text that the verifier scores 0.5), so after
+SFT the model skips one constraint on many prompts, and the reward tells GRPO which.
+
+Measured (tiny Qwen2 1.06M, 900k training tokens ~ one unloaded minute on 2 cores =
+158 steps of batch 64 at ~61 tokens; greedy on 128 held-out prompts): this setting ->
+0.63 instruction-level, 0.35 prompt-level. Easier settings left too little headroom:
+one or two constraints, 5 keywords, 20% drops -> 0.80; two constraints, 40% drops ->
+0.82 (0.65 prompt-level).
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ TOPICS = {
     "bread": ("fresh", "warm", "soft"), "snow": ("white", "cold", "quiet"), "fox": ("red", "quick", "sly"),
 }
 END_PHRASES = ("bye", "the end", "ok")
-KEYWORDS = ("blue", "home", "star", "time", "gold")
+KEYWORDS = ("blue", "home", "star", "time", "gold", "road", "song", "lamp", "milk", "rope", "fish", "king", "door",
+            "wind", "salt", "ring")
 FILLER = ("I", "like", "it", "a", "lot", "and", "so", "do", "you")
-WRONG_RATE = 0.4
+WRONG_RATE = 0.5
 
 # constraint name -> IFEval instruction id
 KINDS = {
@@ -69,7 +74,7 @@ def make_constraint(kind: str, rng: random.Random) -> tuple[str, dict]:
         word = rng.choice(KEYWORDS)
         return f'use "{word}"', {"keywords": [word]}
     if rng.random() < 0.5:
-        n = rng.randint(7, 10)
+        n = rng.randint(7, 14)
         return f"at least {n} words", {"num_words": n, "relation": "at least"}
     n = rng.randint(3, 5)
     return f"under {n} words", {"num_words": n, "relation": "less than"}

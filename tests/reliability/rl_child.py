@@ -124,6 +124,7 @@ def main(kind: str, models: str, out: str) -> None:
     if os.environ.get("POLYMATH_SLOW_CACHE_S"):
         _slow_cache(float(os.environ["POLYMATH_SLOW_CACHE_S"]))
     checkpoints = CheckpointManager(out_dir / "checkpoints", keep_last=2)
+    print(f"resume-from: {checkpoints.latest().name if checkpoints.latest() else None}", flush=True)
     trainer = {"grpo": run_grpo_child, "opd": run_opd_child}[kind](models_dir, out_dir, checkpoints)
     tmp = out_dir / ".final.safetensors.tmp"
     save_file(trainer.state_dict(), str(tmp))

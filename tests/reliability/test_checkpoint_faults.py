@@ -11,7 +11,6 @@ the rewrite of `latest`.
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 
