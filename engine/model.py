@@ -73,9 +73,26 @@ def materialize_tiny(spec: TinySpec, out_dir: str | os.PathLike, seed: int) -> P
     return out
 
 
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of an HF directory, honouring the class its tokenizer_config declares.
+
+    transformers 5 `AutoTokenizer` maps every `qwen2` config to `Qwen2Tokenizer`, which
+    rebuilds a byte-level pre-tokenizer around the vocabulary and silently drops the tiny
+    character tokenizer's spaces. A directory that declares a generic `tokenizers`
+    backend is therefore loaded as that backend; everything else goes through
+    `AutoTokenizer`.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = Path(path) / "tokenizer_config.json"
+    declared = json.loads(cfg_path.read_text()).get("tokenizer_class") if cfg_path.is_file() else None
+    if declared in GENERIC_TOKENIZER_CLASSES and (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -127,14 +127,14 @@ def test_deeply_nested_json_line_is_a_bad_row_not_a_crash(tmp_path, fault_log):
     assert [b.line for b in result.bad] == [2]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/stage_impl.py `prepare` never passes data.max_prompt_tokens to "
-                   "load_rows: over-long prompts reach training (README Findings)")
-def test_prepare_enforces_max_prompt_tokens(tmp_path, fault_log):
+def test_prepare_enforces_max_prompt_tokens(tmp_path, caplog, fault_log):
     path, cfg = _config(tmp_path, "skip")
     (tmp_path / "train.jsonl").write_text(json.dumps(row(0)) + "\n" + json.dumps(row(1, prompt="y" * 2000)) + "\n")
-    fault_log("2000-character prompt under max_prompt_tokens=512 (prepare)", "undetected")
-    manifest = run_stage(cfg, str(path), "prepare")
+    with caplog.at_level(logging.WARNING, logger="engine.data"):
+        manifest = run_stage(cfg, str(path), "prepare")
     assert manifest["metrics"]["rows"]["math"]["train"] == 1
+    assert f"{tmp_path / 'train.jsonl'}:2: prompt too long" in caplog.text
+    fault_log("2000-character prompt over max_prompt_tokens=512 (prepare)", "detected")
 
 
 @pytest.mark.xfail(strict=True, reason="a reference missing the verifier's fields ({} for math) passes loading; "
