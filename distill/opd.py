@@ -147,9 +147,15 @@ def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domai
 
 def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[TeacherRef], cache_dir: Path, *,
                 load_teacher, pad_id: int) -> dict:
-    """Each teacher in turn (one model resident) prefills the samples routed to it."""
+    """Each teacher in turn (one model resident) prefills the samples routed to it.
+    Temporary directories of writes killed earlier (`.teacher-NNN.tmp-*`, `.old-*`) are
+    removed first: the reader ignores them, but they would hold their disk space forever."""
+    import shutil
+
     from distill.cache import teacher_cache_complete, write_teacher_cache
 
+    for stale in [*cache_dir.glob(".teacher-*.tmp-*"), *cache_dir.glob(".teacher-*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     stats = {}
     for t in teachers:
         if teacher_cache_complete(cache_dir, t.index):
@@ -236,8 +242,9 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
                      "teachers_per_step": [], "max_resident_heads": 0, "cache_bytes_per_token": None,
                      "time": {"rollout": 0.0, "teach": 0.0, "train": 0.0}}
     start_round, step = 0, 0
-    if checkpoints is not None and checkpoints.latest() is not None:
-        extra = trainer.load_checkpoint(checkpoints.latest())
+    resume = checkpoints.latest() if checkpoints is not None else None  # verified (checksums)
+    if resume is not None:
+        extra = trainer.load_checkpoint(resume)
         start_round, step, history = extra["round"], extra["step"], extra["history"]
         for d, st in extra["streams"].items():
             streams[d].load_state_dict(st)

@@ -3,8 +3,8 @@
 A row is `{"id", "domain", "messages", "reference"}` (docs/CONTRACTS.md). `read_rows`
 checks every row and records each bad one with its file and line (parquet: row number):
 not UTF-8, not JSON, not an object, a missing or mistyped field, an unknown role, an
-empty prompt, a prompt over `max_prompt_tokens`, a duplicate id, or an adapter that
-rejects the record. `on_bad_row="skip"` drops them (and logs a summary),
+empty prompt, a prompt over `max_prompt_tokens`, a duplicate id, an adapter that
+rejects the record, or a reference the domain's verifier rejects (`check_reference`). `on_bad_row="skip"` drops them (and logs a summary),
 `on_bad_row="error"` raises `DataError` listing them all.
 
 Departure from a plain `datasets.load_dataset("json")`: JSONL is parsed line by line
@@ -119,6 +119,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as exc:
                 yield lineno, None, f"bad JSON: {exc.msg} (column {exc.colno})"
+            except RecursionError:  # has no .msg/.colno
+                yield lineno, None, "bad JSON: nested too deeply"
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -148,8 +150,11 @@ def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def read_rows(path: str | os.PathLike, *, adapter: str | Callable[..., dict] | None = None,
-              domain: str | None = None, max_prompt_tokens: int | None = None, tokenizer=None) -> LoadResult:
-    """Every valid row of `path` (after `adapter`) and every bad one with its line."""
+              domain: str | None = None, max_prompt_tokens: int | None = None, tokenizer=None,
+              check_reference: Callable[[dict], str | None] | None = None) -> LoadResult:
+    """Every valid row of `path` (after `adapter`) and every bad one with its line.
+    `check_reference(reference) -> reason | None` (the domain verifier's own check,
+    `rewards.check_reference`) makes a reference the verifier cannot use a bad row."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"row file not found: {path}")
@@ -167,6 +172,8 @@ def read_rows(path: str | os.PathLike, *, adapter: str | Callable[..., dict] | N
                 problem = f"adapter rejected the record: {type(exc).__name__}: {exc}"
         if problem is None:
             problem = row_problem(record, max_prompt_tokens, tokenizer)
+        if problem is None and check_reference is not None:
+            problem = check_reference(record["reference"])
         if problem is None and record["id"] in ids:
             problem = f"duplicate id {record['id']!r}"
         if problem is not None:
@@ -178,11 +185,13 @@ def read_rows(path: str | os.PathLike, *, adapter: str | Callable[..., dict] | N
 
 
 def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip", adapter=None, domain: str | None = None,
-              max_prompt_tokens: int | None = None, tokenizer=None, max_listed: int = 20) -> list[dict]:
+              max_prompt_tokens: int | None = None, tokenizer=None, check_reference=None,
+              max_listed: int = 20) -> list[dict]:
     """The valid rows of `path`; bad rows are skipped (logged) or fatal, per `on_bad_row`."""
     if on_bad_row not in POLICIES:
         raise ValueError(f"on_bad_row must be one of {POLICIES}, got {on_bad_row!r}")
-    result = read_rows(path, adapter=adapter, domain=domain, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer)
+    result = read_rows(path, adapter=adapter, domain=domain, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer,
+                       check_reference=check_reference)
     if result.bad:
         listed = "\n  ".join(str(b) for b in result.bad[:max_listed])
         more = f"\n  ... and {len(result.bad) - max_listed} more" if len(result.bad) > max_listed else ""

@@ -153,8 +153,9 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
     out_dir = Path(out_dir)
     stream = PromptStream(train_rows, seed=settings.seed)
     start = 0
-    if checkpoints is not None and checkpoints.latest() is not None:
-        extra = trainer.load_checkpoint(checkpoints.latest())
+    resume = checkpoints.latest() if checkpoints is not None else None  # verified (checksums)
+    if resume is not None:
+        extra = trainer.load_checkpoint(resume)
         stream.load_state_dict(extra["prompt_stream"])
         start = extra["step"]
         generator.load_weights(trainer.state_dict())

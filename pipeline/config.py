@@ -3,9 +3,11 @@
 Every section maps one-to-one onto a pydantic model with `extra="forbid"`; stage
 settings (`SFTSettings`, `GRPOSettings`, `OPDSettings`, `TrainerSettings`) live next to
 the code that uses them and are composed here. `load_config` applies dotted overrides
-(`domains.math.grpo.lr=1e-5`, `opd.rounds=3`), validates, then runs the checks that need
-the file system or the registries (data files exist, verifiers are known, teachers share
-the student's vocabulary); every problem is reported as `<yaml.path>: <reason>`.
+(`domains.math.grpo.lr=1e-5`, `opd.rounds=3`), validates, then runs the checks across
+sections (`cross_errors`: unique domain names, teachers of existing domains, GPU backends
+with GPUs) and those that need the file system or the registries (data files exist,
+verifiers are known, teachers share the student's vocabulary); every problem is
+reported as `<yaml.path>: <reason>`, list items by index (`opd.teachers[0].domain`).
 """
 
 from __future__ import annotations
@@ -147,23 +149,6 @@ class ExperimentConfig(Frozen):
     resources: ResourcesConfig = ResourcesConfig()
     logging: LoggingConfig = LoggingConfig()
 
-    @model_validator(mode="after")
-    def _cross(self):
-        names = [d.name for d in self.domains]
-        if len(set(names)) != len(names):
-            raise ValueError(f"domain names must be unique, got {names}")
-        for t in self.opd.teachers or []:
-            if t.domain not in names:
-                raise ValueError(f"opd teacher domain {t.domain!r} is not one of {names}")
-        init = self.opd.student_init
-        if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
-            raise ValueError(f"opd.student_init {init!r}: no such domain")
-        if self.generator.backend == "vllm" and self.resources.num_gpus == 0:
-            raise ValueError("generator.backend 'vllm' needs resources.num_gpus > 0 (vLLM is GPU only)")
-        if self.trainer.device == "cuda" and self.resources.num_gpus == 0:
-            raise ValueError("trainer.device 'cuda' needs resources.num_gpus > 0")
-        return self
-
     # derived values
     @property
     def run_path(self) -> Path:
@@ -263,11 +248,33 @@ def load_config(path: str | Path, overrides: list[str] = (), check_files: bool =
         errors = [(format_loc(e["loc"]), e["msg"]) for e in exc.errors()]
         errors += _semantic_errors_raw(raw, Path(path).parent) if check_files else []
         raise ConfigError(errors) from None
+    errors = cross_errors(cfg)
     if check_files:
-        errors = semantic_errors(cfg, Path(path).parent)
-        if errors:
-            raise ConfigError(errors)
+        errors += semantic_errors(cfg, Path(path).parent)
+    if errors:
+        raise ConfigError(errors)
     return cfg
+
+
+def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Checks across sections (unique domains, teachers and student init name domains,
+    GPU-only backends have GPUs), each at the YAML path of the offending item."""
+    errors: list[tuple[str, str]] = []
+    names = cfg.domain_names
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            errors.append((f"domains[{i}].name", f"duplicate domain name {name!r} (also domains[{names.index(name)}])"))
+    for i, t in enumerate(cfg.opd.teachers or []):
+        if t.domain not in names:
+            errors.append((f"opd.teachers[{i}].domain", f"{t.domain!r} is not one of the domains {names}"))
+    init = cfg.opd.student_init
+    if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
+        errors.append(("opd.student_init", f"{init!r}: no such domain; domains: {names}"))
+    if cfg.generator.backend == "vllm" and cfg.resources.num_gpus == 0:
+        errors.append(("generator.backend", "'vllm' needs resources.num_gpus > 0 (vLLM is GPU only)"))
+    if cfg.trainer.device == "cuda" and cfg.resources.num_gpus == 0:
+        errors.append(("trainer.device", "'cuda' needs resources.num_gpus > 0"))
+    return errors
 
 
 def resolve_path(p: str, base: Path) -> Path:
@@ -326,30 +333,48 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
 
 
-def _vocab_signature(model_dir: Path) -> tuple[int, str] | None:
-    """(vocab_size, hash of the tokenizer vocabulary) of a local HF directory."""
+def _vocab_digest(tokenizer_json: dict) -> str:
+    """Hash of a `tokenizer.json`'s vocabulary and added tokens (ids and contents)."""
     import hashlib
 
+    model = tokenizer_json.get("model", {})
+    added = tokenizer_json.get("added_tokens", [])
+    return hashlib.sha256(json.dumps([model.get("vocab"), [(a["id"], a["content"]) for a in added]],
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _vocab_signature(model_dir: Path) -> tuple[int, str] | None:
+    """(vocab_size, hash of the tokenizer vocabulary) of a local HF directory."""
     cfg = model_dir / "config.json"
     tok = model_dir / "tokenizer.json"
     if not cfg.is_file() or not tok.is_file():
         return None
     vocab_size = json.loads(cfg.read_text()).get("vocab_size")
-    model = json.loads(tok.read_text()).get("model", {})
-    added = json.loads(tok.read_text()).get("added_tokens", [])
-    digest = hashlib.sha256(json.dumps([model.get("vocab"), [(a["id"], a["content"]) for a in added]],
-                                       sort_keys=True).encode()).hexdigest()
-    return vocab_size, digest
+    return vocab_size, _vocab_digest(json.loads(tok.read_text()))
+
+
+def _tiny_vocab_signature() -> tuple[int, str]:
+    """The signature `_vocab_signature` takes of a `model.base: tiny` student once built:
+    the tiny tokenizer, its size rounded up to `TinySpec.vocab_multiple` (engine.model)."""
+    from engine.model import TinySpec
+    from engine.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    multiple = TinySpec().vocab_multiple
+    return -(-len(tok) // multiple) * multiple, _vocab_digest(json.loads(tok.backend_tokenizer.to_str()))
 
 
 def _vocab_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """External teachers must share the student's tokenizer and vocabulary."""
     errors = []
-    student_dir = Path(cfg.model.tokenizer or cfg.model.base)
-    student = _vocab_signature(student_dir) if cfg.model.base != "tiny" else None
-    for i, t in enumerate(cfg.opd.teachers or []):
-        if t.path is None:
-            continue
+    teachers = [(i, t) for i, t in enumerate(cfg.opd.teachers or []) if t.path is not None]
+    if not teachers:
+        return errors
+    if cfg.model.base == "tiny":
+        student = _tiny_vocab_signature()
+    else:
+        student = _vocab_signature(Path(cfg.model.tokenizer or cfg.model.base))
+    for i, t in teachers:
         where = f"opd.teachers[{i}].path"
         if not Path(t.path).is_dir():
             errors.append((where, f"teacher checkpoint not found: {t.path}"))
@@ -358,12 +383,9 @@ def _vocab_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         if sig is None:
             errors.append((where, "no config.json/tokenizer.json in the teacher checkpoint"))
         elif student is not None and sig != student:
-            errors.append((where, f"teacher vocabulary (size {sig[0]}) differs from the student's (size {student[0]})"))
-        elif student is None and cfg.model.base == "tiny":
-            from engine.tokenizer import build_tiny_tokenizer
-
-            if sig[0] is not None and sig[0] < len(build_tiny_tokenizer()):
-                errors.append((where, "teacher vocabulary is smaller than the tiny student's tokenizer"))
+            same = ": same size, different tokens" if sig[0] == student[0] else ""
+            errors.append((where, f"teacher vocabulary (size {sig[0]}) differs from the student's "
+                                  f"(size {student[0]}){same}"))
     return errors
 
 

@@ -43,9 +43,14 @@ def prepare(ctx: StageContext) -> dict:
             train = dom.generate("train", d.data.synthetic.train_size, seed=cfg.seed)
             evals = dom.generate("eval", d.data.synthetic.eval_size, seed=cfg.seed)
         else:
+            from functools import partial
+
+            from rewards import check_reference
+
             base = Path(".")
             kw = dict(on_bad_row=d.data.on_bad_row, adapter=d.data.adapter, domain=d.name,
-                      max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer)
+                      max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer,
+                      check_reference=partial(check_reference, d.verifier))
             train = load_rows(resolve_path(d.data.train, base), **kw)
             evals = load_rows(resolve_path(d.data.eval, base), **kw)
         write_jsonl(train_path, train)

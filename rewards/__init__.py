@@ -13,6 +13,7 @@ _EXPORTS = {
     "register": "rewards.registry",
     "get_verifier": "rewards.registry",
     "known_verifiers": "rewards.registry",
+    "check_reference": "rewards.registry",
     "score_batch": "rewards.batch",
     "ScorerPool": "rewards.batch",
     "parse_tool_calls": "rewards.tool_calls",

@@ -31,7 +31,7 @@ import signal
 from typing import Any
 
 from rewards import sandbox
-from rewards.registry import RewardResult, register
+from rewards.registry import RewardResult, register, register_reference_check
 from rewards.sandbox import SandboxOutcome, run_python
 from rewards.sandbox_isolation import SandboxLimits
 
@@ -158,12 +158,23 @@ def _limits_from(options: dict[str, Any]) -> SandboxLimits:
     return SandboxLimits(**{k: v for k, v in options.items() if k in keys})
 
 
+@register_reference_check("code")
+def reference_problem(reference: Any) -> str | None:
+    tests = reference.get("tests") if isinstance(reference, dict) else None
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        return f"code reference must have a non-empty list of strings 'tests', got {reference!r:.200}"
+    if not isinstance(reference.get("setup") or "", str):
+        return f"code reference 'setup' must be a string, got {type(reference['setup']).__name__}"
+    return None
+
+
 @register("code")
 def code_verifier(completion: str, reference: dict[str, Any], **options: Any) -> RewardResult:
     """Fraction of `reference["tests"]` the sandboxed program passes."""
-    tests = reference.get("tests") if isinstance(reference, dict) else None
-    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
-        raise ValueError(f"code reference must have a non-empty list of strings 'tests', got {reference!r}")
+    problem = reference_problem(reference)
+    if problem:
+        raise ValueError(problem)
+    tests = reference["tests"]
     setup = reference.get("setup") or ""
     all_or_nothing = bool(options.get("all_or_nothing", reference.get("all_or_nothing", False)))
     limits = _limits_from(options)

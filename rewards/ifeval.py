@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from rewards.ifeval_checks import CHECKERS
-from rewards.registry import RewardResult, register
+from rewards.registry import RewardResult, register, register_reference_check
 
 MODES = ("strict_instruction", "strict_prompt", "loose_instruction", "loose_prompt")
 
@@ -40,14 +40,29 @@ def check_instruction(instruction_id: str, kwargs: dict[str, Any], response: str
         raise ValueError(f"ifeval instruction {instruction_id!r}: bad kwargs {args!r}: {exc}") from None
 
 
-@register("ifeval")
-def ifeval_verifier(completion: str, reference: dict[str, Any], mode: str = "strict_instruction", **_: Any) -> RewardResult:
+@register_reference_check("ifeval")
+def reference_problem(reference: Any) -> str | None:
     ids = reference.get("instruction_id_list") if isinstance(reference, dict) else None
     if not isinstance(ids, list) or not ids:
-        raise ValueError(f"ifeval reference needs a non-empty 'instruction_id_list', got {reference!r}")
+        return f"ifeval reference needs a non-empty 'instruction_id_list', got {reference!r:.200}"
+    unknown = [i for i in ids if not isinstance(i, str) or i not in CHECKERS]
+    if unknown:
+        return f"unknown ifeval instruction {unknown[0]!r:.100}; known: {', '.join(sorted(CHECKERS))}"
     kwargs = reference.get("kwargs") or [{} for _ in ids]
-    if len(kwargs) != len(ids):
-        raise ValueError(f"ifeval reference: {len(ids)} instruction ids but {len(kwargs)} kwargs")
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids):
+        return f"ifeval reference: {len(ids)} instruction ids but kwargs is {kwargs!r:.200}"
+    if not all(kw is None or isinstance(kw, dict) for kw in kwargs):
+        return "ifeval reference: each kwargs entry must be an object or null"
+    return None
+
+
+@register("ifeval")
+def ifeval_verifier(completion: str, reference: dict[str, Any], mode: str = "strict_instruction", **_: Any) -> RewardResult:
+    problem = reference_problem(reference)
+    if problem:
+        raise ValueError(problem)
+    ids = reference["instruction_id_list"]
+    kwargs = reference.get("kwargs") or [{} for _ in ids]
     if mode not in MODES:
         raise ValueError(f"ifeval mode must be one of {MODES}, got {mode!r}")
     variants = loose_variants(completion)

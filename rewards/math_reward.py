@@ -13,6 +13,10 @@ main thread, so it is switched off here (`parsing_timeout=None, timeout_seconds=
 time is bounded by `score_batch`, which runs verifiers in worker processes it can kill.
 When math-verify can parse neither side (plain words such as "Paris"), the answers are
 compared as normalised strings instead (`info["compare"] = "string"`).
+An extracted answer longer than `max(MAX_ANSWER_CHARS, 2 * len(gold))` or nested deeper
+than `MAX_ANSWER_DEPTH` brackets scores 0 without reaching sympy: a `\boxed{}` holding
+2,000 nested `\frac{1}{` or 50k nested braces otherwise runs until the pool's per-item
+timeout kills the worker, which a policy that learns to emit them would pay every step.
 """
 
 from __future__ import annotations
@@ -21,11 +25,37 @@ import logging
 import re
 from typing import Any
 
-from rewards.registry import RewardResult, register
+from rewards.registry import RewardResult, register, register_reference_check
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS_RE = re.compile(r"(?:(?:the\s+)?(?:final\s+)?answer\s+is|final\s+answer\s*:)\s*:?\s*", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+MAX_ANSWER_CHARS = 256
+MAX_ANSWER_DEPTH = 50
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest nesting of (), [] and {} in `text` (unbalanced closers ignored)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}" and depth:
+            depth -= 1
+    return deepest
+
+
+def _too_complex(answer: str, gold: str) -> str | None:
+    """Why `answer` is not worth handing to math-verify/sympy, or None."""
+    if len(answer) > max(MAX_ANSWER_CHARS, 2 * len(gold)):
+        return f"extracted answer too long ({len(answer)} chars)"
+    depth = _nesting_depth(answer)
+    if depth > max(MAX_ANSWER_DEPTH, _nesting_depth(gold)):
+        return f"extracted answer nested too deeply (depth {depth})"
+    return None
 
 
 def _matched_brace(text: str, open_idx: int) -> int | None:
@@ -96,16 +126,28 @@ def answers_match(gold: str, answer: str) -> tuple[bool, str]:
     return False, "math_verify"
 
 
+@register_reference_check("math")
+def reference_problem(reference: Any) -> str | None:
+    if not isinstance(reference, dict) or "answer" not in reference:
+        return f"math reference must be a dict with an 'answer' field, got {reference!r:.200}"
+    return None
+
+
 @register("math")
 def math_verifier(completion: str, reference: dict[str, Any], **_: Any) -> RewardResult:
     """1.0 when the extracted final answer equals `reference["answer"]`, else 0.0."""
-    if not isinstance(reference, dict) or "answer" not in reference:
-        raise ValueError(f"math reference must be a dict with an 'answer' field, got {reference!r}")
+    problem = reference_problem(reference)
+    if problem:
+        raise ValueError(problem)
     gold = str(reference["answer"]).strip()
     answer, rule = extract_answer(completion)
     info: dict[str, Any] = {"rule": rule, "extracted": answer, "gold": gold}
     if answer is None:
         info["reason"] = "no final answer found"
+        return RewardResult(0.0, info)
+    too_complex = _too_complex(answer, gold)
+    if too_complex:
+        info.update(reason=too_complex, extracted=answer[:200])
         return RewardResult(0.0, info)
     equal, how = answers_match(gold, answer)
     info["compare"] = how

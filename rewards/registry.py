@@ -3,6 +3,9 @@
 A verifier is `(completion: str, reference: dict, **options) -> RewardResult`. Built-in
 verifiers live in their own modules and register themselves on import; `get_verifier`
 imports them lazily, so `import rewards` stays cheap (no math-verify, no sympy).
+Next to a verifier its module may register a reference check, `(reference) -> reason |
+None`, the same test the verifier applies before scoring: `check_reference` lets data
+loading reject a row whose reference no completion could ever score against.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ _BUILTIN_MODULES = (
 )
 
 _REGISTRY: dict[str, Callable[..., "RewardResult"]] = {}
+_REFERENCE_CHECKS: dict[str, Callable[[Any], "str | None"]] = {}
 _builtins_loaded = False
 
 
@@ -59,6 +63,17 @@ def register(name: str) -> Callable[[Verifier], Verifier]:
     return deco
 
 
+def register_reference_check(name: str) -> Callable[[Callable[[Any], str | None]], Callable[[Any], str | None]]:
+    """Decorator: register `check(reference) -> reason | None` for verifier `name`; once per name."""
+    def deco(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+        if name in _REFERENCE_CHECKS:
+            raise ValueError(f"reference check for {name!r} is already registered (by {_REFERENCE_CHECKS[name].__module__})")
+        _REFERENCE_CHECKS[name] = check
+        return check
+
+    return deco
+
+
 def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
@@ -79,3 +94,11 @@ def get_verifier(name: str) -> Verifier:
         return _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown verifier {name!r}; known verifiers: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def check_reference(verifier: str, reference: Any) -> str | None:
+    """Why `verifier` cannot score against `reference`, or None (also for a verifier
+    without a registered check). An unknown verifier is a KeyError listing the known ones."""
+    get_verifier(verifier)
+    check = _REFERENCE_CHECKS.get(verifier)
+    return None if check is None else check(reference)

@@ -22,7 +22,7 @@ import math
 import re
 from typing import Any
 
-from rewards.registry import RewardResult, register
+from rewards.registry import RewardResult, register, register_reference_check
 from rewards.tool_calls import ToolCall, final_answer, try_parse_tool_calls
 
 _JSON_TYPES = {
@@ -108,10 +108,25 @@ def answer_matches(reference: Any, text: str) -> bool:
     return bool(nums) and math.isclose(float(nums[-1]), ref, rel_tol=1e-6, abs_tol=1e-9)
 
 
+@register_reference_check("tool")
+def reference_problem(reference: Any) -> str | None:
+    if not isinstance(reference, dict) or not isinstance(reference.get("calls"), list):
+        return f"tool reference needs a 'calls' list, got {reference!r:.200}"
+    for j, call in enumerate(reference["calls"]):
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) \
+                or not isinstance(call.get("arguments", {}), dict):
+            return f"tool reference calls[{j}] must be {{name: str, arguments: object}}, got {call!r:.200}"
+    tools = reference.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return f"tool reference 'tools' must be a list of objects, got {tools!r:.200}"
+    return None
+
+
 @register("tool")
 def tool_verifier(completion: str, reference: dict[str, Any], calls_weight: float = 0.5, **_: Any) -> RewardResult:
-    if not isinstance(reference, dict) or not isinstance(reference.get("calls"), list):
-        raise ValueError(f"tool reference needs a 'calls' list, got {reference!r}")
+    problem = reference_problem(reference)
+    if problem:
+        raise ValueError(problem)
     tools = reference.get("tools")
     calls, error = try_parse_tool_calls(completion, tools)
     if error:

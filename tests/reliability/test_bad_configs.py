@@ -154,14 +154,14 @@ CASES = [
     ("override_into_scalar", None, ["seed.value=3"], "seed.value"),
 ]
 
-# Rejected today, but the message does not name the YAML path (cross-field checks in
-# `ExperimentConfig._cross` are reported at `<root>`); see README "Findings".
-PATH_NOT_NAMED = {
+# Cross-field checks (`pipeline.config.cross_errors`), named at the offending item's path
+# (README Findings 4: were reported at `<root>`).
+CROSS_FIELD = {
     "duplicate_domain_names": (_duplicate_domain, "domains[4].name"),
     "opd_teacher_missing_domain": (_set("opd.teachers", [{"domain": "chess"}]), "opd.teachers[0].domain"),
 }
-# Not rejected at all today; see README "Findings".
-NOT_REJECTED = {
+# A tiny student's vocabulary compared by tokens, not only size (README Findings 5: was accepted).
+OTHER_VOCAB_TINY_STUDENT = {
     "teacher_other_vocab_tiny_student": (_external_teacher("larger_other_tokens_tiny_base"), "opd.teachers[0].path"),
 }
 
@@ -194,24 +194,34 @@ def test_malformed_config_rejected_naming_the_yaml_path(case, mutate, overrides,
     fault_log(f"config: {case}", "detected")
 
 
-@pytest.mark.xfail(strict=True, reason="rejected, but reported at `<root>` instead of the YAML path: "
-                   "ExperimentConfig._cross raises plain ValueErrors (README Findings)")
-@pytest.mark.parametrize("case", sorted(PATH_NOT_NAMED))
+@pytest.mark.parametrize("case", sorted(CROSS_FIELD))
 def test_cross_field_errors_name_the_yaml_path(case, tmp_path, fault_log):
-    mutate, where = PATH_NOT_NAMED[case]
-    err = _rejected(_write(tmp_path, mutate), [])  # rejected: this part passes today
-    fault_log(f"config: {case}", "detected")
-    assert where in str(err), err.errors
-
-
-@pytest.mark.xfail(strict=True, reason="a tiny student's vocabulary is only compared by size with an external "
-                   "teacher's: a teacher with as many or more but different tokens is accepted (README Findings)")
-@pytest.mark.parametrize("case", sorted(NOT_REJECTED))
-def test_external_teacher_with_another_vocabulary_rejected_for_a_tiny_student(case, tmp_path, fault_log):
-    mutate, where = NOT_REJECTED[case]
-    fault_log(f"config: {case}", "undetected")
+    mutate, where = CROSS_FIELD[case]
     err = _rejected(_write(tmp_path, mutate), [])
-    assert where in str(err)
+    assert where in [p for p, _ in err.errors], err.errors
+    fault_log(f"config: {case}", "detected")
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_VOCAB_TINY_STUDENT))
+def test_external_teacher_with_another_vocabulary_rejected_for_a_tiny_student(case, tmp_path, fault_log):
+    mutate, where = OTHER_VOCAB_TINY_STUDENT[case]
+    err = _rejected(_write(tmp_path, mutate), [])
+    assert where in [p for p, _ in err.errors], err.errors
+    fault_log(f"config: {case}", "detected")
+
+
+def test_external_teacher_built_as_tiny_accepted_for_a_tiny_student(tmp_path):
+    """The other side of the vocabulary check: a teacher checkpoint with the tiny tokenizer
+    (config vocab_size padded to a multiple of 8, as `materialize_tiny` writes) passes."""
+    def mutate(raw, tmp):
+        teacher = _tiny_vocab_dir(tmp / "teacher")
+        config = json.loads((teacher / "config.json").read_text())
+        config["vocab_size"] = -(-config["vocab_size"] // 8) * 8
+        (teacher / "config.json").write_text(json.dumps(config))
+        raw["opd"]["teachers"] = [{"domain": "math", "path": str(teacher)}]
+
+    cfg = load_config(_write(tmp_path, mutate))
+    assert cfg.opd.teachers[0].path == str(tmp_path / "teacher")
 
 
 @pytest.mark.parametrize("text,reason", [("domains: [a, b\n", "not valid YAML"),

@@ -117,14 +117,13 @@ def test_huge_row_is_counted_in_bounded_time(tmp_path, fault_log):
     fault_log("terminal escape sequences in a prompt", "detected")
 
 
-@pytest.mark.xfail(strict=True, reason="engine/data.py `_jsonl_records` catches only JSONDecodeError: a deeply "
-                   "nested line raises RecursionError out of read_rows (README Findings)")
 def test_deeply_nested_json_line_is_a_bad_row_not_a_crash(tmp_path, fault_log):
     path = tmp_path / "deep.jsonl"
     path.write_bytes(_line(row(0)) + b"\n" + b"[" * 100_000 + b"]" * 100_000 + b"\n")
-    fault_log("JSON nested 100k deep in a data row", "undetected")
     result = read_rows(path)
     assert [b.line for b in result.bad] == [2]
+    assert result.bad[0].reason == "bad JSON: nested too deeply"
+    fault_log("JSON nested 100k deep in a data row", "detected")
 
 
 def test_prepare_enforces_max_prompt_tokens(tmp_path, caplog, fault_log):
@@ -137,11 +136,42 @@ def test_prepare_enforces_max_prompt_tokens(tmp_path, caplog, fault_log):
     fault_log("2000-character prompt over max_prompt_tokens=512 (prepare)", "detected")
 
 
-@pytest.mark.xfail(strict=True, reason="a reference missing the verifier's fields ({} for math) passes loading; "
-                   "every sample of it then scores 0 as a 'verifier error' in training (README Findings)")
 def test_reference_missing_verifier_fields_is_a_bad_row(tmp_path, fault_log):
     path, cfg = _config(tmp_path, "error")
     (tmp_path / "train.jsonl").write_text(json.dumps(row(0)) + "\n" + json.dumps(row(1, reference={})) + "\n")
-    fault_log("math reference without 'answer'", "undetected")
-    with pytest.raises(DataError, match=r"train\.jsonl:2: .*answer"):
+    with pytest.raises(DataError, match=r"train\.jsonl:2: math reference must be a dict with an 'answer' field"):
         run_stage(cfg, str(path), "prepare")
+    fault_log("math reference without 'answer'", "detected")
+
+
+@pytest.mark.parametrize("verifier,good,bad,reason", [
+    ("math", {"answer": "4"}, {"solution": "4"}, "math reference must be a dict with an 'answer' field"),
+    ("code", {"tests": ["assert f(1) == 1"]}, {"tests": []}, "non-empty list of strings 'tests'"),
+    ("ifeval", {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+     {"instruction_id_list": ["nope:x"], "kwargs": [{}]}, "unknown ifeval instruction 'nope:x'"),
+    ("tool", {"calls": [{"name": "f", "arguments": {"x": 1}}]}, {"calls": [{"arguments": {}}]},
+     "tool reference calls[0] must be"),
+])
+def test_reference_check_is_the_verifiers_own(verifier, good, bad, reason, tmp_path, fault_log):
+    import re
+
+    from rewards import check_reference, get_verifier
+
+    assert check_reference(verifier, good) is None
+    assert reason in check_reference(verifier, bad)
+    with pytest.raises(ValueError, match=re.escape(reason)):  # scoring refuses it for the same reason
+        get_verifier(verifier)("x", bad)
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row(0, reference=good)) + "\n" + json.dumps(row(1, reference=bad)) + "\n")
+    result = read_rows(path, check_reference=lambda ref: check_reference(verifier, ref))
+    assert [r["id"] for r in result.rows] == ["r0"] and [b.line for b in result.bad] == [2]
+    assert reason in result.bad[0].reason
+    fault_log(f"{verifier} reference the verifier rejects", "detected")
+
+
+def test_reference_check_of_unknown_verifier_lists_the_known_ones():
+    from rewards import check_reference
+
+    assert check_reference("format", {}) is None  # no fields needed: nothing to check
+    with pytest.raises(KeyError, match="unknown verifier 'mathh'; known verifiers: code, format"):
+        check_reference("mathh", {"answer": "4"})

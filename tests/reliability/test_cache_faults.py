@@ -114,3 +114,20 @@ def test_disk_full_mid_shard_publishes_nothing_and_a_rerun_publishes(teacher, tm
     assert teacher_cache_complete(tmp_path, 0) and summary["samples"] == 8
     assert len(_read_all(tmp_path)) == 8
     fault_log("disk full mid cache shard write", "recovered")
+
+
+def test_teach_round_removes_the_partial_writes_of_a_killed_run(teacher, tmp_path, fault_log):
+    """A SIGKILL inside a cache write leaves `.teacher-NNN.tmp-*` (the reader ignores it); the
+    next `teach_round` on that cache dir frees it (README Findings 9)."""
+    from distill.opd import TeacherRef, teach_round
+    from distill.opd_settings import OPDSettings
+
+    stale = tmp_path / ".teacher-001.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "shard-00000.safetensors").write_bytes(b"\0" * 4096)
+    rows = [{**s, "teacher_index": 0} for s in samples(4)]
+    stats = teach_round(OPDSettings(cache_dtype="fp32"), rows, [TeacherRef(0, "math", "math", "unused", 1.0)],
+                        tmp_path, load_teacher=lambda _dir: teacher, pad_id=0)
+    assert not stale.exists() and not list(tmp_path.glob(".teacher-*"))
+    assert teacher_cache_complete(tmp_path, 0) and stats["math"]["samples"] == 4
+    fault_log("partial teacher cache dir left by a killed write", "recovered")

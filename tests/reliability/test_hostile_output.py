@@ -80,10 +80,7 @@ def test_every_verifier_contains_hostile_output(fault_log):
         print(f"note: contained only by the per-item timeout ({ITEM_TIMEOUT_S:g}s): {timed_out}")
 
 
-QUADRATIC = {"unclosed_tags"}  # rewards/tool_calls.py `_BLOCK_RE.findall`: see the xfail below
-
-
-@pytest.mark.parametrize("name", sorted(set(HOSTILE) - QUADRATIC))
+@pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_tool_environment_returns_a_bounded_error_quickly(name, fault_log):
     env = ToolEnvironment()
     t0 = time.monotonic()
@@ -95,18 +92,48 @@ def test_tool_environment_returns_a_bounded_error_quickly(name, fault_log):
     fault_log(f"tool environment: {name}", "contained")
 
 
-@pytest.mark.xfail(strict=True, reason="rewards/tool_calls.py: `<tool_call>(.*?)</tool_call>` findall is quadratic "
-                   "when closing tags are missing: 20k unclosed `<tool_call>` (~1 MB) took 221 s in "
-                   "ToolEnvironment.execute, inside the rollout process (README Findings)")
-def test_tool_environment_unclosed_tags_in_bounded_time(fault_log):
+@pytest.mark.parametrize("text", [UNCLOSED * 20000, "<tool_response>" * 50000 + CALL.format(a=1),
+                                  "<tool_call>" + CALL.format(a=1)[11:-12] * 20000 + "</tool_call>"],
+                         ids=["unclosed_tool_call", "unclosed_tool_response", "20k_invokes_one_block"])
+def test_tool_environment_unclosed_tags_in_bounded_time(text, fault_log):
+    """Was quadratic (`<tool_call>(.*?)</tool_call>` findall: 221 s for the first); the
+    `str.find` scanner of rewards/tool_calls.py is linear."""
     import subprocess
     import sys
 
-    fault_log("tool environment: 20k unclosed <tool_call> tags (quadratic parse)", "undetected")
-    code = ("from engine.domains.tool import ToolEnvironment\n"
-            f"print(ToolEnvironment().execute({UNCLOSED!r} * 20000)[:80])")
+    code = ("import sys, time\nfrom engine.domains.tool import ToolEnvironment\n"
+            "text = sys.stdin.read()\nt0 = time.monotonic()\nout = ToolEnvironment().execute(text)\n"
+            "print(f'{time.monotonic() - t0:.3f}', out[:80])")
     try:  # a subprocess, so that a hang is cut off instead of running on beside the other tests
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=15)
+        out = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        pytest.fail("ToolEnvironment.execute ran > 15 s on 1 MB of unclosed tool-call tags")
-    assert out.returncode == 0 and out.stdout.startswith("error:"), out.stderr[-500:]
+        pytest.fail(f"ToolEnvironment.execute ran > 60 s on {len(text)} characters of tool-call tags")
+    assert out.returncode == 0, out.stderr[-500:]
+    seconds, result = out.stdout.split(" ", 1)
+    assert float(seconds) < 5.0, out.stdout  # measured 0.00-0.2 s (the regex took 221 s on the first)
+    assert result.startswith(("error:", "3")), out.stdout  # the second holds one valid call: add(1, 2) = 3
+    fault_log(f"tool environment: {len(text) // 1000}k chars of unclosed/many tool tags", "contained")
+
+
+@pytest.mark.parametrize("name,reason", [("json_deep_nesting", "extracted answer too long (300001 chars)"),
+                                         ("latex_frac_tower", "extracted answer too long (20001 chars)")])
+def test_math_verifier_refuses_huge_answers_before_sympy(name, reason, fault_log):
+    """These ran past the 6 s per-item timeout inside math-verify/sympy (README Findings 10)."""
+    from rewards.math_reward import math_verifier
+
+    t0 = time.monotonic()
+    r = math_verifier(HOSTILE[name], {"answer": "4"})
+    assert r.score == 0.0 and r.info["reason"].startswith(reason), r.info
+    assert time.monotonic() - t0 < 1.0
+    fault_log(f"math verifier: {name} refused before sympy", "contained")
+
+
+def test_math_verifier_still_scores_long_and_nested_right_answers():
+    from rewards.math_reward import math_verifier
+
+    gold = "(" * 55 + "1" + ")" * 55  # deeper than MAX_ANSWER_DEPTH=50, but so is the reference
+    assert math_verifier(f"\\boxed{{{gold}}}", {"answer": gold}).score == 1.0
+    assert math_verifier("\\boxed{" + "(" * 51 + "1" + ")" * 51 + "}", {"answer": "1"}).info["reason"] \
+        == "extracted answer nested too deeply (depth 51)"
+    words = "the capital of the country to the north " * 10  # 400 chars of words: compared as text
+    assert math_verifier(f"\\boxed{{{words}}}", {"answer": words}).score == 1.0

@@ -40,10 +40,12 @@ def test_save_latest_and_retention(tmp_path):
 def test_failed_save_keeps_previous_and_is_cleaned(tmp_path):
     cm = CheckpointManager(tmp_path / "c", keep_last=3)
     cm.save(FakeTrainer(), 1, {"step": 1})
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="saving checkpoint step 2 to .*step-2 failed: disk full"):
         cm.save(FakeTrainer(fail_at=2), 2, {"step": 2})
     assert cm.latest().name == "step-1" and cm.steps() == [1]
-    assert (tmp_path / "c" / ".step-2.tmp").exists()  # what a killed writer leaves
+    assert not (tmp_path / "c" / ".step-2.tmp").exists()  # a failed save frees its partial write
+    (tmp_path / "c" / ".step-2.tmp").mkdir()  # what a killed writer leaves
+    (tmp_path / "c" / ".step-2.tmp" / "extra_state.json").write_text("{")
     CheckpointManager(tmp_path / "c")  # the next run removes it
     assert not (tmp_path / "c" / ".step-2.tmp").exists()
 
