@@ -54,8 +54,10 @@ def test_micro_batch_split_does_not_change_the_step(model_dir):
     assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
     assert ma["tokens"] == mb["tokens"] == sum(len(x.input_ids) for x in s)
     assert mb["rows"] == pytest.approx(8 / 3)  # loss_fn metrics: mean over micro-batches
+    # Adam's first step is lr * g / (|g| + eps): for a gradient element near eps, summing the
+    # micro-batches in another order moves the update by ~1e-3 of lr (1e-5 here), not more.
     for k, v in a.state_dict().items():
-        torch.testing.assert_close(v, b.state_dict()[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(v, b.state_dict()[k], atol=1e-5, rtol=1e-5)
 
 
 def test_metrics_grad_norm_and_clipping(model_dir):
