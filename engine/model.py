@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from engine.tiny_spec import TinySpec  # noqa: F401  (re-exported)
 from engine.tokenizer import build_tiny_tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    architecture: str = "qwen2"  # qwen2 | llama
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 1024
-    vocab_multiple: int = 8
 
 
 def tiny_config(spec: TinySpec, vocab_size: int, pad_id: int, eos_id: int):

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from distill.opd_settings import OPDSettings
+from engine.tiny_spec import TinySpec
 from engine.trainer_settings import TrainerSettings
 from experts.grpo_settings import GRPOSettings
 from experts.sft_settings import SFTSettings
@@ -38,28 +39,9 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TinyModelSpec(Frozen):
-    architecture: Literal["qwen2", "llama"] = "qwen2"
-    hidden_size: PositiveInt = 128
-    num_layers: PositiveInt = 4
-    num_heads: PositiveInt = 4
-    num_kv_heads: PositiveInt = 2
-    intermediate_size: PositiveInt = 384
-    tie_word_embeddings: bool = False
-    max_position_embeddings: PositiveInt = 1024
-
-    @model_validator(mode="after")
-    def _heads(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError("hidden_size must be a multiple of num_heads")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
-        return self
-
-
 class ModelConfig(Frozen):
     base: str = Field("tiny", description="'tiny' (built from `tiny`) or a Hugging Face directory")
-    tiny: TinyModelSpec = TinyModelSpec()
+    tiny: TinySpec = TinySpec()
     tokenizer: str | None = Field(None, description="default: the base model's directory")
     dtype: Literal["fp32", "bf16"] = "fp32"
 
@@ -353,14 +335,13 @@ def _vocab_signature(model_dir: Path) -> tuple[int, str] | None:
     return vocab_size, _vocab_digest(json.loads(tok.read_text()))
 
 
-def _tiny_vocab_signature() -> tuple[int, str]:
+def _tiny_vocab_signature(spec: TinySpec) -> tuple[int, str]:
     """The signature `_vocab_signature` takes of a `model.base: tiny` student once built:
-    the tiny tokenizer, its size rounded up to `TinySpec.vocab_multiple` (engine.model)."""
-    from engine.model import TinySpec
+    the tiny tokenizer, its size rounded up to `spec.vocab_multiple`."""
     from engine.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
-    multiple = TinySpec().vocab_multiple
+    multiple = spec.vocab_multiple
     return -(-len(tok) // multiple) * multiple, _vocab_digest(json.loads(tok.backend_tokenizer.to_str()))
 
 
@@ -371,7 +352,7 @@ def _vocab_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     if not teachers:
         return errors
     if cfg.model.base == "tiny":
-        student = _tiny_vocab_signature()
+        student = _tiny_vocab_signature(cfg.model.tiny)
     else:
         student = _vocab_signature(Path(cfg.model.tokenizer or cfg.model.base))
     for i, t in teachers:

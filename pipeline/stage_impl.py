@@ -19,13 +19,12 @@ from pipeline.stages import StageContext
 def prepare(ctx: StageContext) -> dict:
     """Materialise the base model + tokenizer and every domain's train/eval JSONL."""
     from engine.data import load_rows, write_jsonl
-    from engine.model import TinySpec, materialize_tiny
+    from engine.model import materialize_tiny
 
     cfg = ctx.cfg
     out = ctx.out_dir
     if cfg.model.base == "tiny":
-        spec = TinySpec(**cfg.model.tiny.model_dump())
-        model_dir = materialize_tiny(spec, out / "base", seed=cfg.seed)
+        model_dir = materialize_tiny(cfg.model.tiny, out / "base", seed=cfg.seed)
     else:
         model_dir = Path(cfg.model.base)
     outputs = {"model": str(model_dir)}
