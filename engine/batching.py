@@ -103,11 +103,13 @@ def pack_rows(samples: list[Sample], row_length: int, pad_id: int) -> dict[str, 
 
 
 def split_rows(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """(B, ...) tensors cut into micro-batches of at most `micro_batch_size` rows."""
+    """(B, ...) tensors cut into micro-batches of at most `micro_batch_size` rows; 0-d
+    tensors (a step's global denominators, the log-prob temperature) go to every part."""
     if micro_batch_size < 1:
         raise ValueError(f"split_rows: micro_batch_size must be >= 1, got {micro_batch_size}")
     B = batch["input_ids"].shape[0]
-    return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(0, B, micro_batch_size)]
+    return [{k: v if v.dim() == 0 else v[i:i + micro_batch_size] for k, v in batch.items()}
+            for i in range(0, B, micro_batch_size)]
 
 
 def with_global_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

@@ -41,19 +41,23 @@ class Trainer(Protocol):
 
 
 def compute_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                           chunk: int = 0) -> torch.Tensor:
+                           chunk: int = 0, temperature: float = 1.0) -> torch.Tensor:
     """Aligned log-probs `(B, T)` (`engine.logprobs`); `chunk` positions per log-softmax, 0 = all at once."""
-    return chunked_token_logprobs(hidden, weight, input_ids, chunk or None)
+    return chunked_token_logprobs(hidden, weight, input_ids, chunk or None, temperature=temperature)
 
 
 class LogprobFn:
-    """Loss-shaped function returning aligned log-probs (zero at every segment start)."""
+    """Loss-shaped function returning aligned log-probs (zero at every segment start).
+
+    A batch may carry `temperature` (0-d): the logits are divided by it, giving the
+    log-probs of the distribution a generator sampled from at that temperature."""
 
     def __init__(self, chunk: int = 0):
         self.chunk = chunk
 
     def __call__(self, hidden, weight, batch):
-        lp = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk)  # (B, T)
+        t = float(batch["temperature"]) if "temperature" in batch else 1.0
+        lp = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk, temperature=t)  # (B, T)
         return lp.masked_fill(batch["position_ids"] == 0, 0.0), {}
 
 

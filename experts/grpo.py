@@ -32,6 +32,11 @@ class DomainSpec:
     environment: object | None = None
 
 
+def logprob_temperature(sampling_temperature: float) -> float:
+    """The temperature a trainer divides its logits by: the sampler's, or 1 for greedy."""
+    return sampling_temperature if sampling_temperature > 0 else 1.0
+
+
 class GRPOLoss:
     """Picklable loss closure sent to trainer ranks: flat hyperparameters only."""
 
@@ -39,11 +44,13 @@ class GRPOLoss:
         self.kw = dict(policy_loss=s.policy_loss, clip_low=s.clip_low, clip_high=s.clip_high,
                        kl_beta=s.kl_beta, kl_estimator=s.kl_estimator, loss_agg=s.loss_agg,
                        offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
+        # the policy being optimised is the one sampled from: softmax(logits / T), as in verl
+        self.temperature = logprob_temperature(s.temperature)
 
     def __call__(self, hidden, weight, batch):
         from experts.losses import compute_policy_loss, compute_token_logprobs
 
-        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"])  # (B, T)
+        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"], temperature=self.temperature)  # (B, T)
         return compute_policy_loss(
             logprobs=logprobs,
             # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1
@@ -189,7 +196,8 @@ def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id, step) -
     """Old/ref log-probs, then epochs x mini-batches optimiser steps; mean metrics."""
     minibatches = build_minibatches(samples, settings.mini_batches_per_step, settings.micro_batch_size,
                                     pad_id=pad_id, seed=settings.seed + step,
-                                    max_len=settings.max_new_tokens * settings.max_turns)
+                                    max_len=settings.max_new_tokens * settings.max_turns,
+                                    temperature=logprob_temperature(settings.temperature))
     on_policy = settings.epochs_per_step == 1 and len(minibatches) == 1
     for micro_batches in minibatches:
         for mb in micro_batches:

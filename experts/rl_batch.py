@@ -67,8 +67,10 @@ def collate_samples(samples: list[RLSample], pad_id: int) -> dict[str, torch.Ten
 
 
 def build_minibatches(samples: list[RLSample], num_minibatches: int, micro_batch_size: int, *,
-                      pad_id: int, seed: int, max_len: int | None = None) -> list[list[dict]]:
-    """Shuffle, split into mini-batches, then micro-batches that carry global denominators."""
+                      pad_id: int, seed: int, max_len: int | None = None,
+                      temperature: float = 1.0) -> list[list[dict]]:
+    """Shuffle, split into mini-batches, then micro-batches that carry global denominators
+    and the sampling temperature (old/reference log-probs are taken at it)."""
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     shuffled = [samples[i] for i in order]
@@ -84,6 +86,7 @@ def build_minibatches(samples: list[RLSample], num_minibatches: int, micro_batch
             b["global_tokens"] = torch.tensor(float(global_tokens))
             b["global_seqs"] = torch.tensor(float(len(mini)))
             b["max_len"] = torch.tensor(float(mlen))
+            b["temperature"] = torch.tensor(float(temperature))
             micro.append(b)
         out.append(micro)
     return out

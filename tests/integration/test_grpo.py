@@ -77,3 +77,25 @@ def test_resume_matches_an_uninterrupted_run(base, tmp_path, scorer):
     assert any(not torch.equal(a[k], c) for k, c in build_trainer(TrainerSettings(), base).state_dict().items())
     extra = json.loads((ck.latest() / "extra_state.json").read_text())
     assert extra["step"] == 4
+
+
+def test_trainer_log_probs_at_the_sampling_temperature_equal_the_generator_s(base, scorer):
+    """Sampled at T=0.6: the old log-probs the trainer computes (logits / T, as in verl) equal
+    the generator's own per-token log-probs, so the PPO ratio starts at exactly 1."""
+    from engine.prompt_stream import PromptStream
+    from experts.grpo import collect_step, compute_advantages, logprob_temperature
+    from experts.rl_batch import build_minibatches
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer(base)
+    s = GRPOSettings(prompts_per_step=4, group_size=4, max_new_tokens=16, temperature=0.6)
+    gen = HFGenerator(base, tok)
+    groups, _ = collect_step(s, PromptStream(_no_comma_rows(8), seed=0), {"nocomma": DomainSpec("ifeval")},
+                             generator=gen, scorer=scorer, tokenizer=tok, step=0)
+    trainer = build_trainer(TrainerSettings(seed=0), base)
+    for t, close in ((logprob_temperature(s.temperature), True), (1.0, False)):
+        (mb,), = build_minibatches(compute_advantages(s, groups), 1, 64, pad_id=tok.pad_token_id, seed=0,
+                                   temperature=t)
+        m = mb["loss_mask"] > 0
+        gap = (trainer.forward_logprobs(mb) - mb["rollout_logprobs"])[m].abs().max()
+        assert (gap < 1e-4) if close else (gap > 1e-2), (t, float(gap))

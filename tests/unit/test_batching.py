@@ -54,6 +54,25 @@ def test_global_tokens_and_split():
     assert sum(float(m["loss_mask"].sum()) for m in steps) == float(steps[0]["global_tokens"]) == 3 + 5 + 2 + 4
 
 
+def test_split_rows_gives_scalars_to_every_part():
+    b = dict(pad_rows(_samples([5, 7, 4]), pad_id=0), temperature=torch.tensor(0.7))
+    parts = split_rows(b, 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 1]
+    assert all(p["temperature"].dim() == 0 and float(p["temperature"]) == pytest.approx(0.7) for p in parts)
+
+
+def test_logprob_fn_divides_logits_by_the_batch_temperature(tiny_lm):
+    """A GRPO batch sampled at T carries `temperature`: its log-probs are log_softmax(logits / T)."""
+    s = _samples([6], seed=4)[0]
+    ids = torch.tensor([s.input_ids])
+    with torch.no_grad():
+        logits = tiny_lm(input_ids=ids).logits.double()  # (1, T, V)
+        got = run_loss(tiny_lm, dict(pad_rows([s], 0), temperature=torch.tensor(0.5)), LogprobFn(3))[0][0]
+    ref = torch.log_softmax(logits / 0.5, -1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(got[1:].double(), ref, atol=1e-5, rtol=1e-5)
+    assert (got[1:] - _alone(tiny_lm, s)[1:]).abs().max() > 1e-2  # not the T=1 values
+
+
 def test_token_logprobs_match_float64_reference():
     g = torch.Generator().manual_seed(1)
     hidden, weight = torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g)
