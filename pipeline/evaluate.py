@@ -67,14 +67,15 @@ def _checked(texts: list, expected: int, what: str) -> list:
 
 
 def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) -> dict:
-    """{'greedy', 'pass@1', 'pass@k', 'n'} for one model on one domain."""
+    """{'greedy', 'greedy_scores' (per prompt, in row order), 'pass@1', 'pass@k', 'n'} for one
+    model on one domain."""
     rows = es.rows[: settings.max_prompts] if settings.max_prompts else es.rows
     if not rows:
         raise ValueError(f"domain {es.domain!r} has no eval rows")
     refs = [r["reference"] for r in rows]
     greedy_texts = _checked(policy(es, rows, 0.0, 1), len(rows), f"{es.domain} greedy")
     greedy = score(es.verifier, greedy_texts, refs)
-    out = {"greedy": sum(greedy) / len(greedy), "n": len(rows)}
+    out = {"greedy": sum(greedy) / len(greedy), "n": len(rows), "greedy_scores": [float(x) for x in greedy]}
     k = settings.samples
     if k > 0:
         texts = _checked(policy(es, rows, settings.temperature, k), len(rows) * k, f"{es.domain} sampled")
@@ -87,10 +88,11 @@ def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) 
 def evaluate_model(policy: Policy, sets: list[EvalSet], score, settings: EvalSettings,
                    log: Callable[[str], None] = print, name: str = "") -> dict:
     """One model's entry: {'greedy': {domain: x}, 'sampled': ..., 'pass_at_k': ..., 'n_eval': ...}."""
-    entry: dict = {"greedy": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {}}
+    entry: dict = {"greedy": {}, "greedy_per_prompt": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {}}
     for es in sets:
         r = evaluate_domain(policy, es, score, settings)
         entry["greedy"][es.domain] = r["greedy"]
+        entry["greedy_per_prompt"][es.domain] = r["greedy_scores"]
         entry["n_eval"][es.domain] = r["n"]
         if "pass@1" in r:
             entry["sampled"][es.domain] = r["pass@1"]
@@ -129,17 +131,33 @@ def evaluate_models(models: dict[str, str], sets: list[EvalSet], load_policy: Ca
 
 def assemble_results(entries: dict[str, dict], settings: EvalSettings) -> dict:
     """Per-model entries -> {'models': greedy table, 'sampled', 'pass_at_k', 'n_eval', ...}."""
-    results: dict = {"models": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {}, "seconds": {},
+    results: dict = {"models": {}, "greedy_per_prompt": {}, "sampled": {}, "pass_at_k": {}, "n_eval": {},
+                     "seconds": {},
                      "settings": {"samples": settings.samples, "temperature": settings.temperature,
                                   "max_new_tokens": settings.max_new_tokens, "max_prompts": settings.max_prompts}}
     for name, e in entries.items():
         results["models"][name] = e["greedy"]
+        if e.get("greedy_per_prompt"):  # absent in entries written before it existed
+            results["greedy_per_prompt"][name] = e["greedy_per_prompt"]
         if e["sampled"]:
             results["sampled"][name] = e["sampled"]
             results["pass_at_k"][name] = e["pass_at_k"]
         results["n_eval"].update(e["n_eval"])
         results["seconds"][name] = e.get("seconds")
     return results
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of `b - a` over the same prompts and its standard error (sample std / sqrt(n)).
+
+    Both models answer the same held-out prompts, so the difference is paired: the SE of the
+    per-prompt differences, not of two independent means, says whether a gap is noise."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_difference needs two equal-length lists of >= 2 scores, got {len(a)} and {len(b)}")
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
 
 
 def model_label(stage: str) -> str:

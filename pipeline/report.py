@@ -190,7 +190,33 @@ def _results_section(run_dir: Path) -> list[str]:
                 format_results_table(res, "pass_at_k"), ""]
     if res.get("n_eval"):
         out += ["Eval prompts per domain: " + ", ".join(f"{d} {n}" for d, n in res["n_eval"].items()), ""]
+    out += paired_comparisons(res)
     return out
+
+
+def paired_comparisons(res: dict) -> list[str]:
+    """grpo:<d> - sft:<d> and student - grpo:<d> on each domain's own prompts, greedy, with
+    the paired standard error (a gap under ~2 SE is not distinguishable from noise)."""
+    from pipeline.evaluate import paired_difference
+
+    per = res.get("greedy_per_prompt") or {}
+    rows = []
+    for d in sorted(res.get("n_eval", {})):
+        for a, b in ((f"sft:{d}", f"grpo:{d}"), (f"grpo:{d}", "student"), ("sft:all", "student")):
+            sa, sb = per.get(a, {}).get(d), per.get(b, {}).get(d)
+            if not sa or not sb or len(sa) != len(sb) or len(sa) < 2:
+                continue
+            mean, se = paired_difference(sa, sb)
+            ma, mb = sum(sa) / len(sa), sum(sb) / len(sb)
+            ratio = f"{mb / ma:.2f}" if ma > 0 else "-"
+            rows.append(f"| {d} | {b} vs {a} | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
+                        f"{mean / se if se > 0 else float('nan'):+.1f} | {ratio} |")
+    if not rows:
+        return []
+    return ["Paired comparisons on each domain's held-out prompts (greedy; SE = standard error of the "
+            "per-prompt differences; |diff/SE| < 2 is within noise):", "",
+            "| domain | comparison | first | second | diff | SE | diff/SE | second/first |",
+            "|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _curves_section(run_dir: Path, manifests: dict[str, dict], plots: Path) -> list[str]:

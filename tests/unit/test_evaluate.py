@@ -6,7 +6,7 @@ import random
 import pytest
 
 from pipeline.evaluate import (EvalSet, EvalSettings, compute_pass_at_1, compute_pass_at_k, evaluate_models,
-                               model_label, models_to_evaluate)
+                               model_label, models_to_evaluate, paired_difference)
 
 
 def _brute_pass_at_k(n, c, k):
@@ -80,6 +80,7 @@ def test_evaluate_models_table_shape_and_values():
     assert res["sampled"]["student"] == {"math": 0.25, "tool": 0.25}
     assert res["pass_at_k"]["student"] == {"math": 1.0, "tool": 1.0}
     assert res["n_eval"] == {"math": 4, "tool": 2}
+    assert res["greedy_per_prompt"]["student"] == {"math": [1.0, 1.0, 0.0, 0.0], "tool": [1.0, 1.0]}
     assert fakes["dir/student"].calls == [("math", 0.0, 1), ("math", 0.7, 4), ("tool", 0.0, 1), ("tool", 0.7, 4)]
 
 
@@ -122,3 +123,27 @@ def test_interrupted_eval_resumes_without_redoing_models():
                           on_model=saved.__setitem__)
     assert loaded == ["dir/a", "dir/b", "dir/b"]  # 'a' was not evaluated again
     assert res["models"] == {"a": {"math": 0.5}, "b": {"math": 0.5}} and list(saved) == ["a", "b"]
+
+
+def test_paired_difference_matches_float64_reference_and_hand_worked():
+    import numpy as np
+
+    assert paired_difference([0, 0, 1, 1], [1, 0, 1, 1]) == pytest.approx((0.25, 0.25))  # d=[1,0,0,0]: sd .5 / 2
+    rng = random.Random(0)
+    a = [float(rng.random() < 0.3) for _ in range(200)]
+    b = [float(rng.random() < 0.5) for _ in range(200)]
+    d = np.array(b, dtype=np.float64) - np.array(a, dtype=np.float64)
+    mean, se = paired_difference(a, b)
+    assert mean == pytest.approx(d.mean(), abs=1e-12) and se == pytest.approx(d.std(ddof=1) / np.sqrt(200), abs=1e-12)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference([1.0], [1.0, 0.0])
+
+
+def test_report_lists_paired_comparisons():
+    from pipeline.report import paired_comparisons
+
+    res = {"n_eval": {"math": 4}, "greedy_per_prompt": {"sft:math": {"math": [0, 0, 1, 1]},
+                                                        "grpo:math": {"math": [1, 0, 1, 1]}}}
+    (line,) = [x for x in paired_comparisons(res) if x.startswith("| math")]
+    assert line == "| math | grpo:math vs sft:math | 0.500 | 0.750 | +0.250 | 0.250 | +1.0 | 1.50 |"
+    assert paired_comparisons({"n_eval": {"math": 4}}) == []
