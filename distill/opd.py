@@ -207,7 +207,7 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
                        for mp in micro_plans]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
-                rec = {"round": round_idx, "step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                rec = {"round": round_idx, "epoch": epoch, "step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
                        "lr": m["lr"], "tokens_per_s": m["tokens_per_s"],
                        "head_loads": round(m.get("head_load_events", 0.0) * n),
                        "teachers_in_step": len({mp.teacher_index for mp in micro_plans}),
@@ -286,7 +286,9 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
 def _update_history(history, records, teachers, teach_stats, samples, times) -> None:
     names = {f"teacher{t.index}": t.name for t in teachers}
     kl: dict[str, list[float]] = {}
-    for rec in records:
+    # the round's KL is its first pass over fresh rollouts (on-policy); a later epoch
+    # re-reads samples the student was just trained on, which would flatter the figure
+    for rec in (r for r in records if r.get("epoch", 0) == 0):
         for k, v in rec.items():
             if k.startswith("kl/"):
                 kl.setdefault(names.get(k[3:], k[3:]), []).append(v)
