@@ -14,10 +14,12 @@ quantity a trainer computes by dividing its logits by the sampling temperature. 
 decoding (T == 0) reports `log_softmax(logits)`. This is vLLM's `processed_logprobs`
 mode, which `VLLMGenerator` requests, so both back-ends report the same quantity.
 
-Determinism. Every sampled row has its own `torch.Generator`, seeded from
-(`sampling.seed`, prompt index, sample index): outputs depend on the seed only, not on
-`batch_size`, the order rows are batched in, or the global RNG. `seed=None` draws a seed
-from the global torch RNG.
+Determinism. Every sampled row draws its `max_new_tokens` uniforms up front from its own
+`torch.Generator`, seeded from (`sampling.seed`, prompt index, sample index); step t of a
+row samples by inverting the CDF at its t-th uniform, for all rows at once (one
+vectorised search per step, not one `multinomial` call per row). Outputs depend on the
+seed only, not on `batch_size`, the order rows are batched in, or the global RNG.
+`seed=None` draws a seed from the global torch RNG.
 """
 
 from __future__ import annotations
@@ -132,14 +134,25 @@ def validate_prompts(prompt_ids: list[list[int]], vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------- HF back-end
-class _RowSampler:
-    """A transformers logits processor that samples each row with its own RNG and records
-    the sampled token's log-prob. It returns a one-hot score row (0 at the chosen token,
-    -inf elsewhere), so `generate`'s greedy arg-max picks exactly the token chosen here."""
+def sample_inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids (B,) drawn from `exp(logp)` (B, V) by inverting each row's CDF at `u` (B,),
+    u in (0, 1]: the first token whose cumulative probability reaches u * total. A token of
+    probability 0 (filtered by top-k/top-p: -inf) is never chosen."""
+    cdf = logp.double().exp().cumsum(dim=-1)  # (B, V)
+    target = (u.double().to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    idx = torch.searchsorted(cdf, target).squeeze(-1)  # (B,) first index with cdf >= target
+    return idx.clamp(max=logp.shape[-1] - 1)
 
-    def __init__(self, sampling: SamplingParams, rngs: list[torch.Generator], prompt_len: int):
+
+class _RowSampler:
+    """A transformers logits processor that samples each row from its own pre-drawn
+    uniforms and records the sampled token's log-prob. It returns a one-hot score row
+    (0 at the chosen token, -inf elsewhere), so `generate`'s greedy arg-max picks exactly
+    the token chosen here."""
+
+    def __init__(self, sampling: SamplingParams, uniforms: torch.Tensor | None, prompt_len: int):
         self.sampling = sampling
-        self.rngs = rngs
+        self.uniforms = uniforms  # (B, max_new_tokens) in (0, 1], None when greedy
         self.prompt_len = prompt_len
         self.steps: dict[int, torch.Tensor] = {}  # step -> (B,) log-probs
 
@@ -149,9 +162,8 @@ class _RowSampler:
         if s.greedy:
             chosen = scores.argmax(dim=-1)  # (B,)
         else:
-            probs = logp.exp().cpu()
-            chosen = torch.stack([torch.multinomial(probs[b], 1, generator=g)[0]
-                                  for b, g in enumerate(self.rngs)]).to(scores.device)
+            t = input_ids.shape[1] - self.prompt_len
+            chosen = sample_inverse_cdf(logp, self.uniforms[:, t]).to(scores.device)  # (B,)
         self.steps[input_ids.shape[1] - self.prompt_len] = logp.gather(-1, chosen[:, None])[:, 0].cpu()
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, chosen[:, None], 0.0)
@@ -209,8 +221,12 @@ class HFGenerator:
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[b, P - len(p):] = 1
-        rngs = [torch.Generator().manual_seed(row_seed(seed, i, j)) for i, j in batch_rows]
-        sampler = _RowSampler(sampling, rngs, P)
+        uniforms = None
+        if not sampling.greedy:  # (B, max_new_tokens), each row from its own generator, in (0, 1]
+            uniforms = torch.stack([1.0 - torch.rand(sampling.max_new_tokens, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(row_seed(seed, i, j)))
+                                    for i, j in batch_rows])
+        sampler = _RowSampler(sampling, uniforms, P)
         stop_ids = [self.eos_id, *[t for t in sampling.stop_token_ids if t != self.eos_id]]
         gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens,
                                    eos_token_id=stop_ids, pad_token_id=self.pad_id, use_cache=True)

@@ -274,3 +274,20 @@ def test_vllm_output_mapping():
     named = [("f", torch.randn(3, 2)), ("b", torch.randn(4).to(torch.bfloat16)), ("s", torch.tensor(2.5))]
     back = unpack_tensors(pack_tensors(named))
     assert all(n == m and t.dtype == u.dtype and torch.equal(t, u) for (n, t), (m, u) in zip(named, back))
+
+
+def test_inverse_cdf_sampling_matches_the_distribution_and_skips_filtered_tokens():
+    from engine.generation import sample_inverse_cdf
+
+    p = torch.tensor([[0.1, 0.0, 0.6, 0.3]], dtype=torch.float64)
+    logp = p.log()  # the 0 becomes -inf, as top-k/top-p filtering leaves it
+    # hand-worked: CDF 0.1, 0.1, 0.7, 1.0
+    for u, want in ((1e-12, 0), (0.0999, 0), (0.1001, 2), (0.6999, 2), (0.7001, 3), (1.0, 3)):
+        assert int(sample_inverse_cdf(logp, torch.tensor([u]))[0]) == want, u
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    u = 1.0 - torch.rand(n, dtype=torch.float64, generator=g)
+    draws = sample_inverse_cdf(logp.expand(n, 4), u)
+    freq = torch.bincount(draws, minlength=4).double() / n
+    assert freq[1] == 0
+    assert torch.allclose(freq, p[0], atol=4 * (0.25 / n) ** 0.5)  # 4 sigma of a binomial frequency

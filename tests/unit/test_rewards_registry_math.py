@@ -82,3 +82,16 @@ def test_math_works_off_the_main_thread():
     t.start()
     t.join()
     assert out["r"].score == 1.0
+
+
+def test_integer_and_identical_string_fast_paths_agree_with_math_verify():
+    from rewards.math_reward import _parse, answers_match
+
+    from math_verify import verify
+
+    for gold, ans in (("42", "42"), ("42", "042"), ("-7", "-7"), ("+5", "5"), ("12", "21"), ("0", "-0"),
+                      ("\\frac{1}{2}", "\\frac{1}{2}"), ("x+1", "x+1")):
+        got, how = answers_match(gold, ans)
+        assert how in ("integer", "string")
+        gp, ap = _parse(gold), _parse(ans)
+        assert got == bool(verify(gp, ap)), (gold, ans)
