@@ -117,7 +117,9 @@ def machine_info() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 1024 ** 3, 1),
             "load_avg_1_5_15": load, "torch": torch.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "shared": "yes: other engineers' jobs ran on the same cores"}
+            "parent_torch_threads": torch.get_num_threads(),
+            # a 1-minute load average above the core count means the cores were shared
+            "busy": None if load is None else load[0] > (os.cpu_count() or 1)}
 
 
 def write_results(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
