@@ -8,8 +8,8 @@ the same reward (`rewards.get_verifier("math")`, scored in-process on both sides
 lr 5e-4, clip 1.0, token-mean aggregation (TRL `loss_type="dapo"`), z-scored group
 advantages, eps 0.2 / 0.28, no KL term, one optimiser step per generation batch, fp32,
 1 thread, gradient checkpointing off.
-- ours: one `run_grpo` step = rollout with `HFGenerator` + scoring, old log-probs (a
-  no-grad forward; ours always computes them), train step, pushing the weights to the
+- ours: one `run_grpo` step = rollout with `HFGenerator` + scoring, train step (no
+  old-log-prob forward: one on-policy mini-batch, as TRL with num_iterations=1), pushing the weights to the
   generator. Generation excluded = the step minus `time/generate_score`.
 - TRL: one optimiser step (`on_step_begin` -> `on_step_end`), generating with the training
   model itself. Generation excluded = the step minus the time inside `_generate` and
