@@ -159,12 +159,12 @@ class _RowSampler:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s = self.sampling
         logp = compute_sampling_logprobs(scores, s.temperature, s.top_k, s.top_p)  # (B, V)
+        t = input_ids.shape[1] - self.prompt_len  # index of the token being chosen
         if s.greedy:
             chosen = scores.argmax(dim=-1)  # (B,)
         else:
-            t = input_ids.shape[1] - self.prompt_len
             chosen = sample_inverse_cdf(logp, self.uniforms[:, t]).to(scores.device)  # (B,)
-        self.steps[input_ids.shape[1] - self.prompt_len] = logp.gather(-1, chosen[:, None])[:, 0].cpu()
+        self.steps[t] = logp.gather(-1, chosen[:, None])[:, 0].cpu()
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, chosen[:, None], 0.0)
 

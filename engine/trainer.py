@@ -46,6 +46,12 @@ def compute_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids
     return chunked_token_logprobs(hidden, weight, input_ids, chunk or None, temperature=temperature)
 
 
+def batch_temperature(batch: dict) -> float:
+    """The temperature a batch's rollouts were sampled at (`temperature`, 0-d), 1 if absent:
+    log-probs for ratios against the sampler's divide the logits by it."""
+    return float(batch["temperature"]) if "temperature" in batch else 1.0
+
+
 class LogprobFn:
     """Loss-shaped function returning aligned log-probs (zero at every segment start).
 
@@ -56,8 +62,8 @@ class LogprobFn:
         self.chunk = chunk
 
     def __call__(self, hidden, weight, batch):
-        t = float(batch["temperature"]) if "temperature" in batch else 1.0
-        lp = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk, temperature=t)  # (B, T)
+        lp = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk,
+                                    temperature=batch_temperature(batch))  # (B, T)
         return lp.masked_fill(batch["position_ids"] == 0, 0.0), {}
 
 

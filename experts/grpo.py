@@ -44,13 +44,15 @@ class GRPOLoss:
         self.kw = dict(policy_loss=s.policy_loss, clip_low=s.clip_low, clip_high=s.clip_high,
                        kl_beta=s.kl_beta, kl_estimator=s.kl_estimator, loss_agg=s.loss_agg,
                        offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
-        # the policy being optimised is the one sampled from: softmax(logits / T), as in verl
-        self.temperature = logprob_temperature(s.temperature)
 
     def __call__(self, hidden, weight, batch):
+        from engine.trainer import batch_temperature
         from experts.losses import compute_policy_loss, compute_token_logprobs
 
-        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"], temperature=self.temperature)  # (B, T)
+        # the policy being optimised is the one sampled from: softmax(logits / T), as in verl;
+        # T travels with the batch, so the loss and the old/reference log-probs agree
+        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"],
+                                          temperature=batch_temperature(batch))  # (B, T)
         return compute_policy_loss(
             logprobs=logprobs,
             # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1
