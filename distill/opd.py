@@ -13,6 +13,13 @@ For each round:
      full-vocabulary divergence (distill.kl); the HeadManager keeps at most one head
      resident and refuses micro-batches out of teacher order.
 The loss is `sum_t w_teacher(sample) * D_t / (response tokens of the mini-batch)`.
+
+Held-out KL (`heldout_prompts_per_domain` > 0): before round 0 and every `heldout_every`
+rounds after, the student samples answers to the same held-out prompts with the same
+seed, and each teacher's full-vocabulary divergence to it is measured on them (full
+forwards of a student copy and of the teacher, no gradient). The per-round training KL
+is a noisy figure (a few dozen fresh prompts per teacher, measured while the student
+trains on them); this one compares students on fixed prompts.
 Resume: rollouts, cache shards and the round-end checkpoint are each complete-or-absent,
 so a killed stage restarts the unfinished part of the unfinished round.
 """
@@ -116,33 +123,77 @@ class OPDLoss:
 def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domains: dict[str, DomainSpec],
                   teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int) -> list[dict]:
     """The student's samples for one round, each routed to its domain's teacher."""
+    samples = []
+    for d in sorted(streams):
+        samples += _domain_rollouts(settings, streams[d].take(settings.prompts_per_domain), d, domains[d],
+                                    teacher_of_domain[d], generator=generator, tokenizer=tokenizer,
+                                    n=settings.samples_per_prompt, seed=settings.seed * 1000 + round_idx,
+                                    id_prefix=f"r{round_idx}")
+    return samples
+
+
+def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: DomainSpec, teacher_index: int, *,
+                     generator, tokenizer, n: int, seed: int, id_prefix: str) -> list[dict]:
     from engine.chat import render_prompt
     from engine.generation import SamplingParams
     from engine.rollout import rollout
 
-    stop = [tokenizer.convert_tokens_to_ids("</tool_call>")]
+    env = spec.environment
+    stop = [tokenizer.convert_tokens_to_ids("</tool_call>")] if env is not None else []
+    sampling = SamplingParams(n=n, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
+                              stop_token_ids=stop, seed=seed)
+    prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
+    trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env, max_turns=settings.max_turns)
     samples = []
-    for d in sorted(streams):
-        rows = streams[d].take(settings.prompts_per_domain)
-        env = domains[d].environment
-        sampling = SamplingParams(n=settings.samples_per_prompt, temperature=settings.temperature,
-                                  max_new_tokens=settings.max_new_tokens,
-                                  stop_token_ids=stop if env is not None else [],
-                                  seed=settings.seed * 1000 + round_idx)
-        prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
-        trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env,
-                        max_turns=settings.max_turns)
-        for j, t in enumerate(trajs):
-            row = rows[j // settings.samples_per_prompt]
-            p = len(t.prompt_ids)
-            samples.append({
-                "sample_id": f"r{round_idx}-{d}-{j}", "domain": d, "teacher_index": teacher_of_domain[d],
-                "row_id": row.get("id"), "input_ids": list(t.prompt_ids) + list(t.response_ids),
-                "loss_mask": [0] * p + list(t.response_mask),
-                "rollout_logprobs": [0.0] * p + list(t.rollout_logprobs),
-                "finish_reason": t.finish_reason, "text": t.text, "reference": row.get("reference"),
-            })
+    for j, t in enumerate(trajs):
+        row = rows[j // n]
+        p = len(t.prompt_ids)
+        samples.append({
+            "sample_id": f"{id_prefix}-{d}-{j}", "domain": d, "teacher_index": teacher_index,
+            "row_id": row.get("id"), "input_ids": list(t.prompt_ids) + list(t.response_ids),
+            "loss_mask": [0] * p + list(t.response_mask),
+            "rollout_logprobs": [0.0] * p + list(t.rollout_logprobs),
+            "finish_reason": t.finish_reason, "text": t.text, "reference": row.get("reference"),
+        })
     return samples
+
+
+def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], teachers: list["TeacherRef"],
+                       domains: dict[str, DomainSpec], *, generator, tokenizer, student, load_teacher) -> dict:
+    """{teacher name: token-mean divergence D(student || teacher)} on the student's samples
+    of the held-out prompts (one per prompt, a fixed seed, so every call sees the same
+    prompts and the same sampling noise). `student` is a model holding the generator's
+    current weights; one teacher model is loaded at a time. Full-vocabulary, one sample
+    at a time (no (tokens x vocabulary) tensor beyond one sample's)."""
+    from distill.kl import get_divergence
+
+    fn = get_divergence(settings.divergence)
+    out = {}
+    student.eval()
+    for t in teachers:
+        rows = heldout.get(t.domain) or []
+        if not rows:
+            continue
+        samples = _domain_rollouts(settings, rows, t.domain, domains[t.domain], t.index, generator=generator,
+                                   tokenizer=tokenizer, n=1, seed=settings.seed * 1000 + 999_983, id_prefix="heldout")
+        model = load_teacher(t.model_dir)
+        model.eval()
+        total, tokens = 0.0, 0
+        with torch.inference_mode():
+            for s in samples:
+                ids = torch.tensor([s["input_ids"]])  # (1, T)
+                mask = torch.tensor(s["loss_mask"][1:]) > 0  # targets t >= 1, predicted at t - 1
+                if not bool(mask.any()):
+                    continue
+                log_ps = torch.log_softmax(student(input_ids=ids).logits[0, :-1][mask].float(), -1)  # (n, V)
+                log_pt = torch.log_softmax(model(input_ids=ids).logits[0, :-1][mask].float(), -1)  # (n, V)
+                d, _ = fn(log_ps, log_pt, settings.jsd_beta, False)
+                total += float(d.sum())
+                tokens += int(d.numel())
+        del model
+        gc.collect()
+        out[t.name] = total / max(tokens, 1)
+    return out
 
 
 def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[TeacherRef], cache_dir: Path, *,
@@ -231,14 +282,19 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: dict[str, list[dict]],
             teachers: list[TeacherRef], domains: dict[str, DomainSpec], out_dir: str | Path, head_paths: list[str],
-            load_teacher, checkpoints=None, logger=None, evaluate_student=None) -> dict:
-    """All rounds; resumes after the last completed round. Returns the stage metrics."""
+            load_teacher, checkpoints=None, logger=None, evaluate_student=None,
+            heldout: dict[str, list[dict]] | None = None, load_student=None) -> dict:
+    """All rounds; resumes after the last completed round. Returns the stage metrics.
+
+    With `heldout` (domain -> held-out prompt rows) and `load_student` (() -> a model of
+    the student's architecture), the held-out KL is measured before round 0 and after
+    every `settings.heldout_every`-th round and the last (`kl_heldout_per_teacher`)."""
     from engine.atomic import atomic_write_jsonl
 
     out_dir = Path(out_dir)
     teacher_of_domain = {t.domain: t.index for t in teachers}
     streams = {d: PromptStream(rows, seed=settings.seed + i) for i, (d, rows) in enumerate(sorted(prompts.items()))}
-    history: dict = {"kl_per_teacher": [], "student_scores": [], "head_loads_per_step": [],
+    history: dict = {"kl_per_teacher": [], "kl_heldout_per_teacher": [], "student_scores": [], "head_loads_per_step": [],
                      "teachers_per_step": [], "max_resident_heads": 0, "cache_bytes_per_token": None,
                      "time": {"rollout": 0.0, "teach": 0.0, "train": 0.0}}
     start_round, step = 0, 0
@@ -252,6 +308,21 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
     loss_fn = OPDLoss(head_paths, [t.weight for t in teachers], settings.divergence, settings.chunk_size,
                       settings.jsd_beta)
     pad_id = tokenizer.pad_token_id
+    measure = bool(heldout) and load_student is not None
+
+    def heldout_kl(after_round: int) -> None:
+        t = time.time()
+        student = load_student()
+        student.load_state_dict(trainer.state_dict())
+        kl = measure_heldout_kl(settings, heldout, teachers, domains, generator=generator, tokenizer=tokenizer,
+                                student=student, load_teacher=load_teacher)
+        history.setdefault("kl_heldout_per_teacher", []).append({"after_round": after_round, **kl})
+        history["time"]["heldout"] = history["time"].get("heldout", 0.0) + time.time() - t
+        if logger is not None:
+            logger.log({f"heldout_kl/{k}": v for k, v in kl.items()}, step=step)
+
+    if measure and start_round == 0 and not history.get("kl_heldout_per_teacher"):
+        heldout_kl(0)  # before any training (kept in the round-0 checkpoint's history)
     for r in range(start_round, settings.rounds):
         rdir = out_dir / f"round-{r}"
         t0 = time.time()
@@ -277,6 +348,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             history["student_scores"].append(evaluate_student(generator))
         if logger is not None:
             logger.log({f"round_kl/{k}": v for k, v in history["kl_per_teacher"][-1].items()}, step=step)
+        if measure and ((r + 1) % settings.heldout_every == 0 or r + 1 == settings.rounds):
+            heldout_kl(r + 1)
         if checkpoints is not None:
             checkpoints.save(trainer, step, {"round": r + 1, "step": step, "history": history,
                                              "streams": {d: s.state_dict() for d, s in streams.items()}})

@@ -41,5 +41,7 @@ class OPDSettings(BaseModel):
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
+    heldout_prompts_per_domain: int = Field(0, ge=0, description="held-out prompts per teacher for the held-out KL (0: off)")
+    heldout_every: PositiveInt = Field(1, description="rounds between held-out KL measurements (also before round 0 and after the last)")
     eval_prompts_per_round: int = Field(16, ge=0, description="held-out prompts per domain scored greedily after each round (0: off)")
     seed: int = 0

@@ -246,7 +246,16 @@ def _opd_section(manifests: dict[str, dict], plots: Path) -> list[str]:
     lines = ["## OPD: per-teacher KL across rounds", "", "![opd kl](plots/opd-kl-per-teacher.png)", "",
              "| round | " + " | ".join(teachers) + " |", "|---|" + "---:|" * len(teachers)]
     lines += [f"| {i} | " + " | ".join(_fmt(r.get(t)) for t in teachers) + " |" for i, r in enumerate(kl, 1)]
-    return lines + [""]
+    lines.append("")
+    held = ((manifests.get("opd") or {}).get("metrics") or {}).get("kl_heldout_per_teacher")
+    if isinstance(held, list) and held and all(isinstance(r, dict) for r in held):
+        lines += ["Held-out KL: the student's samples of the same held-out prompts with the same seed, "
+                  "measured before round 1 (after round 0) and after the rounds shown:", "",
+                  "| after round | " + " | ".join(teachers) + " |", "|---|" + "---:|" * len(teachers)]
+        lines += [f"| {r.get('after_round', '?')} | " + " | ".join(_fmt(r.get(t)) for t in teachers) + " |"
+                  for r in held]
+        lines.append("")
+    return lines
 
 
 def _timings_section(manifests: dict[str, dict]) -> list[str]:

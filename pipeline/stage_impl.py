@@ -239,13 +239,16 @@ def opd(ctx: StageContext) -> dict:
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
     scorer = ScorerPool(num_workers=max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
     eval_rows = {t.domain: read_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
+    heldout = {t.domain: read_rows(ctx, t.domain, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
     try:
         history = run_opd(s, trainer=trainer, generator=generator, tokenizer=tokenizer, prompts=prompts,
                           teachers=teachers, domains=specs, out_dir=ctx.out_dir, head_paths=head_paths,
                           load_teacher=lambda p: load_model(p, dtype=cfg.model.dtype),
                           checkpoints=checkpoints, logger=logger,
                           evaluate_student=(lambda g: _greedy_scores(g, tokenizer, scorer, specs, eval_rows, s))
-                          if s.eval_prompts_per_round else None)
+                          if s.eval_prompts_per_round else None,
+                          heldout=heldout if s.heldout_prompts_per_domain else None,
+                          load_student=lambda: load_model(student_dir, dtype=cfg.model.dtype))
     finally:
         scorer.close()
         generator.close()

@@ -20,7 +20,7 @@ FAST = [
     "domains.tool.sft.steps=20", "student_sft.steps=20",
     "domains.math.grpo.steps=2", "domains.code.grpo.steps=2", "domains.ifeval.grpo.steps=2",
     "domains.tool.grpo.steps=2", "mixed_rl.grpo.steps=2",
-    "opd.rounds=2", "opd.prompts_per_domain=8", "opd.mini_batch_size=16",
+    "opd.rounds=2", "opd.prompts_per_domain=8", "opd.mini_batch_size=16", "opd.heldout_prompts_per_domain=8",
     "eval.max_prompts=8", "eval.samples=2", "logging.progress=false",
 ]
 
@@ -47,6 +47,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert opd["max_resident_heads"] == 1
     assert opd["head_loads_per_step"] == opd["teachers_per_step"]
     assert len(opd["kl_per_teacher"]) == 2
+    assert [k["after_round"] for k in opd["kl_heldout_per_teacher"]] == [0, 2]  # before training, after the last
     assert opd["cache_bytes_per_token"] > 0
     report = run_dir / "report" / "report.md"
     assert report.is_file() and "| student |" in report.read_text().replace("|student|", "| student |")

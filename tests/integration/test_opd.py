@@ -45,20 +45,66 @@ class _Checkpoints:
         self.saved.append(path)
 
 
-def _run(models, out, rounds, checkpoints=None):
+def _run(models, out, rounds, checkpoints=None, heldout=None, **kw):
     root, student, teachers, heads = models
     torch.set_num_threads(1)
     tok = load_tokenizer(student)
     settings = OPDSettings(rounds=rounds, prompts_per_domain=8, samples_per_prompt=2, max_new_tokens=10,
-                           mini_batch_size=16, micro_batch_size=4, lr=3e-3, chunk_size=16, seed=0)
+                           mini_batch_size=16, micro_batch_size=4, lr=3e-3, chunk_size=16, seed=0, **kw)
     trainer = build_trainer(TrainerSettings(lr=settings.lr, seed=0), student)
     gen = HFGenerator(student, tok)
     refs = [TeacherRef(i, f"grpo:{d}", d, str(t), 1.0) for i, (d, t) in enumerate(zip("ab", teachers))]
     domains = {d: DomainSpec(verifier="math") for d in "ab"}
     hist = run_opd(settings, trainer=trainer, generator=gen, tokenizer=tok,
                    prompts={d: _rows(d, 40) for d in "ab"}, teachers=refs, domains=domains, out_dir=out,
-                   head_paths=heads, load_teacher=lambda p: load_model(p), checkpoints=checkpoints)
+                   head_paths=heads, load_teacher=lambda p: load_model(p), checkpoints=checkpoints,
+                   heldout=heldout, load_student=lambda: load_model(student))
     return hist, trainer
+
+
+def test_heldout_kl_is_measured_before_and_every_k_rounds_and_falls(models, tmp_path):
+    heldout = {d: [{**r, "messages": [{"role": "user", "content": f"held-out {r['id']}?"}]} for r in _rows(d, 12)]
+               for d in "ab"}
+    hist, _ = _run(models, tmp_path / "run", rounds=3, heldout=heldout, heldout_prompts_per_domain=12,
+                   heldout_every=2)
+    kl = hist["kl_heldout_per_teacher"]
+    assert [k["after_round"] for k in kl] == [0, 2, 3]  # before training, every 2nd round, the last
+    for name in ("grpo:a", "grpo:b"):
+        assert kl[-1][name] < kl[0][name], kl
+
+
+def test_heldout_kl_equals_a_float64_reference_and_is_zero_against_itself(models):
+    from distill.opd import _domain_rollouts, measure_heldout_kl
+
+    root, student, teachers, _ = models
+    torch.set_num_threads(1)
+    tok = load_tokenizer(student)
+    settings = OPDSettings(max_new_tokens=10, seed=3)
+    rows = {"a": _rows("a", 6)}
+    spec = {"a": DomainSpec(verifier="math")}
+    gen = HFGenerator(student, tok)
+    s_model = load_model(student)
+    for teacher_dir, zero in ((str(teachers[0]), False), (str(student), True)):
+        ref = [TeacherRef(0, "t", "a", teacher_dir, 1.0)]
+        got = measure_heldout_kl(settings, rows, ref, spec, generator=gen, tokenizer=tok, student=s_model,
+                                 load_teacher=lambda p: load_model(p))["t"]
+        # the same samples (fixed seed), the divergence in float64 from full logits
+        samples = _domain_rollouts(settings, rows["a"], "a", spec["a"], 0, generator=gen, tokenizer=tok, n=1,
+                                   seed=settings.seed * 1000 + 999_983, id_prefix="x")
+        t_model = load_model(teacher_dir)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for smp in samples:
+                ids = torch.tensor([smp["input_ids"]])
+                mask = torch.tensor(smp["loss_mask"][1:]) > 0
+                ls = torch.log_softmax(s_model(input_ids=ids).logits[0, :-1][mask].double(), -1)
+                lt = torch.log_softmax(t_model(input_ids=ids).logits[0, :-1][mask].double(), -1)
+                total += float((ls.exp() * (ls - lt)).sum())
+                n += int(mask.sum())
+        if zero:
+            assert abs(got) < 1e-6
+        else:
+            assert got > 1e-3 and got == pytest.approx(total / n, rel=1e-4)
 
 
 def test_kl_falls_heads_resident_one_at_a_time(models, tmp_path):

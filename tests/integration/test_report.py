@@ -44,7 +44,9 @@ def run_dir(tmp_path):
     (grpo / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "reward_mean": i / 10, "kl": 0.01 * i,
                                                             "loss": -0.1}) + "\n" for i in range(10)))
     _manifest(run, "opd", 40.0, 4.0, metrics={"kl_per_teacher": [{"math": 0.9, "code": 1.2},
-                                                                  {"math": 0.5, "code": 0.7}]})
+                                                                  {"math": 0.5, "code": 0.7}],
+                                              "kl_heldout_per_teacher": [{"after_round": 0, "math": 1.0, "code": 1.3},
+                                                                         {"after_round": 2, "math": 0.4, "code": 0.6}]})
     _manifest(run, "eval", 5.0, 5.0)
     (run / "eval" / "results.json").write_text(json.dumps(RESULTS))
     return run
@@ -79,6 +81,7 @@ def test_report_from_synthetic_run(run_dir):
         assert f"plots/{png}" in text
     assert not (run_dir / "report" / "plots" / "prepare.png").exists()  # no metrics, no plot
     assert "| 2 | 0.500 | 0.700 |" in text  # OPD round 2: math 0.5, code 0.7
+    assert "| 0 | 1.000 | 1.300 |" in text and "| 2 | 0.400 | 0.600 |" in text  # held-out KL rows
     assert "| grpo:math | done | 30.0 | 1 |" in text
     assert "Total stage time: 88.8 s" in text  # 1.5 + 12.25 + 30 + 40 + 5
     assert "Last step: loss 0.150" in text  # sft step 19: 3/20
