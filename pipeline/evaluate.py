@@ -114,7 +114,7 @@ def evaluate_models(models: dict[str, str], sets: list[EvalSet], load_policy: Ca
     entries = dict(done or {})
     for name, model_dir in models.items():
         if name in entries:
-            log(f"[eval] {name:<12} done in an earlier attempt")
+            log(f"[eval] {name:<12} already evaluated (an earlier attempt or a worker)")
             continue
         started = time.time()
         policy = load_policy(model_dir)

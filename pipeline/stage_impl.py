@@ -271,26 +271,61 @@ def evaluate(ctx: StageContext) -> dict:
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
 
+    partial = ctx.out_dir / "partial.json"  # finished models, so an interrupted eval resumes
+    done = json.loads(partial.read_text()) if partial.is_file() else {}
+
+    def on_model(name, entry):
+        done[name] = entry
+        atomic_write_json(partial, done)
+
+    # HF generation of a small model is Python-bound: with N CPUs, N processes each
+    # evaluate whole models (one thread each). Other generators (vLLM on a GPU) keep one.
+    cpus = int(cfg.resources_for(ctx.stage.name).num_cpus)
+    todo = {n: m for n, m in models.items() if n not in done}
+    workers = min(cpus, len(todo)) if cfg.generator.backend == "hf" else 1
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {ex.submit(_eval_model_worker, cfg, name, model_dir, sets, settings): name
+                       for name, model_dir in todo.items()}
+            for f in as_completed(futures):
+                on_model(futures[f], f.result())
     # verifiers mostly wait on sandboxed subprocesses (code): at least two workers
-    with ScorerPool(num_workers=max(2, int(cfg.resources_for(ctx.stage.name).num_cpus))) as pool:
+    with ScorerPool(num_workers=max(2, cpus)) as pool:
         def score(verifier, texts, refs):
             return [r.score for r in pool.score(verifier, texts, refs)]
 
-        partial = ctx.out_dir / "partial.json"  # finished models, so an interrupted eval resumes
-        done = json.loads(partial.read_text()) if partial.is_file() else {}
-
-        def on_model(name, entry):
-            done[name] = entry
-            atomic_write_json(partial, done)
-
-        results = evaluate_models(models, sets, lambda model_dir: _eval_policy(ctx, model_dir), score, settings,
+        results = evaluate_models(models, sets, lambda model_dir: _eval_policy(cfg, model_dir), score, settings,
                                   done=done, on_model=on_model)
     out = ctx.out_dir / "results.json"
     atomic_write_json(out, results)
     return {"outputs": {"results": str(out)}, "metrics": {"models": results["models"]}}
 
 
-def _eval_policy(ctx: StageContext, model_dir: str):
+def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
+    """One model's eval entry, in a worker process of the eval stage (one torch thread)."""
+    import time
+
+    import torch
+
+    from pipeline.evaluate import evaluate_model
+    from rewards import ScorerPool
+
+    torch.set_num_threads(1)
+    started = time.time()
+    policy = _eval_policy(cfg, model_dir)
+    try:
+        with ScorerPool(num_workers=1) as pool:
+            entry = evaluate_model(policy, sets, lambda v, texts, refs: [r.score for r in pool.score(v, texts, refs)],
+                                   settings, lambda line: print(line, flush=True), name)
+    finally:
+        policy.close()
+    return {**entry, "seconds": round(time.time() - started, 2)}
+
+
+def _eval_policy(cfg, model_dir: str):
     """A policy `(eval_set, rows, temperature, n) -> texts` backed by a local HF generator."""
     from engine.chat import render_prompt
     from engine.domains import get_domain
@@ -298,7 +333,6 @@ def _eval_policy(ctx: StageContext, model_dir: str):
     from engine.model import load_tokenizer
     from engine.rollout import rollout
 
-    cfg = ctx.cfg
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
     generator = build_generator(cfg.generator, model_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
     stop_ids = [tokenizer.convert_tokens_to_ids("</tool_call>")]
