@@ -160,11 +160,15 @@ def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: Doma
 
 def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], teachers: list["TeacherRef"],
                        domains: dict[str, DomainSpec], *, generator, tokenizer, student, load_teacher) -> dict:
-    """{teacher name: token-mean divergence D(student || teacher)} on the student's samples
-    of the held-out prompts (one per prompt, a fixed seed, so every call sees the same
-    prompts and the same sampling noise). `student` is a model holding the generator's
-    current weights; one teacher model is loaded at a time. Full-vocabulary, one sample
-    at a time (no (tokens x vocabulary) tensor beyond one sample's)."""
+    """{teacher name: {"token_mean", "per_prompt": [...]}}: the divergence D(student || teacher)
+    on the student's samples of the held-out prompts (one per prompt, a fixed seed, so every
+    call sees the same prompts and the same sampling noise), as the mean over all response
+    tokens and as each prompt's mean over its own tokens (in prompt order; a prompt with no
+    response token gets 0). The token mean moves with the response length (later positions
+    carry more KL); the per-prompt values compare two students prompt by prompt. `student`
+    is a model holding the generator's current weights; one teacher model is loaded at a
+    time. Full-vocabulary, one sample at a time (no (tokens x vocabulary) tensor beyond
+    one sample's)."""
     from distill.kl import get_divergence
 
     fn = get_divergence(settings.divergence)
@@ -178,21 +182,23 @@ def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], te
                                    tokenizer=tokenizer, n=1, seed=settings.seed * 1000 + 999_983, id_prefix="heldout")
         model = load_teacher(t.model_dir)
         model.eval()
-        total, tokens = 0.0, 0
+        total, tokens, per_prompt = 0.0, 0, []
         with torch.inference_mode():
             for s in samples:
                 ids = torch.tensor([s["input_ids"]])  # (1, T)
                 mask = torch.tensor(s["loss_mask"][1:]) > 0  # targets t >= 1, predicted at t - 1
                 if not bool(mask.any()):
+                    per_prompt.append(0.0)
                     continue
                 log_ps = torch.log_softmax(student(input_ids=ids).logits[0, :-1][mask].float(), -1)  # (n, V)
                 log_pt = torch.log_softmax(model(input_ids=ids).logits[0, :-1][mask].float(), -1)  # (n, V)
                 d, _ = fn(log_ps, log_pt, settings.jsd_beta, False)
                 total += float(d.sum())
                 tokens += int(d.numel())
+                per_prompt.append(float(d.mean()))
         del model
         gc.collect()
-        out[t.name] = total / max(tokens, 1)
+        out[t.name] = {"token_mean": total / max(tokens, 1), "per_prompt": per_prompt}
     return out
 
 
@@ -316,10 +322,19 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         student.load_state_dict(trainer.state_dict())
         kl = measure_heldout_kl(settings, heldout, teachers, domains, generator=generator, tokenizer=tokenizer,
                                 student=student, load_teacher=load_teacher)
-        history.setdefault("kl_heldout_per_teacher", []).append({"after_round": after_round, **kl})
+        # manifest: both means per teacher; the per-prompt values (for paired comparisons
+        # between measurements) in heldout_kl.jsonl, rewritten whole each time
+        history.setdefault("kl_heldout_per_teacher", []).append(
+            {"after_round": after_round, **{n: v["token_mean"] for n, v in kl.items()}})
+        history.setdefault("kl_heldout_per_prompt_mean", []).append(
+            {"after_round": after_round, **{n: sum(v["per_prompt"]) / max(len(v["per_prompt"]), 1)
+                                            for n, v in kl.items()}})
+        history.setdefault("heldout_per_prompt", []).append({"after_round": after_round,
+                                                             **{n: v["per_prompt"] for n, v in kl.items()}})
+        atomic_write_jsonl(out_dir / "heldout_kl.jsonl", history["heldout_per_prompt"])
         history["time"]["heldout"] = history["time"].get("heldout", 0.0) + time.time() - t
         if logger is not None:
-            logger.log({f"heldout_kl/{k}": v for k, v in kl.items()}, step=step)
+            logger.log({f"heldout_kl/{k}": v["token_mean"] for k, v in kl.items()}, step=step)
 
     if measure and start_round == 0 and not history.get("kl_heldout_per_teacher"):
         heldout_kl(0)  # before any training (kept in the round-0 checkpoint's history)
@@ -353,7 +368,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         if checkpoints is not None:
             checkpoints.save(trainer, step, {"round": r + 1, "step": step, "history": history,
                                              "streams": {d: s.state_dict() for d, s in streams.items()}})
-    return history
+    return {k: v for k, v in history.items() if k != "heldout_per_prompt"}  # those are in heldout_kl.jsonl
 
 
 def _update_history(history, records, teachers, teach_stats, samples, times) -> None:

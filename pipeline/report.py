@@ -237,7 +237,7 @@ def _curves_section(run_dir: Path, manifests: dict[str, dict], plots: Path) -> l
     return out if any_plot else out + ["No stage has logged metrics yet.", ""]
 
 
-def _opd_section(manifests: dict[str, dict], plots: Path) -> list[str]:
+def _opd_section(manifests: dict[str, dict], plots: Path, run_dir: Path) -> list[str]:
     kl = ((manifests.get("opd") or {}).get("metrics") or {}).get("kl_per_teacher")
     if not isinstance(kl, list) or not kl or not all(isinstance(r, dict) for r in kl):
         return []
@@ -247,15 +247,47 @@ def _opd_section(manifests: dict[str, dict], plots: Path) -> list[str]:
              "| round | " + " | ".join(teachers) + " |", "|---|" + "---:|" * len(teachers)]
     lines += [f"| {i} | " + " | ".join(_fmt(r.get(t)) for t in teachers) + " |" for i, r in enumerate(kl, 1)]
     lines.append("")
-    held = ((manifests.get("opd") or {}).get("metrics") or {}).get("kl_heldout_per_teacher")
-    if isinstance(held, list) and held and all(isinstance(r, dict) for r in held):
-        lines += ["Held-out KL: the student's samples of the same held-out prompts with the same seed, "
-                  "measured before round 1 (after round 0) and after the rounds shown:", "",
+    metrics = (manifests.get("opd") or {}).get("metrics") or {}
+    for key, what in (("kl_heldout_per_teacher", "mean over all response tokens"),
+                      ("kl_heldout_per_prompt_mean", "mean over prompts of each prompt's token mean")):
+        held = metrics.get(key)
+        if not (isinstance(held, list) and held and all(isinstance(r, dict) for r in held)):
+            continue
+        lines += [f"Held-out KL ({what}): the student's samples of the same held-out prompts with the same "
+                  "seed, before training (after round 0) and after the rounds shown:", "",
                   "| after round | " + " | ".join(teachers) + " |", "|---|" + "---:|" * len(teachers)]
         lines += [f"| {r.get('after_round', '?')} | " + " | ".join(_fmt(r.get(t)) for t in teachers) + " |"
                   for r in held]
         lines.append("")
-    return lines
+    return lines + _heldout_paired_lines(run_dir / "opd" / "heldout_kl.jsonl")
+
+
+def heldout_kl_change(path: Path) -> dict[str, tuple[float, float, float, float]]:
+    """{teacher: (first, last, last - first, paired SE)} of the per-prompt held-out KL in
+    an OPD stage's `heldout_kl.jsonl` (first and last measurement, paired by prompt)."""
+    from pipeline.evaluate import paired_difference
+
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    if len(rows) < 2:
+        return {}
+    out = {}
+    for t in (k for k in rows[0] if k != "after_round"):
+        a, b = rows[0].get(t), rows[-1].get(t)
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) >= 2:
+            diff, se = paired_difference(a, b)
+            out[t] = (sum(a) / len(a), sum(b) / len(b), diff, se)
+    return out
+
+
+def _heldout_paired_lines(path: Path) -> list[str]:
+    change = heldout_kl_change(path)
+    if not change:
+        return []
+    lines = ["Held-out KL per prompt, last measurement vs before training (paired by prompt):", "",
+             "| teacher | before | after | diff | SE | diff/SE |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {t} | {a:.3f} | {b:.3f} | {d:+.3f} | {se:.3f} | {d / se if se > 0 else float('nan'):+.1f} |"
+              for t, (a, b, d, se) in change.items()]
+    return lines + [""]
 
 
 def _timings_section(manifests: dict[str, dict]) -> list[str]:
@@ -292,7 +324,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     lines = [f"# Polymath report: {_experiment_name(run_dir)}", "", f"Run directory: `{run_dir}`", ""]
     lines += _results_section(run_dir)
     lines += _curves_section(run_dir, manifests, plots)
-    lines += _opd_section(manifests, plots)
+    lines += _opd_section(manifests, plots, run_dir)
     lines += _timings_section(manifests)
     out = run_dir / "report" / "report.md"
     atomic_write_text(out, "\n".join(lines))

@@ -67,10 +67,17 @@ def test_heldout_kl_is_measured_before_and_every_k_rounds_and_falls(models, tmp_
                for d in "ab"}
     hist, _ = _run(models, tmp_path / "run", rounds=3, heldout=heldout, heldout_prompts_per_domain=12,
                    heldout_every=2)
-    kl = hist["kl_heldout_per_teacher"]
+    kl, per_prompt_mean = hist["kl_heldout_per_teacher"], hist["kl_heldout_per_prompt_mean"]
     assert [k["after_round"] for k in kl] == [0, 2, 3]  # before training, every 2nd round, the last
+    assert [k["after_round"] for k in per_prompt_mean] == [0, 2, 3]
     for name in ("grpo:a", "grpo:b"):
         assert kl[-1][name] < kl[0][name], kl
+        assert per_prompt_mean[-1][name] < per_prompt_mean[0][name], per_prompt_mean
+    lines = [json.loads(x) for x in (tmp_path / "run" / "heldout_kl.jsonl").read_text().splitlines()]
+    assert [x["after_round"] for x in lines] == [0, 2, 3]
+    for x, m in zip(lines, per_prompt_mean):
+        assert len(x["grpo:a"]) == 12 and sum(x["grpo:a"]) / 12 == pytest.approx(m["grpo:a"])
+    assert "heldout_per_prompt" not in hist  # the per-prompt lists stay out of the manifest
 
 
 def test_heldout_kl_equals_a_float64_reference_and_is_zero_against_itself(models):
@@ -86,25 +93,29 @@ def test_heldout_kl_equals_a_float64_reference_and_is_zero_against_itself(models
     s_model = load_model(student)
     for teacher_dir, zero in ((str(teachers[0]), False), (str(student), True)):
         ref = [TeacherRef(0, "t", "a", teacher_dir, 1.0)]
-        got = measure_heldout_kl(settings, rows, ref, spec, generator=gen, tokenizer=tok, student=s_model,
+        res = measure_heldout_kl(settings, rows, ref, spec, generator=gen, tokenizer=tok, student=s_model,
                                  load_teacher=lambda p: load_model(p))["t"]
+        got = res["token_mean"]
         # the same samples (fixed seed), the divergence in float64 from full logits
         samples = _domain_rollouts(settings, rows["a"], "a", spec["a"], 0, generator=gen, tokenizer=tok, n=1,
                                    seed=settings.seed * 1000 + 999_983, id_prefix="x")
         t_model = load_model(teacher_dir)
-        total, n = 0.0, 0
+        total, n, per_prompt = 0.0, 0, []
         with torch.no_grad():
             for smp in samples:
                 ids = torch.tensor([smp["input_ids"]])
                 mask = torch.tensor(smp["loss_mask"][1:]) > 0
                 ls = torch.log_softmax(s_model(input_ids=ids).logits[0, :-1][mask].double(), -1)
                 lt = torch.log_softmax(t_model(input_ids=ids).logits[0, :-1][mask].double(), -1)
-                total += float((ls.exp() * (ls - lt)).sum())
+                kl = (ls.exp() * (ls - lt)).sum(-1)
+                total += float(kl.sum())
                 n += int(mask.sum())
+                per_prompt.append(float(kl.mean()))
         if zero:
-            assert abs(got) < 1e-6
+            assert abs(got) < 1e-6 and max(abs(x) for x in res["per_prompt"]) < 1e-6
         else:
             assert got > 1e-3 and got == pytest.approx(total / n, rel=1e-4)
+            assert res["per_prompt"] == pytest.approx(per_prompt, rel=1e-4, abs=1e-7)
 
 
 def test_kl_falls_heads_resident_one_at_a_time(models, tmp_path):

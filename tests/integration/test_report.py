@@ -47,6 +47,8 @@ def run_dir(tmp_path):
                                                                   {"math": 0.5, "code": 0.7}],
                                               "kl_heldout_per_teacher": [{"after_round": 0, "math": 1.0, "code": 1.3},
                                                                          {"after_round": 2, "math": 0.4, "code": 0.6}]})
+    (run / "opd" / "heldout_kl.jsonl").write_text(json.dumps({"after_round": 0, "math": [1.0, 0.8, 0.6]}) + "\n"
+                                                 + json.dumps({"after_round": 2, "math": [0.5, 0.5, 0.2]}) + "\n")
     _manifest(run, "eval", 5.0, 5.0)
     (run / "eval" / "results.json").write_text(json.dumps(RESULTS))
     return run
@@ -82,6 +84,8 @@ def test_report_from_synthetic_run(run_dir):
     assert not (run_dir / "report" / "plots" / "prepare.png").exists()  # no metrics, no plot
     assert "| 2 | 0.500 | 0.700 |" in text  # OPD round 2: math 0.5, code 0.7
     assert "| 0 | 1.000 | 1.300 |" in text and "| 2 | 0.400 | 0.600 |" in text  # held-out KL rows
+    # per-prompt diffs -0.5, -0.3, -0.4: mean -0.4, sd 0.1, SE 0.1 / sqrt(3)
+    assert "| math | 0.800 | 0.400 | -0.400 | 0.058 | -6.9 |" in text
     assert "| grpo:math | done | 30.0 | 1 |" in text
     assert "Total stage time: 88.8 s" in text  # 1.5 + 12.25 + 30 + 40 + 5
     assert "Last step: loss 0.150" in text  # sft step 19: 3/20

@@ -13,9 +13,13 @@ seed:
   and the run is deterministic (fixed seeds, one thread per stage), so it does not move
   between reruns.
 - OPD (issue 6): one head resident, one head load per teacher in every step, the held-out
-  KL (the student's samples of the same held-out prompts with the same seed) below its
-  pre-training value for every teacher, and the student's greedy score on each domain at
-  least STUDENT_FRACTION of that domain's expert.
+  KL (the student's samples of the same 128 held-out prompts with the same seed, each
+  prompt's mean over its response tokens) below its pre-training value for every teacher,
+  and the student's greedy score on each domain at least STUDENT_FRACTION of that
+  domain's expert. The per-prompt mean, not the mean over all tokens: KL grows with the
+  position in the response, and a student that learns its teacher's longer answers gains
+  tail positions, which raises the all-token mean while the KL at every position falls
+  (measured on ifeval, issue-6 note).
 """
 
 import json
@@ -27,6 +31,7 @@ import sys
 import pytest
 
 from pipeline.evaluate import paired_difference
+from pipeline.report import heldout_kl_change
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUN = ROOT / "runs" / "tiny"
@@ -68,10 +73,12 @@ def test_opd_heads_heldout_kl_and_student_fraction(run):
     assert opd["max_resident_heads"] == 1
     assert opd["head_loads_per_step"] == opd["teachers_per_step"]
     assert all(n == len(DOMAINS) for n in opd["teachers_per_step"])  # every step mixes all teachers
-    held = opd["kl_heldout_per_teacher"]
+    held = opd["kl_heldout_per_prompt_mean"]
     assert held[0]["after_round"] == 0 and held[-1]["after_round"] == len(opd["kl_per_teacher"])
-    for d in DOMAINS:
-        assert held[-1][f"grpo:{d}"] < held[0][f"grpo:{d}"], (d, held)
+    change = heldout_kl_change(RUN / "opd" / "heldout_kl.jsonl")
+    assert set(change) == {f"grpo:{d}" for d in DOMAINS}
+    table = {t: f"{a:.3f} -> {b:.3f} ({diff:+.3f} +- {se:.3f})" for t, (a, b, diff, se) in change.items()}
+    assert all(diff < 0 for _, _, diff, _ in change.values()), table
     models = results["models"]
     fractions = {d: models["student"][d] / models[f"grpo:{d}"][d] for d in DOMAINS}
     assert all(f >= STUDENT_FRACTION for f in fractions.values()), fractions
