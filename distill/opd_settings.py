@@ -39,6 +39,8 @@ class OPDSettings(BaseModel):
     mini_batch_size: PositiveInt = 64
     micro_batch_size: PositiveInt = 16
     lr: float = Field(3e-4, gt=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="over all rounds' optimiser steps (no warmup)")
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     heldout_prompts_per_domain: int = Field(0, ge=0, description="held-out prompts per teacher for the held-out KL (0: off)")

@@ -233,7 +233,8 @@ def opd(ctx: StageContext) -> dict:
     steps_per_round = -(-len(teachers) * s.prompts_per_domain * s.samples_per_prompt // s.mini_batch_size)
     total = s.rounds * s.epochs_per_round * steps_per_round
     trainer = _make_trainer(ctx, student_dir, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
-                            schedule="constant", total_steps=None, warmup_steps=0, seed=s.seed)
+                            schedule=s.lr_schedule, total_steps=None if s.lr_schedule == "constant" else total,
+                            warmup_steps=0, seed=s.seed)
     generator = build_generator(cfg.generator, student_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
     logger = _logger(ctx, total, s.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
