@@ -73,6 +73,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
     from engine.chat import render_prompt
     from engine.generation import SamplingParams
     from engine.rollout import rollout
+    from rewards import raise_if_all_verifier_errors
 
     rows = stream.take(rows_needed)
     groups: list[list[RLSample]] = []
@@ -93,6 +94,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
                         environment=spec.environment, max_turns=settings.max_turns)
         refs = [r["reference"] for r in drows for _ in range(settings.group_size)]
         results = scorer.score(spec.verifier, [t.text for t in trajs], refs)
+        raise_if_all_verifier_errors(results, spec.verifier, f"GRPO rollouts (seed {step_seed}), domain {dom!r}")
         scores = [res.score for res in results]
         if settings.format_weight > 0:
             fmt = scorer.score("format", [t.text for t in trajs], refs)

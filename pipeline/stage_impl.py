@@ -190,6 +190,7 @@ def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> di
     from engine.chat import render_prompt
     from engine.generation import SamplingParams
     from engine.rollout import rollout
+    from rewards import raise_if_all_verifier_errors
 
     stop = [tokenizer.convert_tokens_to_ids("</tool_call>")]
     out = {}
@@ -200,6 +201,7 @@ def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> di
         trajs = rollout(generator, [render_prompt(r["messages"], tokenizer) for r in rows], sampling,
                         tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
         res = scorer.score(specs[d].verifier, [t.text for t in trajs], [r["reference"] for r in rows])
+        raise_if_all_verifier_errors(res, specs[d].verifier, f"OPD student eval, domain {d!r}")
         out[d] = sum(r.score for r in res) / max(len(res), 1)
     return out
 
@@ -263,7 +265,7 @@ def evaluate(ctx: StageContext) -> dict:
 
     from engine.atomic import atomic_write_json
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models, model_label, models_to_evaluate
-    from rewards import ScorerPool
+    from rewards import ScorerPool, raise_if_all_verifier_errors
 
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
@@ -296,7 +298,9 @@ def evaluate(ctx: StageContext) -> dict:
     # verifiers mostly wait on sandboxed subprocesses (code): at least two workers
     with ScorerPool(num_workers=max(2, cpus)) as pool:
         def score(verifier, texts, refs):
-            return [r.score for r in pool.score(verifier, texts, refs)]
+            results = pool.score(verifier, texts, refs)
+            raise_if_all_verifier_errors(results, verifier, "eval")
+            return [r.score for r in results]
 
         results = evaluate_models(models, sets, lambda model_dir: _eval_policy(cfg, model_dir), score, settings,
                                   done=done, on_model=on_model)
@@ -312,15 +316,19 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
     import torch
 
     from pipeline.evaluate import evaluate_model
-    from rewards import ScorerPool
+    from rewards import ScorerPool, raise_if_all_verifier_errors
 
     torch.set_num_threads(1)
     started = time.time()
     policy = _eval_policy(cfg, model_dir)
     try:
         with ScorerPool(num_workers=1) as pool:
-            entry = evaluate_model(policy, sets, lambda v, texts, refs: [r.score for r in pool.score(v, texts, refs)],
-                                   settings, lambda line: print(line, flush=True), name)
+            def score(verifier, texts, refs):
+                results = pool.score(verifier, texts, refs)
+                raise_if_all_verifier_errors(results, verifier, f"eval of {name}")
+                return [r.score for r in results]
+
+            entry = evaluate_model(policy, sets, score, settings, lambda line: print(line, flush=True), name)
     finally:
         policy.close()
     return {**entry, "seconds": round(time.time() - started, 2)}

@@ -16,6 +16,7 @@ _EXPORTS = {
     "check_reference": "rewards.registry",
     "score_batch": "rewards.batch",
     "ScorerPool": "rewards.batch",
+    "raise_if_all_verifier_errors": "rewards.batch",
     "parse_tool_calls": "rewards.tool_calls",
     "ToolCall": "rewards.tool_calls",
 }

@@ -206,3 +206,23 @@ def score_batch(
     workers = min(num_workers or max(1, len(os.sched_getaffinity(0))), max(1, n))
     with ScorerPool(num_workers=workers, timeout_s=timeout_s) as pool:
         return pool.score(name, completions, references, **options)
+
+
+VERIFIER_ERROR = "verifier error"
+
+
+def raise_if_all_verifier_errors(results: Sequence[RewardResult], verifier: str, where: str,
+                                 min_items: int = 8) -> None:
+    """Raise when every item of a batch of at least `min_items` failed inside the verifier.
+
+    Bad model output never does that (verifiers score it 0 with a reason and do not
+    raise); a whole batch of verifier errors is a broken environment (a sandbox that
+    cannot start the interpreter, a missing dependency), and training or evaluating on
+    its all-zero rewards would go on silently."""
+    if len(results) < min_items:
+        return
+    reasons = [str((r.info or {}).get("reason", "")) for r in results]
+    if all(x.startswith(VERIFIER_ERROR) for x in reasons):
+        raise RuntimeError(f"{where}: the {verifier!r} verifier raised on all {len(results)} items "
+                           f"(an environment problem, not the model's output); first: {reasons[0][:500]}")
+

@@ -39,6 +39,20 @@ IN_WORKER = False
 WORK_ROOT: str | None = None
 
 
+def _interpreter(private_tmp: bool) -> str:
+    """The real interpreter behind `sys.executable`. A venv's `python` is a symlink, and a
+    venv under /tmp vanishes under the sandbox's private /tmp; `-I -S` needs nothing of
+    the venv. An interpreter that itself lives under a covered directory cannot run."""
+    exe = os.path.realpath(sys.executable)
+    if private_tmp:
+        for top in iso.WRITABLE_MOUNTS:
+            if exe.startswith(top.rstrip("/") + "/"):
+                raise RuntimeError(f"the Python interpreter {exe} lies under {top}, which the code sandbox "
+                                   "replaces with the program's working directory; use a Python installed "
+                                   "elsewhere")
+    return exe
+
+
 @dataclasses.dataclass
 class SandboxOutcome:
     returncode: int | None
@@ -164,7 +178,8 @@ def run_python(
                     os.chown(os.path.join(workdir, name), plan.uid, plan.uid)
                 iso.sweep_uid(plan.uid)  # leftovers of a predecessor that died mid-run
             home = "/tmp" if plan.mounts else workdir
-            argv = [sys.executable, "-I", "-S", "-B", script] + [a.replace("{channel_fd}", str(chan_w)) for a in args]
+            argv = [_interpreter(bool(plan.mounts)), "-I", "-S", "-B", script] + \
+                [a.replace("{channel_fd}", str(chan_w)) for a in args]
             return _run(argv, workdir, plan, report, _minimal_env(home), stdin, (chan_r, chan_w))
         finally:
             for fd in (chan_r, chan_w):

@@ -117,3 +117,23 @@ def test_tmp_writes_land_in_the_sandbox_dir():
     (res,) = score_batch("code", [code], [REF])
     assert res.score == 1.0, res.info  # the write succeeded inside the sandbox ...
     assert not os.path.exists(f"/tmp/{marker}")  # ... and did not reach the real /tmp
+
+
+def test_a_venv_interpreter_under_tmp_still_runs_sandboxed_programs(tmp_path):
+    """A checkout under /tmp puts its venv's `python` (a symlink) under /tmp, which the
+    sandbox covers with the program's working directory: the sandbox must start the real
+    interpreter behind the link (it scored every program 0 with FileNotFoundError before)."""
+    import site
+    import subprocess
+    import sys
+
+    link = tmp_path / "venv-bin" / "python"
+    link.parent.mkdir()
+    link.symlink_to(os.path.realpath(sys.executable))
+    code = ("from rewards import score_batch\n"
+            "r = score_batch('code', ['def sq(x):\\n    return x * x\\n'], [{'tests': ['assert sq(3) == 9']}])[0]\n"
+            "print(r.score, r.info.get('reason'))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()])}
+    out = subprocess.run([str(link), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "1.0", out.stdout
