@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-reliability test-vllm bench clean
+.PHONY: setup demo test test-unit test-reliability test-quality test-vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,9 @@ test-unit: $(STAMP)
 
 test-reliability: $(STAMP)
 	$(BIN)/python -m pytest tests/reliability -q -rA --timeout 900
+
+test-quality: $(STAMP)
+	$(BIN)/python -m pytest tests/quality -q -rA
 
 test-vllm:
 	bash scripts/test_vllm.sh

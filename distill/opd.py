@@ -190,8 +190,8 @@ def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], te
                 if not bool(mask.any()):
                     per_prompt.append(0.0)
                     continue
-                log_ps = torch.log_softmax(student(input_ids=ids).logits[0, :-1][mask].float(), -1)  # (n, V)
-                log_pt = torch.log_softmax(model(input_ids=ids).logits[0, :-1][mask].float(), -1)  # (n, V)
+                log_ps = torch.log_softmax(_logits(student, ids)[mask], -1)  # (n, V)
+                log_pt = torch.log_softmax(_logits(model, ids)[mask], -1)  # (n, V)
                 d, _ = fn(log_ps, log_pt, settings.jsd_beta, False)
                 total += float(d.sum())
                 tokens += int(d.numel())
@@ -200,6 +200,12 @@ def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], te
         gc.collect()
         out[t.name] = {"token_mean": total / max(tokens, 1), "per_prompt": per_prompt}
     return out
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """(T-1, V) float32 next-token logits of one sequence (1, T), on the host."""
+    dev = next(model.parameters()).device
+    return model(input_ids=ids.to(dev)).logits[0, :-1].float().cpu()
 
 
 def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[TeacherRef], cache_dir: Path, *,
