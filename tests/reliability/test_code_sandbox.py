@@ -7,6 +7,7 @@ scoring pool survived every attack (the last, honest item still scores 1).
 
 import os
 import pathlib
+import re
 import shutil
 import time
 
@@ -95,7 +96,9 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
     assert (repo_victim_dir / "victim.txt").read_text() == "keep me"
     assert not (repo_victim_dir / "evil.txt").exists()
     if os.geteuid() == 0:  # under the sandbox uid, writes outside fail with EACCES
-        assert "PermissionError" in by_name["write_into_repo"].info["reason"]
+        # the repo is not writable by the sandbox uid; a checkout under /tmp is not even visible
+        # (the sandbox's /tmp is its working directory): both stop the write
+        assert re.search("PermissionError|FileNotFoundError", by_name["write_into_repo"].info["reason"])
     leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("polymath-sbx")}
     assert not leaked, f"sandbox dirs left behind: {leaked}"
     assert _sandbox_processes() == [], "sandboxed processes survived"
