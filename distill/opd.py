@@ -158,6 +158,11 @@ def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: Doma
     return samples
 
 
+def heldout_seed(settings: OPDSettings) -> int:
+    """The held-out rollouts' seed: the same at every measurement, apart from the rounds'."""
+    return settings.seed * 1000 + 999_983
+
+
 def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], teachers: list["TeacherRef"],
                        domains: dict[str, DomainSpec], *, generator, tokenizer, student, load_teacher) -> dict:
     """{teacher name: {"token_mean", "per_prompt": [...]}}: the divergence D(student || teacher)
@@ -179,7 +184,7 @@ def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], te
         if not rows:
             continue
         samples = _domain_rollouts(settings, rows, t.domain, domains[t.domain], t.index, generator=generator,
-                                   tokenizer=tokenizer, n=1, seed=settings.seed * 1000 + 999_983, id_prefix="heldout")
+                                   tokenizer=tokenizer, n=1, seed=heldout_seed(settings), id_prefix="heldout")
         model = load_teacher(t.model_dir)
         model.eval()
         total, tokens, per_prompt = 0.0, 0, []

@@ -190,7 +190,6 @@ def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> di
     from engine.chat import render_prompt
     from engine.generation import SamplingParams
     from engine.rollout import rollout
-    from rewards import raise_if_all_verifier_errors
 
     stop = [tokenizer.convert_tokens_to_ids("</tool_call>")]
     out = {}
@@ -200,9 +199,9 @@ def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> di
                                   stop_token_ids=stop if env is not None else [])
         trajs = rollout(generator, [render_prompt(r["messages"], tokenizer) for r in rows], sampling,
                         tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
-        res = scorer.score(specs[d].verifier, [t.text for t in trajs], [r["reference"] for r in rows])
-        raise_if_all_verifier_errors(res, specs[d].verifier, f"OPD student eval, domain {d!r}")
-        out[d] = sum(r.score for r in res) / max(len(res), 1)
+        res = _checked_scores(scorer, f"OPD student eval, domain {d!r}")(
+            specs[d].verifier, [t.text for t in trajs], [r["reference"] for r in rows])
+        out[d] = sum(res) / max(len(res), 1)
     return out
 
 
@@ -265,7 +264,7 @@ def evaluate(ctx: StageContext) -> dict:
 
     from engine.atomic import atomic_write_json
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models, model_label, models_to_evaluate
-    from rewards import ScorerPool, raise_if_all_verifier_errors
+    from rewards import ScorerPool
 
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
@@ -297,41 +296,40 @@ def evaluate(ctx: StageContext) -> dict:
                 on_model(futures[f], f.result())
     # verifiers mostly wait on sandboxed subprocesses (code): at least two workers
     with ScorerPool(num_workers=max(2, cpus)) as pool:
-        def score(verifier, texts, refs):
-            results = pool.score(verifier, texts, refs)
-            raise_if_all_verifier_errors(results, verifier, "eval")
-            return [r.score for r in results]
-
-        results = evaluate_models(models, sets, lambda model_dir: _eval_policy(cfg, model_dir), score, settings,
-                                  done=done, on_model=on_model)
+        results = evaluate_models(models, sets, lambda model_dir: _eval_policy(cfg, model_dir),
+                                  _checked_scores(pool, "eval"), settings, done=done, on_model=on_model)
     out = ctx.out_dir / "results.json"
     atomic_write_json(out, results)
     return {"outputs": {"results": str(out)}, "metrics": {"models": results["models"]}}
 
 
+def _checked_scores(pool, where: str):
+    """`score(verifier, texts, refs) -> [float]` over `pool`, raising when a whole batch
+    failed inside the verifier (`rewards.raise_if_all_verifier_errors`)."""
+    from rewards import raise_if_all_verifier_errors
+
+    def score(verifier, texts, refs):
+        results = pool.score(verifier, texts, refs)
+        raise_if_all_verifier_errors(results, verifier, where)
+        return [r.score for r in results]
+
+    return score
+
+
 def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
     """One model's eval entry, in a worker process of the eval stage (one torch thread)."""
-    import time
-
     import torch
 
-    from pipeline.evaluate import evaluate_model
-    from rewards import ScorerPool, raise_if_all_verifier_errors
+    from pipeline.evaluate import evaluate_models
+    from rewards import ScorerPool
 
     torch.set_num_threads(1)
-    started = time.time()
-    policy = _eval_policy(cfg, model_dir)
-    try:
-        with ScorerPool(num_workers=1) as pool:
-            def score(verifier, texts, refs):
-                results = pool.score(verifier, texts, refs)
-                raise_if_all_verifier_errors(results, verifier, f"eval of {name}")
-                return [r.score for r in results]
-
-            entry = evaluate_model(policy, sets, score, settings, lambda line: print(line, flush=True), name)
-    finally:
-        policy.close()
-    return {**entry, "seconds": round(time.time() - started, 2)}
+    entries: dict = {}
+    with ScorerPool(num_workers=1) as pool:
+        evaluate_models({name: model_dir}, sets, lambda d: _eval_policy(cfg, d),
+                        _checked_scores(pool, f"eval of {name}"), settings, log=lambda line: print(line, flush=True),
+                        on_model=lambda _n, e: entries.update(e))
+    return entries
 
 
 def _eval_policy(cfg, model_dir: str):

@@ -37,18 +37,17 @@ def main() -> None:
 
     import torch
 
-    from engine.chat import render_prompt
     from engine.checkpoint import CheckpointManager
     from engine.data import load_rows
     from engine.domains import get_domain
-    from engine.generation import SamplingParams, build_generator
+    from engine.generation import build_generator
     from engine.model import load_tokenizer
-    from engine.rollout import rollout
     from engine.trainer import build_trainer, with_overrides
     from experts.grpo import DomainSpec, run_grpo
     from experts.grpo_settings import GRPOSettings
     from pipeline.config import load_config
-    from pipeline.evaluate import paired_difference
+    from pipeline.evaluate import EvalSet, EvalSettings, evaluate_domain, paired_difference
+    from pipeline.stage_impl import _checked_scores, _eval_policy
     from rewards import ScorerPool
 
     torch.set_num_threads(1)
@@ -73,14 +72,15 @@ def main() -> None:
     evals = dom.generate("eval", a.neval, seed=cfg.seed)
     pool = ScorerPool(num_workers=1)
 
-    def greedy(model_dir: str) -> list[float]:
-        g = build_generator(cfg.generator, model_dir, tokenizer=tok, dtype=cfg.model.dtype)
-        stop = [tok.convert_tokens_to_ids("</tool_call>")] if env is not None else []
-        sp = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens, stop_token_ids=stop)
-        trajs = rollout(g, [render_prompt(r["messages"], tok) for r in evals], sp, tokenizer=tok,
-                        environment=dom.environment(), max_turns=settings.max_turns if env is not None else 1)
-        g.close()
-        return [r.score for r in pool.score(dc.verifier, [t.text for t in trajs], [r["reference"] for r in evals])]
+    eval_set = EvalSet(d, dc.verifier, evals, dc.data.synthetic.generator)
+
+    def greedy(model_dir: str) -> list[float]:  # the eval stage's greedy pass, per prompt
+        policy = _eval_policy(cfg, model_dir)
+        try:
+            return evaluate_domain(policy, eval_set, _checked_scores(pool, "probe eval"),
+                                   EvalSettings(samples=0, max_new_tokens=cfg.eval.max_new_tokens))["greedy_scores"]
+        finally:
+            policy.close()
 
     class Log:
         def log(self, m, step):
