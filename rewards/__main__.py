@@ -1,8 +1,13 @@
 """`python -m rewards score VERIFIER INPUT.jsonl [-o OUTPUT.jsonl]`.
 
 Each input line: `{"completion": str, "reference": {...}}`; each output line is the input
-plus `score` and `info`. Malformed lines are reported on stderr with their line number
-and skipped; the rest are scored (in worker processes) and written atomically.
+plus `score` and `info`. Rows in == rows out, in order: every non-blank input line gives
+one output line, whatever it holds. A line that is not UTF-8, not JSON, nested too deeply
+or not of that shape, a reference the verifier cannot use, a verifier that raises, a
+worker that crashes or times out: that row scores 0 and carries an `error` field (a bad
+line is written as `{"line": N, "input": its first 200 characters, "score": 0, "info",
+"error"}`), and is counted on stderr. Only a verifier name that does not exist is a
+usage error (exit 2, nothing written). The output is written atomically.
 """
 
 from __future__ import annotations
@@ -12,24 +17,75 @@ import json
 import os
 import sys
 import tempfile
+from typing import Any
+
+def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """(row, None) or (None, why the line is not a row)."""
+    from rewards.batch import MAX_TASK_DEPTH, nested_deeper_than
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 ({exc})"
+    try:
+        row = json.loads(text)
+    except RecursionError:
+        return None, "not JSON (nested too deeply to parse)"
+    except ValueError as exc:
+        return None, f"not JSON ({exc})"
+    if not isinstance(row, dict) or not isinstance(row.get("completion"), str) or not isinstance(row.get("reference"), dict):
+        return None, "needs a string 'completion' and an object 'reference'"
+    if nested_deeper_than(row, MAX_TASK_DEPTH):  # refused, not echoed: not every reader could load it
+        return None, f"nested deeper than {MAX_TASK_DEPTH} levels"
+    return row, None
 
 
-def read_rows(path: str) -> tuple[list[dict], list[str]]:
-    rows, problems = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
+def read_rows(path: str) -> list[tuple[int, bytes, dict | None, str | None]]:
+    """(line number, raw line, row or None, problem or None) for every non-blank line."""
+    out = []
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if raw.strip():
+                out.append((n, raw, *_parse_line(raw.rstrip(b"\r\n"))))
+    return out
+
+
+def _reference_problem(verifier: str, reference: dict) -> str | None:
+    from rewards.registry import check_reference
+
+    try:
+        return check_reference(verifier, reference)
+    except Exception as exc:  # a check that trips on a strange reference: still this row's problem
+        return f"{type(exc).__name__}: {exc}"
+
+
+def score_rows(verifier: str, lines: list, workers: int | None, timeout: float) -> list[dict[str, Any]]:
+    """One output row per entry of `read_rows`, in order."""
+    from rewards.batch import score_batch
+    from rewards.failures import BAD_INPUT, scoring_failure
+
+    out: list[dict[str, Any] | None] = [None] * len(lines)
+    todo = []
+    for k, (n, raw, row, problem) in enumerate(lines):
+        if row is not None and problem is None:
+            ref_problem = _reference_problem(verifier, row["reference"])
+            if ref_problem is None:
+                todo.append(k)
                 continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                problems.append(f"{path}:{n}: not JSON ({exc})")
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("completion"), str) or not isinstance(row.get("reference"), dict):
-                problems.append(f"{path}:{n}: needs a string 'completion' and an object 'reference'")
-                continue
-            rows.append(row)
-    return rows, problems
+            out[k] = {**row, "score": 0.0}
+            problem = f"reference: {ref_problem}"
+        else:
+            out[k] = {"line": n, "input": raw.decode("utf-8", "replace").strip()[:200], "score": 0.0}
+        reason = f"{BAD_INPUT}: {problem}"
+        out[k].update(info={"reason": reason}, error=reason)
+    results = score_batch(verifier, [lines[k][2]["completion"] for k in todo], [lines[k][2]["reference"] for k in todo],
+                          num_workers=workers, timeout_s=timeout) if todo else []
+    for k, res in zip(todo, results):
+        out[k] = {**lines[k][2], "score": res.score, "info": res.info}
+        failure = scoring_failure(res.info)
+        if failure:
+            out[k]["error"] = failure
+    return out  # type: ignore[return-value]
 
 
 def write_atomic(path: str, lines: list[str]) -> None:
@@ -55,20 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--timeout", type=float, default=30.0, help="per-item seconds")
     args = parser.parse_args(argv)
 
-    from rewards.batch import score_batch
+    from rewards.registry import get_verifier
 
-    rows, problems = read_rows(args.input)
-    for p in problems:
-        print(p, file=sys.stderr)
-    results = score_batch(args.verifier, [r["completion"] for r in rows], [r["reference"] for r in rows],
-                          num_workers=args.workers, timeout_s=args.timeout) if rows else []
-    lines = [json.dumps({**row, "score": res.score, "info": res.info}, default=str) for row, res in zip(rows, results)]
+    try:
+        get_verifier(args.verifier)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    lines = read_rows(args.input)
+    rows = score_rows(args.verifier, lines, args.workers, args.timeout)
+    out = [json.dumps(row, default=str) for row in rows]
+    for (n, *_), row in zip(lines, rows):
+        if "error" in row:
+            print(f"{args.input}:{n}: {row['error'][:300]}", file=sys.stderr)
     if args.output:
-        write_atomic(args.output, lines)
+        write_atomic(args.output, out)
     else:
-        sys.stdout.write("".join(line + "\n" for line in lines))
-    mean = sum(r.score for r in results) / len(results) if results else 0.0
-    print(f"scored {len(rows)} rows ({len(problems)} malformed skipped), mean score {mean:.4f}", file=sys.stderr)
+        sys.stdout.write("".join(line + "\n" for line in out))
+    errors = sum(1 for row in rows if "error" in row)
+    mean = sum(row["score"] for row in rows) / len(rows) if rows else 0.0
+    print(f"scored {len(rows)} rows ({errors} with an error, scored 0), mean score {mean:.4f}", file=sys.stderr)
     return 0
 
 

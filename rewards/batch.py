@@ -7,8 +7,10 @@ Each item gets `timeout_s` from the moment its worker receives it; on expiry the
 process group is killed (and every process of its sandbox uid swept), the item scores 0
 with the reason, and a fresh worker takes its place. A worker that dies mid-item scores
 that item 0 with its exit status and the tail of its stderr. A verifier that raises
-scores its item 0 ("verifier error: ..."). Nothing an item does fails the batch; only a
-worker that cannot start at all (three times in a row) raises.
+scores its item 0 ("verifier error: ..."); an item that cannot be handed to a worker (not
+a string, a reference nested too deeply or not JSON) scores 0 ("bad input: ..."). One
+result per item, in order, whatever the items hold; nothing an item does fails the
+batch; only a worker that cannot start at all (three times in a row) raises.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import time
 from typing import Any, Sequence
 
 from rewards import sandbox_isolation as iso
+from rewards.failures import BAD_INPUT, ITEM_TIMEOUT, VERIFIER_ERROR, WORKER_FAILED
 from rewards.registry import RewardResult, get_verifier
 
 _STARTUP_TIMEOUT_S = 60.0
+MAX_TASK_DEPTH = 100  # containers in a task (the reference); deeper ones no JSON reader round-trips
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -84,6 +88,31 @@ def _kill(worker: _Worker) -> None:
             pass
 
 
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists/dicts deeper than `limit` (iterative: any depth is safe)."""
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if d >= limit:
+                return True
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _task(i: int, name: str, completion: Any, reference: Any, options: dict) -> tuple[str, str | None]:
+    """(the task line for a worker, None) or ("", why this item cannot be handed over)."""
+    if not isinstance(completion, str):
+        return "", f"completion must be a string, got {type(completion).__name__}"
+    if nested_deeper_than(reference, MAX_TASK_DEPTH):
+        return "", f"reference nested deeper than {MAX_TASK_DEPTH} levels"
+    try:
+        return json.dumps({"id": i, "name": name, "completion": completion, "reference": reference,
+                           "options": options}), None
+    except (TypeError, ValueError) as exc:
+        return "", f"not JSON-serialisable: {exc}"
+
+
 class ScorerPool:
     """A reusable set of scoring workers: `pool.score(name, completions, references)`."""
 
@@ -114,12 +143,14 @@ class ScorerPool:
         get_verifier(name)  # unknown name: fail now, listing the known ones
         if len(completions) != len(references):
             raise ValueError(f"{len(completions)} completions but {len(references)} references")
-        tasks = [
-            json.dumps({"id": i, "name": name, "completion": c, "reference": r, "options": options})
-            for i, (c, r) in enumerate(zip(completions, references))
-        ]
-        results: list[RewardResult | None] = [None] * len(tasks)
-        pending = collections.deque(range(len(tasks)))
+        tasks: list[str] = []
+        results: list[RewardResult | None] = [None] * len(completions)
+        for i, (c, r) in enumerate(zip(completions, references)):
+            task, problem = _task(i, name, c, r, options)
+            tasks.append(task)
+            if problem:
+                results[i] = RewardResult(0.0, {"reason": f"{BAD_INPUT}: {problem}"})
+        pending = collections.deque(i for i in range(len(tasks)) if results[i] is None)
         while pending or any(w.task is not None for w in self._workers):
             self._top_up(len(pending))
             self._dispatch(pending, tasks, results)
@@ -142,7 +173,7 @@ class ScorerPool:
                     w.proc.stdin.write((tasks[i] + "\n").encode())
                     w.proc.stdin.flush()
                 except OSError:
-                    self._retire(w, results, "scoring worker died before taking the item")
+                    self._retire(w, results, f"{WORKER_FAILED} died before taking the item")
 
     def _wait(self, results: list) -> None:
         now = time.monotonic()
@@ -156,9 +187,9 @@ class ScorerPool:
         now = time.monotonic()
         for w in list(self._workers):
             if w.task is not None and now > w.deadline:
-                self._retire(w, results, f"timeout: item took longer than {self.timeout_s:g}s")
+                self._retire(w, results, f"{ITEM_TIMEOUT} {self.timeout_s:g}s")
             elif not w.ready and now > w.started + _STARTUP_TIMEOUT_S:
-                self._retire(w, results, "scoring worker did not start")
+                self._retire(w, results, f"{WORKER_FAILED} did not start")
 
     def _read(self, w: _Worker, results: list) -> None:
         try:
@@ -168,18 +199,22 @@ class ScorerPool:
         if not data:
             code = w.proc.wait()
             why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            self._retire(w, results, f"scoring worker crashed ({why}): {w.stderr_tail()}")
+            self._retire(w, results, f"{WORKER_FAILED} crashed ({why}): {w.stderr_tail()}")
             return
         w.buf += data
         while b"\n" in w.buf:
             line, _, rest = bytes(w.buf).partition(b"\n")
             w.buf = bytearray(rest)
-            msg = json.loads(line)
-            if "hello" in msg:
-                w.ready, w.uid, w.work_root, self._failed_starts = True, msg.get("uid"), msg.get("work_root"), 0
-            elif msg.get("id") == w.task:
-                results[w.task] = RewardResult(msg["score"], msg["info"])
-                w.task = None
+            try:
+                msg = json.loads(line)
+                if "hello" in msg:
+                    w.ready, w.uid, w.work_root, self._failed_starts = True, msg.get("uid"), msg.get("work_root"), 0
+                elif w.task is not None and msg.get("id") in (w.task, None):
+                    results[w.task] = RewardResult(msg["score"], msg["info"])
+                    w.task = None
+            except (ValueError, TypeError, KeyError, RecursionError) as exc:
+                self._retire(w, results, f"{WORKER_FAILED} sent an unreadable result: {exc!r:.200}")
+                return
 
     def _retire(self, w: _Worker, results: list, reason: str) -> None:
         """Kill `w`; its item (if any) scores 0 with `reason`; a worker that never started counts."""
@@ -206,9 +241,6 @@ def score_batch(
     workers = min(num_workers or max(1, len(os.sched_getaffinity(0))), max(1, n))
     with ScorerPool(num_workers=workers, timeout_s=timeout_s) as pool:
         return pool.score(name, completions, references, **options)
-
-
-VERIFIER_ERROR = "verifier error"
 
 
 def raise_if_all_verifier_errors(results: Sequence[RewardResult], verifier: str, where: str,

@@ -22,6 +22,7 @@ from typing import Callable
 Checker = Callable[..., bool]
 CHECKERS: dict[str, Checker] = {}
 RELATIONS = ("less than", "at least")
+_NON_SPACE_RE = re.compile(r"\S")
 
 
 def checker(instruction_id: str) -> Callable[[Checker], Checker]:
@@ -147,21 +148,67 @@ def json_format(response: str) -> bool:
     text = text.removesuffix("```").strip()
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return False
     return True
 
 
 @checker("detectable_format:title")
 def title(response: str) -> bool:
-    return any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", response))
+    """IFEval: some `re.findall(r"<<[^\\n]+>>")` match is non-empty once its `<`/`>` and
+    spaces are stripped. In a line that regex matches at most once, from the first `<<`
+    to the last `>>` at least one character later; found here with str.find/rfind per line
+    (the regex rescans the line from every `<<`: quadratic, 40k `<`: 17 s)."""
+    for line in response.split("\n"):
+        end = line.rfind(">>")
+        start = line.find("<<")
+        if start != -1 and end >= start + 3 and line[start:end + 2].lstrip("<").rstrip(">").strip():
+            return True
+    return False
+
+
+def _count_line_starts(text: str, marker: Callable[[str, int], int | None]) -> int:
+    """How many matches `re.findall(r"(?m)^\\s*MARKER.*$", text)` finds, in linear time.
+
+    From a line start, `\\s*` runs (across newlines) to the first non-space `q`; the
+    match needs MARKER at `q` (`marker(text, q)` returns where `.*$` starts, or None) and
+    ends at the end of that line; the search then resumes there, else at the next line
+    start. The regex rescans the whitespace run from every line start in it (quadratic:
+    20k newlines, 7.5 s); here each run's end is looked up once."""
+    n, count, pos, q = len(text), 0, 0, -1
+    while pos < n:
+        if pos and text[pos - 1] != "\n":
+            nl = text.find("\n", pos)
+            if nl == -1:
+                break
+            pos = nl + 1
+        if pos > q:  # else pos is inside the last whitespace run, which still ends at q
+            m = _NON_SPACE_RE.search(text, pos)
+            q = m.start() if m else n
+        rest = marker(text, q) if q < n else None
+        if rest is None:
+            pos += 1
+            continue
+        count += 1
+        nl = text.find("\n", rest)
+        pos = n if nl == -1 else nl
+    return count
+
+
+def _star_bullet(text: str, q: int) -> int | None:  # `\*[^\*]`
+    return q + 2 if text[q] == "*" and q + 1 < len(text) and text[q + 1] != "*" else None
+
+
+def _dash_bullet(text: str, q: int) -> int | None:  # `-`
+    return q + 1 if text[q] == "-" else None
 
 
 @checker("detectable_format:number_bullet_lists")
 def number_bullet_lists(response: str, num_bullets: int) -> bool:
-    stars = re.findall(r"^\s*\*[^\*].*$", response, flags=re.MULTILINE)
-    dashes = re.findall(r"^\s*-.*$", response, flags=re.MULTILINE)
-    return len(stars) + len(dashes) == num_bullets
+    """IFEval's `^\\s*\\*[^\\*].*$` and `^\\s*-.*$` match counts (`_count_line_starts`)."""
+    stars = _count_line_starts(response, _star_bullet)
+    dashes = _count_line_starts(response, _dash_bullet)
+    return stars + dashes == num_bullets
 
 
 @checker("detectable_format:number_highlighted_sections")
@@ -185,19 +232,32 @@ def constrained_response(response: str) -> bool:
 
 @checker("detectable_content:postscript")
 def postscript(response: str, postscript_marker: str) -> bool:
+    """IFEval: `re.findall(r"\\s*MARKER.*$", response.lower(), re.MULTILINE)` is non-empty,
+    which is exactly "MARKER occurs": the `\\s*` may match nothing and `.*$` always
+    matches. Searched without them, as the leading `\\s*` made the regex quadratic (every
+    space rescans the run after it: 20k spaces, 3 s)."""
     marker = postscript_marker.strip()
     if marker == "P.P.S":
-        pattern = r"\s*p\.\s?p\.\s?s.*$"
+        pattern = r"p\.\s?p\.\s?s"
     elif marker == "P.S.":
-        pattern = r"\s*p\.\s?s\..*$"
+        pattern = r"p\.\s?s\."
     else:
-        pattern = r"\s*" + re.escape(marker.lower()) + r".*$"
-    return bool(re.findall(pattern, response.lower(), flags=re.MULTILINE))
+        return marker.lower() in response.lower()
+    return re.search(pattern, response.lower()) is not None
 
 
 @checker("detectable_content:number_placeholders")
 def number_placeholders(response: str, num_placeholders: int) -> bool:
-    return len(re.findall(r"\[.*?\]", response)) >= num_placeholders
+    """IFEval's `re.findall(r"\\[.*?\\]")` count: per line, from the first `[` to the next
+    `]`, then on after it; counted with str.find (the regex rescans the line from every
+    unclosed `[`: quadratic, 20k `[`: 85 s)."""
+    count = 0
+    for line in response.split("\n"):
+        pos = 0
+        while (start := line.find("[", pos)) != -1 and (end := line.find("]", start + 1)) != -1:
+            count += 1
+            pos = end + 1
+    return count >= num_placeholders
 
 
 @checker("change_case:english_lowercase")

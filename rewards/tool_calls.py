@@ -22,6 +22,8 @@ from typing import Any
 
 _NON_SPACE_RE = re.compile(r"\S")
 _INVOKE_RE = re.compile(r'\s*<invoke name="([^"<>]+)">(.*?)</invoke>\s*', re.DOTALL)
+_JSON_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)  # a string runs on to the end if unclosed
+MAX_VALUE_DEPTH = 64
 _PARAM_RE = re.compile(r'\s*<parameter name="([^"<>]+)">(.*?)</parameter>\s*', re.DOTALL)
 
 
@@ -45,12 +47,34 @@ def tool_param_types(tools: list[dict] | None) -> dict[str, dict[str, str]]:
     return out
 
 
+def json_too_deep(text: str, limit: int = MAX_VALUE_DEPTH) -> bool:
+    """Whether JSON `text` nests `[`/`{` deeper than `limit` (brackets in strings do not
+    count); one linear pass, stopping at the first level past `limit`."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for m in _JSON_TOKEN_RE.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif tok in "]}":
+            depth -= 1
+    return False
+
+
 def decode_value(raw: str, json_type: str | None) -> Any:
+    """`raw` decoded as JSON (text for string parameters and for what is not JSON);
+    JSON nested deeper than MAX_VALUE_DEPTH is a ToolCallParseError, not a value that
+    every later `==`, `repr` and `json.dumps` of it must survive."""
     if json_type == "string":
         return raw
+    if json_too_deep(raw):
+        raise ToolCallParseError(f"value nested deeper than {MAX_VALUE_DEPTH} levels")
     try:
         return json.loads(raw.strip())
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
+    except (ValueError, RecursionError):
         return raw
 
 
@@ -64,7 +88,10 @@ def _parse_params(body: str, where: str, types: dict[str, str]) -> dict[str, Any
         name = m.group(1)
         if name in args:
             raise ToolCallParseError(f"{where}: parameter {name!r} given twice")
-        args[name] = decode_value(m.group(2), types.get(name))
+        try:
+            args[name] = decode_value(m.group(2), types.get(name))
+        except ToolCallParseError as exc:
+            raise ToolCallParseError(f"{where}, parameter {name!r}: {exc}") from None
         pos = m.end()
     return args
 
