@@ -96,3 +96,37 @@ def test_bad_reference_errors_name_the_problem():
         ifeval("x", {"instruction_id_list": ["length_constraints:number_words"], "kwargs": [{"words": 3}]})
     with pytest.raises(ValueError, match="relation must be"):
         ifeval("x", {"instruction_id_list": ["length_constraints:number_words"], "kwargs": [{"num_words": 3, "relation": "about"}]})
+
+
+def test_linear_checkers_agree_with_ifeval_regexes_on_random_text():
+    """title, number_bullet_lists, number_placeholders and postscript are linear scans
+    (the IFEval regexes are quadratic on adversarial text); on 20k random strings over
+    the characters those regexes care about, they give IFEval's answers exactly."""
+    import random
+    import re
+
+    from rewards import ifeval_checks as C
+
+    rng = random.Random(0)
+    pieces = ["*", "**", "-", " ", "\t", "\n", "a", "<", ">", "<<", ">>", "[", "]", "p", ".", "s", "p.s.",
+              "P. P. S", "\u2003"]
+    for _ in range(20_000):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        bullets = len(re.findall(r"^\s*\*[^\*].*$", s, flags=re.MULTILINE)) \
+            + len(re.findall(r"^\s*-.*$", s, flags=re.MULTILINE))
+        assert all(C.number_bullet_lists(s, k) == (bullets == k) for k in range(5)), repr(s)
+        titles = re.findall(r"<<[^\n]+>>", s)
+        assert C.title(s) == any(t.lstrip("<").rstrip(">").strip() for t in titles), repr(s)
+        holders = len(re.findall(r"\[.*?\]", s))
+        assert all(C.number_placeholders(s, k) == (holders >= k) for k in range(4)), repr(s)
+        for marker, pattern in (("P.S.", r"\s*p\.\s?s\..*$"), ("P.P.S", r"\s*p\.\s?p\.\s?s.*$"),
+                                ("ps", r"\s*ps.*$")):
+            assert C.postscript(s, marker) == bool(re.findall(pattern, s.lower(), flags=re.MULTILINE)), (s, marker)
+
+
+def test_deep_json_answer_is_not_followed_rather_than_an_error():
+    deep = "[" * 100_000 + "]" * 100_000
+    ref = {"instruction_id_list": ["detectable_format:json_format"], "kwargs": [{}]}
+    res = get_verifier("ifeval")(deep, ref)
+    assert res.score == 0.0 and res.info["followed_loose"] == {"detectable_format:json_format": False}
+    assert get_verifier("ifeval")("[" * 500 + "]" * 500, ref).score == 1.0
