@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
+
+from engine.settings import Settings
 
 
-class TeacherSpec(BaseModel):
+class TeacherSpec(Settings):
     """A teacher: a domain's expert (default) or an external HF checkpoint."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     domain: str
     weight: float = Field(1.0, gt=0.0)
     path: str | None = Field(None, description="HF checkpoint; default: the domain's GRPO expert")
 
 
-class OPDSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class OPDSettings(Settings):
     student_init: str = Field("sft:all", description="'base', 'sft:all', 'sft:<domain>' or a path")
     teachers: list[TeacherSpec] | None = Field(None, description="default: every domain's expert, weight 1")
     rounds: PositiveInt = 3

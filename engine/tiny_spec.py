@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import PositiveInt, model_validator
+
+from engine.settings import Settings
 
 
-class TinySpec(BaseModel):
+class TinySpec(Settings):
     """A Qwen2- or Llama-shaped causal LM small enough to train on two CPU cores."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: Literal["qwen2", "llama"] = "qwen2"
     hidden_size: PositiveInt = 128

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from engine.settings import Settings
 
 BACKENDS = ("torch", "deepspeed")
 
 
-class TrainerSettings(BaseModel):
+class TrainerSettings(Settings):
     """How a stage's model is trained. Stage settings override the optimisation fields
     through `with_overrides` (e.g. each stage's own `lr` and `steps`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["torch", "deepspeed"] = "torch"
     device: Literal["cpu", "cuda"] = "cpu"
@@ -32,6 +32,13 @@ class TrainerSettings(BaseModel):
     seed: int = 0
     deterministic: bool = True
     logprob_chunk: int = Field(0, ge=0, description="positions per log-softmax chunk; 0 = all at once")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
     @model_validator(mode="after")
     def _check(self):

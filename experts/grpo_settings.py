@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
+
+from engine.settings import Settings, registry_name
+
+# The names of the registries in experts/advantages.py and experts/losses.py (torch
+# modules), listed here so that a config is checked without importing torch.
+ADVANTAGE_ESTIMATOR_NAMES = ("grpo", "dr_grpo")
+POLICY_LOSS_NAMES = ("grpo", "vanilla", "gspo")
+KL_ESTIMATOR_NAMES = ("k1", "k2", "k3", "unbiased_k3")
 
 
-class GRPOSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class GRPOSettings(Settings):
     steps: PositiveInt = 20
     prompts_per_step: PositiveInt = 16
     group_size: int = Field(8, ge=2, description="G samples per prompt")
@@ -26,12 +32,12 @@ class GRPOSettings(BaseModel):
     mini_batches_per_step: PositiveInt = 1
     micro_batch_size: PositiveInt = 32
     # algorithm
-    advantage: str = "grpo"
-    policy_loss: str = "grpo"
+    advantage: Annotated[str, registry_name("advantage estimator", ADVANTAGE_ESTIMATOR_NAMES)] = "grpo"
+    policy_loss: Annotated[str, registry_name("policy loss", POLICY_LOSS_NAMES)] = "grpo"
     clip_low: float = Field(0.2, gt=0.0, lt=1.0)
     clip_high: float = Field(0.28, gt=0.0)
     kl_beta: float = Field(0.0, ge=0.0)
-    kl_estimator: str = "k3"
+    kl_estimator: Annotated[str, registry_name("KL estimator", KL_ESTIMATOR_NAMES)] = "k3"
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     offpolicy_mask_delta: float | None = Field(None, gt=0.0)
     tis_cap: float | None = Field(None, gt=0.0)

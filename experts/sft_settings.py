@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
+
+from engine.settings import Settings
 
 
-class SFTSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SFTSettings(Settings):
     steps: PositiveInt = 200
     batch_size: PositiveInt = Field(64, description="samples per optimiser step")
     micro_batch_size: PositiveInt = Field(64, description="rows per micro-batch (packed rows when pack)")

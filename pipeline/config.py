@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from distill.opd_settings import OPDSettings
+from engine.settings import Settings
+from pipeline.config_paths import adapter_errors, model_path_errors, run_dir_errors
+from pipeline.config_yaml import YAMLProblem, parse_yaml
 from engine.tiny_spec import TinySpec
 from engine.trainer_settings import TrainerSettings
 from experts.grpo_settings import GRPOSettings
@@ -35,8 +38,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"config error: {p}: {r}" for p, r in errors))
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Frozen = Settings  # extra keys forbidden, frozen, no inf/nan, no boolean for a number
 
 
 class ModelConfig(Frozen):
@@ -159,8 +161,14 @@ class ExperimentConfig(Frozen):
 # ---------------------------------------------------------------- loading + overrides
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_value(text: str, path: str) -> Any:
+    if text == "":
+        return ""
+    try:
+        return parse_yaml(text, f"the override of {path}")
+    except YAMLProblem as exc:
+        inner = exc.path if exc.path.startswith("[") or not exc.path else "." + exc.path
+        raise ConfigError([(path + inner, f"override value: {exc.reason}")]) from None
 
 
 def apply_override(raw: dict, dotted: str) -> None:
@@ -182,12 +190,12 @@ def apply_override(raw: dict, dotted: str) -> None:
             else:
                 raise ConfigError([(where, "no list item with this name or index")])
             if last:
-                node[idx] = _parse_value(value)
+                node[idx] = _parse_value(value, path)
             else:
                 node = node[idx]
         elif isinstance(node, dict):
             if last:
-                node[key] = _parse_value(value)
+                node[key] = _parse_value(value, path)
             else:
                 node = node.setdefault(key, {})
         else:
@@ -211,9 +219,11 @@ def load_raw(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError([(str(path), "config file not found")])
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError([(str(path), f"not valid YAML: {exc}")]) from exc
+        raw = parse_yaml(p.read_bytes(), str(path))
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot read: {exc}")]) from None
+    except YAMLProblem as exc:
+        raise ConfigError([(exc.path or str(path), exc.reason)]) from None
     if not isinstance(raw, dict):
         raise ConfigError([(str(path), "top level must be a mapping")])
     return raw
@@ -256,7 +266,17 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         errors.append(("generator.backend", "'vllm' needs resources.num_gpus > 0 (vLLM is GPU only)"))
     if cfg.trainer.device == "cuda" and cfg.resources.num_gpus == 0:
         errors.append(("trainer.device", "'cuda' needs resources.num_gpus > 0"))
+    errors += _stage_resource_errors(cfg)
     return errors
+
+
+def _stage_resource_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """`resources.stages` keys name a stage of this config's graph or a stage kind."""
+    from pipeline.graph import STAGE_KINDS, build_graph
+
+    names = [s.name for s in build_graph(cfg)]
+    return [(f"resources.stages.{key}", f"no stage or stage kind {key!r}; stages: {names}, kinds: {list(STAGE_KINDS)}")
+            for key in cfg.resources.stages if key not in names and key not in STAGE_KINDS]
 
 
 def resolve_path(p: str, base: Path) -> Path:
@@ -306,6 +326,7 @@ def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
     if cfg.model.base != "tiny" and not Path(cfg.model.base).is_dir():
         if not _looks_like_hub_id(cfg.model.base):
             errors.append(("model.base", f"not 'tiny' and not a directory: {cfg.model.base}"))
+    errors += adapter_errors(cfg) + model_path_errors(cfg, _looks_like_hub_id) + run_dir_errors(cfg.run_path)
     errors += _vocab_errors(cfg)
     return errors
 
@@ -331,8 +352,11 @@ def _vocab_signature(model_dir: Path) -> tuple[int, str] | None:
     tok = model_dir / "tokenizer.json"
     if not cfg.is_file() or not tok.is_file():
         return None
-    vocab_size = json.loads(cfg.read_text()).get("vocab_size")
-    return vocab_size, _vocab_digest(json.loads(tok.read_text()))
+    try:
+        vocab_size = json.loads(cfg.read_text()).get("vocab_size")
+        return vocab_size, _vocab_digest(json.loads(tok.read_text()))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError) as exc:
+        raise ValueError(f"unreadable config.json/tokenizer.json in {model_dir}: {exc!r:.200}") from None
 
 
 def _tiny_vocab_signature(spec: TinySpec) -> tuple[int, str]:
@@ -354,13 +378,20 @@ def _vocab_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     if cfg.model.base == "tiny":
         student = _tiny_vocab_signature(cfg.model.tiny)
     else:
-        student = _vocab_signature(Path(cfg.model.tokenizer or cfg.model.base))
+        try:
+            student = _vocab_signature(Path(cfg.model.tokenizer or cfg.model.base))
+        except ValueError as exc:
+            return [("model.tokenizer" if cfg.model.tokenizer else "model.base", str(exc))]
     for i, t in teachers:
         where = f"opd.teachers[{i}].path"
         if not Path(t.path).is_dir():
             errors.append((where, f"teacher checkpoint not found: {t.path}"))
             continue
-        sig = _vocab_signature(Path(t.path))
+        try:
+            sig = _vocab_signature(Path(t.path))
+        except ValueError as exc:
+            errors.append((where, str(exc)))
+            continue
         if sig is None:
             errors.append((where, "no config.json/tokenizer.json in the teacher checkpoint"))
         elif student is not None and sig != student:

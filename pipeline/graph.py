@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pipeline.config import ExperimentConfig
 
 
+STAGE_KINDS = ("prepare", "sft", "grpo", "mixed_rl", "opd", "eval", "report")
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str

@@ -154,6 +154,138 @@ CASES = [
     ("override_into_scalar", None, ["seed.value=3"], "seed.value"),
 ]
 
+def _student_dir_without_config(raw, tmp):
+    (tmp / "student").mkdir()
+    raw["opd"]["student_init"] = str(tmp / "student")
+
+
+def _adapter(name: str):
+    def mutate(raw, tmp):
+        (tmp / "t.jsonl").write_text("")
+        raw["domains"][0]["data"] = {"train": str(tmp / "t.jsonl"), "eval": str(tmp / "t.jsonl"), "adapter": name}
+    return mutate
+
+
+def _run_dir_under_a_file(raw, tmp):
+    (tmp / "a-file").write_text("")
+    raw["run_dir"] = str(tmp / "a-file" / "run")
+
+
+def _teacher_with_corrupt_tokenizer(raw, tmp):
+    teacher = _hf_dir(tmp / "teacher", _other_vocab(40))
+    (teacher / "tokenizer.json").write_text("{not json")
+    raw["opd"]["teachers"] = [{"domain": "math", "path": str(teacher)}]
+
+
+# Issue 16: what used to slip through `validate` (found only when a later stage started)
+# or came out as a traceback.
+CASES += [
+    ("lr_inf", _set("trainer.lr", float("inf")), [], "trainer.lr"),
+    ("grpo_lr_inf", _set("domains[0].grpo.lr", float("inf")), [], "domains[0].grpo.lr"),
+    ("temperature_inf", _set("domains[2].grpo.temperature", float("inf")), [], "domains[2].grpo.temperature"),
+    ("eval_temperature_inf_override", None, ["eval.temperature=.inf"], "eval.temperature"),
+    ("jsd_beta_nan", _set("opd.jsd_beta", float("nan")), [], "opd.jsd_beta"),
+    ("stage_cpus_nan", _set("resources.default.num_cpus", float("nan")), [], "resources.default.num_cpus"),
+    ("advantage_typo", _set("domains[0].grpo.advantage", "grpoo"), [], "domains[0].grpo.advantage"),
+    ("policy_loss_typo", _set("mixed_rl.grpo.policy_loss", "gpso"), [], "mixed_rl.grpo.policy_loss"),
+    ("kl_estimator_typo", _set("domains[1].grpo.kl_estimator", "k4"), [], "domains[1].grpo.kl_estimator"),
+    ("loss_agg_typo", _set("domains[1].grpo.loss_agg", "token_mean"), [], "domains[1].grpo.loss_agg"),
+    ("divergence_typo", _set("opd.divergence", "reverse-kl"), [], "opd.divergence"),
+    ("optimizer_typo", _set("trainer.optimizer", "adam"), [], "trainer.optimizer"),
+    ("generator_backend_typo", _set("generator.backend", "hff"), [], "generator.backend"),
+    ("adapter_typo", _adapter("gsm8kk"), [], "domains[0].data.adapter"),
+    ("student_init_missing_path", _set("opd.student_init", "/no/such/checkpoint"), [], "opd.student_init"),
+    ("student_init_dir_without_config", _student_dir_without_config, [], "opd.student_init"),
+    ("tokenizer_missing_path", _set("model.tokenizer", "./no/such/tokenizer"), [], "model.tokenizer"),
+    ("teacher_corrupt_tokenizer_json", _teacher_with_corrupt_tokenizer, [], "opd.teachers[0].path"),
+    ("stage_resources_typo_stage", _set("resources.stages", {"gpro:math": {"num_cpus": 1}}), [],
+     "resources.stages.gpro:math"),
+    ("stage_resources_unknown_domain", _set("resources.stages", {"grpo:chess": {"num_cpus": 1}}), [],
+     "resources.stages.grpo:chess"),
+    ("stage_resources_unknown_key", _set("resources.stages", {"grpo": {"num_cpu": 1}}), [],
+     "resources.stages.grpo.num_cpu"),
+    ("betas_out_of_range", _set("trainer.betas", [2, -1]), [], "trainer.betas"),
+    ("steps_true", _set("domains[0].grpo.steps", True), [], "domains[0].grpo.steps"),
+    ("lr_false_override", None, ["student_sft.lr=false"], "student_sft.lr"),
+    ("samples_true", _set("eval.samples", True), [], "eval.samples"),
+    ("run_dir_under_proc", _set("run_dir", "/proc/polymath-run"), [], "run_dir"),
+    ("run_dir_under_a_file", _run_dir_under_a_file, [], "run_dir"),
+    ("override_yaml_syntax_error", None, ["opd.rounds=[1, 2"], "opd.rounds"),
+    ("override_nested_50k", None, ["seed=" + "[" * 50_000 + "]" * 50_000], "seed"),
+    ("override_duplicate_key", None, ["opd={rounds: 2, rounds: 3}"], "opd.rounds"),
+]
+
+
+def _yaml_text(raw: dict) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _duplicate(key_line: str, after: str) -> Callable[[str], str]:
+    """Insert `key_line` after the first line starting with `after` (same indentation)."""
+    def edit(text: str) -> str:
+        lines = text.splitlines()
+        i = next(k for k, line in enumerate(lines) if line.startswith(after))
+        return "\n".join(lines[: i + 1] + [key_line] + lines[i + 1:]) + "\n"
+    return edit
+
+
+# Raw YAML text the dict mutations above cannot express: (case, edit of the YAML text or bytes, YAML path)
+TEXT_CASES = [
+    ("duplicate_top_level_key", _duplicate("seed: 1", "seed:"), "seed"),
+    ("duplicate_nested_key", _duplicate("    lr: 0.5", "    lr:"), "domains[0].sft.lr"),
+    ("invalid_utf8", lambda text: text.encode() + b"# caf\xe9\n", "bad.yaml"),
+    ("nested_50k_deep", lambda text: text + "extra: " + "[" * 50_000 + "]" * 50_000 + "\n", "bad.yaml"),
+    ("nested_50k_deep_block", lambda text: text + "".join(" " * i + "k:\n" for i in range(3000)), "bad.yaml"),
+]
+
+
+def _write_text(tmp: Path, edit) -> Path:
+    raw = copy.deepcopy(TINY)
+    raw["run_dir"] = str(tmp / "run")
+    out = edit(_yaml_text(raw))
+    path = tmp / "bad.yaml"
+    path.write_bytes(out if isinstance(out, bytes) else out.encode())
+    return path
+
+
+@pytest.mark.parametrize("case,edit,where", TEXT_CASES, ids=[c[0] for c in TEXT_CASES])
+def test_bad_yaml_text_rejected_naming_the_yaml_path(case, edit, where, tmp_path, fault_log):
+    err = _rejected(_write_text(tmp_path, edit), [])
+    assert any(p == where or p.endswith(where) for p, _ in err.errors), err.errors
+    fault_log(f"config: {case}", "detected")
+
+
+def _validate_in_process(args: list[str], capsys) -> tuple[int, str]:
+    from pipeline.cli import main
+
+    code = main(["validate", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case,mutate,overrides,where", CASES, ids=[c[0] for c in CASES])
+def test_validate_exits_2_naming_the_yaml_path(case, mutate, overrides, where, tmp_path, capsys):
+    """Every bad config through the `validate` entry point: exit code 2 and the path on stderr."""
+    code, err = _validate_in_process([str(_write(tmp_path, mutate)), *overrides], capsys)
+    assert code == 2 and f"config error: {where}" in err, (case, code, err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case,edit,where", TEXT_CASES, ids=[c[0] for c in TEXT_CASES])
+def test_validate_exits_2_on_bad_yaml_text(case, edit, where, tmp_path, capsys):
+    code, err = _validate_in_process([str(_write_text(tmp_path, edit))], capsys)
+    assert code == 2 and "config error: " in err and where in err, (case, code, err)
+
+
+def test_a_typo_in_a_registry_name_is_caught_without_torch():
+    """`validate` knows the advantage / policy-loss / KL-estimator names torch-free."""
+    code = ("import sys\nfrom pipeline.cli import main\n"
+            f"rc = main(['validate', {str(ROOT / 'configs' / 'tiny.yaml')!r}, 'domains.math.grpo.advantage=dr_grpoo'])\n"
+            "assert rc == 2, rc\nassert 'torch' not in sys.modules, 'validate imported torch'\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "config error: domains[0].grpo.advantage: Value error, unknown advantage estimator 'dr_grpoo'" in out.stderr
+
+
 # Cross-field checks (`pipeline.config.cross_errors`), named at the offending item's path
 # (README Findings 4: were reported at `<root>`).
 CROSS_FIELD = {
@@ -246,7 +378,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     ("validate", _set("domains[1].grpo.clip_hgih", 0.3), [], "domains[1].grpo.clip_hgih"),
     ("validate", None, ["generator.backend=vllm"], "generator.backend"),
     ("run", _set("domains[0].grpo.clip_low", 1.5), [], "domains[0].grpo.clip_low"),
-], ids=["validate_unknown_key", "validate_vllm_override", "run_inverted_clip"])
+    ("validate", None, ["opd.rounds=[1, 2"], "opd.rounds"),
+    ("run", _set("trainer.lr", float("inf")), [], "trainer.lr"),
+], ids=["validate_unknown_key", "validate_vllm_override", "run_inverted_clip", "validate_override_syntax_error",
+        "run_lr_inf"])
 def test_cli_exits_2_naming_the_path_and_creates_no_run_dir(cmd, mutate, overrides, where, tmp_path, fault_log):
     path = _write(tmp_path, mutate)
     out = _cli(cmd, str(path), *overrides)
