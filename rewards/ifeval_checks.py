@@ -9,7 +9,11 @@ Departures, all because nothing may be downloaded here (no nltk data, no langdet
   apostrophes) instead of `nltk.word_tokenize`;
 - `change_case:english_lowercase` / `english_capital` check the case only, not that the
   language is English; `language:response_language` is not implemented;
-- keywords are matched literally (`re.escape`), where IFEval passes them as regexes.
+- keywords are matched literally (`re.escape`), where IFEval passes them as regexes;
+- JSON too deep for the parser is "not followed" (IFEval's `json_format` raises).
+Agreement with Google's checkers on 704 generated responses: docs/ifeval_parity.md.
+Title, bullet lists, placeholders and postscript give IFEval's regex results by linear
+scans (the regexes are quadratic on adversarial text).
 """
 
 from __future__ import annotations
@@ -141,10 +145,8 @@ def letter_frequency(response: str, letter: str, let_frequency: int, let_relatio
 @checker("detectable_format:json_format")
 def json_format(response: str) -> bool:
     text = response.strip()
-    for prefix in ("```json", "```Json", "```JSON", "```"):
-        if text.startswith(prefix):
-            text = text[len(prefix) :]
-            break
+    for prefix in ("```json", "```Json", "```JSON", "```"):  # each in turn, as IFEval chains them
+        text = text.removeprefix(prefix)
     text = text.removesuffix("```").strip()
     try:
         json.loads(text)
