@@ -45,7 +45,7 @@ def losses(trainer, steps=4):
 
 def test_chunked_kl_128k_vocab_bf16_matches_float64():
     torch.manual_seed(0)
-    n, h, v = 256, 512, 131072
+    n, h, v = 4096, 256, 131072  # full fp32 logits would be 2 GiB; W's fp32 gradient is 128 MiB
     dev = "cuda"
     h_s = (torch.randn(n, h, device=dev) * 0.5).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(v, h, device=dev) * 0.05).to(torch.bfloat16).requires_grad_()
@@ -67,14 +67,17 @@ def test_chunked_kl_128k_vocab_bf16_matches_float64():
     ref_tok = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     ref = (ref_tok * tw.double()).sum()
     ref.backward()
-    print(f"\nKL 128k bf16: loss {float(loss):.6f} vs fp64 {float(ref):.6f}; peak extra memory {peak / 2**20:.0f} MiB "
+    print(f"\nKL 128k bf16: loss {float(loss.detach()):.6f} vs fp64 {float(ref):.6f}; peak extra memory {peak / 2**20:.0f} MiB "
           f"(full fp32 logits alone: {n * v * 4 / 2**20:.0f} MiB)")
     torch.testing.assert_close(per_tok.double(), ref_tok.detach(), rtol=2e-2, atol=2e-3)
     assert float(loss) == pytest.approx(float(ref), rel=1e-2)
     cos = F.cosine_similarity(h_s.grad.double().flatten(), hs64.grad.flatten(), dim=0)
     cos_w = F.cosine_similarity(w.grad.double().flatten(), w64.grad.flatten(), dim=0)
     assert cos > 0.999 and cos_w > 0.999, (float(cos), float(cos_w))
-    assert peak < n * v * 4  # never one fp32 (tokens x vocab) tensor
+    # never one (tokens x vocab) tensor: what remains is W's gradient (fp32 accumulator + bf16
+    # result) and a few (chunk x vocab) fp32 temporaries
+    assert peak < n * v * 4 / 4, f"peak {peak / 2**20:.0f} MiB"
+
 
 
 def test_torch_trainer_bf16_cuda_tracks_fp32_cpu(model_dir):
