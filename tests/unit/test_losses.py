@@ -222,7 +222,8 @@ def ref_policy_loss(lp, old, ref, rollout, adv, mask, *, cl, ch, beta, tis_cap, 
     total, n = 0.0, 0
     for b in range(mask.shape[0]):
         toks = [t for t in range(mask.shape[1]) if mask[b, t] > 0]
-        drift = sum(old[b, t].item() - lp[b, t].item() for t in toks) / len(toks)
+        # the off-policy mask measures drift from the behaviour (rollout) policy
+        drift = sum(rollout[b, t].item() - lp[b, t].item() for t in toks) / len(toks)
         keep = 0.0 if (adv[b] < 0 and drift > delta) else 1.0
         for t in toks:
             w = min(math.exp(old[b, t].item() - rollout[b, t].item()), tis_cap)
