@@ -246,6 +246,23 @@ def test_compute_policy_loss_matches_loop_reference():
     assert 0 < metrics["offpolicy_masked_frac"] < 1 and 0 < metrics["tis_capped_frac"] < 1
 
 
+def test_offpolicy_masking_measures_drift_from_the_rollout_policy():
+    """DeepSeek-V3.2 masks against the policy that SAMPLED: with the trainer's old log-probs
+    equal to pi_theta (one optimiser step per batch) the drift must still be seen when the
+    rollout log-probs differ, and nothing is masked when the rollout equals pi_theta."""
+    lp, _, _, _, adv, mask = rand_batch(B=40, seed=14)
+    drifted = lp + 0.3  # the sampler gave every token e^0.3 more probability: drift 0.3 > delta
+    kw = dict(logprobs=lp, old_logprobs=lp.detach(), advantages=adv, mask=mask, offpolicy_mask_delta=0.1)
+    _, m_drift = compute_policy_loss(rollout_logprobs=drifted, **kw)
+    n_neg = int(((adv < 0) & (mask.sum(1) > 0)).sum())
+    assert m_drift["offpolicy_masked_seqs"] == n_neg > 0  # exactly the negative-advantage sequences
+    assert m_drift["offpolicy_masked_frac"] == pytest.approx(n_neg / 40)
+    _, m_same = compute_policy_loss(rollout_logprobs=lp.detach(), **kw)
+    assert m_same["offpolicy_masked_seqs"] == 0.0
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        compute_policy_loss(**kw)
+
+
 def test_compute_policy_loss_beta_zero_needs_no_reference_and_ignores_padding():
     lp, old, _, _, adv, mask = rand_batch(seed=13)
     nan = torch.tensor(float("nan"), dtype=D)
