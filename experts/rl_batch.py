@@ -99,9 +99,10 @@ def build_minibatches(samples: list[RLSample], num_minibatches: int, micro_batch
             part = mini[k:k + micro_batch_size]
             b["max_len"] = (torch.tensor([float(s.max_response_tokens) for s in part]) if per_sample
                             else torch.tensor(float(mlen)))  # (B,) or 0-d
-            b["temperature"] = torch.tensor(float(temperature))
+            # float64: the trainer must filter with exactly the sampler's values (0.9, not 0.8999999762)
+            b["temperature"] = torch.tensor(float(temperature), dtype=torch.float64)
             b["top_k"] = torch.tensor(int(top_k))
-            b["top_p"] = torch.tensor(float(top_p))
+            b["top_p"] = torch.tensor(float(top_p), dtype=torch.float64)
             micro.append(b)
         out.append(micro)
     return out
