@@ -259,6 +259,8 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills(base, tmp_path):
     trained = [tok.decode(row) for step in spy.steps for mb in step for row in mb["input_ids"].tolist()]
     assert len(trained) == 4 * sum(rec["groups_kept"] for rec in log.records)
     assert not any("const" in t for t in trained)
+    # Dr. GRPO's constant of a single-turn domain is its own max_new_tokens (16), not x max_turns
+    assert all(mb["max_len"].tolist() == [16.0] * len(mb["input_ids"]) for step in spy.steps for mb in step)
     _, spy_off, _ = _drive(base, tmp_path / "off", steps=1, scorer=_FakeScorer(), rows=_rows(32, const_every=2))
     assert any("const" in tok.decode(row) for mb in spy_off.steps[0] for row in mb["input_ids"].tolist())
 
@@ -334,3 +336,5 @@ def test_multi_turn_tool_episodes_mask_tool_results_and_continue_the_context(bas
             assert mask[end_result] == 1  # the second turn is trained
             checked += 1
     assert checked == 16 and final["train/grad_norm"] > 0
+    # Dr. GRPO's constant of a tool episode: what it can hold, max_new_tokens x max_turns
+    assert all(v == 96.0 * 2 for mb in spy.steps[0] for v in mb["max_len"].tolist())
