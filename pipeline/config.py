@@ -249,6 +249,7 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     for i, t in enumerate(cfg.opd.teachers or []):
         if t.domain not in names:
             errors.append((f"opd.teachers[{i}].domain", f"{t.domain!r} is not one of the domains {names}"))
+    errors += _teacher_route_errors(cfg.opd.teachers or [])
     init = cfg.opd.student_init
     if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
         errors.append(("opd.student_init", f"{init!r}: no such domain; domains: {names}"))
@@ -256,6 +257,21 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         errors.append(("generator.backend", "'vllm' needs resources.num_gpus > 0 (vLLM is GPU only)"))
     if cfg.trainer.device == "cuda" and cfg.resources.num_gpus == 0:
         errors.append(("trainer.device", "'cuda' needs resources.num_gpus > 0"))
+    return errors
+
+
+def _teacher_route_errors(teachers) -> list[tuple[str, str]]:
+    """One teacher per OPD route (the domain): OPD routes each sample to exactly one
+    teacher, and there is no setting that splits a route's samples between two, so a
+    second teacher for a domain would silently replace the first."""
+    first: dict[str, int] = {}
+    errors = []
+    for i, t in enumerate(teachers):
+        if t.domain in first:
+            errors.append((f"opd.teachers[{i}].domain",
+                           f"a second teacher for route {t.domain!r} (also opd.teachers[{first[t.domain]}]); "
+                           "each route takes one teacher (splitting a route's samples is not supported)"))
+        first.setdefault(t.domain, i)
     return errors
 
 

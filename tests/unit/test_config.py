@@ -106,3 +106,19 @@ def test_plan_lists_stages_with_submit_lines():
         assert f" {s} " in out
     assert "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipeline stage configs/tiny.yaml opd" in out
     assert out.index("grpo:math") < out.index(" opd ") < out.index(" eval ") < out.index(" report ")
+
+
+def test_two_teachers_for_one_opd_route_are_rejected(tmp_path):
+    raw = _tiny_raw()
+    raw["opd"]["teachers"] = [{"domain": "math"}, {"domain": "code"}, {"domain": "math", "path": "elsewhere"}]
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, raw), check_files=False)
+    assert [p for p, _ in exc.value.errors if "second teacher" in _] == ["opd.teachers[2].domain"]
+    raw["opd"]["teachers"] = [{"domain": "math"}, {"domain": "code"}]  # one per route: accepted
+    assert len(load_config(_write(tmp_path, raw), check_files=False).teachers()) == 2
+    # the OPD driver refuses such a routing too, instead of letting the last teacher win
+    from distill.opd import TeacherRef, route_teachers
+
+    refs = [TeacherRef(index=i, domain=d, name=d, model_dir="x", weight=1.0) for i, d in enumerate(["math", "math"])]
+    with pytest.raises(ValueError, match="both claim route 'math'"):
+        route_teachers(refs)
