@@ -293,6 +293,18 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
     return records, step
 
 
+def route_teachers(teachers: list[TeacherRef]) -> dict[str, int]:
+    """Route (domain) -> teacher index; two teachers for one route is an error, never a
+    silent overwrite (`pipeline.config` rejects such a config up front)."""
+    out: dict[str, int] = {}
+    for t in teachers:
+        if t.domain in out:
+            raise ValueError(f"OPD: teachers {out[t.domain]} and {t.index} both claim route {t.domain!r}; "
+                             "each route takes one teacher")
+        out[t.domain] = t.index
+    return out
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -309,7 +321,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
     from engine.atomic import atomic_write_jsonl
 
     out_dir = Path(out_dir)
-    teacher_of_domain = {t.domain: t.index for t in teachers}
+    teacher_of_domain = route_teachers(teachers)
     streams = {d: PromptStream(rows, seed=settings.seed + i) for i, (d, rows) in enumerate(sorted(prompts.items()))}
     history: dict = {"kl_per_teacher": [], "kl_heldout_per_teacher": [], "student_scores": [], "head_loads_per_step": [],
                      "teachers_per_step": [], "max_resident_heads": 0, "cache_bytes_per_token": None,

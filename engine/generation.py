@@ -8,7 +8,9 @@ prompt i). Stage drivers only ever see this protocol; `HFGenerator` (transformer
 
 Log-probs. `Completion.logprobs[t]` is the log-probability of the sampled token under the
 distribution it was actually sampled from: `log_softmax(filter(logits / T))`, where
-`filter` applies top-k and top-p (tokens outside get -inf and the rest is renormalised).
+`filter` applies top-k and top-p (tokens outside get -inf and the rest is renormalised;
+`engine.logprobs.compute_sampling_keep_mask`, the one definition the trainer uses too:
+GRPO batches carry top_k/top_p and the trainer's log-probs truncate the same way).
 With the defaults (top_k=0, top_p=1) this is exactly `log_softmax(logits / T)`, the
 quantity a trainer computes by dividing its logits by the sampling temperature. Greedy
 decoding (T == 0) reports `log_softmax(logits)`. This is vLLM's `processed_logprobs`
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
+
+from engine.logprobs import compute_sampling_keep_mask
 
 FINISH_REASONS = ("stop", "length")
 
@@ -81,22 +85,15 @@ class Generator(Protocol):
 def compute_sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0,
                               top_p: float = 1.0) -> torch.Tensor:
     """Log-probs (B, V) of the distribution sampled from: temperature, then top-k, then
-    top-p (keep the smallest set of most likely tokens whose mass reaches top_p); -inf
-    outside the kept set. temperature == 0 means greedy and returns log_softmax(logits)."""
+    top-p (`engine.logprobs.compute_sampling_keep_mask`, the trainer's definition too);
+    -inf outside the kept set. temperature == 0 means greedy and returns log_softmax(logits)."""
     logits = logits.float()  # (B, V)
     if temperature == 0:
         return torch.log_softmax(logits, dim=-1)
     scaled = logits / temperature  # (B, V)
-    if top_k and top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs  # exclusive cumsum (B, V)
-        drop_sorted = mass_before >= top_p  # the top token always has mass_before 0
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
+    keep = compute_sampling_keep_mask(scaled, top_k, top_p)  # (B, V) bool, None: no filter
+    if keep is not None:
+        scaled = scaled.masked_fill(~keep, float("-inf"))
     return torch.log_softmax(scaled, dim=-1)
 
 

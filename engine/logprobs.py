@@ -13,6 +13,18 @@ torch._dynamo, ~5 s on the 2-core CI machine. Logits are computed in the inputs'
 (a bf16 matmul on GPU) and the log-softmax in float32 (float64 for float64 inputs).
 Pure math: torch + stdlib only.
 
+Sampling distribution (one definition, shared with `engine.generation`). With top-k /
+top-p the generator samples from the TRUNCATED distribution, `log_softmax(filter(logits /
+T))` (`compute_sampling_keep_mask`: tokens outside the kept set get -inf, the rest is
+renormalised), and reports that log-prob, as vLLM's `processed_logprobs` mode does.
+`compute_token_logprobs(..., top_k, top_p)` computes the same quantity from the
+trainer's logits, so sampler and trainer log-probs agree on the sampled tokens and the
+importance ratio compares like with like. One addition: the position's own target token
+is always kept, so a policy that has moved since sampling (or a reference model) gives a
+finite log-prob for a token outside its own top-p set instead of -inf. The filter set is
+a constant for autograd (piecewise; no gradient through the choice of kept tokens).
+Without top-k / top-p (top_k=0, top_p=1) nothing is filtered, exactly as before.
+
 Caveat: the recomputation in backward reads `weight` again, so it must still hold its
 full values then (under DeepSpeed ZeRO-3 pass a gathered weight, or `chunk_size=None`
 for one plain autograd pass that keeps the (tokens, V) log-softmax for backward).
@@ -26,12 +38,47 @@ Tensor = torch.Tensor
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _chunk_log_softmax(h: Tensor, weight: Tensor, temperature: float, acc: torch.dtype) -> Tensor:
-    """log_softmax(h W^T / temperature) of one chunk, (c, V) in `acc`."""
+def compute_sampling_keep_mask(scaled: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor | None:
+    """Bool (N, V): the tokens a sampler keeps from temperature-scaled logits (N, V): top-k,
+    then top-p (the smallest set of most likely tokens whose mass reaches top_p) over the
+    top-k survivors. None when nothing is filtered (top_k=0 or >= V, top_p=1)."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    keep = None
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]  # (N, 1)
+        keep = scaled >= kth
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # (N, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # exclusive cumsum (N, V)
+        drop_sorted = mass_before >= top_p  # the top token always has mass_before 0
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        keep = ~drop if keep is None else keep & ~drop
+    return keep
+
+
+def _chunk_log_softmax(h: Tensor, weight: Tensor, temperature: float, acc: torch.dtype,
+                       top_k: int = 0, top_p: float = 1.0, targets: Tensor | None = None) -> Tensor:
+    """log_softmax(filter(h W^T / temperature)) of one chunk, (c, V) in `acc`; -inf outside
+    the kept set, which always holds each row's target (module docstring)."""
     logits = (h @ weight.T).to(acc)  # (c, V), matmul in the inputs' dtype
     if temperature != 1.0:
         logits = logits / temperature
+    keep = compute_sampling_keep_mask(logits, top_k, top_p)
+    if keep is not None:
+        if targets is not None:
+            keep = keep.scatter(-1, targets.unsqueeze(-1), True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return torch.log_softmax(logits, dim=-1)
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    """-sum p log p over the last dim (c,), 0 * log 0 = 0 for filtered tokens."""
+    return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -40,18 +87,20 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     d logp_y / dz = onehot(y) - p;  d H / dz = -p (log p + H)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk_size):
+    def forward(ctx, h, weight, targets, temperature, chunk_size, top_k, top_p):
         acc = torch.promote_types(h.dtype, torch.float32)
         n = h.shape[0]
+        filtered = bool(top_k) or top_p < 1.0
         lp = torch.empty(n, dtype=acc, device=h.device)  # (N,)
         ent = torch.empty(n, dtype=acc, device=h.device)  # (N,)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logp = _chunk_log_softmax(h[s:e], weight, temperature, acc)  # (c, V)
+            logp = _chunk_log_softmax(h[s:e], weight, temperature, acc, top_k, top_p, targets[s:e])  # (c, V)
             lp[s:e] = logp.gather(-1, targets[s:e].unsqueeze(-1)).squeeze(-1)
-            ent[s:e] = -(logp.exp() * logp).sum(-1)
+            ent[s:e] = _entropy(logp) if filtered else -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(h, weight, targets, ent)
         ctx.temperature, ctx.chunk_size, ctx.acc = temperature, chunk_size, acc
+        ctx.top_k, ctx.top_p, ctx.filtered = top_k, top_p, filtered
         return lp, ent
 
     @staticmethod
@@ -63,8 +112,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None  # (V, H)
         for s in range(0, h.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, h.shape[0])
-            logp = _chunk_log_softmax(h[s:e], weight, ctx.temperature, ctx.acc)  # (c, V)
+            logp = _chunk_log_softmax(h[s:e], weight, ctx.temperature, ctx.acc, ctx.top_k, ctx.top_p,
+                                      targets[s:e])  # (c, V)
             p = logp.exp()
+            if ctx.filtered:  # p = 0 off the kept set: its (log p + H) p term is 0, not nan
+                logp.masked_fill_(torch.isinf(logp), 0.0)
             # dL/dz = g_lp (onehot - p) - g_ent p (log p + H)
             g = logp.add_(ent[s:e].unsqueeze(-1)).mul_(p).mul_(-grad_ent[s:e].unsqueeze(-1))
             g.sub_(p.mul_(grad_lp[s:e].unsqueeze(-1)))
@@ -75,7 +127,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
             if need_w:
                 grad_w.addmm_(g.to(w_acc).T, h[s:e].to(w_acc))  # (V, H)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size, temperature: float) -> None:
@@ -101,12 +153,14 @@ def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size,
 
 def compute_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
                            chunk_size: int | None = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0,
-                           return_entropy: bool = False):
+                           top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
     """Aligned log-probs (B, T) [and entropies (B, T)], chunked over tokens.
 
     `entropy[:, t]` is the entropy of the distribution that predicted token t (0 at t=0).
     `temperature` divides the logits (match the sampler's when computing ratios to its
-    log-probs). `chunk_size=None`: one plain autograd pass (no chunking, no recompute).
+    log-probs). `top_k` / `top_p`: the sampler's truncation (module docstring); the
+    entropy is then the truncated distribution's. `chunk_size=None`: one plain autograd
+    pass (no chunking, no recompute).
     """
     _check_inputs(hidden, weight, input_ids, chunk_size, temperature)
     B, T, H = hidden.shape
@@ -114,11 +168,12 @@ def compute_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
     h = hidden[:, :-1].reshape(-1, H)  # (N, H), N = B * (T - 1)
     targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # (N,)
     if chunk_size is None:  # plain autograd over all tokens at once
-        logp = _chunk_log_softmax(h, weight, float(temperature), acc)  # (N, V)
+        logp = _chunk_log_softmax(h, weight, float(temperature), acc, int(top_k), float(top_p), targets)  # (N, V)
         lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-        ent = -(logp.exp() * logp).sum(-1)  # (N,)
+        ent = _entropy(logp) if (top_k or top_p < 1.0) else -(logp.exp() * logp).sum(-1)  # (N,)
     else:
-        lp, ent = _ChunkedTokenLogprobs.apply(h, weight, targets, float(temperature), int(chunk_size))
+        lp, ent = _ChunkedTokenLogprobs.apply(h, weight, targets, float(temperature), int(chunk_size),
+                                              int(top_k), float(top_p))
     zeros = torch.zeros(B, 1, dtype=acc, device=hidden.device)  # (B, 1)
     logprobs = torch.cat([zeros, lp.view(B, T - 1)], dim=1)  # (B, T)
     if not return_entropy:

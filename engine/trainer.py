@@ -41,9 +41,11 @@ class Trainer(Protocol):
 
 
 def compute_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                           chunk: int = 0, temperature: float = 1.0) -> torch.Tensor:
+                           chunk: int = 0, temperature: float = 1.0, top_k: int = 0,
+                           top_p: float = 1.0) -> torch.Tensor:
     """Aligned log-probs `(B, T)` (`engine.logprobs`); `chunk` positions per log-softmax, 0 = all at once."""
-    return chunked_token_logprobs(hidden, weight, input_ids, chunk or None, temperature=temperature)
+    return chunked_token_logprobs(hidden, weight, input_ids, chunk or None, temperature=temperature,
+                                  top_k=top_k, top_p=top_p)
 
 
 def batch_temperature(batch: dict) -> float:
@@ -52,18 +54,27 @@ def batch_temperature(batch: dict) -> float:
     return float(batch["temperature"]) if "temperature" in batch else 1.0
 
 
+def batch_sampling(batch: dict) -> dict:
+    """The sampling distribution a batch's rollouts came from: `temperature` (1 if absent),
+    `top_k` (0) and `top_p` (1), each a 0-d tensor in the batch. Log-probs taken with these
+    are the generator's own (`engine.logprobs`: one definition of the truncation)."""
+    return {"temperature": batch_temperature(batch),
+            "top_k": int(batch["top_k"]) if "top_k" in batch else 0,
+            "top_p": float(batch["top_p"]) if "top_p" in batch else 1.0}
+
+
 class LogprobFn:
     """Loss-shaped function returning aligned log-probs (zero at every segment start).
 
-    A batch may carry `temperature` (0-d): the logits are divided by it, giving the
-    log-probs of the distribution a generator sampled from at that temperature."""
+    A batch may carry `temperature`, `top_k`, `top_p` (0-d, `batch_sampling`): the
+    log-probs are then those of the distribution a generator sampled from."""
 
     def __init__(self, chunk: int = 0):
         self.chunk = chunk
 
     def __call__(self, hidden, weight, batch):
         lp = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk,
-                                    temperature=batch_temperature(batch))  # (B, T)
+                                    **batch_sampling(batch))  # (B, T)
         return lp.masked_fill(batch["position_ids"] == 0, 0.0), {}
 
 

@@ -9,6 +9,19 @@ are local objects or Ray actor groups.
 
 Departures from the paper: clip-higher (DAPO) bounds by default; dynamic sampling and
 overlong filtering are options; sequences are scored by the same function the eval uses.
+
+Wiring that matters for correctness:
+- the trainer's log-probs are taken under the distribution the generator sampled from
+  (temperature, top-k, top-p travel in the batch; `engine.logprobs`), so the rollout
+  log-probs and the trainer's agree on the sampled tokens;
+- off-policy sequence masking (`offpolicy_mask_delta`) compares the current policy with
+  the rollout (behaviour) log-probs; its rate is `train/offpolicy_masked_frac`;
+- Dr. GRPO's constant is each sample's own domain's response budget: `max_new_tokens`
+  single-turn, `max_new_tokens * max_turns` for a tool episode (the budget the rollout
+  is given);
+- a step left with no sample to train on (all groups dropped by dynamic sampling, or
+  every sample truncated under overlong filtering) is skipped, counted in
+  `step_skipped` / `steps_skipped`; it is never trained on by fallback.
 """
 
 from __future__ import annotations
@@ -37,6 +50,21 @@ def logprob_temperature(sampling_temperature: float) -> float:
     return sampling_temperature if sampling_temperature > 0 else 1.0
 
 
+def logprob_sampling(s: GRPOSettings) -> dict:
+    """The distribution the generator's log-probs are of (`engine.generation`): temperature
+    and top-p when sampling; plain `log_softmax(logits)` when greedy."""
+    if s.temperature == 0:
+        return {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    return {"temperature": s.temperature, "top_k": 0, "top_p": s.top_p}
+
+
+def response_budget(s: GRPOSettings, spec: DomainSpec) -> int:
+    """The most response tokens an episode of this domain can hold: `max_new_tokens`
+    single-turn, `max_new_tokens * max_turns` with a tool environment. The rollout gets
+    exactly this budget, and Dr. GRPO divides by it."""
+    return s.max_new_tokens * (s.max_turns if spec.environment is not None else 1)
+
+
 class GRPOLoss:
     """Picklable loss closure sent to trainer ranks: flat hyperparameters only."""
 
@@ -46,13 +74,14 @@ class GRPOLoss:
                        offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
 
     def __call__(self, hidden, weight, batch):
-        from engine.trainer import batch_temperature
+        from engine.trainer import batch_sampling
         from experts.losses import compute_policy_loss, compute_token_logprobs
 
-        # the policy being optimised is the one sampled from: softmax(logits / T), as in verl;
-        # T travels with the batch, so the loss and the old/reference log-probs agree
+        # the policy being optimised is the one sampled from: filter(softmax(logits / T)), as
+        # in verl; T, top-k, top-p travel with the batch, so the loss, the old/reference and
+        # the rollout log-probs are all of the same distribution
         logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"],
-                                          temperature=batch_temperature(batch))  # (B, T)
+                                          **batch_sampling(batch))  # (B, T)
         return compute_policy_loss(
             logprobs=logprobs,
             # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1
@@ -90,8 +119,9 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
             seed=step_seed * 1000 + rnd,
         )
         prompts = [render_prompt(r["messages"], tokenizer) for r in drows]
-        trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer,
-                        environment=spec.environment, max_turns=settings.max_turns)
+        budget = response_budget(settings, spec)
+        trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=spec.environment,
+                        max_turns=settings.max_turns, max_response_tokens=budget)
         refs = [r["reference"] for r in drows for _ in range(settings.group_size)]
         results = scorer.score(spec.verifier, [t.text for t in trajs], refs)
         raise_if_all_verifier_errors(results, spec.verifier, f"GRPO rollouts (seed {step_seed}), domain {dom!r}")
@@ -100,7 +130,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
             fmt = scorer.score("format", [t.text for t in trajs], refs)
             scores = [(1 - settings.format_weight) * s + settings.format_weight * f.score
                       for s, f in zip(scores, fmt)]
-        samples = samples_from_trajectories(trajs, scores, drows, settings.group_size)
+        samples = samples_from_trajectories(trajs, scores, drows, settings.group_size, max_response_tokens=budget)
         for g in range(len(drows)):
             groups.append(samples[g * settings.group_size:(g + 1) * settings.group_size])
     return groups
@@ -132,6 +162,8 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
         "truncated_frac": sum(s.finish_reason == "length" for s in flat) / len(flat),
         "groups_kept": len(kept),
         "groups_sampled": len(all_groups),
+        "groups_dropped": len(all_groups) - len(kept),  # all-equal rewards (dynamic sampling) or surplus
+        "sampling_rounds": rnd + 1,
     }
     per_domain: dict[str, list[float]] = {}
     for s in flat:
@@ -142,6 +174,8 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
 
 
 def compute_advantages(settings: GRPOSettings, groups: list[list[RLSample]]) -> list[RLSample]:
+    """Group advantages; with `overlong_filter`, truncated samples are then dropped (they
+    count in their group's baseline, get no gradient). May return [] (step skipped)."""
     from experts.advantages import get_advantage_estimator
 
     estimator = get_advantage_estimator(settings.advantage)
@@ -153,7 +187,7 @@ def compute_advantages(settings: GRPOSettings, groups: list[list[RLSample]]) -> 
             s.advantage = a
             flat.append(s)
     if settings.overlong_filter:
-        flat = [s for s in flat if s.finish_reason != "length"] or flat
+        flat = [s for s in flat if s.finish_reason != "length"]
     return flat
 
 
@@ -174,34 +208,40 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
             logger.truncate_after(start)
     loss_fn = GRPOLoss(settings)
     last = {}
+    skipped = extra.get("steps_skipped", 0) if resume is not None else 0
     for step in range(start, settings.steps):
         t0 = time.time()
         groups, stats = collect_step(settings, stream, domains, generator=generator, scorer=scorer,
                                      tokenizer=tokenizer, step=step)
         t_gen = time.time()
         samples = compute_advantages(settings, groups)
-        train_metrics = _optimise(settings, samples, trainer=trainer, reference=reference,
-                                  loss_fn=loss_fn, pad_id=tokenizer.pad_token_id, step=step)
-        t_train = time.time()
-        generator.load_weights(trainer.state_dict())
+        stats["samples_trained"] = len(samples)
+        if samples:
+            train_metrics = _optimise(settings, samples, trainer=trainer, reference=reference,
+                                      loss_fn=loss_fn, pad_id=tokenizer.pad_token_id, step=step)
+            t_train = time.time()
+            generator.load_weights(trainer.state_dict())
+        else:  # nothing left to learn from: no optimiser step, the weights are unchanged
+            skipped += 1
+            train_metrics, t_train = {}, time.time()
         t_sync = time.time()
         ntok = sum(len(s.input_ids) for s in samples)
-        last = {"step": step + 1, **stats, **train_metrics,
+        last = {"step": step + 1, **stats, **train_metrics, "step_skipped": int(not samples),
+                "steps_skipped": skipped,
                 "time/generate_score": t_gen - t0, "time/train": t_train - t_gen,
                 "time/sync": t_sync - t_train, "tokens_per_s": ntok / max(t_train - t_gen, 1e-9)}
         if logger is not None:
             logger.log(last, step=step + 1)
         if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == settings.steps):
-            checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict()})
+            checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict(),
+                                                 "steps_skipped": skipped})
     return last
 
 
 def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id, step) -> dict:
     """Old/ref log-probs, then epochs x mini-batches optimiser steps; mean metrics."""
     minibatches = build_minibatches(samples, settings.mini_batches_per_step, settings.micro_batch_size,
-                                    pad_id=pad_id, seed=settings.seed + step,
-                                    max_len=settings.max_new_tokens * settings.max_turns,
-                                    temperature=logprob_temperature(settings.temperature))
+                                    pad_id=pad_id, seed=settings.seed + step, **logprob_sampling(settings))
     on_policy = settings.epochs_per_step == 1 and len(minibatches) == 1
     for micro_batches in minibatches:
         for mb in micro_batches:

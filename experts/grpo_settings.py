@@ -39,7 +39,9 @@ class GRPOSettings(Settings):
     kl_beta: float = Field(0.0, ge=0.0)
     kl_estimator: Annotated[str, registry_name("KL estimator", KL_ESTIMATOR_NAMES)] = "k3"
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    offpolicy_mask_delta: float | None = Field(None, gt=0.0)
+    offpolicy_mask_delta: float | None = Field(
+        None, gt=0.0, description="DeepSeek-V3.2: mask a negative-advantage sequence whose mean "
+                                  "log(pi_rollout / pi_theta) exceeds this (None: off)")
     tis_cap: float | None = Field(None, gt=0.0)
     dynamic_sampling: bool = False
     max_sampling_rounds: PositiveInt = 3

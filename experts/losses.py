@@ -18,10 +18,11 @@ Imports torch and the stdlib only. All tensors are (B, T) and aligned with `inpu
   `(pi_theta/pi_old) * k3`, unbiased for KL(pi_theta || pi_ref) when tokens were sampled
   from pi_old; its ratio is NOT detached (the gradient of the estimate is then the
   unbiased gradient of the KL). No clamping.
-- `compute_offpolicy_sequence_mask` (DeepSeek-V3.2): keep mask (B,). Departure: the paper
-  measures `log(pi_old/pi_theta)` with pi_old the inference engine's probabilities;
-  `compute_policy_loss` uses the trainer's `old_logprobs` and leaves the engine mismatch
-  to truncated importance sampling (`compute_tis_weights`, as in the TIS blog / verl).
+- `compute_offpolicy_sequence_mask` (DeepSeek-V3.2): keep mask (B,). As in the paper,
+  `compute_policy_loss` measures `log(pi_old/pi_theta)` with pi_old the policy that
+  SAMPLED the tokens: the generator's `rollout_logprobs` (behaviour log-probs), where
+  train/inference mismatch and staleness show up. (The trainer's own old log-probs equal
+  pi_theta on the first pass of a step, so a drift measured against them is 0.)
 - `aggregate_loss` (the only place that reduces over tokens) and
   `compute_global_denominators`: pieces of a mini-batch divided by the whole mini-batch's
   denominators SUM to the whole batch's loss and gradient.
@@ -197,7 +198,8 @@ def aggregate_loss(loss_BT: Tensor, mask_BT: Tensor, mode: str, *, global_tokens
     seq-mean-token-mean:     sum_b (sum_t m l / n_b) / global_seqs        (n_b: b's tokens)
     seq-mean-token-sum-norm: sum_b (sum_t m l / max_len) / global_seqs    (Dr. GRPO)
     Without a global value, the local one is used (tokens; sequences with >= 1 token;
-    the largest n_b). For a piece of a mini-batch pass the mini-batch's values
+    the largest n_b). `max_len` may also be per sequence (B,): each sequence divided by
+    its own constant (mixed domains, each with its own maximum response length). For a piece of a mini-batch pass the mini-batch's values
     (`compute_global_denominators`): the pieces' losses then SUM to the whole loss.
     """
     if loss_BT.shape != mask_BT.shape or loss_BT.dim() != 2:
@@ -212,6 +214,12 @@ def aggregate_loss(loss_BT: Tensor, mask_BT: Tensor, mode: str, *, global_tokens
     seqs = _denominator(global_seqs, (tokens_B > 0).sum().to(loss_BT.dtype), "global_seqs")
     if mode == "seq-mean-token-mean":
         per_seq = masked.sum(1) / tokens_B.clamp(min=1)  # (B,)
+    elif isinstance(max_len, Tensor) and max_len.dim() == 1:
+        if max_len.shape[0] != loss_BT.shape[0]:
+            raise ValueError(f"per-sequence max_len must be (B,) = ({loss_BT.shape[0]},), got {tuple(max_len.shape)}")
+        if not (torch.isfinite(max_len) & (max_len > 0)).all():
+            raise ValueError(f"max_len must be positive finite numbers, got {max_len.tolist()}")
+        per_seq = masked.sum(1) / max_len.to(masked.dtype)  # (B,)
     else:
         local_max = tokens_B.max() if tokens_B.numel() else tokens_B.new_tensor(1.0)
         per_seq = masked.sum(1) / _denominator(max_len, local_max, "max_len")  # (B,)
@@ -257,7 +265,8 @@ def compute_policy_loss(*, logprobs: Tensor, old_logprobs: Tensor, advantages: T
     """Scalar GRPO loss of a (piece of a) mini-batch and float metrics.
 
     per-token policy loss -> x TIS weight (`tis_cap`, needs `rollout_logprobs`) ->
-    x off-policy sequence keep mask (`offpolicy_mask_delta`) -> + kl_beta * KL estimate
+    x off-policy sequence keep mask (`offpolicy_mask_delta`, against `rollout_logprobs`,
+    the behaviour policy's; needs them) -> + kl_beta * KL estimate
     (needs `ref_logprobs` when kl_beta > 0; the KL term is neither TIS-weighted nor
     sequence-masked) -> `aggregate_loss(loss_agg, global_*)`. Off the mask every input
     is ignored (padding may hold anything).
@@ -286,9 +295,15 @@ def compute_policy_loss(*, logprobs: Tensor, old_logprobs: Tensor, advantages: T
         metrics["tis_weight_mean"] = _masked_mean(w, m)
         metrics["tis_capped_frac"] = _masked_mean((w >= tis_cap).to(w.dtype), m)
     if offpolicy_mask_delta is not None:
-        keep = compute_offpolicy_sequence_mask(lp, old, advantages, mask, offpolicy_mask_delta)  # (B,)
+        if rollout_logprobs is None:
+            raise ValueError("offpolicy_mask_delta is set but rollout_logprobs (the behaviour policy's) were not given")
+        keep = compute_offpolicy_sequence_mask(lp, safe(rollout_logprobs), advantages, mask,
+                                               offpolicy_mask_delta)  # (B,)
         pg = pg * keep.unsqueeze(1)
-        metrics["offpolicy_masked_frac"] = 1.0 - keep.mean() if keep.numel() else keep.new_tensor(0.0)
+        has_tokens = m.any(1)  # (B,) padding rows of a micro-batch are not sequences
+        masked_n = ((keep < 1) & has_tokens).sum().to(lp.dtype)
+        metrics["offpolicy_masked_frac"] = masked_n / has_tokens.sum().clamp(min=1)
+        metrics["offpolicy_masked_seqs"] = masked_n
     metrics["pg_loss"] = _masked_mean(pg.detach(), m)
     total = pg
     if kl_beta > 0:

@@ -4,6 +4,10 @@ A mini-batch (one optimiser step) is split into micro-batches; every micro-batch
 the mini-batch's *global* denominators (`global_tokens`, `global_seqs`, `max_len`), so
 the per-micro-batch losses sum to the loss of the whole mini-batch however it is split
 across micro-batches and data-parallel ranks (see `experts.losses.aggregate_loss`).
+Dr. GRPO's constant `max_len` is per sequence (B,) when every sample knows its domain's
+maximum response length (`RLSample.max_response_tokens`), so a single-turn domain is
+never divided by a multi-turn budget. Micro-batches also carry the sampling
+distribution (`temperature`, `top_k`, `top_p`, 0-d) their log-probs are taken under.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ class RLSample:
     finish_reason: str
     advantage: float = 0.0
     info: dict = field(default_factory=dict)
+    max_response_tokens: int | None = None  # the most response tokens its episode can hold (Dr. GRPO)
 
     @property
     def num_model_tokens(self) -> int:
         return sum(self.loss_mask)
 
 
-def samples_from_trajectories(trajs, rewards: list[float], rows: list[dict], group_size: int) -> list[RLSample]:
+def samples_from_trajectories(trajs, rewards: list[float], rows: list[dict], group_size: int,
+                              max_response_tokens: int | None = None) -> list[RLSample]:
     out = []
     for i, (t, r) in enumerate(zip(trajs, rewards)):
         row = rows[i // group_size]
@@ -40,7 +46,7 @@ def samples_from_trajectories(trajs, rewards: list[float], rows: list[dict], gro
             loss_mask=[0] * p + list(t.response_mask),
             rollout_logprobs=[0.0] * p + list(t.rollout_logprobs),
             reward=float(r), domain=row["domain"], finish_reason=t.finish_reason,
-            info={"row_id": row.get("id")},
+            info={"row_id": row.get("id")}, max_response_tokens=max_response_tokens,
         ))
     return out
 
@@ -68,9 +74,14 @@ def collate_samples(samples: list[RLSample], pad_id: int) -> dict[str, torch.Ten
 
 def build_minibatches(samples: list[RLSample], num_minibatches: int, micro_batch_size: int, *,
                       pad_id: int, seed: int, max_len: int | None = None,
-                      temperature: float = 1.0) -> list[list[dict]]:
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[dict]]:
     """Shuffle, split into mini-batches, then micro-batches that carry global denominators
-    and the sampling temperature (old/reference log-probs are taken at it)."""
+    and the sampling distribution (old/reference log-probs are taken under it).
+    `max_len` (Dr. GRPO's constant): per sample from `max_response_tokens` when every
+    sample has one, else this value, else the mini-batch's longest response."""
+    if not samples:
+        raise ValueError("build_minibatches: no samples (a step with nothing to train is skipped by the driver)")
+    per_sample = all(s.max_response_tokens for s in samples)
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     shuffled = [samples[i] for i in order]
@@ -85,8 +96,13 @@ def build_minibatches(samples: list[RLSample], num_minibatches: int, micro_batch
             b = collate_samples(mini[k:k + micro_batch_size], pad_id)
             b["global_tokens"] = torch.tensor(float(global_tokens))
             b["global_seqs"] = torch.tensor(float(len(mini)))
-            b["max_len"] = torch.tensor(float(mlen))
-            b["temperature"] = torch.tensor(float(temperature))
+            part = mini[k:k + micro_batch_size]
+            b["max_len"] = (torch.tensor([float(s.max_response_tokens) for s in part]) if per_sample
+                            else torch.tensor(float(mlen)))  # (B,) or 0-d
+            # float64: the trainer must filter with exactly the sampler's values (0.9, not 0.8999999762)
+            b["temperature"] = torch.tensor(float(temperature), dtype=torch.float64)
+            b["top_k"] = torch.tensor(int(top_k))
+            b["top_p"] = torch.tensor(float(top_p), dtype=torch.float64)
             micro.append(b)
         out.append(micro)
     return out

@@ -1,4 +1,4 @@
-"""`python -m pipeline {validate,plan,stage,run,report}`.
+"""`polymath` (or `python -m pipeline`) {validate,plan,stage,run,report}.
 
 validate  check a config (schema, files, registries) without running anything
 plan      print the stage graph in order with each stage's `ray job submit` line
@@ -15,29 +15,54 @@ import sys
 from pipeline.config import ConfigError, load_config
 
 
+class _StageList(argparse.Action):
+    """`--only a,b`, `--only a b` and `--only a --only b` all select stages a and b."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        chosen = list(getattr(namespace, self.dest) or [])
+        for value in values:
+            for name in value.split(","):
+                if not name.strip():
+                    parser.error(f"{option_string}: empty stage name in {value!r}")
+                if name.strip() not in chosen:
+                    chosen.append(name.strip())
+        setattr(namespace, self.dest, chosen)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="polymath", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("validate", "plan"):
-        s = sub.add_parser(name)
-        s.add_argument("config")
-        s.add_argument("overrides", nargs="*", help="dotted overrides: opd.rounds=3")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    config_help = "experiment YAML file (e.g. configs/tiny.yaml)"
+    overrides_help = "dotted overrides applied after the file, e.g. opd.rounds=3 domains.math.grpo.lr=1e-4"
+    for name, text in (("validate", "check a config (schema, paths, registry names) without running anything; "
+                                    "exit 2 on errors"),
+                       ("plan", "print the stage graph in order with each stage's `ray job submit` line")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("config", help=config_help)
+        s.add_argument("overrides", nargs="*", help=overrides_help)
         if name == "plan":
-            s.add_argument("--address", default="http://127.0.0.1:8265")
-    s = sub.add_parser("stage")
-    s.add_argument("config")
-    s.add_argument("stage")
-    s.add_argument("overrides", nargs="*")
-    s.add_argument("--force", action="store_true", help="rerun even if done")
-    s = sub.add_parser("run")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+            s.add_argument("--address", default="http://127.0.0.1:8265",
+                           help="Ray dashboard URL the printed `ray job submit` lines use")
+    text = "run one stage in this process (what each Ray job runs)"
+    s = sub.add_parser("stage", help=text, description=text)
+    s.add_argument("config", help=config_help)
+    s.add_argument("stage", help="stage name as `plan` prints it, e.g. sft:math, opd, eval")
+    s.add_argument("overrides", nargs="*", help=overrides_help)
+    s.add_argument("--force", action="store_true", help="rerun even if the stage is done")
+    text = "run the whole graph on an embedded local Ray, or on a cluster (--address)"
+    s = sub.add_parser("run", help=text, description=text)
+    s.add_argument("config", help=config_help)
+    s.add_argument("overrides", nargs="*", help=overrides_help)
     s.add_argument("--address", default=None, help="Ray dashboard URL: submit each stage as a job")
-    s.add_argument("--only", nargs="+", default=None, metavar="STAGE")
-    s.add_argument("--from", dest="start", default=None, metavar="STAGE")
-    s = sub.add_parser("report")
-    s.add_argument("run_dir")
+    s.add_argument("--only", nargs="+", action=_StageList, default=None, metavar="STAGE",
+                   help="run only these stages (their inputs must be done): --only a,b, --only a b "
+                        "or --only a --only b")
+    s.add_argument("--from", dest="start", default=None, metavar="STAGE",
+                   help="run this stage and every stage after it in graph order")
+    text = "(re)build the report of a run directory"
+    s = sub.add_parser("report", help=text, description=text)
+    s.add_argument("run_dir", help="the run directory, e.g. runs/tiny")
     return p
 
 

@@ -259,6 +259,7 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     for i, t in enumerate(cfg.opd.teachers or []):
         if t.domain not in names:
             errors.append((f"opd.teachers[{i}].domain", f"{t.domain!r} is not one of the domains {names}"))
+    errors += _teacher_route_errors(cfg.opd.teachers or [])
     init = cfg.opd.student_init
     if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
         errors.append(("opd.student_init", f"{init!r}: no such domain; domains: {names}"))
@@ -277,6 +278,21 @@ def _stage_resource_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     names = [s.name for s in build_graph(cfg)]
     return [(f"resources.stages.{key}", f"no stage or stage kind {key!r}; stages: {names}, kinds: {list(STAGE_KINDS)}")
             for key in cfg.resources.stages if key not in names and key not in STAGE_KINDS]
+
+
+def _teacher_route_errors(teachers) -> list[tuple[str, str]]:
+    """One teacher per OPD route (the domain): OPD routes each sample to exactly one
+    teacher, and there is no setting that splits a route's samples between two, so a
+    second teacher for a domain would silently replace the first."""
+    first: dict[str, int] = {}
+    errors = []
+    for i, t in enumerate(teachers):
+        if t.domain in first:
+            errors.append((f"opd.teachers[{i}].domain",
+                           f"a second teacher for route {t.domain!r} (also opd.teachers[{first[t.domain]}]); "
+                           "each route takes one teacher (splitting a route's samples is not supported)"))
+        first.setdefault(t.domain, i)
+    return errors
 
 
 def resolve_path(p: str, base: Path) -> Path:

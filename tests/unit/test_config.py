@@ -159,3 +159,19 @@ def test_yaml_anchors_and_merge_keys_still_load():
 
     doc = parse_yaml("a: &s {steps: 7, lr: 0.01}\nb: {<<: *s, lr: 0.5}\nc: *s\n", "test")
     assert doc == {"a": {"steps": 7, "lr": 0.01}, "b": {"steps": 7, "lr": 0.5}, "c": {"steps": 7, "lr": 0.01}}
+
+
+def test_two_teachers_for_one_opd_route_are_rejected(tmp_path):
+    raw = _tiny_raw()
+    raw["opd"]["teachers"] = [{"domain": "math"}, {"domain": "code"}, {"domain": "math", "path": "elsewhere"}]
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, raw), check_files=False)
+    assert [p for p, _ in exc.value.errors if "second teacher" in _] == ["opd.teachers[2].domain"]
+    raw["opd"]["teachers"] = [{"domain": "math"}, {"domain": "code"}]  # one per route: accepted
+    assert len(load_config(_write(tmp_path, raw), check_files=False).teachers()) == 2
+    # the OPD driver refuses such a routing too, instead of letting the last teacher win
+    from distill.opd import TeacherRef, route_teachers
+
+    refs = [TeacherRef(index=i, domain=d, name=d, model_dir="x", weight=1.0) for i, d in enumerate(["math", "math"])]
+    with pytest.raises(ValueError, match="both claim route 'math'"):
+        route_teachers(refs)

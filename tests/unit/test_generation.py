@@ -3,6 +3,7 @@ arg-max loop, log-probs against a teacher-forced forward pass, batch invariance,
 stop tokens, weight loading; and the registry."""
 
 import math
+import pathlib
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -263,10 +264,13 @@ def test_vllm_output_mapping():
         _completion(SimpleNamespace(**{**out.__dict__, "logprobs": out.logprobs[:1]}), {9})
 
     got = []
-    model = torch.nn.Linear(2, 2)
-    model.load_weights = lambda weights: got.extend(weights)
-    worker = WeightSyncExtension()  # an old vLLM worker: no reload_weights
-    worker.model_runner = SimpleNamespace(model=model)
+
+    class Worker(WeightSyncExtension):  # vLLM 0.32's in-place reload, as the extension calls it
+        def reload_weights(self, weights_iterator=None, is_checkpoint_format=True):
+            got.extend(weights_iterator)
+
+    worker = Worker()
+    assert "reload_weights" in worker.polymath_check_weight_sync()
     assert worker.polymath_stage_weights(pack_tensors([("a", torch.ones(2))])) == 1
     assert worker.polymath_stage_weights(pack_tensors([("b", torch.zeros(3))])) == 2
     assert worker.polymath_commit_weights() == 2 and [n for n, _ in got] == ["a", "b"]
@@ -274,6 +278,34 @@ def test_vllm_output_mapping():
     named = [("f", torch.randn(3, 2)), ("b", torch.randn(4).to(torch.bfloat16)), ("s", torch.tensor(2.5))]
     back = unpack_tensors(pack_tensors(named))
     assert all(n == m and t.dtype == u.dtype and torch.equal(t, u) for (n, t), (m, u) in zip(named, back))
+
+
+def test_weight_sync_signature_checks_reject_another_vllm_s_reload_weights():
+    """`reload_weights` changed arguments across vLLM releases (one took none and re-read
+    the checkpoint from disk): the start-up check names what is missing and the tested range."""
+    from engine.generation_vllm import COLLECTIVE_RPC_PARAMS, TESTED_VLLM, WeightSyncExtension, check_signature
+
+    class OldWorker(WeightSyncExtension):
+        def reload_weights(self):  # the no-argument form
+            pass
+
+    class CatchAllWorker(WeightSyncExtension):
+        def reload_weights(self, **kwargs):  # would swallow the arguments silently
+            pass
+
+    for worker in (OldWorker(), CatchAllWorker()):
+        with pytest.raises(RuntimeError, match=r"lacks the arguments \['weights_iterator', 'is_checkpoint_format'\]"):
+            worker.polymath_check_weight_sync()
+    with pytest.raises(RuntimeError, match="does not exist in this vLLM"):
+        WeightSyncExtension().polymath_check_weight_sync()
+    assert TESTED_VLLM in (pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text()
+
+    def collective_rpc(method, timeout=None, args=(), kwargs=None):
+        pass
+
+    assert check_signature(collective_rpc, COLLECTIVE_RPC_PARAMS, "LLM.collective_rpc").startswith("LLM.collective_rpc(")
+    with pytest.raises(RuntimeError, match=r"LLM.collective_rpc\(method\) lacks the arguments \['args'\]"):
+        check_signature(lambda method: None, COLLECTIVE_RPC_PARAMS, "LLM.collective_rpc")
 
 
 def test_inverse_cdf_sampling_matches_the_distribution_and_skips_filtered_tokens():

@@ -112,3 +112,77 @@ def test_bad_input():
         compute_token_logprobs(hidden, weight, ids, 0)
     with pytest.raises(ValueError, match="integers"):
         compute_token_logprobs(hidden, weight, ids.double())
+
+
+# ------------------------------------------------------------------ the sampler's truncation (top-k / top-p)
+def naive_truncated(hidden, weight, ids, temperature, top_k, top_p):
+    """Loop reference of the truncated sampling distribution: sort by probability; top-k
+    keeps the k best; top-p then keeps the best tokens, in order, while the mass before
+    each (renormalised over the top-k survivors) is < top_p; the target is always kept.
+    logprob = z_y - logsumexp(z over kept), entropy of the renormalised kept set."""
+    B, T, _ = hidden.shape
+    rows_lp, rows_ent, n_dropped = [], [], 0
+    for b in range(B):
+        row_lp, row_ent = [torch.zeros((), dtype=D)], [torch.zeros((), dtype=D)]
+        for t in range(1, T):
+            z = hidden[b, t - 1].double() @ weight.double().T / temperature  # (V,)
+            order = torch.argsort(z.detach(), descending=True).tolist()
+            cand = order[:top_k] if top_k else order
+            p = torch.softmax(z.detach()[cand], -1).tolist()
+            kept, before = [], 0.0
+            for tok, q in zip(cand, p):
+                if before >= top_p:
+                    break
+                kept.append(tok)
+                before += q
+            y = int(ids[b, t])
+            if y not in kept:
+                kept.append(y)
+            n_dropped += z.shape[0] - len(kept)
+            logp = z[kept] - torch.logsumexp(z[kept], -1)  # (K,)
+            row_lp.append(logp[kept.index(y)])
+            row_ent.append(-(logp.exp() * logp).sum())
+        rows_lp.append(torch.stack(row_lp))
+        rows_ent.append(torch.stack(row_ent))
+    return torch.stack(rows_lp), torch.stack(rows_ent), n_dropped
+
+
+@pytest.mark.parametrize("chunk_size", [4, None])
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (7, 1.0), (12, 0.6), (0, 0.3)])
+def test_truncated_values_and_gradients_match_naive(chunk_size, top_k, top_p):
+    hidden, weight, ids = make(V=30, seed=3)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = compute_token_logprobs(h1, w1, ids, chunk_size, temperature=0.7, top_k=top_k, top_p=top_p,
+                                     return_entropy=True)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp_ref, ent_ref, dropped = naive_truncated(h2, w2, ids, 0.7, top_k, top_p)
+    assert dropped > 0  # the test can fail: tokens really were filtered out
+    assert torch.isfinite(lp).all()  # a target outside the kept set is kept, never -inf
+    assert torch.allclose(lp, lp_ref, atol=1e-12) and torch.allclose(ent, ent_ref, atol=1e-12)
+    plain = compute_token_logprobs(hidden, weight, ids, chunk_size, temperature=0.7)
+    assert (lp - plain)[:, 1:].abs().max() > 1e-3  # truncation changes the values
+    up = torch.randn(lp.shape, dtype=D, generator=torch.Generator().manual_seed(1))
+    up_e = torch.randn(lp.shape, dtype=D, generator=torch.Generator().manual_seed(2))
+    ((lp * up).sum() + (ent * up_e).sum()).backward()
+    ((lp_ref * up).sum() + (ent_ref * up_e).sum()).backward()
+    assert torch.isfinite(h1.grad).all() and torch.isfinite(w1.grad).all()
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-12) and torch.allclose(w1.grad, w2.grad, atol=1e-12)
+
+
+def test_truncation_is_the_generator_s_definition():
+    """The generator's sampling log-probs and the trainer's agree wherever the target was
+    sampleable (kept), the one definition `compute_sampling_keep_mask` being shared."""
+    from engine.generation import compute_sampling_logprobs
+
+    hidden, weight, ids = make(B=2, T=9, V=40, seed=5)
+    weight = 4 * weight  # peaked distributions: top-p drops real mass
+    best = (hidden[:, :-1] @ weight.T).argmax(-1)  # (B, T-1)
+    ids[:, 1::2] = best[:, ::2]  # half the targets are the most likely token (always kept)
+    for top_k, top_p in ((0, 0.85), (10, 0.7), (5, 1.0)):
+        lp = compute_token_logprobs(hidden, weight, ids, 3, temperature=0.8, top_k=top_k, top_p=top_p)
+        logits = hidden[:, :-1] @ weight.T  # (B, T-1, V)
+        gen = compute_sampling_logprobs(logits.reshape(-1, 40), 0.8, top_k, top_p).view(2, 8, 40).double()
+        at_target = gen.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+        kept = torch.isfinite(at_target)
+        assert kept.any() and (~kept).any()
+        assert torch.allclose(lp[:, 1:][kept], at_target[kept], atol=1e-5)  # generator works in float32

@@ -28,6 +28,19 @@ def test_hand_worked():
     assert aggregate_loss(loss, mask, "seq-mean-token-mean", global_seqs=5).item() == pytest.approx(1.2)
 
 
+def test_per_sequence_max_len_hand_worked():
+    # Dr. GRPO with each sequence's own constant (mixed domains): seq0 sums 6 over max_len 4,
+    # seq1 sums 4 over max_len 12 (a 3-turn tool budget): (6/4 + 4/12) / 2 = 0.916667
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("inf"), 7.0]], dtype=D)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    got = aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_len=torch.tensor([4.0, 12.0]))
+    assert got.item() == pytest.approx((6 / 4 + 4 / 12) / 2)
+    with pytest.raises(ValueError, match=r"per-sequence max_len must be \(B,\) = \(2,\)"):
+        aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_len=torch.tensor([4.0, 12.0, 1.0]))
+    with pytest.raises(ValueError, match="positive finite"):
+        aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_len=torch.tensor([4.0, 0.0]))
+
+
 def ref_aggregate(loss, mask, mode, max_len=None):
     """Loop reference over the whole batch."""
     per_seq, tokens = [], 0

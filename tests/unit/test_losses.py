@@ -222,7 +222,8 @@ def ref_policy_loss(lp, old, ref, rollout, adv, mask, *, cl, ch, beta, tis_cap, 
     total, n = 0.0, 0
     for b in range(mask.shape[0]):
         toks = [t for t in range(mask.shape[1]) if mask[b, t] > 0]
-        drift = sum(old[b, t].item() - lp[b, t].item() for t in toks) / len(toks)
+        # the off-policy mask measures drift from the behaviour (rollout) policy
+        drift = sum(rollout[b, t].item() - lp[b, t].item() for t in toks) / len(toks)
         keep = 0.0 if (adv[b] < 0 and drift > delta) else 1.0
         for t in toks:
             w = min(math.exp(old[b, t].item() - rollout[b, t].item()), tis_cap)
@@ -243,6 +244,23 @@ def test_compute_policy_loss_matches_loop_reference():
     assert {"loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",
             "tis_weight_mean", "tis_capped_frac", "offpolicy_masked_frac"} <= set(metrics)
     assert 0 < metrics["offpolicy_masked_frac"] < 1 and 0 < metrics["tis_capped_frac"] < 1
+
+
+def test_offpolicy_masking_measures_drift_from_the_rollout_policy():
+    """DeepSeek-V3.2 masks against the policy that SAMPLED: with the trainer's old log-probs
+    equal to pi_theta (one optimiser step per batch) the drift must still be seen when the
+    rollout log-probs differ, and nothing is masked when the rollout equals pi_theta."""
+    lp, _, _, _, adv, mask = rand_batch(B=40, seed=14)
+    drifted = lp + 0.3  # the sampler gave every token e^0.3 more probability: drift 0.3 > delta
+    kw = dict(logprobs=lp, old_logprobs=lp.detach(), advantages=adv, mask=mask, offpolicy_mask_delta=0.1)
+    _, m_drift = compute_policy_loss(rollout_logprobs=drifted, **kw)
+    n_neg = int(((adv < 0) & (mask.sum(1) > 0)).sum())
+    assert m_drift["offpolicy_masked_seqs"] == n_neg > 0  # exactly the negative-advantage sequences
+    assert m_drift["offpolicy_masked_frac"] == pytest.approx(n_neg / 40)
+    _, m_same = compute_policy_loss(rollout_logprobs=lp.detach(), **kw)
+    assert m_same["offpolicy_masked_seqs"] == 0.0
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        compute_policy_loss(**kw)
 
 
 def test_compute_policy_loss_beta_zero_needs_no_reference_and_ignores_padding():
