@@ -41,12 +41,14 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
 
 
 def read_rows(path: str) -> list[tuple[int, bytes, dict | None, str | None]]:
-    """(line number, raw line, row or None, problem or None) for every non-blank line."""
+    """(line number, the line if it is no row else b"", row or None, problem or None) for
+    every non-blank line."""
     out = []
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             if raw.strip():
-                out.append((n, raw, *_parse_line(raw.rstrip(b"\r\n"))))
+                row, problem = _parse_line(raw.rstrip(b"\r\n"))
+                out.append((n, raw if problem else b"", row, problem))
     return out
 
 
