@@ -1,87 +1,109 @@
 """`code` verifier: run the completion's Python against the reference's tests, sandboxed.
 
 Reference: `{"tests": ["assert f(2) == 4", ...], "setup": "<optional code run first>"}`
-(MBPP's `test_list` style), optional `"all_or_nothing": true`.
-Score = fraction of tests passed (1.0 / 0.0 with `all_or_nothing`, from the reference or
-a verifier keyword).
+(MBPP's `test_list` style), optional `"all_or_nothing": true`. Every test must be one
+`assert <expression>` statement. Score = fraction of tests passed (1.0 / 0.0 with
+`all_or_nothing`, from the reference or a verifier keyword).
 
 The program is the LAST fenced code block (```python, ```py or bare ```), else the whole
-completion. A harness runs in the sandbox: it reads a random nonce from stdin (then
-points stdin at /dev/null), reads and deletes its spec file, executes `setup`, then the
-program, then each test in one namespace, and after each test writes a line
-`{"nonce", "test", "ok"}` to a private pipe. The parent counts only lines carrying the
-nonce, so a program that exits early (`sys.exit`, `os._exit`, a crash, a kill) leaves
-the remaining tests unpassed, and printing fake results to stdout does nothing.
-`SystemExit` raised by the program itself ends the run (it exited before its tests);
-raised inside a test it fails that test. The program runs with `__name__ ==
-"solution"`, so its `if __name__ == "__main__":` demo block does not run (it would
-often block on `input()`).
+completion. The verdict is decided here, never inside the program's interpreter
+(`rewards.code_tests`): each test is split into the parts that need the program
+("calls", e.g. `f(2)`) and the rest (the comparison and the expected value, e.g.
+`== 4`), which never leave this process. A harness in the sandbox reads the setup, the
+program and the calls' sources from stdin (a random nonce with them), compiles and runs
+the setup and the program, evaluates each call, and writes one line per call with its
+value encoded as plain data (or the exception) to a private pipe (fd 3). This process
+decodes each value into its own plain types (an object of the program's, with its
+`__eq__`, never survives) and evaluates each test's verdict on them. A program that
+patches builtins, walks frames or `gc`, prints fake results, exits early, catches
+`BaseException`, forks or starts threads can at most make a call's reply carry some
+value; it passes only if that value is the expected one. A call answered more than
+once fails. `SystemExit` raised by the program itself ends the run (it exited before
+its tests); raised inside a call it fails that call. The program runs with `__name__
+== "solution"`, so its `if __name__ == "__main__":` demo block does not run.
 
-Not defended: a program that introspects the interpreter (frames, `gc`) to find the
-nonce, or monkeypatches what the tests use (e.g. an `__eq__` that is always true).
-This harness protects against crashes and early exits, not a determined adversary.
+The sandbox fails closed (`rewards.sandbox`): where it cannot be set up the verifier
+raises (the item scores 0 as a verifier error, and a batch of only those stops the
+stage) unless the `sandbox` option (or `POLYMATH_SANDBOX`) is `unsafe-local`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
 import signal
 from typing import Any
 
-from rewards import sandbox
+from rewards import code_tests, sandbox
 from rewards.registry import RewardResult, register, register_reference_check
 from rewards.sandbox import SandboxOutcome, run_python
 from rewards.sandbox_isolation import SandboxLimits
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _OPEN_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n", re.IGNORECASE)
+_MAX_REPLY = 512 << 10  # bytes of one encoded call result
 
 HARNESS = r'''
 import json, os, sys, traceback
-
+''' + code_tests.ENCODER_SOURCE + r'''
 def _fmt(exc):
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[-500:]
+    try:
+        return "".join(traceback.format_exception_only(type(exc), exc)).strip()[-500:]
+    except BaseException:
+        return "unprintable exception"
 
 def _main():
-    nonce = sys.stdin.readline().strip()
+    spec = json.loads(sys.stdin.buffer.read())
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    out = os.fdopen(int(sys.argv[1]), "w", buffering=1)
-    dumps = json.dumps
-    with open("spec.json", encoding="utf-8") as fh:
-        spec = json.load(fh)
-    os.remove("spec.json")
+    out = os.fdopen(3, "w", buffering=1)
+    dumps, nonce, calls = json.dumps, spec["nonce"], spec["calls"]
+    enc, write, flush, exit_now = _encode, out.write, out.flush, os._exit
 
     def emit(**kw):
-        kw["nonce"] = nonce
-        out.write(dumps(kw) + "\n")
-        out.flush()
+        kw["n"] = nonce
+        try:
+            line = dumps(kw)
+        except BaseException as exc:
+            line = dumps({"n": nonce, "i": kw.get("i"), "e": "result not encodable: " + _fmt(exc)})
+        if len(line) > MAX_REPLY:
+            line = dumps({"n": nonce, "i": kw.get("i"), "e": "result too large (%d bytes encoded)" % len(line)})
+        write(line + "\n")
+        flush()
 
     g = {"__name__": "solution", "__builtins__": __builtins__}
     for stage in ("setup", "program"):
         if not spec[stage]:
             continue
         try:
-            exec(compile(spec[stage], "<" + stage + ">", "exec"), g)
+            code = compile(spec[stage], "<" + stage + ">", "exec", dont_inherit=True)
+        except BaseException as exc:
+            emit(stage=stage, compile_error=_fmt(exc))
+            return
+        del spec[stage]
+        try:
+            exec(code, g)
         except SystemExit:
             raise
         except BaseException as exc:
             emit(stage=stage, error=_fmt(exc))
             return
     emit(stage="loaded")
-    for i, test in enumerate(spec["tests"]):
+    for i, src in enumerate(calls):
         try:
-            exec(compile(test, "<test %d>" % i, "exec"), g)
-            emit(test=i, ok=True)
+            value = eval(compile(src, "<test call %d>" % i, "eval", dont_inherit=True), g)
+            emit(i=i, v=enc(value))
         except BaseException as exc:
-            emit(test=i, ok=False, error=_fmt(exc))
+            emit(i=i, e=_fmt(exc))
     emit(stage="done")
+    exit_now(0)
 
+MAX_REPLY = __MAX_REPLY__
 _main()
-'''
+'''.replace("__MAX_REPLY__", str(_MAX_REPLY))
 
 
 def extract_code(completion: str) -> tuple[str, str]:
@@ -95,25 +117,41 @@ def extract_code(completion: str) -> tuple[str, str]:
     return completion, "whole_text"
 
 
-def _parse_channel(channel: bytes, nonce: str, n_tests: int) -> tuple[list[bool], dict[str, Any]]:
-    passed = [False] * n_tests
+def _parse_channel(channel: bytes, nonce: str, n_calls: int) -> tuple[list[Any], dict[str, Any]]:
+    """One decoded value (or `code_tests.failed(...)`) per call, and the run's stage state."""
+    replies: list[Any] = [None] * n_calls
+    seen = [0] * n_calls
     state: dict[str, Any] = {"loaded": False, "done": False, "errors": {}}
     for line in channel.decode("utf-8", "replace").splitlines():
+        if nonce not in line:
+            continue
         try:
             msg = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if not isinstance(msg, dict) or msg.get("nonce") != nonce:
+        if not isinstance(msg, dict) or msg.get("n") != nonce:
             continue
-        if msg.get("stage") in ("loaded", "done"):
+        i = msg.get("i")
+        if msg.get("stage") in ("loaded", "done") and i is None:
             state[msg["stage"]] = True
-        elif msg.get("stage") in ("setup", "program"):
-            state["errors"][msg["stage"]] = msg.get("error", "")
-        elif isinstance(msg.get("test"), int) and 0 <= msg["test"] < n_tests:
-            passed[msg["test"]] = msg.get("ok") is True
-            if msg.get("ok") is not True:
-                state["errors"][f"test {msg['test']}"] = msg.get("error", "")
-    return passed, state
+        elif msg.get("stage") in ("setup", "program") and i is None:
+            key = "compile" if "compile_error" in msg else msg["stage"]
+            state["errors"].setdefault(key, str(msg.get("compile_error", msg.get("error", "")))[:500])
+        elif type(i) is int and 0 <= i < n_calls:
+            seen[i] += 1
+            if "v" in msg:
+                try:
+                    replies[i] = code_tests.decode_obj(msg["v"])
+                except ValueError as exc:
+                    replies[i] = code_tests.failed(f"unusable result: {exc}")
+            else:
+                replies[i] = code_tests.failed(str(msg.get("e", "no result"))[:500])
+    for i in range(n_calls):
+        if seen[i] == 0:
+            replies[i] = code_tests.failed("no result (the program ended first)")
+        elif seen[i] > 1:
+            replies[i] = code_tests.failed(f"{seen[i]} results for one call")
+    return replies, state
 
 
 def _describe_exit(out: SandboxOutcome, limits: SandboxLimits) -> str:
@@ -129,9 +167,12 @@ def _describe_exit(out: SandboxOutcome, limits: SandboxLimits) -> str:
     return f"exited with code {rc}"
 
 
-def _reason(passed: list[bool], state: dict[str, Any], out: SandboxOutcome, limits: SandboxLimits) -> str | None:
+def _reason(passed: list[bool], errors: dict[str, str], state: dict[str, Any], out: SandboxOutcome,
+            limits: SandboxLimits) -> str | None:
     if all(passed):
         return None
+    if "compile" in state["errors"] and "setup" not in state["errors"]:
+        return f"program does not compile: {state['errors']['compile']}"
     for stage in ("setup", "program"):
         if stage in state["errors"]:
             return f"{stage} raised: {state['errors'][stage]}"
@@ -139,18 +180,7 @@ def _reason(passed: list[bool], state: dict[str, Any], out: SandboxOutcome, limi
         return f"program ended before its tests ran ({_describe_exit(out, limits)})"
     if not state["done"]:
         return f"tests did not finish ({_describe_exit(out, limits)})"
-    return "failed tests: " + "; ".join(f"{k}: {v}" for k, v in list(state["errors"].items())[:3])
-
-
-def _syntax_error(code: str) -> str | None:
-    """The program's SyntaxError, found by compiling (never executing) it in this worker."""
-    if "\x00" in code:
-        return "source contains NUL bytes"
-    try:
-        compile(code, "<program>", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        return f"{type(exc).__name__}: {exc}"[:300]
-    return None
+    return "failed tests: " + "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:3])
 
 
 def _limits_from(options: dict[str, Any]) -> SandboxLimits:
@@ -165,7 +195,16 @@ def reference_problem(reference: Any) -> str | None:
         return f"code reference must have a non-empty list of strings 'tests', got {reference!r:.200}"
     if not isinstance(reference.get("setup") or "", str):
         return f"code reference 'setup' must be a string, got {type(reference['setup']).__name__}"
+    try:
+        _plans(tuple(tests))
+    except ValueError as exc:
+        return str(exc)
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _plans(tests: tuple[str, ...]) -> tuple[code_tests.TestPlan, ...]:
+    return tuple(code_tests.parse_test(t) for t in tests)
 
 
 @register("code")
@@ -178,29 +217,36 @@ def code_verifier(completion: str, reference: dict[str, Any], **options: Any) ->
     setup = reference.get("setup") or ""
     all_or_nothing = bool(options.get("all_or_nothing", reference.get("all_or_nothing", False)))
     limits = _limits_from(options)
+    mode = options.get("sandbox") or sandbox.default_mode()
+    if mode not in sandbox.MODES:
+        raise ValueError(f"code verifier option sandbox={mode!r}: must be one of {sandbox.MODES}")
     if not sandbox.IN_WORKER:  # never run untrusted code from the caller's process
         from rewards.batch import score_batch
 
         return score_batch("code", [completion], [reference], num_workers=1, timeout_s=limits.wall_s + 30, **options)[0]
     code, how = extract_code(completion)
-    syntax = _syntax_error(code)
-    if syntax is not None:  # nothing can pass: skip the sandbox (most untrained samples land here)
-        return RewardResult(0.0, {"extracted": how, "passed": [False] * len(tests), "fraction_passed": 0.0,
-                                  "reason": f"program does not compile: {syntax}"})
+    plans = _plans(tuple(tests))
+    calls = [c for p in plans for c in p.calls]
     nonce = secrets.token_hex(16)
-    spec = json.dumps({"setup": setup, "program": code, "tests": tests})
-    out = run_python({"harness.py": HARNESS, "spec.json": spec}, "harness.py", ["{channel_fd}"],
-                     (nonce + "\n").encode(), limits)
-    passed, state = _parse_channel(out.channel, nonce, len(tests))
+    spec = json.dumps({"nonce": nonce, "setup": setup, "program": code, "calls": calls})
+    out = run_python(["-c", HARNESS], spec.encode(), limits, mode)
+    replies, state = _parse_channel(out.channel, nonce, len(calls))
+    passed, errors, k = [], {}, 0
+    for t, plan in enumerate(plans):
+        mine, k = replies[k:k + len(plan.calls)], k + len(plan.calls)
+        ok, why = code_tests.verdict(plan, mine) if state["loaded"] else (False, "program not loaded")
+        passed.append(ok)
+        if not ok:
+            errors[f"test {t}"] = why
     frac = sum(passed) / len(tests)
     score = float(all(passed)) if all_or_nothing else frac
     info: dict[str, Any] = {
         "extracted": how, "passed": passed, "fraction_passed": frac, "returncode": out.returncode,
         "timed_out": out.timed_out, "wall_s": round(out.wall_s, 4), "output_tail": out.output[-2000:],
         "output_truncated": out.output_truncated, "isolation": out.isolation,
-        "network_isolation": out.isolation["network"],
+        "network_isolation": out.isolation["network"], "sandbox": out.isolation["mode"],
     }
-    reason = _reason(passed, state, out, limits)
+    reason = _reason(passed, errors, state, out, limits)
     if reason:
         info["reason"] = reason
     return RewardResult(score, info)

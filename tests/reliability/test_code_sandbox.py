@@ -33,7 +33,9 @@ def hostile(victim_dir: str, repo_victim_dir: str) -> dict[str, str]:
         "write_outside": f"open({os.path.join(victim_dir, 'evil.txt')!r}, 'w').write('pwned')" + OK,
         "read_secret": "import os\nassert os.environ.get('POLYMATH_FAKE_SECRET') == 'hunter2'" + OK,
         "network": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2).close()" + OK,
-        "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)" + OK,
+        # PID 1 of its own namespace: its parent pid is 0, kill(0) hits its own group (the
+        # supervisor is root: EPERM) and init ignores it; without `sq` it scores 0 ...
+        "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
         "os_exit_before_tests": "import os\nos._exit(0)" + OK,
         "delete_outside": f"import os\nos.remove({victim!r})" + OK,
         "write_into_repo": f"open({os.path.join(repo_victim_dir, 'evil.txt')!r}, 'w').write('pwned')" + OK,
@@ -90,15 +92,16 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
     assert "output limit" in by_name["huge_output"].info["reason"]
     assert "exited with code 0" in by_name["os_exit_before_tests"].info["reason"]
     assert "MemoryError" in by_name["memory_bomb"].info["reason"]
+    assert "scoring worker" not in by_name["kill_parent"].info["reason"]  # ... and its worker lives
 
     assert (victim_dir / "victim.txt").read_text() == "keep me"
     assert not (victim_dir / "evil.txt").exists()
     assert (repo_victim_dir / "victim.txt").read_text() == "keep me"
     assert not (repo_victim_dir / "evil.txt").exists()
-    if os.geteuid() == 0:  # under the sandbox uid, writes outside fail with EACCES
-        # the repo is not writable by the sandbox uid; a checkout under /tmp is not even visible
-        # (the sandbox's /tmp is its working directory): both stop the write
-        assert re.search("PermissionError|FileNotFoundError", by_name["write_into_repo"].info["reason"])
+    # every host path is read-only in the sandbox; a checkout under /tmp is not even visible
+    # (the sandbox's /tmp is its own tmpfs)
+    assert re.search("Read-only file system|PermissionError|FileNotFoundError",
+                     by_name["write_into_repo"].info["reason"])
     leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("polymath-sbx")}
     assert not leaked, f"sandbox dirs left behind: {leaked}"
     assert _sandbox_processes() == [], "sandboxed processes survived"
