@@ -46,64 +46,77 @@ _OPEN_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n", re.IGNORECASE)
 _MAX_REPLY = 512 << 10  # bytes of one encoded call result
 
 HARNESS = r'''
-import json, os, sys, traceback
+import os, sys
 ''' + code_tests.ENCODER_SOURCE + r'''
 def _fmt(exc):
     try:
-        return "".join(traceback.format_exception_only(type(exc), exc)).strip()[-500:]
+        return (type(exc).__name__ + ": " + str(exc))[-500:]
     except BaseException:
         return "unprintable exception"
 
+def _fields(data):
+    out, pos = [], 0
+    while pos < len(data):
+        nl = data.index(b"\n", pos)
+        n = int(data[pos:nl])
+        out.append(data[nl + 1:nl + 1 + n].decode("utf-8", "surrogatepass"))
+        pos = nl + 1 + n
+    return out
+
 def _main():
-    spec = json.loads(sys.stdin.buffer.read())
+    nonce, setup, program, *calls = _fields(sys.stdin.buffer.read())
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    out = os.fdopen(3, "w", buffering=1)
-    dumps, nonce, calls = json.dumps, spec["nonce"], spec["calls"]
-    enc, write, flush, exit_now = _encode, out.write, out.flush, os._exit
+    write, exit_now, _eval, _compile, enc, s = os.write, os._exit, eval, compile, _encode, _s
+    head = '{"n":"' + nonce + '"'
 
-    def emit(**kw):
-        kw["n"] = nonce
-        try:
-            line = dumps(kw)
-        except BaseException as exc:
-            line = dumps({"n": nonce, "i": kw.get("i"), "e": "result not encodable: " + _fmt(exc)})
+    def emit(body):
+        line = (head + body + "}\n").encode()
         if len(line) > MAX_REPLY:
-            line = dumps({"n": nonce, "i": kw.get("i"), "e": "result too large (%d bytes encoded)" % len(line)})
-        write(line + "\n")
-        flush()
+            line = (head + ',"i":' + str(i) + ',"e":' + s("result too large (%d bytes encoded)" % len(line)) + "}\n").encode()
+        while line:
+            line = line[write(3, line):]
 
     g = {"__name__": "solution", "__builtins__": __builtins__}
-    for stage in ("setup", "program"):
-        if not spec[stage]:
+    for stage, src in (("setup", setup), ("program", program)):
+        if not src:
             continue
         try:
-            code = compile(spec[stage], "<" + stage + ">", "exec", dont_inherit=True)
+            code = _compile(src, "<" + stage + ">", "exec", dont_inherit=True)
         except BaseException as exc:
-            emit(stage=stage, compile_error=_fmt(exc))
+            emit(',"stage":"' + stage + '","compile_error":' + s(_fmt(exc)))
             return
-        del spec[stage]
         try:
             exec(code, g)
         except SystemExit:
             raise
         except BaseException as exc:
-            emit(stage=stage, error=_fmt(exc))
+            emit(',"stage":"' + stage + '","error":' + s(_fmt(exc)))
             return
-    emit(stage="loaded")
+    del setup, program
+    emit(',"stage":"loaded"')
+    i = 0
     for i, src in enumerate(calls):
         try:
-            value = eval(compile(src, "<test call %d>" % i, "eval", dont_inherit=True), g)
-            emit(i=i, v=enc(value))
+            body = ',"i":' + str(i) + ',"v":' + enc(_eval(_compile(src, "<test call %d>" % i, "eval", dont_inherit=True), g))
         except BaseException as exc:
-            emit(i=i, e=_fmt(exc))
-    emit(stage="done")
+            body = ',"i":' + str(i) + ',"e":' + s(_fmt(exc))
+        emit(body)
+    emit(',"stage":"done"')
     exit_now(0)
 
 MAX_REPLY = __MAX_REPLY__
 _main()
 '''.replace("__MAX_REPLY__", str(_MAX_REPLY))
+
+
+def _frame(*fields: str) -> bytes:
+    out = bytearray()
+    for f in fields:
+        b = f.encode("utf-8", "surrogatepass")
+        out += b"%d\n" % len(b) + b
+    return bytes(out)
 
 
 def extract_code(completion: str) -> tuple[str, str]:
@@ -115,6 +128,14 @@ def extract_code(completion: str) -> tuple[str, str]:
     if opens:
         return completion[opens[-1].end() :], "unclosed_fence"
     return completion, "whole_text"
+
+
+def _text(obj: Any) -> str:
+    try:
+        v = code_tests.decode_obj(obj)
+    except ValueError:
+        return "unreadable message"
+    return v[:500] if isinstance(v, str) else "unreadable message"
 
 
 def _parse_channel(channel: bytes, nonce: str, n_calls: int) -> tuple[list[Any], dict[str, Any]]:
@@ -136,7 +157,7 @@ def _parse_channel(channel: bytes, nonce: str, n_calls: int) -> tuple[list[Any],
             state[msg["stage"]] = True
         elif msg.get("stage") in ("setup", "program") and i is None:
             key = "compile" if "compile_error" in msg else msg["stage"]
-            state["errors"].setdefault(key, str(msg.get("compile_error", msg.get("error", "")))[:500])
+            state["errors"].setdefault(key, _text(msg.get("compile_error", msg.get("error"))))
         elif type(i) is int and 0 <= i < n_calls:
             seen[i] += 1
             if "v" in msg:
@@ -145,7 +166,7 @@ def _parse_channel(channel: bytes, nonce: str, n_calls: int) -> tuple[list[Any],
                 except ValueError as exc:
                     replies[i] = code_tests.failed(f"unusable result: {exc}")
             else:
-                replies[i] = code_tests.failed(str(msg.get("e", "no result"))[:500])
+                replies[i] = code_tests.failed(_text(msg.get("e")))
     for i in range(n_calls):
         if seen[i] == 0:
             replies[i] = code_tests.failed("no result (the program ended first)")
@@ -228,8 +249,7 @@ def code_verifier(completion: str, reference: dict[str, Any], **options: Any) ->
     plans = _plans(tuple(tests))
     calls = [c for p in plans for c in p.calls]
     nonce = secrets.token_hex(16)
-    spec = json.dumps({"nonce": nonce, "setup": setup, "program": code, "calls": calls})
-    out = run_python(["-c", HARNESS], spec.encode(), limits, mode)
+    out = run_python(["-c", HARNESS], _frame(nonce, setup, code, *calls), limits, mode)
     replies, state = _parse_channel(out.channel, nonce, len(calls))
     passed, errors, k = [], {}, 0
     for t, plan in enumerate(plans):

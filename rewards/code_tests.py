@@ -261,6 +261,10 @@ def _decode(o: Any, depth: int) -> Any:
     if isinstance(o, dict) and len(o) == 1:
         (tag, v), = o.items()
         try:
+            if tag == "x" and isinstance(v, str):
+                return bytes.fromhex(v).decode("utf-8", "surrogatepass")
+            if tag == "f" and isinstance(v, str) and len(v) <= 40:
+                return float(v)
             if tag == "t" and isinstance(v, list):
                 return tuple(_decode(x, depth + 1) for x in v)
             if tag in ("s", "z") and isinstance(v, list):
@@ -272,38 +276,53 @@ def _decode(o: Any, depth: int) -> Any:
                         raise ValueError("bad dict item")
                     out[_decode(pair[0], depth + 1)] = _decode(pair[1], depth + 1)
                 return out
-            if tag == "c" and isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                return complex(v[0], v[1])
+            if tag == "c" and isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) and len(x) <= 40 for x in v):
+                return complex(float(v[0]), float(v[1]))
             if tag == "b" and isinstance(v, str):
                 return bytes.fromhex(v)
             if tag == "o" and isinstance(v, str):
                 return Opaque(v[:100])
-        except TypeError as exc:  # an unhashable key / element
+        except (TypeError, UnicodeDecodeError) as exc:  # an unhashable key / element, bad text
             raise ValueError(f"bad value: {exc}") from None
     raise ValueError("not an encoded plain value")
 
 
-# The child's encoder (shipped into the sandbox as source; also used by the tests).
+# The child's encoder, shipped into the sandbox as source (no imports: `json` and
+# `traceback` would double the interpreter's start-up time). It writes JSON text; strings
+# travel as hex of their UTF-8 ("x"), floats as their repr ("f").
 ENCODER_SOURCE = r'''
+def _s(x):
+    return '{"x":"' + str.encode(x, "utf-8", "surrogatepass").hex() + '"}'
+
+def _f(x):
+    return '"' + float.__repr__(x) + '"'
+
 def _encode(x, depth=0):
     if depth > 100:
         raise ValueError("value nested too deeply")
     t = type(x)
-    if x is None or t is bool or t is int or t is str:
-        return x
+    if x is None:
+        return "null"
+    if t is bool:
+        return "true" if x else "false"
+    if t is int:
+        return int.__repr__(x)
     if t is float:
-        return x
+        return '{"f":' + _f(x) + '}'
+    if t is str:
+        return _s(x)
     if t is list:
-        return [_encode(v, depth + 1) for v in list.__iter__(x)]
+        return "[" + ",".join([_encode(v, depth + 1) for v in list.__iter__(x)]) + "]"
     if t is tuple:
-        return {"t": [_encode(v, depth + 1) for v in tuple.__iter__(x)]}
+        return '{"t":[' + ",".join([_encode(v, depth + 1) for v in tuple.__iter__(x)]) + "]}"
     if t is set or t is frozenset:
-        return {"s" if t is set else "z": [_encode(v, depth + 1) for v in t.__iter__(x)]}
+        return '{"' + ("s" if t is set else "z") + '":[' + ",".join([_encode(v, depth + 1) for v in t.__iter__(x)]) + "]}"
     if t is dict:
-        return {"d": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in dict.items(x)]}
+        return '{"d":[' + ",".join(["[" + _encode(k, depth + 1) + "," + _encode(v, depth + 1) + "]"
+                                    for k, v in dict.items(x)]) + "]}"
     if t is complex:
-        return {"c": [x.real, x.imag]}
+        return '{"c":[' + _f(x.real) + "," + _f(x.imag) + "]}"
     if t is bytes:
-        return {"b": bytes.hex(x)}
-    return {"o": type.__getattribute__(t, "__qualname__")[:100]}
+        return '{"b":"' + bytes.hex(x) + '"}'
+    return '{"o":' + _s(str(type.__getattribute__(t, "__qualname__"))[:100]) + "}"
 '''

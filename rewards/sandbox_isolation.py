@@ -74,6 +74,7 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 class _MountAttr(ctypes.Structure):
@@ -269,14 +270,41 @@ def _supervise(argv, env, plan: IsolationPlan, fds: list[int], err: int) -> None
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 127)
 
 
+_own_pid_ns: dict[int, int] = {}
+
+
+def _fork_into_new_pid_namespace() -> int:
+    """fork() with the child as PID 1 of a new PID namespace (one fork, no supervisor):
+    unshare(CLONE_NEWPID) only changes where this process's next child goes, so the
+    parent points it back at its own namespace right after (setns), for other forks."""
+    me = os.getpid()
+    if me not in _own_pid_ns:
+        _own_pid_ns[me] = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    _check(_libc.unshare(CLONE_NEWPID), "unshare(PID namespace)")
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == me:
+            _check(_libc.setns(_own_pid_ns[me], CLONE_NEWPID), "setns(own PID namespace)")
+    return pid
+
+
 def spawn(argv: list[str], env: dict[str, str], plan: IsolationPlan, fds: list[int]) -> int:
     """Start `argv` sandboxed with `fds` as its 0, 1, 2, ...; the supervisor's pid (also its
     process group). Raises SandboxUnavailable (after cleaning up) when the set-up fails."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    if plan.uid is not None:  # root: the child itself is PID 1 of a fresh PID namespace
+        pid = _fork_into_new_pid_namespace()
+    else:
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             os.close(err_r)
+            if plan.uid is not None:
+                os.setsid()
+                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC), "unshare(mount, network, IPC namespaces)")
+                _program(argv, env, plan, fds, err_w)
             _supervise(argv, env, plan, fds, err_w)
         except BaseException as exc:  # noqa: BLE001
             try:
