@@ -104,6 +104,11 @@ def _main():
             body = ',"i":' + str(i) + ',"e":' + s(_fmt(exc))
         emit(body)
     emit(',"stage":"done"')
+    for stream in (sys.stdout, sys.stderr):  # the program's prints (informational only)
+        try:
+            stream.flush()
+        except BaseException:
+            pass
     exit_now(0)
 
 MAX_REPLY = __MAX_REPLY__
