@@ -280,8 +280,9 @@ def _decode(o: Any, depth: int) -> Any:
                 return complex(float(v[0]), float(v[1]))
             if tag == "b" and isinstance(v, str):
                 return bytes.fromhex(v)
-            if tag == "o" and isinstance(v, str):
-                return Opaque(v[:100])
+            if tag == "o":
+                name = _decode(v, depth + 1) if isinstance(v, dict) else v
+                return Opaque(name[:100] if isinstance(name, str) else "?")
         except (TypeError, UnicodeDecodeError) as exc:  # an unhashable key / element, bad text
             raise ValueError(f"bad value: {exc}") from None
     raise ValueError("not an encoded plain value")
