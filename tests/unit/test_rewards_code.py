@@ -243,3 +243,31 @@ def test_config_sandbox_setting_reaches_the_workers_and_the_report(tmp_path):
     assert "Code sandbox: unsafe-local" in write_report(tmp_path).read_text()
     (tmp_path / "config.yaml").write_text("experiment: x\n")
     assert "unsafe-local" not in write_report(tmp_path).read_text()
+
+
+def test_code_domain_scores_equal_running_its_tests_in_python():
+    """The tiny experiment's code domain: the sandboxed, parent-judged score of its
+    demonstrations and of corrupted ones equals the fraction of its asserts that pass
+    when run directly in Python (its quality bars depend on these scores)."""
+    from engine.domains import get_domain
+
+    rows = get_domain("code").generate("eval", 6, seed=3)
+    programs, refs, want = [], [], []
+    for r in rows:
+        demo = r["messages"][-1]["content"]
+        for prog in (demo, demo.replace("+", "-", 1), demo.replace("x", "y", 1), demo.replace("return ", "return 1+")):
+            ok = []
+            for t in r["reference"]["tests"]:
+                try:
+                    h: dict = {}
+                    exec(prog, h)
+                    exec(t, h)
+                    ok.append(True)
+                except Exception:
+                    ok.append(False)
+            programs.append(prog)
+            refs.append(r["reference"])
+            want.append(sum(ok) / len(ok))
+    got = [res.score for res in score_batch("code", programs, refs, num_workers=2)]
+    assert got == pytest.approx(want)
+    assert want[0] == 1.0 and 0.0 in want  # both ends are exercised
