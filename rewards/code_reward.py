@@ -2,7 +2,10 @@
 
 Reference: `{"tests": ["assert f(2) == 4", ...], "setup": "<optional code run first>"}`
 (MBPP's `test_list` style), optional `"all_or_nothing": true`. Every test must be one
-`assert <expression>` statement. Score = fraction of tests passed (1.0 / 0.0 with
+`assert <expression>` statement. Or `{"io": [{"stdin": "...", "stdout": "..."}, ...]}`:
+the program runs as `__main__` once per case (stdin fed, stderr discarded) and its
+stdout is compared here, trailing whitespace of lines and trailing blank lines ignored;
+an uncaught exception fails the case. Score = fraction of tests passed (1.0 / 0.0 with
 `all_or_nothing`, from the reference or a verifier keyword).
 
 The program is the LAST fenced code block (```python, ```py or bare ```), else the whole
@@ -116,6 +119,91 @@ _main()
 '''.replace("__MAX_REPLY__", str(_MAX_REPLY))
 
 
+IO_HARNESS = r'''
+import os, sys
+def _main():
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    head = b""
+    while not head.endswith(b"\n"):
+        c = os.read(0, 1)
+        if not c:
+            os._exit(2)
+        head += c
+    n, src = int(head), b""
+    while len(src) < n:
+        c = os.read(0, n - len(src))
+        if not c:
+            os._exit(2)
+        src += c
+    report = lambda kind, exc: os.write(3, (kind + ":" + type(exc).__name__ + ": " + str(exc))[:500].encode("utf-8", "replace"))
+    try:
+        code = compile(src.decode("utf-8", "surrogatepass"), "<program>", "exec", dont_inherit=True)
+    except BaseException as exc:
+        report("compile", exc)
+        os._exit(1)
+    del src
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit:
+        pass
+    except BaseException as exc:
+        try:
+            report("raised", exc)
+        except BaseException:
+            pass
+        os._exit(1)
+    try:
+        sys.stdout.flush()
+    except BaseException:
+        pass
+    os._exit(0)
+_main()
+'''
+
+
+def _normalise_output(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip()
+
+
+def _score_io(code: str, how: str, cases: list[dict], all_or_nothing: bool, limits: SandboxLimits,
+              mode: str) -> RewardResult:
+    """stdin/stdout cases: one sandboxed run each, the output compared here."""
+    src = code.encode("utf-8", "surrogatepass")
+    passed, errors, isolation = [], {}, {}
+    for i, case in enumerate(cases):
+        out = run_python(["-c", IO_HARNESS], b"%d\n" % len(src) + src + case.get("stdin", "").encode("utf-8", "surrogatepass"),
+                         limits, mode)
+        isolation = out.isolation
+        err = out.channel.decode("utf-8", "replace")
+        if err.startswith("compile:"):
+            errors = {"compile": err[len("compile:"):]}
+            passed = [False] * len(cases)
+            break
+        if err.startswith("raised:"):
+            why = f"raised {err[len('raised:'):]}"
+        elif out.timed_out or out.output_exceeded or (out.returncode or 0) < 0:
+            why = _describe_exit(out, limits)
+        elif out.output_truncated:
+            why = f"output longer than {limits.max_output_bytes} bytes"
+        elif _normalise_output(out.output) != _normalise_output(case["stdout"]):
+            why = f"wrong output: {out.output[:200]!r}"
+        else:
+            why = None
+        passed.append(why is None)
+        if why is not None:
+            errors[f"case {i}"] = why
+    frac = sum(passed) / len(cases)
+    info: dict[str, Any] = {"extracted": how, "passed": passed, "fraction_passed": frac, "isolation": isolation,
+                            "network_isolation": isolation.get("network"), "sandbox": isolation.get("mode")}
+    if "compile" in errors:
+        info["reason"] = f"program does not compile: {errors['compile']}"
+    elif errors:
+        info["reason"] = "failed cases: " + "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:3])
+    return RewardResult(float(all(passed)) if all_or_nothing else frac, info)
+
+
 def _frame(*fields: str) -> bytes:
     out = bytearray()
     for f in fields:
@@ -214,8 +302,22 @@ def _limits_from(options: dict[str, Any]) -> SandboxLimits:
     return SandboxLimits(**{k: v for k, v in options.items() if k in keys})
 
 
+def _io_problem(cases: Any) -> str | None:
+    if not isinstance(cases, list) or not cases:
+        return f"code reference 'io' must be a non-empty list of {{'stdin', 'stdout'}} cases, got {cases!r:.200}"
+    for i, case in enumerate(cases):
+        if not (isinstance(case, dict) and set(case) <= {"stdin", "stdout"} and isinstance(case.get("stdout"), str)
+                and isinstance(case.get("stdin", ""), str)):
+            return f"code reference io[{i}] must be {{'stdin': str, 'stdout': str}}, got {case!r:.200}"
+    return None
+
+
 @register_reference_check("code")
 def reference_problem(reference: Any) -> str | None:
+    if isinstance(reference, dict) and "io" in reference:
+        if "tests" in reference:
+            return "code reference must have 'tests' or 'io', not both"
+        return _io_problem(reference["io"])
     tests = reference.get("tests") if isinstance(reference, dict) else None
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
         return f"code reference must have a non-empty list of strings 'tests', got {reference!r:.200}"
@@ -235,11 +337,11 @@ def _plans(tests: tuple[str, ...]) -> tuple[code_tests.TestPlan, ...]:
 
 @register("code")
 def code_verifier(completion: str, reference: dict[str, Any], **options: Any) -> RewardResult:
-    """Fraction of `reference["tests"]` the sandboxed program passes."""
+    """Fraction of `reference["tests"]` (or `["io"]` cases) the sandboxed program passes."""
     problem = reference_problem(reference)
     if problem:
         raise ValueError(problem)
-    tests = reference["tests"]
+    tests = reference.get("tests")
     setup = reference.get("setup") or ""
     all_or_nothing = bool(options.get("all_or_nothing", reference.get("all_or_nothing", False)))
     limits = _limits_from(options)
@@ -251,6 +353,8 @@ def code_verifier(completion: str, reference: dict[str, Any], **options: Any) ->
 
         return score_batch("code", [completion], [reference], num_workers=1, timeout_s=limits.wall_s + 30, **options)[0]
     code, how = extract_code(completion)
+    if "io" in reference:
+        return _score_io(code, how, reference["io"], all_or_nothing, limits, mode)
     plans = _plans(tuple(tests))
     calls = [c for p in plans for c in p.calls]
     nonce = secrets.token_hex(16)

@@ -349,6 +349,11 @@ def probe() -> dict[str, object]:
     pid = os.getpid()
     if pid not in _probe_cache:
         error = _probe_error()
+        for _ in range(2):  # a transient failure (EAGAIN from fork on a loaded machine) is not a verdict
+            if error is None:
+                break
+            time.sleep(0.2)
+            error = _probe_error()
         ok = error is None
         _probe_cache[pid] = {"available": ok, "error": error, "network": ok, "filesystem": ok, "ipc": ok,
                              "pid": ok, "uid": ok, "mode": "root" if os.geteuid() == 0 else "user-namespace"}

@@ -28,7 +28,7 @@ HONEST = "def sq(x):\n    return x * x\n"
 WRONG = "def sq(x):\n    return x + 1\n"  # passes none of the tests
 TAG = f"polymath-hack-{os.getpid()}"
 SHM_KEY = 0x5EED0000 + os.getpid() % 0xFFFF
-SLEEP_S = 987  # a marker duration: any `sleep 987` left afterwards is a leak
+SLEEP_S = 987_654  # a marker duration: any `sleep 987654` left afterwards is a leak
 
 FORGE_LINES = """
 def _forge(nonce=""):
@@ -198,7 +198,7 @@ def _leftover_processes() -> list[str]:
                 continue
             uids = p.info["uids"]
             cmd = " ".join(p.info["cmdline"] or [])
-            if (uids and (uids.real >= UID_BASE or uids.effective >= UID_BASE)) or str(SLEEP_S) in cmd:
+            if (uids and (uids.real >= UID_BASE or uids.effective >= UID_BASE)) or f"sleep {SLEEP_S}" in cmd:
                 left.append(f"{p.pid} {uids} {cmd[:80]}")
         except (psutil.Error, TypeError):
             continue

@@ -271,3 +271,19 @@ def test_code_domain_scores_equal_running_its_tests_in_python():
     got = [res.score for res in score_batch("code", programs, refs, num_workers=2)]
     assert got == pytest.approx(want)
     assert want[0] == 1.0 and 0.0 in want  # both ends are exercised
+
+
+def test_stdin_stdout_cases_are_compared_outside_the_sandbox():
+    ref = {"io": [{"stdin": "2 3\n", "stdout": "5\n"}, {"stdin": "10 -4\n", "stdout": "6"}, {"stdin": "1 1", "stdout": "2"}]}
+    honest = "a, b = map(int, input().split())\nprint(a + b)   \n"
+    almost = "a, b = map(int, input().split())\nprint(a + b if a < 5 else 0)\n"
+    forger = "import os\nos.write(3, b'ok')\nprint('5')\n"
+    crash = "a, b = map(int, input().split())\nprint(a + b)\nraise ValueError('late')\n"
+    exits = "import sys\na, b = map(int, input().split())\nprint(a + b)\nsys.exit(0)\n"
+    syntax = "print(("
+    res = score_batch("code", [honest, almost, forger, crash, exits, syntax], [ref] * 6, num_workers=2)
+    assert [r.score for r in res] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0, 1.0, 0.0])
+    assert "wrong output" in res[1].info["reason"] and "ValueError: late" in res[3].info["reason"]
+    assert "does not compile" in res[5].info["reason"]
+    assert "not both" in reference_problem({"tests": ["assert f(1)"], "io": []})
+    assert "io[0]" in reference_problem({"io": [{"stdin": 1, "stdout": "x"}]})
