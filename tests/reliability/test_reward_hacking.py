@@ -205,7 +205,7 @@ def _leftover_processes() -> list[str]:
     return left
 
 
-def test_reward_hacks_score_zero_and_leave_nothing_behind():
+def test_reward_hacks_score_zero_and_leave_nothing_behind(fault_log):
     dirs = _world_writable_dirs()
     assert "/tmp" in dirs
     programs = dict(HACKS)
@@ -230,6 +230,7 @@ def test_reward_hacks_score_zero_and_leave_nothing_behind():
         res = by_name[name]
         assert res.score == 0.0, (name, res.info)
         assert "scoring worker" not in res.info.get("reason", ""), (name, res.info)  # same worker throughout
+        fault_log(f"code program: {name}", "contained")
     assert by_name["honest"].score == 1.0, by_name["honest"].info
     assert after.score == 1.0, after.info
     # compiled inside the sandbox (its limits stop it), never in the worker
