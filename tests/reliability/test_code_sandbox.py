@@ -73,7 +73,9 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
     os.chmod(tmp_path, 0o755)
     os.chmod(victim_dir, 0o755)
     (victim_dir / "victim.txt").write_text("keep me")
-    tmp_before = set(os.listdir("/tmp"))
+    workers_tmp = tmp_path / "workers"  # the scoring workers' directories (other processes share /tmp)
+    workers_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(workers_tmp))
 
     attacks = hostile(str(victim_dir), str(repo_victim_dir))
     names = list(attacks) + ["honest"]
@@ -102,7 +104,7 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
     # (the sandbox's /tmp is its own tmpfs)
     assert re.search("Read-only file system|PermissionError|FileNotFoundError",
                      by_name["write_into_repo"].info["reason"])
-    leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("polymath-sbx")}
+    leaked = set(os.listdir(workers_tmp))
     assert not leaked, f"sandbox dirs left behind: {leaked}"
     assert _sandbox_processes() == [], "sandboxed processes survived"
     assert psutil.Process().children(recursive=True) == []

@@ -84,14 +84,15 @@ def test_score_batch_rejects_unknown_name_and_length_mismatch():
         score_batch("math", ["1", "2"], [{"answer": "1"}])
 
 
-def test_score_batch_timeout_scores_item_zero_and_batch_goes_on():
+def test_score_batch_timeout_scores_item_zero_and_batch_goes_on(tmp_path, monkeypatch):
     # A math item whose verification hangs cannot be built reliably, so use a code item whose
     # sandbox wall limit exceeds the pool's per-item timeout: the pool must kill that worker.
-    before = {n for n in os.listdir("/tmp") if n.startswith("polymath-sbx")}
+    # The workers' directories go under a private TMPDIR (other processes share /tmp).
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     res = score_batch("code", ["import time\ntime.sleep(30)", "def sq(x): return x*x"], [REF, REF],
                       num_workers=2, timeout_s=1.5, wall_s=20.0)
-    after = {n for n in os.listdir("/tmp") if n.startswith("polymath-sbx")}
-    assert after <= before, f"the killed worker's sandbox dir was left behind: {after - before}"
+    left = [n for n in os.listdir(tmp_path) if n.startswith("polymath-sbx")]
+    assert not left, f"the killed worker's sandbox dir was left behind: {left}"
     assert res[0].score == 0.0 and "timeout: item took longer than 1.5s" in res[0].info["reason"]
     assert res[1].score == 1.0
 
