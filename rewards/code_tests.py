@@ -42,9 +42,17 @@ _BIN = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
 }
+def _numeric_sum(items: Any, start: Any = 0) -> Any:
+    """`sum` of numbers only (summing lists of lists is quadratic)."""
+    items = list(items)
+    if not all(isinstance(x, (int, float, complex)) for x in items + [start]):
+        raise TypeError("sum() of non-numbers is not evaluated")
+    return sum(items, start)
+
+
 _FUNCS = {
     "abs": abs, "round": round, "len": len, "set": set, "frozenset": frozenset, "sorted": sorted,
-    "list": list, "tuple": tuple, "min": min, "max": max, "sum": sum, "str": str, "int": int,
+    "list": list, "tuple": tuple, "min": min, "max": max, "sum": _numeric_sum, "str": str, "int": int,
     "float": float, "bool": bool, "all": all, "any": any, "isclose": math.isclose, "complex": complex,
 }
 _FUNC_KWARGS = {"round": set(), "sorted": {"reverse"}, "isclose": {"rel_tol", "abs_tol"}}
@@ -137,6 +145,8 @@ def _plan(node: ast.expr, calls: list[str]) -> tuple:
 
 
 def _guard_size(op: type, a: Any, b: Any) -> None:
+    if op in (ast.Mod, ast.Div, ast.FloorDiv, ast.Pow) and not all(isinstance(x, (int, float, complex)) for x in (a, b)):
+        raise TypeError(f"{op.__name__} of non-numbers is not evaluated")  # e.g. '%999999999d' % 1
     seq = (str, bytes, list, tuple)
     if op is ast.Mult and ((isinstance(a, seq) and isinstance(b, int)) or (isinstance(b, seq) and isinstance(a, int))):
         s, n = (a, b) if isinstance(a, seq) else (b, a)

@@ -288,3 +288,15 @@ def test_stdin_stdout_cases_are_compared_outside_the_sandbox():
     assert "does not compile" in res[5].info["reason"]
     assert "not both" in reference_problem({"tests": ["assert f(1)"], "io": []})
     assert "io[0]" in reference_problem({"io": [{"stdin": 1, "stdout": "x"}]})
+
+
+def test_parent_evaluation_is_bounded_whatever_the_child_returns():
+    import time
+
+    cases = [("assert f(1) % 5 == 0", "%999999999d"), ("assert sum(f(1), []) == []", [[0]] * 100_000),
+             ("assert f(1) * 10 ** 9 == []", [0]), ("assert 2 ** f(1) > 0", 10 ** 7)]
+    t0 = time.monotonic()
+    for test, value in cases:
+        ok, why = code_tests.verdict(code_tests.parse_test(test), [_roundtrip(value)])
+        assert not ok and why, test
+    assert time.monotonic() - t0 < 5
