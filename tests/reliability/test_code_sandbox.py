@@ -145,3 +145,20 @@ def test_a_venv_interpreter_under_tmp_still_runs_sandboxed_programs(tmp_path):
     out = subprocess.run([str(link), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "1.0", out.stdout
+
+
+@pytest.mark.skipif(not probe()["available"], reason="code sandbox unavailable here")
+def test_disk_quota_covers_every_writable_dir_together():
+    """/tmp, /dev/shm, /var/tmp are one tmpfs of `max_disk_bytes`: filling them all stops
+    at the quota with ENOSPC (each file also stays under RLIMIT_FSIZE)."""
+    code = ("import errno, os\nn = 0\ntry:\n"
+            "    for i in range(40):\n"
+            "        d = ('/tmp', '/dev/shm', '/var/tmp')[i % 3]\n"
+            "        with open(f'{d}/f{i}', 'wb') as fh:\n"
+            "            fh.write(b'x' * (4 << 20))\n"
+            "        n += 1\n"
+            "except OSError as e:\n"
+            "    assert e.errno == errno.ENOSPC, e\n"
+            "assert 3 <= n < 8, n\n" + OK)
+    (res,) = score_batch("code", [code], [REF], max_disk_bytes=24 << 20)
+    assert res.score == 1.0, res.info
