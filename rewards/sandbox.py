@@ -6,8 +6,8 @@ quota, rlimits, a throwaway uid, PID 1 of its own PID namespace), with a minimal
 environment (nothing inherited: no secrets; HOME and TMPDIR are its private /tmp),
 stdin fed from `stdin`, stdout+stderr merged and capped, and a "result channel" pipe
 at fd 3 that the harness writes to. The wall-clock limit is enforced here: on expiry,
-or once the program has exited, its supervisor's process group is killed, which kills
-its PID namespace and with it everything it started.
+or once the program has exited, its process group is killed (PID 1 of its namespace, or
+the supervisor above it), which kills its PID namespace and everything it started.
 
 Fail closed: where the isolation cannot be set up (`probe()`), `run_python` raises
 `SandboxUnavailable` naming why, unless `mode="unsafe-local"`, which runs the program as
@@ -47,7 +47,6 @@ WORK_ROOT: str | None = None
 
 SANDBOX_MODE_ENV = "POLYMATH_SANDBOX"
 MODES = ("isolated", "unsafe-local")
-CHANNEL_FD = 3
 
 
 def default_mode() -> str:

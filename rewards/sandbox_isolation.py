@@ -361,11 +361,15 @@ def probe() -> dict[str, object]:
 def _probe_error() -> str | None:
     if not sys.platform.startswith("linux"):
         return f"the code sandbox needs Linux namespaces, this is {sys.platform}"
+    exe = os.path.realpath(sys.executable)
+    for top in WRITABLE_MOUNTS:
+        if exe.startswith(top.rstrip("/") + "/"):
+            return (f"the Python interpreter {exe} lies under {top}, which the sandbox replaces with its own "
+                    "empty tmpfs; use a Python installed elsewhere")
     uid = LEASE.acquire() if os.geteuid() == 0 else None
     plan = IsolationPlan(uid=uid, masks=python_masks() if uid is not None else (), limits=SandboxLimits())
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        exe = os.path.realpath(sys.executable)
         child = spawn([exe, "-I", "-S", "-c", "import os; os.listdir('/tmp'); open('/tmp/x', 'w').close()"],
                       {"PATH": "/usr/bin:/bin"}, plan, [null, null, null])
     except (SandboxUnavailable, OSError) as exc:
