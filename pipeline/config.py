@@ -132,6 +132,9 @@ class ExperimentConfig(Frozen):
     eval: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
     logging: LoggingConfig = LoggingConfig()
+    sandbox: Literal["isolated", "unsafe-local"] = Field(
+        "isolated", description="code sandbox: 'isolated' (namespaces; where they cannot be set up code is not "
+        "scored) or 'unsafe-local' (programs run unisolated on this machine: trusted code only)")
 
     # derived values
     @property

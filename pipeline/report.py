@@ -301,6 +301,21 @@ def _timings_section(manifests: dict[str, dict]) -> list[str]:
     return lines + ["", f"Total stage time: {total:.1f} s ({total / 60:.1f} min).", ""]
 
 
+def _sandbox_section(run_dir: Path) -> list[str]:
+    """A warning when the run's code completions ran outside the sandbox (`sandbox: unsafe-local`)."""
+    cfg = run_dir / "config.yaml"
+    try:
+        import yaml
+
+        mode = (yaml.safe_load(cfg.read_text()) or {}).get("sandbox") if cfg.is_file() else None
+    except (yaml.YAMLError, OSError, AttributeError):
+        mode = None
+    if mode != "unsafe-local":
+        return []
+    return ["> **Code sandbox: unsafe-local.** Code completions ran unisolated on the scoring machine "
+            "(no namespaces, no throwaway uid); their rewards are not protected against hostile programs.", ""]
+
+
 def _experiment_name(run_dir: Path) -> str:
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
@@ -322,6 +337,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     plots = run_dir / "report" / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     lines = [f"# Polymath report: {_experiment_name(run_dir)}", "", f"Run directory: `{run_dir}`", ""]
+    lines += _sandbox_section(run_dir)
     lines += _results_section(run_dir)
     lines += _curves_section(run_dir, manifests, plots)
     lines += _opd_section(manifests, plots, run_dir)

@@ -143,7 +143,6 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
     from engine.generation import build_generator
     from engine.model import load_tokenizer
     from experts.grpo import DomainSpec, run_grpo
-    from rewards import ScorerPool
 
     cfg = ctx.cfg
     tokenizer = load_tokenizer(cfg.model.tokenizer or init_dir)
@@ -160,7 +159,7 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
     generator = build_generator(cfg.generator, init_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
     logger = _logger(ctx, settings.steps, settings.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=settings.keep_last)
-    scorer = ScorerPool(num_workers=max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
+    scorer = _scorer_pool(cfg, max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
     try:
         final = run_grpo(settings, trainer=trainer, generator=generator, scorer=scorer, tokenizer=tokenizer,
                          train_rows=train,
@@ -211,7 +210,6 @@ def opd(ctx: StageContext) -> dict:
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
     from engine.model import load_model, load_tokenizer
-    from rewards import ScorerPool
 
     cfg = ctx.cfg
     s = cfg.opd
@@ -239,7 +237,7 @@ def opd(ctx: StageContext) -> dict:
     generator = build_generator(cfg.generator, student_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
     logger = _logger(ctx, total, s.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
-    scorer = ScorerPool(num_workers=max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
+    scorer = _scorer_pool(cfg, max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
     eval_rows = {t.domain: read_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
     heldout = {t.domain: read_rows(ctx, t.domain, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
     try:
@@ -264,7 +262,6 @@ def evaluate(ctx: StageContext) -> dict:
 
     from engine.atomic import atomic_write_json
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models, model_label, models_to_evaluate
-    from rewards import ScorerPool
 
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
@@ -295,12 +292,22 @@ def evaluate(ctx: StageContext) -> dict:
             for f in as_completed(futures):
                 on_model(futures[f], f.result())
     # verifiers mostly wait on sandboxed subprocesses (code): at least two workers
-    with ScorerPool(num_workers=max(2, cpus)) as pool:
+    with _scorer_pool(cfg, max(2, cpus)) as pool:
         results = evaluate_models(models, sets, lambda model_dir: _eval_policy(cfg, model_dir),
                                   _checked_scores(pool, "eval"), settings, done=done, on_model=on_model)
     out = ctx.out_dir / "results.json"
     atomic_write_json(out, results)
     return {"outputs": {"results": str(out)}, "metrics": {"models": results["models"]}}
+
+
+def _scorer_pool(cfg, num_workers: int):
+    """A `ScorerPool` with the config's code sandbox mode; `unsafe-local` is said in the stage log."""
+    from rewards import ScorerPool
+
+    if cfg.sandbox == "unsafe-local":
+        print("WARNING: sandbox: unsafe-local: code completions run UNISOLATED on this machine "
+              "(no namespaces, no throwaway uid)", flush=True)
+    return ScorerPool(num_workers=num_workers, sandbox=cfg.sandbox)
 
 
 def _checked_scores(pool, where: str):
@@ -321,11 +328,10 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
     import torch
 
     from pipeline.evaluate import evaluate_models
-    from rewards import ScorerPool
 
     torch.set_num_threads(1)
     entries: dict = {}
-    with ScorerPool(num_workers=1) as pool:
+    with _scorer_pool(cfg, 1) as pool:
         evaluate_models({name: model_dir}, sets, lambda d: _eval_policy(cfg, d),
                         _checked_scores(pool, f"eval of {name}"), settings, log=lambda line: print(line, flush=True),
                         on_model=lambda _n, e: entries.update(e))

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from rewards import sandbox_isolation as iso
 from rewards.failures import BAD_INPUT, ITEM_TIMEOUT, VERIFIER_ERROR, WORKER_FAILED
+from rewards.sandbox import MODES as SANDBOX_MODES, SANDBOX_MODE_ENV
 from rewards.registry import RewardResult, get_verifier
 
 _STARTUP_TIMEOUT_S = 60.0
@@ -59,8 +60,10 @@ class _Worker:
             return ""
 
 
-def _spawn() -> _Worker:
+def _spawn(sandbox_mode: str | None = None) -> _Worker:
     env = dict(os.environ)
+    if sandbox_mode is not None:
+        env[SANDBOX_MODE_ENV] = sandbox_mode
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_PARENT, env.get("PYTHONPATH", "")) if p)
     errlog = tempfile.TemporaryFile()
     proc = subprocess.Popen(
@@ -116,9 +119,12 @@ def _task(i: int, name: str, completion: Any, reference: Any, options: dict) -> 
 class ScorerPool:
     """A reusable set of scoring workers: `pool.score(name, completions, references)`."""
 
-    def __init__(self, num_workers: int | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, num_workers: int | None = None, timeout_s: float = 30.0, sandbox: str | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if sandbox is not None and sandbox not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {sandbox!r}")
+        self.sandbox = sandbox  # the code sandbox mode of the workers (None: POLYMATH_SANDBOX or 'isolated')
         self.num_workers = num_workers or max(1, len(os.sched_getaffinity(0)))
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
@@ -161,7 +167,7 @@ class ScorerPool:
     def _top_up(self, n_pending: int) -> None:
         idle = sum(1 for w in self._workers if w.task is None)
         while len(self._workers) < self.num_workers and idle < n_pending:
-            self._workers.append(_spawn())
+            self._workers.append(_spawn(self.sandbox))
             idle += 1
 
     def _dispatch(self, pending: collections.deque, tasks: list[str], results: list) -> None:

@@ -1,32 +1,38 @@
 """Run one untrusted Python program in a sandboxed child process and collect what it said.
 
-`run_python` makes a fresh working directory, starts `python -I -S -B SCRIPT` there under
-the isolation of `rewards.sandbox_isolation` (own session, namespaces, rlimits, a
-throwaway uid), with a minimal environment (nothing inherited: no secrets, HOME and
-TMPDIR point into the working directory), stdout+stderr merged and capped, and an extra
-"result channel" pipe the harness writes to. The wall-clock limit is enforced here: on
-expiry, or once the program has exited, everything it started is killed (its uid swept,
-or its process group killed), then the working directory is deleted.
+`run_python(args, stdin, limits)` starts `python -I -S -B ARGS...` under the isolation of
+`rewards.sandbox_isolation` (namespaces, a private read-only file system with a tmpfs
+quota, rlimits, a throwaway uid, PID 1 of its own PID namespace), with a minimal
+environment (nothing inherited: no secrets; HOME and TMPDIR are its private /tmp),
+stdin fed from `stdin`, stdout+stderr merged and capped, and a "result channel" pipe
+at fd 3 that the harness writes to. The wall-clock limit is enforced here: on expiry,
+or once the program has exited, its process group is killed (PID 1 of its namespace, or
+the supervisor above it), which kills its PID namespace and everything it started.
 
-The sandbox must be started from a process whose other threads do not hold locks the
-child needs (it uses `preexec_fn`); `score_batch` runs it in single-threaded worker
-processes. Runs are serialised per process because the process's sandbox uid is shared.
+Fail closed: where the isolation cannot be set up (`probe()`), `run_python` raises
+`SandboxUnavailable` naming why, unless `mode="unsafe-local"`, which runs the program as
+a plain subprocess of this process (own session, rlimits, no_new_privs, a throwaway
+working directory; no namespaces: it can read and write what this process can, reach
+the network, and leave processes behind) and says so in the outcome's `isolation`.
+`SANDBOX_MODE_ENV` (`POLYMATH_SANDBOX`) sets the default mode for worker processes.
+
+Runs are serialised per process because the process's sandbox uid is shared.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import selectors
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 from rewards import sandbox_isolation as iso
 
-_CHANNEL_CAP = 1 << 20
+_CHANNEL_CAP = 4 << 20
 _HARD_OUTPUT_FACTOR = 16  # output beyond max_output_bytes * this kills the program
 _EXIT_GRACE_S = 0.2  # after the main process exits, how long pipes may still drain
 
@@ -39,18 +45,15 @@ IN_WORKER = False
 WORK_ROOT: str | None = None
 
 
-def _interpreter(private_tmp: bool) -> str:
-    """The real interpreter behind `sys.executable`. A venv's `python` is a symlink, and a
-    venv under /tmp vanishes under the sandbox's private /tmp; `-I -S` needs nothing of
-    the venv. An interpreter that itself lives under a covered directory cannot run."""
-    exe = os.path.realpath(sys.executable)
-    if private_tmp:
-        for top in iso.WRITABLE_MOUNTS:
-            if exe.startswith(top.rstrip("/") + "/"):
-                raise RuntimeError(f"the Python interpreter {exe} lies under {top}, which the code sandbox "
-                                   "replaces with the program's working directory; use a Python installed "
-                                   "elsewhere")
-    return exe
+SANDBOX_MODE_ENV = "POLYMATH_SANDBOX"
+MODES = ("isolated", "unsafe-local")
+
+
+def default_mode() -> str:
+    mode = os.environ.get(SANDBOX_MODE_ENV, "") or "isolated"
+    if mode not in MODES:
+        raise ValueError(f"{SANDBOX_MODE_ENV}={mode!r}: the code sandbox mode must be one of {MODES}")
+    return mode
 
 
 @dataclasses.dataclass
@@ -65,23 +68,6 @@ class SandboxOutcome:
     isolation: dict[str, str]
 
 
-def _isolation_plan(workdir: str, limits: iso.SandboxLimits) -> tuple[iso.IsolationPlan, dict[str, str]]:
-    caps = iso.probe()
-    masks = iso.python_masks()
-    mounts = caps["filesystem"]
-    uid_ok = caps["uid"] and (mounts or not masks)
-    uid = iso.LEASE.acquire() if uid_ok else None
-    plan = iso.IsolationPlan(
-        workdir=workdir, uid=uid, network=caps["network"], mounts=mounts, masks=masks if mounts else (), limits=limits
-    )
-    report = {
-        "network": "namespace" if caps["network"] else "unavailable",
-        "filesystem": "namespace" if mounts else "unavailable",
-        "uid": str(uid) if uid is not None else "unavailable",
-    }
-    return plan, report
-
-
 def _minimal_env(home: str) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -94,29 +80,27 @@ def _minimal_env(home: str) -> dict[str, str]:
     }
 
 
-def _prepare_workdir(files: dict[str, str]) -> str:
-    workdir = tempfile.mkdtemp(prefix="polymath-sbx-", dir=WORK_ROOT)
-    for name, text in files.items():
-        if os.sep in name or name.startswith("."):
-            raise ValueError(f"sandbox file name must be a plain name, got {name!r}")
-        path = os.path.join(workdir, name)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(path, 0o644)
-    os.chmod(workdir, 0o700)
-    return workdir
-
-
 @dataclasses.dataclass
 class _Streams:
     out: bytearray = dataclasses.field(default_factory=bytearray)
     out_total: int = 0
     channel: bytearray = dataclasses.field(default_factory=bytearray)
+    stdin: memoryview | None = None
 
 
 def _pump(sel: selectors.BaseSelector, streams: _Streams, limits: iso.SandboxLimits, timeout: float) -> None:
-    """Read what is ready on the output / channel pipes; unregister pipes at EOF."""
+    """Feed stdin / read the output and channel pipes that are ready; unregister at EOF."""
     for key, _ in sel.select(timeout):
+        if key.data == "in":
+            try:
+                n = os.write(key.fd, streams.stdin[:65536])
+            except (BrokenPipeError, OSError):
+                n = len(streams.stdin)
+            streams.stdin = streams.stdin[n:]
+            if not len(streams.stdin):
+                sel.unregister(key.fd)
+                os.close(key.fd)
+            continue
         data = os.read(key.fd, 65536)
         if not data:
             sel.unregister(key.fd)
@@ -130,7 +114,31 @@ def _pump(sel: selectors.BaseSelector, streams: _Streams, limits: iso.SandboxLim
             streams.channel += data[: _CHANNEL_CAP - len(streams.channel)]
 
 
-def _watch(proc: subprocess.Popen, sel: selectors.BaseSelector, streams: _Streams, limits: iso.SandboxLimits) -> tuple[bool, bool]:
+class _Child:
+    """The started process (the supervisor when isolated): poll / wait / returncode."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -9
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        end = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < end:
+            time.sleep(0.001)
+        return self.returncode
+
+
+def _watch(proc: _Child, sel: selectors.BaseSelector, streams: _Streams, limits: iso.SandboxLimits) -> tuple[bool, bool]:
     """Pump pipes until they close, the program exits (+grace), the deadline, or output overflow."""
     start = time.monotonic()
     deadline = start + limits.wall_s
@@ -149,76 +157,103 @@ def _watch(proc: subprocess.Popen, sel: selectors.BaseSelector, streams: _Stream
     return False, False
 
 
-def _kill_everything(proc: subprocess.Popen, uid: int | None) -> bool:
-    """Kill the program's whole tree; True when nothing of it is left (zombies reaped)."""
-    iso.kill_group(proc.pid)
-    reap = iso.reap_children if REAP_ALL_CHILDREN else None
-    gone = iso.sweep_uid(uid, reap=reap) if uid is not None else True
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a stuck uninterruptible child
-        gone = False
-    if reap is not None:
-        reap()
-    return gone
-
-
-def run_python(
-    files: dict[str, str], script: str, args: list[str], stdin: bytes, limits: iso.SandboxLimits
-) -> SandboxOutcome:
-    """Run `python SCRIPT ARGS...` among `files` in a fresh sandbox. `{channel_fd}` in args is replaced."""
+def run_python(args: list[str], stdin: bytes, limits: iso.SandboxLimits, mode: str | None = None) -> SandboxOutcome:
+    """Run `python -I -S -B ARGS...` sandboxed; its fd 3 is the result channel."""
+    mode = mode or default_mode()
+    if mode not in MODES:
+        raise ValueError(f"sandbox mode must be one of {MODES}, got {mode!r}")
+    exe = os.path.realpath(sys.executable)
+    argv = [exe, "-I", "-S", "-B"] + list(args)
     with iso.LEASE.run_lock:
-        workdir = _prepare_workdir(files)
-        chan_r, chan_w = os.pipe()
-        try:
-            plan, report = _isolation_plan(workdir, limits)
-            if plan.uid is not None:
-                os.chown(workdir, plan.uid, plan.uid)
-                for name in files:
-                    os.chown(os.path.join(workdir, name), plan.uid, plan.uid)
-                iso.sweep_uid(plan.uid)  # leftovers of a predecessor that died mid-run
-            home = "/tmp" if plan.mounts else workdir
-            argv = [_interpreter(bool(plan.mounts)), "-I", "-S", "-B", script] + \
-                [a.replace("{channel_fd}", str(chan_w)) for a in args]
-            return _run(argv, workdir, plan, report, _minimal_env(home), stdin, (chan_r, chan_w))
-        finally:
-            for fd in (chan_r, chan_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            shutil.rmtree(workdir, ignore_errors=True)
+        if mode == "unsafe-local":
+            return _run_unsafe_local(argv, stdin, limits)
+        caps = iso.probe()
+        if not caps["available"]:
+            raise iso.SandboxUnavailable(
+                f"code sandbox unavailable ({caps['error']}); programs are not run. To run them without "
+                f"isolation on this machine, set `sandbox: unsafe-local` (or {SANDBOX_MODE_ENV}=unsafe-local)")
+        uid = iso.LEASE.acquire() if os.geteuid() == 0 else None
+        plan = iso.IsolationPlan(uid=uid, masks=iso.python_masks() if uid is not None else (), limits=limits)
+        report = {"mode": "isolated", "network": "namespace", "filesystem": "namespace", "ipc": "namespace",
+                  "pid": "namespace", "uid": str(uid) if uid is not None else "user-namespace"}
+        return _run(lambda fds: iso.spawn(argv, _minimal_env("/tmp"), plan, fds), stdin, limits, report)
 
 
-def _run(argv, workdir, plan, report, env, stdin: bytes, chan: tuple[int, int]) -> SandboxOutcome:
-    chan_r, chan_w = chan
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        argv, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        pass_fds=(chan_w,), preexec_fn=iso.make_preexec(plan), close_fds=True,
-    )
-    os.close(chan_w)
-    streams = _Streams()
+def _run_unsafe_local(argv: list[str], stdin: bytes, limits: iso.SandboxLimits) -> SandboxOutcome:
+    workdir = tempfile.mkdtemp(prefix="polymath-sbx-", dir=WORK_ROOT)
+    os.chmod(workdir, 0o700)
+
+    def start(fds: list[int]) -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                os.setsid()
+                for target, fd in enumerate([fcntl.fcntl(f, fcntl.F_DUPFD, 100) for f in fds]):
+                    os.dup2(fd, target, inheritable=True)
+                os.closerange(len(fds), 1 << 16)
+                os.chdir(workdir)
+                iso._set_limits(limits)
+                iso.set_no_new_privs()
+                os.execve(argv[0], argv, _minimal_env(workdir))
+            finally:
+                os._exit(127)
+        return pid
+
+    report = {"mode": "unsafe-local", "network": "unavailable", "filesystem": "unavailable", "ipc": "unavailable",
+              "pid": "unavailable", "uid": "unavailable"}
+    try:
+        return _run(start, stdin, limits, report)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(start, stdin: bytes, limits: iso.SandboxLimits, report: dict[str, str]) -> SandboxOutcome:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    ch_r, ch_w = os.pipe()
+    t0 = time.monotonic()
+    try:
+        pid = start([in_r, out_w, out_w, ch_w])
+    except BaseException:
+        for fd in (in_r, in_w, out_r, out_w, ch_r, ch_w):
+            os.close(fd)
+        raise
+    for fd in (in_r, out_w, ch_w):
+        os.close(fd)
+    proc = _Child(pid)
+    streams = _Streams(stdin=memoryview(stdin))
     sel = selectors.DefaultSelector()
     try:
-        try:
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
-        sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "out")
-        sel.register(chan_r, selectors.EVENT_READ, "chan")
-        timed_out, exceeded = _watch(proc, sel, streams, plan.limits)
-        _kill_everything(proc, plan.uid)
+        os.set_blocking(in_w, False)
+        if len(stdin):
+            sel.register(in_w, selectors.EVENT_WRITE, "in")
+        else:
+            os.close(in_w)
+        sel.register(out_r, selectors.EVENT_READ, "out")
+        sel.register(ch_r, selectors.EVENT_READ, "chan")
+        timed_out, exceeded = _watch(proc, sel, streams, limits)
+        if not (timed_out or exceeded):  # its pipes closed: let it report how it ended
+            proc.wait(_EXIT_GRACE_S)
+        iso.kill_group(pid)  # the supervisor and PID 1: the PID namespace dies with it
+        proc.wait(5)
+        if proc.returncode is None:  # pragma: no cover - a stuck uninterruptible child
+            iso.kill_group(pid)
+            proc.wait(5)
+        if REAP_ALL_CHILDREN:
+            iso.reap_children()
         drain_until = time.monotonic() + 1.0
         while sel.get_map() and time.monotonic() < drain_until:  # the tree is dead: drain to EOF
-            _pump(sel, streams, plan.limits, 0.1)
+            _pump(sel, streams, limits, 0.1)
     finally:
+        for key in list(sel.get_map().values()):
+            if key.data == "in":
+                os.close(key.fd)
         sel.close()
-        proc.stdout.close()
+        os.close(out_r)
+        os.close(ch_r)
     out = bytes(streams.out).decode("utf-8", "replace")
     return SandboxOutcome(
         returncode=proc.returncode, output=out, output_truncated=streams.out_total > len(streams.out),
         output_exceeded=exceeded, channel=bytes(streams.channel), timed_out=timed_out,
-        wall_s=time.monotonic() - start, isolation=report,
+        wall_s=time.monotonic() - t0, isolation=report,
     )

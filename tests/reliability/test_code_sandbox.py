@@ -33,7 +33,9 @@ def hostile(victim_dir: str, repo_victim_dir: str) -> dict[str, str]:
         "write_outside": f"open({os.path.join(victim_dir, 'evil.txt')!r}, 'w').write('pwned')" + OK,
         "read_secret": "import os\nassert os.environ.get('POLYMATH_FAKE_SECRET') == 'hunter2'" + OK,
         "network": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2).close()" + OK,
-        "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)" + OK,
+        # PID 1 of its own namespace: its parent pid is 0, kill(0) hits its own group (the
+        # supervisor is root: EPERM) and init ignores it; without `sq` it scores 0 ...
+        "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
         "os_exit_before_tests": "import os\nos._exit(0)" + OK,
         "delete_outside": f"import os\nos.remove({victim!r})" + OK,
         "write_into_repo": f"open({os.path.join(repo_victim_dir, 'evil.txt')!r}, 'w').write('pwned')" + OK,
@@ -71,7 +73,9 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
     os.chmod(tmp_path, 0o755)
     os.chmod(victim_dir, 0o755)
     (victim_dir / "victim.txt").write_text("keep me")
-    tmp_before = set(os.listdir("/tmp"))
+    workers_tmp = tmp_path / "workers"  # the scoring workers' directories (other processes share /tmp)
+    workers_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(workers_tmp))
 
     attacks = hostile(str(victim_dir), str(repo_victim_dir))
     names = list(attacks) + ["honest"]
@@ -90,16 +94,17 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
     assert "output limit" in by_name["huge_output"].info["reason"]
     assert "exited with code 0" in by_name["os_exit_before_tests"].info["reason"]
     assert "MemoryError" in by_name["memory_bomb"].info["reason"]
+    assert "scoring worker" not in by_name["kill_parent"].info["reason"]  # ... and its worker lives
 
     assert (victim_dir / "victim.txt").read_text() == "keep me"
     assert not (victim_dir / "evil.txt").exists()
     assert (repo_victim_dir / "victim.txt").read_text() == "keep me"
     assert not (repo_victim_dir / "evil.txt").exists()
-    if os.geteuid() == 0:  # under the sandbox uid, writes outside fail with EACCES
-        # the repo is not writable by the sandbox uid; a checkout under /tmp is not even visible
-        # (the sandbox's /tmp is its working directory): both stop the write
-        assert re.search("PermissionError|FileNotFoundError", by_name["write_into_repo"].info["reason"])
-    leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("polymath-sbx")}
+    # every host path is read-only in the sandbox; a checkout under /tmp is not even visible
+    # (the sandbox's /tmp is its own tmpfs)
+    assert re.search("Read-only file system|PermissionError|FileNotFoundError",
+                     by_name["write_into_repo"].info["reason"])
+    leaked = set(os.listdir(workers_tmp))
     assert not leaked, f"sandbox dirs left behind: {leaked}"
     assert _sandbox_processes() == [], "sandboxed processes survived"
     assert psutil.Process().children(recursive=True) == []
@@ -140,3 +145,20 @@ def test_a_venv_interpreter_under_tmp_still_runs_sandboxed_programs(tmp_path):
     out = subprocess.run([str(link), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "1.0", out.stdout
+
+
+@pytest.mark.skipif(not probe()["available"], reason="code sandbox unavailable here")
+def test_disk_quota_covers_every_writable_dir_together():
+    """/tmp, /dev/shm, /var/tmp are one tmpfs of `max_disk_bytes`: filling them all stops
+    at the quota with ENOSPC (each file also stays under RLIMIT_FSIZE)."""
+    code = ("import errno, os\nn = 0\ntry:\n"
+            "    for i in range(40):\n"
+            "        d = ('/tmp', '/dev/shm', '/var/tmp')[i % 3]\n"
+            "        with open(f'{d}/f{i}', 'wb') as fh:\n"
+            "            fh.write(b'x' * (4 << 20))\n"
+            "        n += 1\n"
+            "except OSError as e:\n"
+            "    assert e.errno == errno.ENOSPC, e\n"
+            "assert 3 <= n < 8, n\n" + OK)
+    (res,) = score_batch("code", [code], [REF], max_disk_bytes=24 << 20)
+    assert res.score == 1.0, res.info
