@@ -42,6 +42,7 @@ import torch
 
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
+from engine.disk import dir_bytes
 from engine.prompt_stream import PromptStream
 
 
@@ -305,21 +306,6 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
     finally:
         reader.close()
     return records, step
-
-
-def dir_bytes(path: Path) -> int:
-    """Bytes a directory tree occupies on disk (allocated blocks; 0 if it is absent)."""
-    import os
-
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(root, f))
-            except FileNotFoundError:
-                continue
-            total += st.st_blocks * 512
-    return total
 
 
 def remove_old_caches(out_dir: Path, upto_round: int, keep: int) -> None:

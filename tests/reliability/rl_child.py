@@ -72,7 +72,6 @@ def run_grpo_child(models: Path, out: Path, checkpoints: CheckpointManager):
 def run_opd_child(models: Path, out: Path, checkpoints: CheckpointManager):
     from distill.opd import DomainSpec, TeacherRef, run_opd
     from distill.opd_settings import OPDSettings
-    from engine.generation import HFGenerator
 
     base = models / "base"
     settings = OPDSettings(rounds=OPD_ROUNDS, prompts_per_domain=6, samples_per_prompt=2, max_new_tokens=10,
