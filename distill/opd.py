@@ -27,6 +27,11 @@ rollouts are generated, each domain's finished batch goes to `round-r/rollouts.w
 Disk: once a round's checkpoint is written, its cache (and rollout log) is deleted unless
 it is among the `keep_caches` newest; `disk_peak_bytes` is the stage directory's largest
 size, measured when each round ends (cache and new checkpoint both on disk).
+Reads: `cache_read_amplification` (per round, the largest over its epochs) is the bytes of
+shards the reader mapped in an epoch over the cache's bytes (the shard LRU is sized from
+the epoch's plan to keep it <= 1.1); mapped shards live in the page cache, so
+`disk_read_amplification` adds what this process fetched from storage meanwhile
+(/proc/self/io; ~0 while the page cache holds the round's cache, > 1 if it cannot).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch
 
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
-from engine.disk import dir_bytes
+from engine.disk import dir_bytes, storage_read_bytes
 from engine.prompt_stream import PromptStream
 
 
@@ -279,7 +284,7 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
             # the shard LRU sized so that this epoch maps each shard about once (<= 1.1x)
             capacity = reader.plan(reader.access_sequence(
                 [samples[i]["sample_id"] for i in mp.sample_indices] for micro in plan for mp in micro))
-            bytes0 = reader.bytes_read
+            bytes0, disk0 = reader.bytes_read, storage_read_bytes()
             for micro_plans in plan:
                 global_tokens = max(sum(sum(samples[i]["loss_mask"][1:]) for mp in micro_plans
                                         for i in mp.sample_indices), 1)
@@ -302,6 +307,9 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
                 step += 1
             if records:  # bytes of shards mapped this epoch / the cache's bytes
                 records[-1]["cache_read_amplification"] = (reader.bytes_read - bytes0) / max(reader.total_bytes, 1)
+                disk1 = storage_read_bytes()
+                if disk0 is not None and disk1 is not None:  # what the page cache did not hold
+                    records[-1]["disk_read_amplification"] = (disk1 - disk0) / max(reader.total_bytes, 1)
                 records[-1]["cache_lru_shards"] = capacity
     finally:
         reader.close()
@@ -418,6 +426,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             tally[k] = tally.get(k, 0) + v
         amp = [rec["cache_read_amplification"] for rec in records if "cache_read_amplification" in rec]
         history.setdefault("cache_read_amplification", []).append(max(amp) if amp else None)
+        disk = [rec["disk_read_amplification"] for rec in records if "disk_read_amplification" in rec]
+        history.setdefault("disk_read_amplification", []).append(max(disk) if disk else None)
         history.setdefault("cache_bytes", []).append(dir_bytes(rdir / "cache"))
         if checkpoints is not None:
             checkpoints.save(trainer, step, {"round": r + 1, "step": step, "history": history,

@@ -17,3 +17,16 @@ def dir_bytes(path: str | os.PathLike) -> int:
             except FileNotFoundError:
                 continue
     return total
+
+
+def storage_read_bytes() -> int | None:
+    """Bytes this process has fetched from storage (page-cache misses, all its threads),
+    from /proc/self/io; None where there is no such file."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
