@@ -7,11 +7,18 @@
    computed; plus the bytes per token measured on a cache written by `CacheWriter`
    (safetensors headers included, index/manifest excluded).
 2. Read throughput over the same shard files (bf16, hidden 4096, `--mib` MiB in all):
-   `CacheReader.iter_samples()` (read, sha256 check, safetensors decode, one copy per
-   sample, prefetch thread) vs a plain sequential read in 1 MiB blocks (`readinto`) vs
-   `dd bs=1M`. Warm = files in the page cache; cold = evicted before each run with
-   `posix_fadvise(DONTNEED)` per file (no root needed, touches no other process's pages),
-   checked with `fincore` when it is installed.
+   `CacheReader.iter_samples()` (map, checksum once per reader, prefetch thread), each
+   sample copied once into a reused buffer as the trainer's batch assembly does (so every
+   byte is touched: a view alone would measure nothing), vs a plain sequential read in
+   1 MiB blocks (`readinto`) vs `dd bs=1M`. Cold = a fresh reader (a new round: it maps and
+   verifies every shard) on files evicted before each run with `posix_fadvise(DONTNEED)`
+   per file (no root needed, touches no other process's pages), checked with `fincore`
+   when it is installed; warm = a further epoch through the same reader (shards verified,
+   files in the page cache), and for readinto/dd a read of files in the page cache.
+3. Read amplification of one OPD epoch: bytes of shards the reader maps during an epoch of
+   `distill.plan` mini-batches (random, teacher-mixed, as OPD trains) over the same cache,
+   divided by the cache's bytes, with the LRU sized from the plan (`CacheReader.plan`) and,
+   for comparison, with the fixed two-shard LRU the reader had before.
 """
 
 from __future__ import annotations
@@ -100,35 +107,76 @@ def read_dd(files: list[Path]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def read_reader(cache_dir: Path) -> int:
-    from distill.cache import CacheReader
+def consume(reader) -> int:
+    """One pass of `reader.iter_samples()`, each sample copied into a reused buffer."""
+    import torch
 
-    reader = CacheReader(cache_dir)
-    n = 0
-    try:
-        for _t, _sid, hidden in reader.iter_samples():
-            n += hidden.numel() * hidden.element_size()
-    finally:
-        reader.close()
+    buf, n = None, 0
+    for _t, _sid, hidden in reader.iter_samples():
+        if buf is None or buf.shape[0] < hidden.shape[0]:
+            buf = torch.empty(max(hidden.shape[0], 1024), hidden.shape[1], dtype=hidden.dtype)
+        buf[:hidden.shape[0]].copy_(hidden)
+        n += hidden.numel() * hidden.element_size()
     return n
 
 
 def measure_reads(cache: dict, cache_dir: Path, repeats: int) -> list[dict]:
+    from distill.cache import CacheReader
+
     files, rows = cache["files"], []
-    methods = {"CacheReader.iter_samples": lambda: read_reader(cache_dir), "plain readinto 1 MiB": lambda: read_plain(files)}
+    warm_reader = CacheReader(cache_dir)
+    consume(warm_reader)  # its first epoch: maps and verifies; the timed ones are later epochs
+    methods = {"CacheReader.iter_samples": {"cold": lambda: _fresh_epoch(cache_dir), "warm": lambda: consume(warm_reader)},
+               "plain readinto 1 MiB": {"cold": lambda: read_plain(files), "warm": lambda: read_plain(files)}}
     if shutil.which("dd"):
-        methods["dd bs=1M"] = lambda: read_dd(files)
-    for state in ("warm", "cold"):
-        for name, fn in methods.items():
+        methods["dd bs=1M"] = {"cold": lambda: read_dd(files), "warm": lambda: read_dd(files)}
+    for state in ("warm", "cold"):  # warm first: the warm reader is closed before any eviction
+        for name, fns in methods.items():
             rates, resident = [], []
             for _ in range(repeats):
                 resident.append(evict(files) if state == "cold" else (read_plain(files) and resident_fraction(files)))
                 t0 = time.perf_counter()
-                fn()
+                fns[state]()
                 rates.append(cache["bytes"] / MIB / (time.perf_counter() - t0))
+            if state == "warm" and name == "CacheReader.iter_samples":
+                warm_reader.close()  # a mapped page cannot be evicted: unmap before the cold runs
             rows.append({"state": state, "method": name, "mib_per_s": summarize(rates),
                          "resident_fraction_before": resident})
     return rows
+
+
+def _fresh_epoch(cache_dir: Path) -> int:
+    from distill.cache import CacheReader
+
+    reader = CacheReader(cache_dir)
+    try:
+        return consume(reader)
+    finally:
+        reader.close()
+
+
+def measure_amplification(cache_dir: Path, mini_batch_size: int = 64, micro_batch_size: int = 16) -> dict:
+    """Shard bytes mapped in one epoch of OPD mini-batches / cache bytes (planned LRU and
+    the former fixed two-shard LRU, the latter by simulation of the same accesses)."""
+    from distill.cache import CacheReader, lru_shard_loads
+    from distill.plan import plan_minibatches
+
+    reader = CacheReader(cache_dir)
+    try:
+        ids = reader.sample_ids()
+        steps = plan_minibatches([reader.teacher_of(s) for s in ids], mini_batch_size, micro_batch_size, seed=0)
+        batches = [[ids[i] for i in mp.sample_indices] for step in steps for mp in step]
+        seq = reader.access_sequence(batches)
+        capacity = reader.plan(seq)
+        for b in batches:
+            for tb in reader.iter_minibatch(b):
+                tb.cat()
+        shard_bytes = reader.total_bytes / max(len(set(seq)), 1)
+        return {"shards": len(set(seq)), "mini_batches": len(steps), "planned_capacity": capacity,
+                "planned_amplification": reader.bytes_read / reader.total_bytes,
+                "two_shard_lru_amplification": lru_shard_loads(seq, 2) * shard_bytes / reader.total_bytes}
+    finally:
+        reader.close()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,11 +200,12 @@ def main(argv: list[str] | None = None) -> dict:
         cache_dir = Path(tmp) / "cache"
         cache = write_cache(cache_dir, mib, hidden=256 if opts.quick else 4096)
         reads = measure_reads(cache, cache_dir, repeats)
+        amp = measure_amplification(cache_dir)
     res = {"quick": opts.quick, "repeats": repeats, "topk": TOPK, "shapes": shapes,
            "measured_cache": {"hidden": cache["hidden"], "dtype": "bf16", "tokens": cache["tokens"],
                               "bytes": cache["bytes"], "bytes_per_token": cache["bytes_per_token"],
                               "files": len(cache["files"])},
-           "reads": reads, "eviction": "posix_fadvise(POSIX_FADV_DONTNEED) per shard file"}
+           "reads": reads, "amplification": amp, "eviction": "posix_fadvise(POSIX_FADV_DONTNEED) per shard file"}
     write_results("cache", res, opts.out)
     print_table("Bytes per cached token", ["model", "H", "V", "dtype", "hidden", "full logits", "top-64", "full/hidden",
                                            "top64/hidden"],
@@ -169,6 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
                 ["cache", "method", "MiB/s", "resident before"],
                 [[r["state"], r["method"], fmt(r["mib_per_s"]), ",".join(map(str, r["resident_fraction_before"]))]
                  for r in reads])
+    rate = {(r["state"], r["method"]): r["mib_per_s"]["median"] for r in reads}
+    if ("cold", "dd bs=1M") in rate:
+        print(f"  cold reader / dd: {rate['cold', 'CacheReader.iter_samples'] / rate['cold', 'dd bs=1M']:.2f}")
+    print(f"  warm reader / readinto: {rate['warm', 'CacheReader.iter_samples'] / rate['warm', 'plain readinto 1 MiB']:.2f}")
+    print(f"  one OPD epoch ({amp['mini_batches']} random mini-batches, {amp['shards']} shards): bytes mapped / cache "
+          f"bytes = {amp['planned_amplification']:.2f} with the planned LRU ({amp['planned_capacity']} shards), "
+          f"{amp['two_shard_lru_amplification']:.2f} with a two-shard LRU")
     return res
 
 

@@ -21,7 +21,17 @@ forwards of a student copy and of the teacher, no gradient). The per-round train
 is a noisy figure (a few dozen fresh prompts per teacher, measured while the student
 trains on them); this one compares students on fixed prompts.
 Resume: rollouts, cache shards and the round-end checkpoint are each complete-or-absent,
-so a killed stage restarts the unfinished part of the unfinished round.
+so a killed stage restarts the unfinished part of the unfinished round. While a round's
+rollouts are generated, each domain's finished batch goes to `round-r/rollouts.wal`
+(engine.rollout_wal), so a stage killed mid-rollout regenerates only the batch in flight.
+Disk: once a round's checkpoint is written, its cache (and rollout log) is deleted unless
+it is among the `keep_caches` newest; `disk_peak_bytes` is the stage directory's largest
+size, measured when each round ends (cache and new checkpoint both on disk).
+Reads: `cache_read_amplification` (per round, the largest over its epochs) is the bytes of
+shards the reader mapped in an epoch over the cache's bytes (the shard LRU is sized from
+the epoch's plan to keep it <= 1.1); mapped shards live in the page cache, so
+`disk_read_amplification` adds what this process fetched from storage meanwhile
+(/proc/self/io; ~0 while the page cache holds the round's cache, > 1 if it cannot).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import torch
 
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
+from engine.disk import dir_bytes, storage_read_bytes
 from engine.prompt_stream import PromptStream
 
 
@@ -121,29 +132,31 @@ class OPDLoss:
 
 
 def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domains: dict[str, DomainSpec],
-                  teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int) -> list[dict]:
-    """The student's samples for one round, each routed to its domain's teacher."""
+                  teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int, wal=None) -> list[dict]:
+    """The student's samples for one round, each routed to its domain's teacher (each
+    domain's batch replayed from the rollout log `wal` when it is logged there)."""
     samples = []
     for d in sorted(streams):
         samples += _domain_rollouts(settings, streams[d].take(settings.prompts_per_domain), d, domains[d],
                                     teacher_of_domain[d], generator=generator, tokenizer=tokenizer,
                                     n=settings.samples_per_prompt, seed=settings.seed * 1000 + round_idx,
-                                    id_prefix=f"r{round_idx}")
+                                    id_prefix=f"r{round_idx}", wal=wal)
     return samples
 
 
 def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: DomainSpec, teacher_index: int, *,
-                     generator, tokenizer, n: int, seed: int, id_prefix: str) -> list[dict]:
+                     generator, tokenizer, n: int, seed: int, id_prefix: str, wal=None) -> list[dict]:
     from engine.chat import render_prompt
     from engine.generation import SamplingParams
-    from engine.rollout import rollout
+    from engine.rollout_wal import logged_rollout
 
     env = spec.environment
     stop = [tokenizer.convert_tokens_to_ids("</tool_call>")] if env is not None else []
     sampling = SamplingParams(n=n, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
                               stop_token_ids=stop, seed=seed)
     prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
-    trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env, max_turns=settings.max_turns)
+    trajs = logged_rollout(wal, f"{id_prefix}/{d}", generator, prompts, sampling, tokenizer=tokenizer,
+                           environment=env, max_turns=settings.max_turns)
     samples = []
     for j, t in enumerate(trajs):
         row = rows[j // n]
@@ -268,6 +281,10 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
         for epoch in range(settings.epochs_per_round):
             plan = plan_minibatches(teacher_of, settings.mini_batch_size, settings.micro_batch_size,
                                     seed=settings.seed * 100_003 + round_idx * 101 + epoch)
+            # the shard LRU sized so that this epoch maps each shard about once (<= 1.1x)
+            capacity = reader.plan(reader.access_sequence(
+                [samples[i]["sample_id"] for i in mp.sample_indices] for micro in plan for mp in micro))
+            bytes0, disk0 = reader.bytes_read, storage_read_bytes()
             for micro_plans in plan:
                 global_tokens = max(sum(sum(samples[i]["loss_mask"][1:]) for mp in micro_plans
                                         for i in mp.sample_indices), 1)
@@ -288,6 +305,12 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
                 if logger is not None:
                     logger.log({k: v for k, v in rec.items() if k != "step"}, step=step + 1)
                 step += 1
+            if records:  # bytes of shards mapped this epoch / the cache's bytes
+                records[-1]["cache_read_amplification"] = (reader.bytes_read - bytes0) / max(reader.total_bytes, 1)
+                disk1 = storage_read_bytes()
+                if disk0 is not None and disk1 is not None:  # what the page cache did not hold
+                    records[-1]["disk_read_amplification"] = (disk1 - disk0) / max(reader.total_bytes, 1)
+                records[-1]["cache_lru_shards"] = capacity
     finally:
         reader.close()
     return records, step
@@ -303,6 +326,22 @@ def route_teachers(teachers: list[TeacherRef]) -> dict[str, int]:
                              "each route takes one teacher")
         out[t.domain] = t.index
     return out
+
+
+def remove_old_caches(out_dir: Path, upto_round: int, keep: int) -> None:
+    """Delete the caches of rounds <= upto_round - keep and the rollout logs of rounds <=
+    upto_round (their checkpoints exist; their rollouts are in rollouts.jsonl)."""
+    import shutil
+
+    for d in out_dir.glob("round-*"):
+        try:
+            r = int(d.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if r <= upto_round - keep:
+            shutil.rmtree(d / "cache", ignore_errors=True)
+        if r <= upto_round:
+            (d / "rollouts.wal").unlink(missing_ok=True)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -359,20 +398,26 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         if logger is not None:
             logger.log({f"heldout_kl/{k}": v["token_mean"] for k, v in kl.items()}, step=step)
 
+    from engine.rollout_wal import RolloutWAL
+
+    remove_old_caches(out_dir, start_round - 1, settings.keep_caches)  # killed after a checkpoint, before this
     if measure and start_round == 0 and not history.get("kl_heldout_per_teacher"):
         heldout_kl(0)  # before any training (kept in the round-0 checkpoint's history)
     for r in range(start_round, settings.rounds):
         rdir = out_dir / f"round-{r}"
         t0 = time.time()
         rollouts_path = rdir / "rollouts.jsonl"
+        wal = RolloutWAL(rdir / "rollouts.wal")  # finished domain batches, replayed after a kill
         if rollouts_path.is_file():
             samples = _read_jsonl(rollouts_path)
             for d in streams:  # the streams advanced when these rollouts were drawn
                 streams[d].take(settings.prompts_per_domain)
         else:
             samples = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
-                                    tokenizer=tokenizer, round_idx=r)
+                                    tokenizer=tokenizer, round_idx=r, wal=wal)
             atomic_write_jsonl(rollouts_path, samples)
+        wal_counts = wal.counts()
+        wal.close()
         t1 = time.time()
         teach_stats = teach_round(settings, samples, teachers, rdir / "cache", load_teacher=load_teacher,
                                   pad_id=pad_id)
@@ -388,9 +433,22 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             logger.log({f"round_kl/{k}": v for k, v in history["kl_per_teacher"][-1].items()}, step=step)
         if measure and ((r + 1) % settings.heldout_every == 0 or r + 1 == settings.rounds):
             heldout_kl(r + 1)
+        tally = history.setdefault("rollout_wal", {})
+        for k, v in wal_counts.items():
+            tally[k] = tally.get(k, 0) + v
+        amp = [rec["cache_read_amplification"] for rec in records if "cache_read_amplification" in rec]
+        history.setdefault("cache_read_amplification", []).append(max(amp) if amp else None)
+        disk = [rec["disk_read_amplification"] for rec in records if "disk_read_amplification" in rec]
+        history.setdefault("disk_read_amplification", []).append(max(disk) if disk else None)
+        history.setdefault("cache_bytes", []).append(dir_bytes(rdir / "cache"))
         if checkpoints is not None:
             checkpoints.save(trainer, step, {"round": r + 1, "step": step, "history": history,
                                              "streams": {d: s.state_dict() for d, s in streams.items()}})
+        # the largest the stage directory gets: the round's cache and its new checkpoint both there
+        # (recorded in the next checkpoint and the returned metrics)
+        history["disk_peak_bytes"] = max(history.get("disk_peak_bytes", 0), dir_bytes(out_dir))
+        if checkpoints is not None:
+            remove_old_caches(out_dir, r, settings.keep_caches)
     return {k: v for k, v in history.items() if k != "heldout_per_prompt"}  # those are in heldout_kl.jsonl
 
 

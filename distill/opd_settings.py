@@ -32,6 +32,8 @@ class OPDSettings(Settings):
     cache_dtype: Literal["fp32", "bf16"] = "fp32"
     shard_tokens: PositiveInt = 65536
     prefill_batch_size: PositiveInt = 32
+    keep_caches: int = Field(0, ge=0, description="round caches kept on disk (the newest); the others are "
+                             "deleted once their round's checkpoint is written (rollouts are kept)")
     # optimisation
     epochs_per_round: PositiveInt = 1
     mini_batch_size: PositiveInt = 64

@@ -97,11 +97,12 @@ class GRPOLoss:
         )
 
 
-def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd):
-    """Roll out and score `rows_needed` prompts; returns per-group sample lists."""
+def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd, wal=None):
+    """Roll out and score `rows_needed` prompts; returns per-group sample lists. With a
+    rollout log (`wal`), each domain's batch is replayed from it when logged there."""
     from engine.chat import render_prompt
     from engine.generation import SamplingParams
-    from engine.rollout import rollout
+    from engine.rollout_wal import logged_rollout
     from rewards import raise_if_all_verifier_errors
 
     rows = stream.take(rows_needed)
@@ -120,8 +121,9 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
         )
         prompts = [render_prompt(r["messages"], tokenizer) for r in drows]
         budget = response_budget(settings, spec)
-        trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=spec.environment,
-                        max_turns=settings.max_turns, max_response_tokens=budget)
+        trajs = logged_rollout(wal, f"seed-{step_seed}/rnd-{rnd}/{dom}", generator, prompts, sampling,
+                               tokenizer=tokenizer, environment=spec.environment, max_turns=settings.max_turns,
+                               max_response_tokens=budget)
         refs = [r["reference"] for r in drows for _ in range(settings.group_size)]
         results = scorer.score(spec.verifier, [t.text for t in trajs], refs)
         raise_if_all_verifier_errors(results, spec.verifier, f"GRPO rollouts (seed {step_seed}), domain {dom!r}")
@@ -137,7 +139,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
 
 
 def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str, DomainSpec], *,
-                 generator, scorer, tokenizer, step: int) -> tuple[list[list[RLSample]], dict]:
+                 generator, scorer, tokenizer, step: int, wal=None) -> tuple[list[list[RLSample]], dict]:
     """Sample one step's groups, with dynamic sampling (refill groups whose rewards are all
     equal from the next prompts, up to `max_sampling_rounds`)."""
     kept: list[list[RLSample]] = []
@@ -146,7 +148,7 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
     for rnd in range(rounds):
         need = settings.prompts_per_step - len(kept)
         groups = _sample_round(settings, stream, domains, need, generator=generator, scorer=scorer,
-                               tokenizer=tokenizer, step_seed=settings.seed + step, rnd=rnd)
+                               tokenizer=tokenizer, step_seed=settings.seed + step, rnd=rnd, wal=wal)
         all_groups.extend(groups)
         for g in groups:
             if not settings.dynamic_sampling or len({s.reward for s in g}) > 1:
@@ -195,9 +197,11 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
              domains: dict[str, DomainSpec], out_dir: str | Path, reference=None, logger=None,
              checkpoints=None) -> dict:
     """Train for `settings.steps`, resuming from `checkpoints.latest()` if there is one."""
+    from engine.rollout_wal import StepLogs
+
     out_dir = Path(out_dir)
     stream = PromptStream(train_rows, seed=settings.seed)
-    start = 0
+    start, extra = 0, {}
     resume = checkpoints.latest() if checkpoints is not None else None  # verified (checksums)
     if resume is not None:
         extra = trainer.load_checkpoint(resume)
@@ -209,10 +213,13 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
     loss_fn = GRPOLoss(settings)
     last = {}
     skipped = extra.get("steps_skipped", 0) if resume is not None else 0
+    wal_logs = StepLogs(out_dir / "rollout-wal", carried=extra.get("rollout_wal"), start_step=start)
     for step in range(start, settings.steps):
         t0 = time.time()
+        wal = wal_logs.open(step)  # the step's finished rollout batches, replayed after a kill
         groups, stats = collect_step(settings, stream, domains, generator=generator, scorer=scorer,
-                                     tokenizer=tokenizer, step=step)
+                                     tokenizer=tokenizer, step=step, wal=wal)
+        wal_logs.closed(wal)
         t_gen = time.time()
         samples = compute_advantages(settings, groups)
         stats["samples_trained"] = len(samples)
@@ -233,9 +240,11 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
         if logger is not None:
             logger.log(last, step=step + 1)
         if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == settings.steps):
+            carried = wal_logs.carry(step + 1)
             checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict(),
-                                                 "steps_skipped": skipped})
-    return last
+                                                 "steps_skipped": skipped, "rollout_wal": carried})
+            wal_logs.checkpointed(step + 1, carried)
+    return {**last, **{f"rollout_wal/{k}": v for k, v in wal_logs.counts().items()}}
 
 
 def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id, step) -> dict:

@@ -316,6 +316,39 @@ def _sandbox_section(run_dir: Path) -> list[str]:
             "(no namespaces, no throwaway uid); their rewards are not protected against hostile programs.", ""]
 
 
+def _disk_section(run_dir: Path, manifests: dict[str, dict]) -> list[str]:
+    """OPD's peak disk use and cache reads, and the rollout logs' counts of each RL stage."""
+    from engine.disk import dir_bytes
+
+    gib = 1024 ** 3
+    lines = ["## Disk and rollouts", ""]
+    opd = (manifests.get("opd") or {}).get("metrics") or {}
+    if _is_num(opd.get("disk_peak_bytes")):
+        caches = opd.get("cache_bytes") or []
+        kept = sorted(int(d.parent.name.split("-")[1]) for d in (run_dir / "opd").glob("round-*/cache") if d.is_dir())
+        lines.append(f"OPD peak disk use: {opd['disk_peak_bytes'] / gib:.3f} GiB (its directory at a round's end, "
+                     f"with that round's teacher cache and new checkpoint); round caches "
+                     f"{sum(c for c in caches if _is_num(c)) / gib:.3f} GiB written in all, still on disk for "
+                     f"rounds {kept or 'none'}.")
+        amp = [a for a in opd.get("cache_read_amplification") or [] if _is_num(a)]
+        if amp:
+            lines.append(f"Teacher cache read per epoch / cache bytes: max {max(amp):.2f} over {len(amp)} rounds.")
+    lines.append(f"Run directory now: {dir_bytes(run_dir) / gib:.3f} GiB.")
+    rows = []
+    for stage, m in manifests.items():
+        met = m.get("metrics") or {}
+        wal = met.get("rollout_wal") if isinstance(met.get("rollout_wal"), dict) else \
+            {k.split("/", 1)[1]: v for k, v in met.items() if k.startswith("rollout_wal/")}
+        if wal:
+            rows.append(f"| {stage} | {wal.get('completed', '-')} | {wal.get('replayed', '-')} | "
+                        f"{wal.get('regenerated', '-')} |")
+    if rows:
+        lines += ["", "Rollout batches (write-ahead log): finished, replayed after a restart, regenerated "
+                  "(in flight when a stage was killed):", "",
+                  "| stage | finished | replayed | regenerated |", "|---|---:|---:|---:|", *rows]
+    return lines + [""]
+
+
 def _experiment_name(run_dir: Path) -> str:
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
@@ -341,6 +374,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     lines += _results_section(run_dir)
     lines += _curves_section(run_dir, manifests, plots)
     lines += _opd_section(manifests, plots, run_dir)
+    lines += _disk_section(run_dir, manifests)
     lines += _timings_section(manifests)
     out = run_dir / "report" / "report.md"
     atomic_write_text(out, "\n".join(lines))

@@ -171,7 +171,7 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
         _finish(trainer, logger)
     keep = ("reward_mean", "train/loss", "train/clip_frac_high", "train/approx_kl", "response_len")
     return {"outputs": {"model": str(checkpoints.latest())},
-            "metrics": {k: v for k, v in final.items() if k in keep or k.startswith("reward/")}}
+            "metrics": {k: v for k, v in final.items() if k in keep or k.startswith(("reward/", "rollout_wal/"))}}
 
 
 def grpo(ctx: StageContext) -> dict:

@@ -5,6 +5,8 @@ target token, for one domain, from a finished OPD stage's cached teacher states.
 
 Uses the stage's latest student checkpoint, `round-<r>/rollouts.jsonl`, the round's cache
 and the extracted heads, so it recomputes exactly the per-token KL the loss saw (fp32).
+A round's cache is deleted once its checkpoint is written unless the run kept it
+(`opd.keep_caches: 1` keeps the last round's).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def main() -> None:
     opd = Path(a.run) / "opd"
     rounds = sorted(int(d.name.split("-")[1]) for d in opd.glob("round-*"))
     rnd = rounds[-1] if a.round is None else a.round
+    if not (opd / f"round-{rnd}" / "cache").is_dir():
+        raise SystemExit(f"{opd / f'round-{rnd}' / 'cache'} is gone: round caches are deleted once their "
+                         "checkpoint is written; rerun OPD with opd.keep_caches >= 1 to keep the newest")
     student_dir = str(CheckpointManager(opd / "checkpoints").latest())
     student, tok = load_model(student_dir).eval(), load_tokenizer(student_dir)
     samples = {}

@@ -140,3 +140,17 @@ def test_resume_after_an_interrupted_round_gives_the_same_student(models, tmp_pa
     _, resumed = _run(models, tmp_path / "part", rounds=2, checkpoints=ck)
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_caches_removed_after_their_checkpoint_and_disk_reported(models, tmp_path):
+    out = tmp_path / "run"
+    hist, _ = _run(models, out, rounds=3, checkpoints=_Checkpoints(tmp_path / "ck"), keep_caches=1)
+    assert not (out / "round-0" / "cache").exists() and not (out / "round-1" / "cache").exists()
+    assert (out / "round-2" / "cache" / "teacher-001" / "manifest.json").is_file()  # the newest, kept
+    assert all((out / f"round-{r}" / "rollouts.jsonl").is_file() for r in range(3))  # rollouts are kept
+    assert not list(out.glob("round-*/rollouts.wal"))  # the logs go once the rollouts are in their file
+    assert len(hist["cache_bytes"]) == 3 and min(hist["cache_bytes"]) > 0
+    # the peak is measured with the round's cache on disk (no checkpoints in `out` here)
+    assert max(hist["cache_bytes"]) <= hist["disk_peak_bytes"] < sum(hist["cache_bytes"])
+    assert all(1.0 <= a <= 1.1 for a in hist["cache_read_amplification"])
+    assert hist["rollout_wal"] == {"generated": 6, "regenerated": 0, "completed": 6, "replayed": 0}

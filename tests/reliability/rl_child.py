@@ -5,9 +5,12 @@ from `<out>/checkpoints` if a checkpoint is there; at the end the final weights 
     python tests/reliability/rl_child.py grpo MODELS_DIR OUT_DIR
     python tests/reliability/rl_child.py opd MODELS_DIR OUT_DIR
 
-`POLYMATH_SLOW_CACHE_S` makes each cache shard write sleep that long first, and
-`POLYMATH_SLOW_STEP_S` each optimiser step (no effect on the numbers), so the test can
-SIGKILL the stage inside a teacher cache write or inside a round's training.
+`POLYMATH_SLOW_CACHE_S` makes each cache shard write sleep that long first,
+`POLYMATH_SLOW_STEP_S` each optimiser step and `POLYMATH_SLOW_GEN_S` each generation call
+(no effect on the numbers), so the test can SIGKILL the stage inside a teacher cache write,
+inside a round's training or inside rollout generation. `POLYMATH_SAVE_EVERY` sets GRPO's
+checkpoint interval (default 1). A finished run also writes the stage's returned metrics
+to `<out>/result.json`.
 """
 
 from __future__ import annotations
@@ -48,28 +51,27 @@ def _rows(domain: str, n: int) -> list[dict]:
 
 
 def run_grpo_child(models: Path, out: Path, checkpoints: CheckpointManager):
-    from engine.generation import HFGenerator
     from experts.grpo import DomainSpec, run_grpo
     from experts.grpo_settings import GRPOSettings
     from rewards import ScorerPool
 
     base = models / "base"
     s = GRPOSettings(steps=GRPO_STEPS, prompts_per_step=4, group_size=4, max_new_tokens=16, micro_batch_size=8,
-                     mini_batches_per_step=2, lr=1e-3, save_every=1, keep_last=2, seed=0)
+                     mini_batches_per_step=2, lr=1e-3, save_every=int(os.environ.get("POLYMATH_SAVE_EVERY", "1")),
+                     keep_last=2, seed=0)
     trainer = Slow(build_trainer(TrainerSettings(lr=s.lr, seed=0), base),
                    float(os.environ.get("POLYMATH_SLOW_STEP_S", "0")))
     tok = load_tokenizer(base)
     with ScorerPool(num_workers=1) as scorer:
-        run_grpo(s, trainer=trainer, generator=HFGenerator(base, tok), scorer=scorer, tokenizer=tok,
-                 train_rows=_rows("nocomma", 32), domains={"nocomma": DomainSpec("ifeval", None)}, out_dir=out,
-                 checkpoints=checkpoints)
-    return trainer
+        result = run_grpo(s, trainer=trainer, generator=_generator(base, tok), scorer=scorer, tokenizer=tok,
+                          train_rows=_rows("nocomma", 32), domains={"nocomma": DomainSpec("ifeval", None)},
+                          out_dir=out, checkpoints=checkpoints)
+    return trainer, result
 
 
 def run_opd_child(models: Path, out: Path, checkpoints: CheckpointManager):
     from distill.opd import DomainSpec, TeacherRef, run_opd
     from distill.opd_settings import OPDSettings
-    from engine.generation import HFGenerator
 
     base = models / "base"
     settings = OPDSettings(rounds=OPD_ROUNDS, prompts_per_domain=6, samples_per_prompt=2, max_new_tokens=10,
@@ -80,10 +82,26 @@ def run_opd_child(models: Path, out: Path, checkpoints: CheckpointManager):
     tok = load_tokenizer(base)
     refs = [TeacherRef(i, f"grpo:{d}", d, str(models / f"teacher{i}"), 1.0) for i, d in enumerate("ab")]
     heads = [str(models / f"heads/t{i}/head.safetensors") for i in range(2)]
-    run_opd(settings, trainer=trainer, generator=HFGenerator(base, tok), tokenizer=tok,
+    result = run_opd(settings, trainer=trainer, generator=_generator(base, tok), tokenizer=tok,
             prompts={d: _rows(d, 30) for d in "ab"}, teachers=refs, domains={d: DomainSpec("ifeval") for d in "ab"},
             out_dir=out, head_paths=heads, load_teacher=lambda p: load_model(p), checkpoints=checkpoints)
-    return trainer
+    return trainer, result
+
+
+def _generator(base: Path, tok):
+    from engine.generation import HFGenerator
+
+    gen = HFGenerator(base, tok)
+    seconds = float(os.environ.get("POLYMATH_SLOW_GEN_S", "0"))
+    if seconds:
+        real = gen.generate
+
+        def slow_generate(prompt_ids, sampling):
+            time.sleep(seconds)
+            return real(prompt_ids, sampling)
+
+        gen.generate = slow_generate
+    return gen
 
 
 class Slow:
@@ -125,7 +143,10 @@ def main(kind: str, models: str, out: str) -> None:
         _slow_cache(float(os.environ["POLYMATH_SLOW_CACHE_S"]))
     checkpoints = CheckpointManager(out_dir / "checkpoints", keep_last=2)
     print(f"resume-from: {checkpoints.latest().name if checkpoints.latest() else None}", flush=True)
-    trainer = {"grpo": run_grpo_child, "opd": run_opd_child}[kind](models_dir, out_dir, checkpoints)
+    trainer, result = {"grpo": run_grpo_child, "opd": run_opd_child}[kind](models_dir, out_dir, checkpoints)
+    from engine.atomic import atomic_write_json
+
+    atomic_write_json(out_dir / "result.json", {k: v for k, v in result.items() if k.startswith("rollout_wal")})
     tmp = out_dir / ".final.safetensors.tmp"
     save_file(trainer.state_dict(), str(tmp))
     os.replace(tmp, out_dir / "final.safetensors")

@@ -179,3 +179,62 @@ def test_opd_killed_mid_cache_write_and_mid_round_ends_with_the_same_weights(mod
     assert _latest_extra(out)["round"] == 3
     # the partial teacher-1 write of the first kill was freed by the rerun's `teach_round`
     assert not sorted(p.name for p in out.glob("round-*/cache/.teacher-*.tmp-*"))
+
+
+def _in_flight(out: Path, pattern: str) -> list[str]:
+    """(log file, key) of rollout batches begun but not finished in the logs under `out`."""
+    from engine.rollout_wal import in_flight
+
+    return [f"{p.relative_to(out)}:{k}" for p in sorted(out.glob(pattern)) for k in in_flight(p)]
+
+
+def _kill_in_rollouts(kind: str, models: Path, out: Path, pattern: str, targets: list[str], rng, env) -> list[str]:
+    """One attempt per target: SIGKILL a random moment after the batch `target` is in flight."""
+    kills = []
+    for target in targets:
+        proc = _start(kind, models, out, **env)
+        _wait_for(lambda: target in _in_flight(out, pattern), proc, f"rollout batch {target} in flight")
+        delay = rng.uniform(0.0, 0.8 * float(env["POLYMATH_SLOW_GEN_S"]))
+        time.sleep(delay)
+        _sigkill(proc)
+        assert _in_flight(out, pattern) == [target], "not killed inside the rollout batch"
+        kills.append(f"SIGKILL {kind.upper()} {delay:.2f}s into rollout batch {target}")
+    return kills
+
+
+@pytest.mark.slow
+def test_grpo_killed_in_rollouts_three_times_regenerates_only_the_batches_in_flight(models, tmp_path, fault_log):
+    """No checkpoint before the end (save_every 4): without the log every restart would
+    regenerate every step's rollouts; with it, only the batch each kill interrupted."""
+    rng = random.Random(17)
+    env = {"POLYMATH_SLOW_GEN_S": "1.0", "POLYMATH_SAVE_EVERY": "4"}
+    ref = _start("grpo", models, tmp_path / "ref", **env)
+    out = tmp_path / "killed"
+    steps = sorted(rng.sample(range(4), 3))
+    targets = [f"rollout-wal/step-{s:06d}.wal:seed-{s}/rnd-0/nocomma" for s in steps]
+    kills = _kill_in_rollouts("grpo", models, out, "rollout-wal/step-*.wal", targets, rng, env)
+    assert _finish(_start("grpo", models, out, **env)) == "None"  # no checkpoint yet: the log did the work
+    assert _finish(ref) == "None"
+    _log_and_check(fault_log, kills, tmp_path / "ref", out)
+    got = json.loads((out / "result.json").read_text())
+    assert got["rollout_wal/regenerated"] == 3 and got["rollout_wal/completed"] == 4
+    assert got["rollout_wal/generated"] == 4 + 3  # each step's batch generated once, plus the 3 interrupted
+    assert json.loads((tmp_path / "ref" / "result.json").read_text())["rollout_wal/regenerated"] == 0
+    assert not list(out.glob("rollout-wal/*.wal"))  # pruned at the final checkpoint
+
+
+@pytest.mark.slow
+def test_opd_killed_in_rollouts_three_times_regenerates_only_the_batches_in_flight(models, tmp_path, fault_log):
+    rng = random.Random(23)
+    env = {"POLYMATH_SLOW_GEN_S": "1.0"}
+    ref = _start("opd", models, tmp_path / "ref", **env)
+    out = tmp_path / "killed"
+    batches = [f"round-{r}/rollouts.wal:r{r}/{d}" for r in range(3) for d in "ab"]
+    targets = [batches[i] for i in sorted(rng.sample(range(len(batches)), 3))]
+    kills = _kill_in_rollouts("opd", models, out, "round-*/rollouts.wal", targets, rng, env)
+    _finish(_start("opd", models, out, **env))
+    assert _finish(ref) == "None"
+    _log_and_check(fault_log, kills, tmp_path / "ref", out)
+    got = json.loads((out / "result.json").read_text())["rollout_wal"]
+    assert got["regenerated"] == 3 and got["completed"] == 6 and got["generated"] == 6 + 3
+    assert json.loads((tmp_path / "ref" / "result.json").read_text())["rollout_wal"]["regenerated"] == 0

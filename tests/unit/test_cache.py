@@ -228,3 +228,46 @@ def test_failed_write_leaves_nothing_and_rewrite_replaces(teacher, tmp_path):
     write_teacher_cache(model, 0, "math", bad[2:4], tmp_path, dtype="fp32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher-000"]
     assert CacheReader(tmp_path).sample_ids() == ["e2", "e3"]
+
+
+def test_size_shard_cache_is_the_smallest_lru_within_the_bound():
+    from distill.cache import lru_shard_loads, size_shard_cache
+
+    rng = __import__("random").Random(0)
+    for _ in range(200):
+        seq = [rng.randrange(rng.randrange(1, 9)) for _ in range(rng.randrange(1, 40))]
+        distinct = len(set(seq))
+        cap = size_shard_cache(seq, 1.1)
+        # brute force: the first capacity that meets the bound
+        want = next(c for c in range(1, distinct + 1) if lru_shard_loads(seq, c) <= 1.1 * distinct)
+        assert cap == want
+    assert lru_shard_loads([0, 1, 2, 0, 1, 2], 2) == 6 and lru_shard_loads([0, 1, 2, 0, 1, 2], 3) == 3
+
+
+def test_reader_maps_views_verifies_once_and_a_planned_epoch_reads_each_shard_once(cache_dir):
+    from distill.plan import plan_minibatches
+
+    reader = CacheReader(cache_dir)
+    ids = reader.sample_ids()
+    first = {s: h.clone() for _, s, h in reader.iter_samples()}
+    assert reader.verified_bytes == reader.total_bytes  # every shard checked once ...
+    a, b = reader.get(ids[1]), reader.get(ids[1])
+    assert a.data_ptr() == b.data_ptr()  # a view of the mapped shard, no per-sample copy
+    steps = plan_minibatches([0] * len(ids), 4, 2, seed=1)
+    batches = [[ids[i] for i in mp.sample_indices] for step in steps for mp in step]
+    seq = reader.access_sequence(batches)
+    assert len(set(seq)) == len(reader.manifests[0]["shards"]) and len(seq) > len(set(seq))
+    from distill.cache import lru_shard_loads
+
+    assert lru_shard_loads(seq, 1) > 1.1 * len(set(seq))  # a one-shard cache would re-read shards
+    reader.close()
+    reader = CacheReader(cache_dir)  # a new round: nothing mapped yet
+    reader.plan(seq)
+    before = reader.bytes_read
+    for batch in batches:
+        for tb in reader.iter_minibatch(batch):
+            for s, h in zip(tb.sample_ids, tb.hidden):
+                assert torch.equal(h, first[s])
+    assert (reader.bytes_read - before) / reader.total_bytes <= 1.1
+    assert reader.verified_bytes == reader.total_bytes  # ... and never again by this reader
+    reader.close()
