@@ -63,6 +63,18 @@ def _template(tokenizer) -> str:
     return template
 
 
+def chat_template_of(path: str | Path) -> str | None:
+    """The chat template a local HF directory ships (chat_template.jinja or
+    tokenizer_config.json), None if it has none."""
+    d = Path(path)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text()
+    cfg = d / "tokenizer_config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("chat_template") or None
+    return None
+
+
 def has_generation_markers(tokenizer) -> bool:
     return "{% generation %}" in _template(tokenizer).replace("{%-", "{%").replace("-%}", "%}")
 
@@ -156,3 +168,16 @@ def end_of_turn_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]
             eos = json.loads(path.read_text()).get("eos_token_id")
             ids.extend(int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None)
     return list(dict.fromkeys(ids))
+
+
+TOOL_CALL_END = "</tool_call>"
+
+
+def tool_call_end_id(tokenizer) -> int:
+    """The id of `</tool_call>`, where a multi-turn episode stops for the environment;
+    it must be one token of the vocabulary (an added token), or the turn never stops there."""
+    ids = encode(tokenizer, TOOL_CALL_END)
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise ChatTemplateError(f"{TOOL_CALL_END!r} is not a single token of this tokenizer (got {ids}); "
+                                "a multi-turn tool domain needs it as an added token")
+    return ids[0]

@@ -204,7 +204,7 @@ class HFGenerator:
             raise ValueError("HFGenerator: need EOS and pad token ids (pass the tokenizer)")
         # A clean generation config: a checkpoint's own (repetition penalty, top-k ...) must
         # never leak into sampling, which `_RowSampler` alone controls.
-        self.model.generation_config = GenerationConfig(eos_token_id=self.end_ids, pad_token_id=self.pad_id)
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
     # -- generation

@@ -74,21 +74,6 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLike | N
     return tokenizer
 
 
-def chat_template_of(path: str | os.PathLike) -> str | None:
-    """The chat template a local HF directory ships (chat_template.jinja or
-    tokenizer_config.json), None if it has none or is not a local directory."""
-    import json
-
-    d = Path(path)
-    if (d / "chat_template.jinja").is_file():
-        return (d / "chat_template.jinja").read_text()
-    cfg = d / "tokenizer_config.json"
-    if cfg.is_file():
-        template = json.loads(cfg.read_text()).get("chat_template")
-        return template or None
-    return None
-
-
 def load_model(path: str | os.PathLike, dtype: str = "fp32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 

@@ -40,9 +40,11 @@ class Frozen(BaseModel):
 
 
 class ModelConfig(Frozen):
-    base: str = Field("tiny", description="'tiny' (built from `tiny`) or a Hugging Face directory")
+    base: str = Field("tiny", description="'tiny' (built from `tiny`), a Hugging Face directory or hub id")
     tiny: TinySpec = TinySpec()
     tokenizer: str | None = Field(None, description="default: the base model's directory")
+    chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own "
+                                                        "(required when the base model ships none)")
     dtype: Literal["fp32", "bf16"] = "fp32"
 
 
@@ -306,8 +308,39 @@ def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
     if cfg.model.base != "tiny" and not Path(cfg.model.base).is_dir():
         if not _looks_like_hub_id(cfg.model.base):
             errors.append(("model.base", f"not 'tiny' and not a directory: {cfg.model.base}"))
+    errors += _chat_template_errors(cfg, base)
+    errors += _multi_turn_errors(cfg)
     errors += _vocab_errors(cfg)
     return errors
+
+
+def _chat_template_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
+    """Every path renders through a chat template: the tokenizer's own or `model.chat_template`.
+    Checked for local directories; a hub id's template is checked when it is loaded."""
+    from engine.chat import chat_template_of
+
+    if cfg.model.chat_template is not None:
+        if not resolve_path(cfg.model.chat_template, base).is_file():
+            return [("model.chat_template", f"file not found: {cfg.model.chat_template}")]
+        return []
+    source = cfg.model.tokenizer or cfg.model.base
+    if source == "tiny" or not Path(source).is_dir():
+        return []
+    if chat_template_of(source) is None:
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.base"
+        return [("model.chat_template", f"the tokenizer of {key} ({source}) has no chat template; "
+                                        "set model.chat_template to a Jinja template file")]
+    return []
+
+
+def _multi_turn_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Multi-turn tool episodes need a tool environment; only synthetic domains have one."""
+    return [(f"domains[{i}].grpo.max_turns",
+             f"{d.grpo.max_turns} > 1 but domain {d.name!r} has no tool environment (only synthetic domains "
+             "have one); set max_turns: 1")
+            for i, d in enumerate(cfg.domains)
+            if d.data.synthetic is None and d.grpo.max_turns > 1
+            and (d.verifier == "tool" or "max_turns" in d.grpo.model_fields_set)]
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -28,9 +28,7 @@ def prepare(ctx: StageContext) -> dict:
     else:
         model_dir = Path(cfg.model.base)
     outputs = {"model": str(model_dir)}
-    from engine.model import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir) if Path(model_dir).is_dir() else None
+    tokenizer = stage_tokenizer(cfg, model_dir)
     counts = {}
     for d in cfg.domains:
         train_path = out / "data" / d.name / "train.jsonl"
@@ -58,6 +56,25 @@ def prepare(ctx: StageContext) -> dict:
         outputs[f"data:{d.name}:eval"] = str(eval_path)
         counts[d.name] = {"train": len(train), "eval": len(evals)}
     return {"outputs": outputs, "metrics": {"rows": counts}}
+
+
+def stage_tokenizer(cfg, model_dir: str | Path):
+    """The tokenizer every stage renders with: `model.tokenizer` (default: the model's own,
+    a directory or hub id) with `model.chat_template` replacing its template if set."""
+    from engine.model import load_tokenizer
+
+    template = cfg.model.chat_template
+    return load_tokenizer(cfg.model.tokenizer or model_dir,
+                          chat_template=resolve_path(template, Path(".")) if template else None)
+
+
+def export_stage(ctx: StageContext, checkpoint, tokenizer) -> str:
+    """`<stage dir>/final/` from the stage's last checkpoint (engine.export)."""
+    from engine.export import export_final
+
+    if checkpoint is None:
+        raise RuntimeError(f"stage {ctx.stage.name}: no checkpoint to export")
+    return str(export_final(checkpoint, ctx.out_dir / "final", tokenizer))
 
 
 def read_rows(ctx: StageContext, domain: str, split: str) -> list[dict]:
@@ -114,7 +131,6 @@ def _finish(trainer, logger) -> None:
 def sft(ctx: StageContext) -> dict:
     """`sft:<domain>` on that domain's demonstrations; `sft:all` on every domain's."""
     from engine.checkpoint import CheckpointManager
-    from engine.model import load_tokenizer
     from experts.sft import run_sft
 
     cfg = ctx.cfg
@@ -124,7 +140,7 @@ def sft(ctx: StageContext) -> dict:
     base = ctx.model_dir("prepare")
     train = [r for n in names for r in read_rows(ctx, n, "train")]
     evals = [r for n in names for r in read_rows(ctx, n, "eval")]
-    tokenizer = load_tokenizer(cfg.model.tokenizer or base)
+    tokenizer = stage_tokenizer(cfg, base)
     trainer = _make_trainer(ctx, base, **settings.trainer_overrides())
     logger = _logger(ctx, settings.steps, settings.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=settings.keep_last)
@@ -133,7 +149,8 @@ def sft(ctx: StageContext) -> dict:
                          out_dir=ctx.out_dir, logger=logger, checkpoints=checkpoints)
     finally:
         _finish(trainer, logger)
-    return {"outputs": {"model": str(checkpoints.latest())},
+    latest = checkpoints.latest()
+    return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)},
             "metrics": {"final_loss": result["final"].get("loss"), "eval_loss": result["final"].get("eval_loss"),
                         "steps": result["steps"]}}
 
@@ -141,12 +158,11 @@ def sft(ctx: StageContext) -> dict:
 def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]) -> dict:
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
-    from engine.model import load_tokenizer
     from experts.grpo import DomainSpec, run_grpo
     from rewards import ScorerPool
 
     cfg = ctx.cfg
-    tokenizer = load_tokenizer(cfg.model.tokenizer or init_dir)
+    tokenizer = stage_tokenizer(cfg, init_dir)
     train = [r for n in names for r in read_rows(ctx, n, "train")]
     specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in _domain_spec_map(cfg, names).items()}
     trainer = _make_trainer(ctx, init_dir, lr=settings.lr, weight_decay=settings.weight_decay,
@@ -171,7 +187,8 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
         generator.close()
         _finish(trainer, logger)
     keep = ("reward_mean", "train/loss", "train/clip_frac_high", "train/approx_kl", "response_len")
-    return {"outputs": {"model": str(checkpoints.latest())},
+    latest = checkpoints.latest()
+    return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)},
             "metrics": {k: v for k, v in final.items() if k in keep or k.startswith("reward/")}}
 
 
@@ -187,16 +204,15 @@ def mixed_rl(ctx: StageContext) -> dict:
 
 def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> dict[str, float]:
     """The student's greedy verifier score per domain on a slice of held-out prompts."""
-    from engine.chat import render_prompt
+    from engine.chat import render_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout import rollout
 
-    stop = [tokenizer.convert_tokens_to_ids("</tool_call>")]
     out = {}
     for d, rows in sorted(rows_by_domain.items()):
         env = specs[d].environment
         sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=s.max_new_tokens,
-                                  stop_token_ids=stop if env is not None else [])
+                                  stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [])
         trajs = rollout(generator, [render_prompt(r["messages"], tokenizer) for r in rows], sampling,
                         tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
         res = _checked_scores(scorer, f"OPD student eval, domain {d!r}")(
@@ -210,7 +226,7 @@ def opd(ctx: StageContext) -> dict:
     from distill.opd import DomainSpec, TeacherRef, run_opd
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
-    from engine.model import load_model, load_tokenizer
+    from engine.model import load_model
     from rewards import ScorerPool
 
     cfg = ctx.cfg
@@ -227,7 +243,7 @@ def opd(ctx: StageContext) -> dict:
         if not hp.is_file():
             extract_head(t.model_dir, hp)
         head_paths.append(str(hp))
-    tokenizer = load_tokenizer(cfg.model.tokenizer or student_dir)
+    tokenizer = stage_tokenizer(cfg, student_dir)
     specs = {n: DomainSpec(verifier=v, environment=e)
              for n, (v, e) in _domain_spec_map(cfg, [t.domain for t in teachers]).items()}
     prompts = {t.domain: read_rows(ctx, t.domain, "train") for t in teachers}
@@ -255,7 +271,8 @@ def opd(ctx: StageContext) -> dict:
         scorer.close()
         generator.close()
         _finish(trainer, logger)
-    return {"outputs": {"model": str(checkpoints.latest())}, "metrics": history}
+    latest = checkpoints.latest()
+    return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)}, "metrics": history}
 
 
 def evaluate(ctx: StageContext) -> dict:
@@ -269,7 +286,7 @@ def evaluate(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
     sets = [EvalSet(d.name, d.verifier, read_rows(ctx, d.name, "eval"),
-                    d.data.synthetic.generator if d.data.synthetic else d.verifier) for d in cfg.domains]
+                    d.data.synthetic.generator if d.data.synthetic else None) for d in cfg.domains]
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
 
@@ -334,20 +351,19 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
 
 def _eval_policy(cfg, model_dir: str):
     """A policy `(eval_set, rows, temperature, n) -> texts` backed by a local HF generator."""
-    from engine.chat import render_prompt
+    from engine.chat import render_prompt, tool_call_end_id
     from engine.domains import get_domain
     from engine.generation import SamplingParams, build_generator
-    from engine.model import load_tokenizer
     from engine.rollout import rollout
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
+    tokenizer = stage_tokenizer(cfg, model_dir)
     generator = build_generator(cfg.generator, model_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
-    stop_ids = [tokenizer.convert_tokens_to_ids("</tool_call>")]
 
     def policy(es, rows, temperature, n):
         env = _domain_environment(get_domain, es.environment_name)
         sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens,
-                                  stop_token_ids=stop_ids if env is not None else [], seed=cfg.seed)
+                                  stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [],
+                                  seed=cfg.seed)
         prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
         max_turns = cfg.domain(es.domain).grpo.max_turns if env is not None else 1
         trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env, max_turns=max_turns)

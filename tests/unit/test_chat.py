@@ -165,3 +165,33 @@ def test_template_that_rewrites_history_is_rejected_without_markers(llama3):
     tok.chat_template = None
     with pytest.raises(chat.ChatTemplateError, match="model.chat_template"):
         chat.render_prompt(EPISODE, tok)
+
+
+def test_hf_generation_stops_at_the_templates_end_of_turn(llama3):
+    """A model that emits <|eot_id|> (not its EOS) stops there with the HF generator."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.generation import HFGenerator, SamplingParams
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(llama3), hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                         tie_word_embeddings=False, eos_token_id=llama3.eos_token_id,
+                                         pad_token_id=llama3.pad_token_id, bos_token_id=None))
+    prompt = chat.render_prompt([{"role": "user", "content": "say something"}], llama3)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    eot = llama3.convert_tokens_to_ids("<|eot_id|>")
+    no_template = _byte_bpe(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                             "<|end_of_text|>"], "<|end_of_text|>", None)
+    free = HFGenerator(model, no_template).generate([prompt], greedy)[0]  # stops at EOS only
+    k = 3
+    assert eot not in free.token_ids[:k + 1] and len(free.token_ids) == 12
+    # <|eot_id|> gets the lm_head row of the 4th token: equal logits, and argmax takes the
+    # lower id, so the model now emits <|eot_id|> exactly where it emitted that token.
+    with torch.no_grad():
+        model.lm_head.weight[eot] = model.lm_head.weight[free.token_ids[k]]
+    out = HFGenerator(model, llama3).generate([prompt], greedy)[0]
+    assert out.token_ids == free.token_ids[:k] + [eot] and out.finish_reason == "stop"
+    runs_on = HFGenerator(model, no_template).generate([prompt], greedy)[0]
+    assert runs_on.token_ids[:k + 1] == free.token_ids[:k] + [eot] and len(runs_on.token_ids) > k + 1
