@@ -54,10 +54,24 @@ class SyntheticData(Frozen):
     eval_size: PositiveInt = 64
 
 
+class HFSource(Frozen):
+    """A split of a `datasets` dataset: a hub id, a builder (json, parquet) over local
+    `data_files`, or a directory written by `save_to_disk`."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    data_files: str | list[str] | None = None
+
+
+class HFData(Frozen):
+    hf: HFSource
+
+
 class DataConfig(Frozen):
     synthetic: SyntheticData | None = None
-    train: str | None = None
-    eval: str | None = None
+    train: str | HFData | None = Field(None, description="a JSONL/parquet file or {hf: {path, name, split}}")
+    eval: str | HFData | None = None
     adapter: str | None = Field(None, description="row adapter for real datasets (gsm8k, mbpp, ifeval, xlam)")
     on_bad_row: Literal["skip", "error"] = "skip"
     max_prompt_tokens: PositiveInt = 512
@@ -302,8 +316,10 @@ def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
                            f"unknown generator {d.data.synthetic.generator!r}; known: {sorted(known_domains())}"))
         for split in ("train", "eval"):
             p = getattr(d.data, split)
-            if p is not None and not resolve_path(p, base).exists():
+            if isinstance(p, str) and not resolve_path(p, base).exists():
                 errors.append((f"{where}.data.{split}", f"file not found: {p}"))
+            if isinstance(p, HFData):
+                errors += _hf_source_errors(p.hf, base, f"{where}.data.{split}.hf")
         errors += _verifier_errors(d.verifier, f"{where}.verifier")
     if cfg.model.base != "tiny" and not Path(cfg.model.base).is_dir():
         if not _looks_like_hub_id(cfg.model.base):
@@ -311,6 +327,17 @@ def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
     errors += _chat_template_errors(cfg, base)
     errors += _multi_turn_errors(cfg)
     errors += _vocab_errors(cfg)
+    return errors
+
+
+def _hf_source_errors(src: HFSource, base: Path, where: str) -> list[tuple[str, str]]:
+    """Local data files and dataset directories must exist; a hub id is checked when loaded."""
+    files = [src.data_files] if isinstance(src.data_files, str) else list(src.data_files or [])
+    errors = [(f"{where}.data_files", f"file not found: {f}") for f in files
+              if not any(ch in f for ch in "*?[") and not resolve_path(f, base).exists()]
+    local = src.path.startswith((".", "/")) or src.path.count("/") > 1
+    if local and not resolve_path(src.path, base).exists():
+        errors.append((f"{where}.path", f"dataset directory not found: {src.path}"))
     return errors
 
 

@@ -48,14 +48,27 @@ def prepare(ctx: StageContext) -> dict:
             kw = dict(on_bad_row=d.data.on_bad_row, adapter=d.data.adapter, domain=d.name,
                       max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer,
                       check_reference=partial(check_reference, d.verifier))
-            train = load_rows(resolve_path(d.data.train, base), **kw)
-            evals = load_rows(resolve_path(d.data.eval, base), **kw)
+            train, evals = (load_rows(data_source(getattr(d.data, split), base), **kw) for split in ("train", "eval"))
         write_jsonl(train_path, train)
         write_jsonl(eval_path, evals)
         outputs[f"data:{d.name}:train"] = str(train_path)
         outputs[f"data:{d.name}:eval"] = str(eval_path)
         counts[d.name] = {"train": len(train), "eval": len(evals)}
     return {"outputs": outputs, "metrics": {"rows": counts}}
+
+
+def data_source(spec, base: Path):
+    """A row file path, or a `datasets` source dict with its local paths resolved."""
+    if isinstance(spec, str):
+        return resolve_path(spec, base)
+    src = spec.hf.model_dump()
+    files = src["data_files"]
+    if files is not None:
+        files = [files] if isinstance(files, str) else files
+        src["data_files"] = [str(resolve_path(f, base)) for f in files]
+    if resolve_path(src["path"], base).exists():
+        src["path"] = str(resolve_path(src["path"], base))
+    return src
 
 
 def stage_tokenizer(cfg, model_dir: str | Path):
