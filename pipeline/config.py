@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from distill.opd_settings import OPDSettings
 from engine.tiny_spec import TinySpec
+from engine.toy_hf import ToyHFSpec
 from engine.trainer_settings import TrainerSettings
 from experts.grpo_settings import GRPOSettings
 from experts.sft_settings import SFTSettings
@@ -39,9 +40,14 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+BUILT_BASES = ("tiny", "toy_hf")  # base models built offline in `prepare`
+
+
 class ModelConfig(Frozen):
-    base: str = Field("tiny", description="'tiny' (built from `tiny`), a Hugging Face directory or hub id")
+    base: str = Field("tiny", description="'tiny' or 'toy_hf' (built offline from `tiny` / `toy_hf`), "
+                                          "a Hugging Face directory or hub id")
     tiny: TinySpec = TinySpec()
+    toy_hf: ToyHFSpec = ToyHFSpec()
     tokenizer: str | None = Field(None, description="default: the base model's directory")
     chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own "
                                                         "(required when the base model ships none)")
@@ -321,7 +327,7 @@ def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
             if isinstance(p, HFData):
                 errors += _hf_source_errors(p.hf, base, f"{where}.data.{split}.hf")
         errors += _verifier_errors(d.verifier, f"{where}.verifier")
-    if cfg.model.base != "tiny" and not Path(cfg.model.base).is_dir():
+    if cfg.model.base not in BUILT_BASES and not Path(cfg.model.base).is_dir():
         if not _looks_like_hub_id(cfg.model.base):
             errors.append(("model.base", f"not 'tiny' and not a directory: {cfg.model.base}"))
     errors += _chat_template_errors(cfg, base)
@@ -351,7 +357,7 @@ def _chat_template_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, 
             return [("model.chat_template", f"file not found: {cfg.model.chat_template}")]
         return []
     source = cfg.model.tokenizer or cfg.model.base
-    if source == "tiny" or not Path(source).is_dir():
+    if source in BUILT_BASES or not Path(source).is_dir():
         return []
     if chat_template_of(source) is None:
         key = "model.tokenizer" if cfg.model.tokenizer else "model.base"
@@ -413,6 +419,8 @@ def _vocab_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         return errors
     if cfg.model.base == "tiny":
         student = _tiny_vocab_signature(cfg.model.tiny)
+    elif cfg.model.base in BUILT_BASES:
+        student = None
     else:
         student = _vocab_signature(Path(cfg.model.tokenizer or cfg.model.base))
     for i, t in teachers:

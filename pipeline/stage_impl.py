@@ -25,6 +25,10 @@ def prepare(ctx: StageContext) -> dict:
     out = ctx.out_dir
     if cfg.model.base == "tiny":
         model_dir = materialize_tiny(cfg.model.tiny, out / "base", seed=cfg.seed)
+    elif cfg.model.base == "toy_hf":
+        from engine.toy_hf import materialize_toy_hf
+
+        model_dir = materialize_toy_hf(cfg.model.toy_hf, out / "base", seed=cfg.seed)
     else:
         model_dir = Path(cfg.model.base)
     outputs = {"model": str(model_dir)}
@@ -151,9 +155,14 @@ def sft(ctx: StageContext) -> dict:
     names = cfg.domain_names if target == "all" else [target]
     settings = cfg.student_sft if target == "all" else cfg.domain(target).sft
     base = ctx.model_dir("prepare")
-    train = [r for n in names for r in read_rows(ctx, n, "train")]
-    evals = [r for n in names for r in read_rows(ctx, n, "eval")]
+    # Prompt-only rows (IFEval publishes no demonstrations) are for RL and eval, not SFT.
+    train = [r for n in names for r in read_rows(ctx, n, "train") if _has_demonstration(r)]
+    evals = [r for n in names for r in read_rows(ctx, n, "eval") if _has_demonstration(r)]
     tokenizer = stage_tokenizer(cfg, base)
+    if not train:  # nothing to imitate: the stage's model is the base model
+        print(f"[{ctx.stage.name}] no demonstrations in {names}: the base model is this stage's model", flush=True)
+        return {"outputs": {"model": str(base), "final": export_stage(ctx, base, tokenizer)},
+                "metrics": {"steps": 0, "skipped": "no demonstrations"}}
     trainer = _make_trainer(ctx, base, **settings.trainer_overrides())
     logger = _logger(ctx, settings.steps, settings.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=settings.keep_last)
@@ -166,6 +175,10 @@ def sft(ctx: StageContext) -> dict:
     return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)},
             "metrics": {"final_loss": result["final"].get("loss"), "eval_loss": result["final"].get("eval_loss"),
                         "steps": result["steps"]}}
+
+
+def _has_demonstration(row: dict) -> bool:
+    return any(m["role"] == "assistant" for m in row["messages"])
 
 
 def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]) -> dict:
