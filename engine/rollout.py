@@ -64,7 +64,7 @@ def tool_call_text(tokenizer, turn_ids: list[int]) -> str:
     return text[start:] if start >= 0 else text
 
 
-def _step(ep: _Episode, done: Completion, *, budget: int, end_ids: set[int], environment, tokenizer,
+def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], environment, tokenizer,
           max_turns: int) -> None:
     """Apply one generated turn to an episode; execute its tool call if it made one."""
     room = budget - len(ep.response_ids)
@@ -77,7 +77,7 @@ def _step(ep: _Episode, done: Completion, *, budget: int, end_ids: set[int], env
     if done.finish_reason == "length":
         ep.finish_reason = "length"
         return
-    if environment is None or done.token_ids[-1] in end_ids:
+    if environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
         ep.finish_reason = "stop"
         return
     if ep.num_turns >= max_turns:
@@ -113,8 +113,9 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
                          "or generation never stops at a tool call")
     turns = max_turns if environment is not None else 1
     budget = max_response_tokens or sampling.max_new_tokens * turns
-    end_ids = set(end_of_turn_ids(tokenizer))
-    kw = dict(budget=budget, end_ids=end_ids, environment=environment, tokenizer=tokenizer, max_turns=turns)
+    # A turn that stopped at a stop id that is not an end of turn (`</tool_call>`) is a tool call.
+    call_ids = set(sampling.stop_token_ids) - set(end_of_turn_ids(tokenizer))
+    kw = dict(budget=budget, call_ids=call_ids, environment=environment, tokenizer=tokenizer, max_turns=turns)
 
     episodes = [_Episode(list(p)) for p in prompt_ids_list for _ in range(sampling.n)]
     for ep, done in zip(episodes, generator.generate(prompt_ids_list, sampling), strict=True):
