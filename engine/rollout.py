@@ -31,6 +31,13 @@ class Environment(Protocol):
     def execute(self, call_text: str) -> str: ...
 
 
+def _bind(environment, prompt_ids: list[int]):
+    """An environment per episode: `environment.bind(prompt)` where it has one (a row's own
+    tools, engine.row_tools), else the shared environment."""
+    bind = getattr(environment, "bind", None)
+    return bind(prompt_ids) if callable(bind) else environment
+
+
 @dataclass
 class Trajectory:
     prompt_ids: list[int]
@@ -50,6 +57,7 @@ class _Episode:
     logprobs: list[float] = field(default_factory=list)
     num_turns: int = 0
     finish_reason: str | None = None
+    environment: object = None
 
     def add(self, ids: list[int], logprobs: list[float] | None) -> None:
         self.response_ids += ids
@@ -64,8 +72,7 @@ def tool_call_text(tokenizer, turn_ids: list[int]) -> str:
     return text[start:] if start >= 0 else text
 
 
-def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], environment, tokenizer,
-          max_turns: int) -> None:
+def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], tokenizer, max_turns: int) -> None:
     """Apply one generated turn to an episode; execute its tool call if it made one."""
     room = budget - len(ep.response_ids)
     ep.num_turns += 1
@@ -77,13 +84,13 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], en
     if done.finish_reason == "length":
         ep.finish_reason = "length"
         return
-    if environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
+    if ep.environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
         ep.finish_reason = "stop"
         return
     if ep.num_turns >= max_turns:
         ep.finish_reason = "max_turns"
         return
-    result = environment.execute(tool_call_text(tokenizer, done.token_ids))
+    result = ep.environment.execute(tool_call_text(tokenizer, done.token_ids))
     if not isinstance(result, str):
         raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
     injected = tool_result_ids(tokenizer, result)
@@ -115,9 +122,10 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
     budget = max_response_tokens or sampling.max_new_tokens * turns
     # A turn that stopped at a stop id that is not an end of turn (`</tool_call>`) is a tool call.
     call_ids = set(sampling.stop_token_ids) - set(end_of_turn_ids(tokenizer))
-    kw = dict(budget=budget, call_ids=call_ids, environment=environment, tokenizer=tokenizer, max_turns=turns)
+    kw = dict(budget=budget, call_ids=call_ids, tokenizer=tokenizer, max_turns=turns)
 
-    episodes = [_Episode(list(p)) for p in prompt_ids_list for _ in range(sampling.n)]
+    episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None)
+                for p in prompt_ids_list for _ in range(sampling.n)]
     for ep, done in zip(episodes, generator.generate(prompt_ids_list, sampling), strict=True):
         _step(ep, done, **kw)
     turn = 1

@@ -367,13 +367,14 @@ def _chat_template_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, 
 
 
 def _multi_turn_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """Multi-turn tool episodes need a tool environment; only synthetic domains have one."""
+    """Multi-turn episodes need a tool environment: synthetic domains have their own, real
+    rows scored by the `tool` verifier their rows' tools (engine.row_tools); others none."""
     return [(f"domains[{i}].grpo.max_turns",
-             f"{d.grpo.max_turns} > 1 but domain {d.name!r} has no tool environment (only synthetic domains "
-             "have one); set max_turns: 1")
+             f"{d.grpo.max_turns} > 1 but domain {d.name!r} has no tool environment (synthetic domains and "
+             "`tool`-verified rows have one); set max_turns: 1")
             for i, d in enumerate(cfg.domains)
-            if d.data.synthetic is None and d.grpo.max_turns > 1
-            and (d.verifier == "tool" or "max_turns" in d.grpo.model_fields_set)]
+            if d.data.synthetic is None and d.verifier != "tool" and d.grpo.max_turns > 1
+            and "max_turns" in d.grpo.model_fields_set]
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -70,17 +70,28 @@ def read_rows(ctx: StageContext, domain: str, split: str) -> list[dict]:
 # ------------------------------------------------------------------------------ trainers
 
 
-def _domain_spec_map(cfg, names):
-    """Verifier and tool environment of each domain (environment only for multi-turn ones)."""
+def domain_environment(cfg, name: str, rows: list[dict], tokenizer):
+    """The tool environment of a multi-turn domain, None for single-turn ones: a synthetic
+    domain's own; for real tool rows (`tool` verifier, `grpo.max_turns` > 1) each row's own
+    tools (engine.row_tools). Training, OPD and eval all take it from here."""
     from engine.domains import get_domain
 
+    d = cfg.domain(name)
+    if d.data.synthetic is not None:
+        return get_domain(d.data.synthetic.generator).environment()
+    if d.verifier == "tool" and d.grpo.max_turns > 1:
+        from engine.row_tools import RowEnvironments
+
+        return RowEnvironments(rows, tokenizer)
+    return None
+
+
+def _domain_spec_map(ctx: StageContext, names, tokenizer):
+    """Verifier and tool environment of each domain (environment only for multi-turn ones)."""
     out = {}
     for n in names:
-        d = cfg.domain(n)
-        env = None
-        if d.data.synthetic is not None:
-            env = get_domain(d.data.synthetic.generator).environment()
-        out[n] = (d.verifier, env)
+        rows = read_rows(ctx, n, "train") + read_rows(ctx, n, "eval")
+        out[n] = (ctx.cfg.domain(n).verifier, domain_environment(ctx.cfg, n, rows, tokenizer))
     return out
 
 
@@ -157,7 +168,7 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
     cfg = ctx.cfg
     tokenizer = stage_tokenizer(cfg, init_dir)
     train = [r for n in names for r in read_rows(ctx, n, "train")]
-    specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in _domain_spec_map(cfg, names).items()}
+    specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in _domain_spec_map(ctx, names, tokenizer).items()}
     trainer = _make_trainer(ctx, init_dir, lr=settings.lr, weight_decay=settings.weight_decay,
                             warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip,
                             schedule="constant", total_steps=None, seed=settings.seed)
@@ -238,7 +249,7 @@ def opd(ctx: StageContext) -> dict:
         head_paths.append(str(hp))
     tokenizer = stage_tokenizer(cfg, student_dir)
     specs = {n: DomainSpec(verifier=v, environment=e)
-             for n, (v, e) in _domain_spec_map(cfg, [t.domain for t in teachers]).items()}
+             for n, (v, e) in _domain_spec_map(ctx, [t.domain for t in teachers], tokenizer).items()}
     prompts = {t.domain: read_rows(ctx, t.domain, "train") for t in teachers}
     steps_per_round = -(-len(teachers) * s.prompts_per_domain * s.samples_per_prompt // s.mini_batch_size)
     total = s.rounds * s.epochs_per_round * steps_per_round
@@ -345,7 +356,6 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
 def _eval_policy(cfg, model_dir: str):
     """A policy `(eval_set, rows, temperature, n) -> texts` backed by a local HF generator."""
     from engine.chat import render_prompt, tool_call_end_id
-    from engine.domains import get_domain
     from engine.generation import SamplingParams, build_generator
     from engine.rollout import rollout
 
@@ -353,7 +363,7 @@ def _eval_policy(cfg, model_dir: str):
     generator = build_generator(cfg.generator, model_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
 
     def policy(es, rows, temperature, n):
-        env = _domain_environment(get_domain, es.environment_name)
+        env = domain_environment(cfg, es.domain, rows, tokenizer)
         sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens,
                                   stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [],
                                   seed=cfg.seed)
@@ -364,18 +374,6 @@ def _eval_policy(cfg, model_dir: str):
 
     policy.close = generator.close  # evaluate_models releases each model before the next
     return policy
-
-
-def _domain_environment(get_domain, name: str | None):
-    """The tool environment of a multi-turn domain, None for single-turn domains."""
-    if name is None:
-        return None
-    try:
-        dom = get_domain(name)
-    except KeyError:
-        return None
-    make = getattr(dom, "environment", None)
-    return make() if callable(make) else None
 
 
 def report(ctx: StageContext) -> dict:
