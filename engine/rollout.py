@@ -8,7 +8,9 @@ context (earlier turns are kept, nothing is summarised). An episode ends at an
 end-of-turn token (EOS or the template's, `engine.chat.end_of_turn_ids`), at a
 turn that hits `max_new_tokens`, when the response would exceed the total budget, or
 when the model calls a tool on its last allowed turn. Each turn batches all episodes
-still active into one `generator.generate` call.
+still active into one `generator.generate` call. An environment with `bind(prompt_ids)`
+(real tool rows, `engine.row_tools`) gives each episode its own; a turn is a tool call
+when it stopped at a stop id that does not end the turn (`</tool_call>`).
 
 `Trajectory.finish_reason`: "stop" (end of turn, or a stop token when there is no environment),
 "length" (a turn hit `max_new_tokens` or the response hit the total budget; the budget
