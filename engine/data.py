@@ -13,7 +13,10 @@ line, with no line number, and (b) unify heterogeneous `reference` dicts into on
 struct, filling missing keys with nulls, which changes tool-call arguments and IFEval
 kwargs. Parquet (already a table) is read through `datasets.load_dataset("parquet")`;
 `as_dataset` turns validated rows into a `datasets.Dataset` with `reference` stored as
-a JSON string so it round-trips unchanged.
+a JSON string so it round-trips unchanged. A `datasets` source (`{path, name, split,
+data_files}`: a hub id, a builder over local files, or a `save_to_disk` directory) is read
+with `datasets.load_dataset` / `load_from_disk`, row by row through the same adapters and
+checks; that is how a hub dataset (GSM8K, MBPP, IFEval, xLAM) is used as it is published.
 """
 
 from __future__ import annotations
@@ -149,25 +152,59 @@ def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     raise ValueError(f"{path}: unsupported row file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def read_rows(path: str | os.PathLike, *, adapter: str | Callable[..., dict] | None = None,
+def _hf_records(source: dict) -> Iterator[tuple[int, Any, str | None]]:
+    """Records of a `datasets` source `{path, name, split, data_files}`: a hub id (online, or
+    from the local cache offline), a builder with local `data_files` (json, parquet, csv),
+    or a directory written by `Dataset.save_to_disk`."""
+    import datasets
+
+    path = source["path"]
+    if (Path(path) / "dataset_info.json").is_file() or (Path(path) / "state.json").is_file():
+        table = datasets.load_from_disk(path)
+        if isinstance(table, datasets.DatasetDict):
+            table = table[source.get("split") or "train"]
+    else:
+        table = datasets.load_dataset(path, source.get("name"), split=source.get("split") or "train",
+                                      data_files=source.get("data_files"))
+    for i, record in enumerate(table, start=1):
+        yield i, record, None
+
+
+def hf_label(source: dict) -> str:
+    """How rows of a `datasets` source are named in errors: `hf:path[name][split]`."""
+    name = f"[{source['name']}]" if source.get("name") else ""
+    files = source.get("data_files")
+    files = f"({', '.join([files] if isinstance(files, str) else files)})" if files else ""
+    return f"hf:{source['path']}{files}{name}[{source.get('split') or 'train'}]"
+
+
+def read_rows(path: str | os.PathLike | dict, *, adapter: str | Callable[..., dict] | None = None,
               domain: str | None = None, max_prompt_tokens: int | None = None, tokenizer=None,
               check_reference: Callable[[dict], str | None] | None = None) -> LoadResult:
     """Every valid row of `path` (after `adapter`) and every bad one with its line.
+    `path` is a JSONL/parquet file or a `datasets` source `{path, name, split, data_files}`
+    (rows are then numbered from 1 within the split).
     `check_reference(reference) -> reason | None` (the domain verifier's own check,
     `rewards.check_reference`) makes a reference the verifier cannot use a bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"row file not found: {path}")
+    if isinstance(path, dict):
+        files = path.get("data_files")
+        first = files if isinstance(files, str) else (files or [path["path"]])[0]
+        records, label, stem = _hf_records(path), hf_label(path), Path(str(first)).stem
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"row file not found: {path}")
+        records, label, stem = _records(path), str(path), path.stem
     convert = None
     if adapter is not None:
         from engine.adapters import get_adapter
 
         convert = get_adapter(adapter) if isinstance(adapter, str) else adapter
     rows, bad, ids = [], [], set()
-    for lineno, record, problem in _records(path):
+    for lineno, record, problem in records:
         if problem is None and convert is not None:
             try:
-                record = convert(record, domain=domain or "", default_id=f"{path.stem}-{lineno}")
+                record = convert(record, domain=domain or "", default_id=f"{stem}-{lineno}")
             except (ValueError, KeyError, TypeError) as exc:
                 problem = f"adapter rejected the record: {type(exc).__name__}: {exc}"
         if problem is None:
@@ -177,14 +214,14 @@ def read_rows(path: str | os.PathLike, *, adapter: str | Callable[..., dict] | N
         if problem is None and record["id"] in ids:
             problem = f"duplicate id {record['id']!r}"
         if problem is not None:
-            bad.append(BadRow(str(path), lineno, problem))
+            bad.append(BadRow(label, lineno, problem))
             continue
         ids.add(record["id"])
         rows.append(record)
     return LoadResult(rows, bad)
 
 
-def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip", adapter=None, domain: str | None = None,
+def load_rows(path: str | os.PathLike | dict, *, on_bad_row: str = "skip", adapter=None, domain: str | None = None,
               max_prompt_tokens: int | None = None, tokenizer=None, check_reference=None,
               max_listed: int = 20) -> list[dict]:
     """The valid rows of `path`; bad rows are skipped (logged) or fatal, per `on_bad_row`."""
@@ -195,7 +232,8 @@ def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip", adapter=None
     if result.bad:
         listed = "\n  ".join(str(b) for b in result.bad[:max_listed])
         more = f"\n  ... and {len(result.bad) - max_listed} more" if len(result.bad) > max_listed else ""
-        message = f"{path}: {len(result.bad)} bad row(s) of {len(result.bad) + len(result.rows)}:\n  {listed}{more}"
+        where = hf_label(path) if isinstance(path, dict) else path
+        message = f"{where}: {len(result.bad)} bad row(s) of {len(result.bad) + len(result.rows)}:\n  {listed}{more}"
         if on_bad_row == "error":
             raise DataError(message)
         log.warning("skipping %s", message)

@@ -44,7 +44,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 -> off
     max_new_tokens: int = 64
-    stop_token_ids: Sequence[int] = ()  # generation also stops at EOS
+    stop_token_ids: Sequence[int] = ()  # generation also stops at EOS and the end-of-turn ids
     seed: int | None = None
 
     def __post_init__(self):
@@ -166,6 +166,18 @@ class _RowSampler:
         return out.scatter(-1, chosen[:, None], 0.0)
 
 
+def model_end_ids(model, tokenizer=None) -> list[int]:
+    """Ids that end a turn: the tokenizer's EOS and template end of turn
+    (`engine.chat.end_of_turn_ids`), then the model's `generation_config`/`config` EOS ids."""
+    from engine.chat import end_of_turn_ids
+
+    ids = end_of_turn_ids(tokenizer) if tokenizer is not None else []
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        ids += [int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos]) if t is not None]
+    return list(dict.fromkeys(ids))
+
+
 class HFGenerator:
     """Batched transformers `generate` with left padding and the KV cache."""
 
@@ -182,9 +194,9 @@ class HFGenerator:
         self.model = model.to(device).eval()
         self.device = device
         self.batch_size = batch_size
-        cfg = self.model.config
-        self.eos_id = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer is not None else cfg.pad_token_id
+        self.end_ids = model_end_ids(self.model, tokenizer)  # EOS first, then the template's end of turn
+        self.eos_id = self.end_ids[0] if self.end_ids else None
+        self.pad_id = tokenizer.pad_token_id if tokenizer is not None else self.model.config.pad_token_id
         if self.eos_id is None or self.pad_id is None:
             raise ValueError("HFGenerator: need EOS and pad token ids (pass the tokenizer)")
         # A clean generation config: a checkpoint's own (repetition penalty, top-k ...) must
@@ -224,7 +236,7 @@ class HFGenerator:
                                                      generator=torch.Generator().manual_seed(row_seed(seed, i, j)))
                                     for i, j in batch_rows])
         sampler = _RowSampler(sampling, uniforms, P)
-        stop_ids = [self.eos_id, *[t for t in sampling.stop_token_ids if t != self.eos_id]]
+        stop_ids = list(dict.fromkeys([*self.end_ids, *sampling.stop_token_ids]))
         gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens,
                                    eos_token_id=stop_ids, pad_token_id=self.pad_id, use_cache=True)
         seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

@@ -135,7 +135,7 @@ class VLLMGenerator:
         if dtype not in _VLLM_DTYPES:
             raise ValueError(f"VLLMGenerator: unknown dtype {dtype!r}; known: {sorted(_VLLM_DTYPES)}")
         config = json.loads((Path(model_dir) / "config.json").read_text())
-        self.eos_id = _eos_id(config, tokenizer, model_dir)
+        self.end_ids = _end_ids(config, tokenizer, model_dir)
         self.vocab_size = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
         self.llm = LLM(model=str(model_dir), dtype=_VLLM_DTYPES[dtype], seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
@@ -150,7 +150,7 @@ class VLLMGenerator:
 
         validate_prompts(prompt_ids, self.vocab_size)
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        stop_ids = [self.eos_id, *[t for t in sampling.stop_token_ids if t != self.eos_id]]
+        stop_ids = list(dict.fromkeys([*self.end_ids, *sampling.stop_token_ids]))
         params = [VSamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                   top_k=sampling.top_k if sampling.top_k > 0 else -1,
                                   max_tokens=sampling.max_new_tokens,
@@ -176,15 +176,18 @@ class VLLMGenerator:
             torch.cuda.empty_cache()
 
 
-def _eos_id(config: dict, tokenizer, model_dir) -> int:
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    eos = config.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0]
-    if eos is None:
+def _end_ids(config: dict, tokenizer, model_dir) -> list[int]:
+    """EOS and the template's end-of-turn ids (tokenizer), then config/generation_config EOS ids."""
+    from engine.chat import end_of_turn_ids
+
+    ids = end_of_turn_ids(tokenizer, model_dir) if tokenizer is not None else []
+    gen = Path(model_dir) / "generation_config.json"
+    for source in (json.loads(gen.read_text()) if gen.is_file() else {}, config):
+        eos = source.get("eos_token_id")
+        ids += [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+    if not ids:
         raise ValueError(f"VLLMGenerator: no eos_token_id in {model_dir}/config.json; pass the tokenizer")
-    return int(eos)
+    return list(dict.fromkeys(ids))
 
 
 def _completion(out, stop_ids: set[int]) -> Completion:

@@ -60,27 +60,18 @@ def materialize_tiny(spec: TinySpec, out_dir: str | os.PathLike, seed: int) -> P
     return out
 
 
-GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+def load_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLike | None = None):
+    """`AutoTokenizer.from_pretrained(path)` (a local directory or a hub id); `chat_template`,
+    a Jinja file, replaces the tokenizer's own template (`model.chat_template`)."""
+    from transformers import AutoTokenizer
 
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer of an HF directory, honouring the class its tokenizer_config declares.
-
-    transformers 5 `AutoTokenizer` maps every `qwen2` config to `Qwen2Tokenizer`, which
-    rebuilds a byte-level pre-tokenizer around the vocabulary and silently drops the tiny
-    character tokenizer's spaces. A directory that declares a generic `tokenizers`
-    backend is therefore loaded as that backend; everything else goes through
-    `AutoTokenizer`.
-    """
-    import json
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    cfg_path = Path(path) / "tokenizer_config.json"
-    declared = json.loads(cfg_path.read_text()).get("tokenizer_class") if cfg_path.is_file() else None
-    if declared in GENERIC_TOKENIZER_CLASSES and (Path(path) / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if chat_template is not None:
+        file = Path(chat_template)
+        if not file.is_file():
+            raise FileNotFoundError(f"model.chat_template: file not found: {file}")
+        tokenizer.chat_template = file.read_text()
+    return tokenizer
 
 
 def load_model(path: str | os.PathLike, dtype: str = "fp32", device: str = "cpu"):

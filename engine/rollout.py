@@ -4,12 +4,15 @@ Multi-turn (tool domain): the sampling params carry the id of `</tool_call>` in
 `stop_token_ids`. A turn that ends there is a tool call: the environment executes it,
 `engine.chat.tool_result_ids` (close the assistant turn, the tool's result, reopen the
 assistant turn) is appended with loss mask 0, and generation continues on the whole
-context (earlier turns are kept, nothing is summarised). An episode ends at EOS, at a
+context (earlier turns are kept, nothing is summarised). An episode ends at an
+end-of-turn token (EOS or the template's, `engine.chat.end_of_turn_ids`), at a
 turn that hits `max_new_tokens`, when the response would exceed the total budget, or
 when the model calls a tool on its last allowed turn. Each turn batches all episodes
-still active into one `generator.generate` call.
+still active into one `generator.generate` call. An environment with `bind(prompt_ids)`
+(real tool rows, `engine.row_tools`) gives each episode its own; a turn is a tool call
+when it stopped at a stop id that does not end the turn (`</tool_call>`).
 
-`Trajectory.finish_reason`: "stop" (EOS, or a stop token when there is no environment),
+`Trajectory.finish_reason`: "stop" (end of turn, or a stop token when there is no environment),
 "length" (a turn hit `max_new_tokens` or the response hit the total budget; the budget
 cut happens before a tool result that would not fit, or inside the model's turn) and
 "max_turns" (a tool call on the last turn, left unanswered).
@@ -20,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from engine.chat import tool_result_ids
+from engine.chat import end_of_turn_ids, tool_result_ids
 from engine.generation import Completion, SamplingParams, row_seed
 
 TOOL_CALL_OPEN = "<tool_call>"
@@ -28,6 +31,13 @@ TOOL_CALL_OPEN = "<tool_call>"
 
 class Environment(Protocol):
     def execute(self, call_text: str) -> str: ...
+
+
+def _bind(environment, prompt_ids: list[int]):
+    """An environment per episode: `environment.bind(prompt)` where it has one (a row's own
+    tools, engine.row_tools), else the shared environment."""
+    bind = getattr(environment, "bind", None)
+    return bind(prompt_ids) if callable(bind) else environment
 
 
 @dataclass
@@ -49,6 +59,7 @@ class _Episode:
     logprobs: list[float] = field(default_factory=list)
     num_turns: int = 0
     finish_reason: str | None = None
+    environment: object = None
 
     def add(self, ids: list[int], logprobs: list[float] | None) -> None:
         self.response_ids += ids
@@ -63,8 +74,7 @@ def tool_call_text(tokenizer, turn_ids: list[int]) -> str:
     return text[start:] if start >= 0 else text
 
 
-def _step(ep: _Episode, done: Completion, *, budget: int, eos_id: int, environment, tokenizer,
-          max_turns: int) -> None:
+def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], tokenizer, max_turns: int) -> None:
     """Apply one generated turn to an episode; execute its tool call if it made one."""
     room = budget - len(ep.response_ids)
     ep.num_turns += 1
@@ -76,13 +86,13 @@ def _step(ep: _Episode, done: Completion, *, budget: int, eos_id: int, environme
     if done.finish_reason == "length":
         ep.finish_reason = "length"
         return
-    if environment is None or done.token_ids[-1] == eos_id:
+    if ep.environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
         ep.finish_reason = "stop"
         return
     if ep.num_turns >= max_turns:
         ep.finish_reason = "max_turns"
         return
-    result = environment.execute(tool_call_text(tokenizer, done.token_ids))
+    result = ep.environment.execute(tool_call_text(tokenizer, done.token_ids))
     if not isinstance(result, str):
         raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
     injected = tool_result_ids(tokenizer, result)
@@ -112,10 +122,12 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
                          "or generation never stops at a tool call")
     turns = max_turns if environment is not None else 1
     budget = max_response_tokens or sampling.max_new_tokens * turns
-    eos_id = tokenizer.eos_token_id
-    kw = dict(budget=budget, eos_id=eos_id, environment=environment, tokenizer=tokenizer, max_turns=turns)
+    # A turn that stopped at a stop id that is not an end of turn (`</tool_call>`) is a tool call.
+    call_ids = set(sampling.stop_token_ids) - set(end_of_turn_ids(tokenizer))
+    kw = dict(budget=budget, call_ids=call_ids, tokenizer=tokenizer, max_turns=turns)
 
-    episodes = [_Episode(list(p)) for p in prompt_ids_list for _ in range(sampling.n)]
+    episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None)
+                for p in prompt_ids_list for _ in range(sampling.n)]
     for ep, done in zip(episodes, generator.generate(prompt_ids_list, sampling), strict=True):
         _step(ep, done, **kw)
     turn = 1

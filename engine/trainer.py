@@ -148,8 +148,9 @@ def save_hf_dir(lm, state_dict: dict, path: Path, tokenizer_dir: str | None) -> 
     """`state_dict` as an HF model directory (safetensors + config), with the tokenizer."""
     path.mkdir(parents=True, exist_ok=True)
     lm.save_pretrained(str(path), state_dict=state_dict)
-    if tokenizer_dir and (Path(tokenizer_dir) / "tokenizer_config.json").exists():
-        from engine.model import load_tokenizer
+    local = tokenizer_dir is not None and Path(tokenizer_dir).is_dir()
+    if tokenizer_dir and (not local or (Path(tokenizer_dir) / "tokenizer_config.json").exists()):
+        from engine.model import load_tokenizer  # a local directory or a hub id
 
         load_tokenizer(tokenizer_dir).save_pretrained(str(path))
 

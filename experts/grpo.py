@@ -100,7 +100,7 @@ class GRPOLoss:
 def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd, wal=None):
     """Roll out and score `rows_needed` prompts; returns per-group sample lists. With a
     rollout log (`wal`), each domain's batch is replayed from it when logged there."""
-    from engine.chat import render_prompt
+    from engine.chat import render_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout_wal import logged_rollout
     from rewards import raise_if_all_verifier_errors
@@ -110,13 +110,12 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
     by_domain: dict[str, list[dict]] = {}
     for r in rows:
         by_domain.setdefault(r["domain"], []).append(r)
-    stop_ids = [tokenizer.convert_tokens_to_ids("</tool_call>")]
     for dom, drows in sorted(by_domain.items()):
         spec = domains[dom]
         sampling = SamplingParams(
             n=settings.group_size, temperature=settings.temperature, top_p=settings.top_p,
             max_new_tokens=settings.max_new_tokens,
-            stop_token_ids=stop_ids if spec.environment is not None else [],
+            stop_token_ids=[tool_call_end_id(tokenizer)] if spec.environment is not None else [],
             seed=step_seed * 1000 + rnd,
         )
         prompts = [render_prompt(r["messages"], tokenizer) for r in drows]

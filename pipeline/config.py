@@ -25,6 +25,7 @@ from engine.settings import Settings
 from pipeline.config_paths import adapter_errors, model_path_errors, run_dir_errors
 from pipeline.config_yaml import YAMLProblem, parse_yaml
 from engine.tiny_spec import TinySpec
+from engine.toy_hf import ToyHFSpec
 from engine.trainer_settings import TrainerSettings
 from experts.grpo_settings import GRPOSettings
 from experts.sft_settings import SFTSettings
@@ -41,10 +42,17 @@ class ConfigError(Exception):
 Frozen = Settings  # extra keys forbidden, frozen, no inf/nan, no boolean for a number
 
 
+BUILT_BASES = ("tiny", "toy_hf")  # base models built offline in `prepare`
+
+
 class ModelConfig(Frozen):
-    base: str = Field("tiny", description="'tiny' (built from `tiny`) or a Hugging Face directory")
+    base: str = Field("tiny", description="'tiny' or 'toy_hf' (built offline from `tiny` / `toy_hf`), "
+                                          "a Hugging Face directory or hub id")
     tiny: TinySpec = TinySpec()
+    toy_hf: ToyHFSpec = ToyHFSpec()
     tokenizer: str | None = Field(None, description="default: the base model's directory")
+    chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own "
+                                                        "(required when the base model ships none)")
     dtype: Literal["fp32", "bf16"] = "fp32"
 
 
@@ -54,10 +62,24 @@ class SyntheticData(Frozen):
     eval_size: PositiveInt = 64
 
 
+class HFSource(Frozen):
+    """A split of a `datasets` dataset: a hub id, a builder (json, parquet) over local
+    `data_files`, or a directory written by `save_to_disk`."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    data_files: str | list[str] | None = None
+
+
+class HFData(Frozen):
+    hf: HFSource
+
+
 class DataConfig(Frozen):
     synthetic: SyntheticData | None = None
-    train: str | None = None
-    eval: str | None = None
+    train: str | HFData | None = Field(None, description="a JSONL/parquet file or {hf: {path, name, split}}")
+    eval: str | HFData | None = None
     adapter: str | None = Field(None, description="row adapter for real datasets (gsm8k, mbpp, ifeval, xlam)")
     on_bad_row: Literal["skip", "error"] = "skip"
     max_prompt_tokens: PositiveInt = 512
@@ -339,15 +361,60 @@ def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
                            f"unknown generator {d.data.synthetic.generator!r}; known: {sorted(known_domains())}"))
         for split in ("train", "eval"):
             p = getattr(d.data, split)
-            if p is not None and not resolve_path(p, base).exists():
+            if isinstance(p, str) and not resolve_path(p, base).exists():
                 errors.append((f"{where}.data.{split}", f"file not found: {p}"))
+            if isinstance(p, HFData):
+                errors += _hf_source_errors(p.hf, base, f"{where}.data.{split}.hf")
         errors += _verifier_errors(d.verifier, f"{where}.verifier")
-    if cfg.model.base != "tiny" and not Path(cfg.model.base).is_dir():
+    if cfg.model.base not in BUILT_BASES and not Path(cfg.model.base).is_dir():
         if not _looks_like_hub_id(cfg.model.base):
             errors.append(("model.base", f"not 'tiny' and not a directory: {cfg.model.base}"))
     errors += adapter_errors(cfg) + model_path_errors(cfg, _looks_like_hub_id) + run_dir_errors(cfg.run_path)
+    errors += _chat_template_errors(cfg, base)
+    errors += _multi_turn_errors(cfg)
     errors += _vocab_errors(cfg)
     return errors
+
+
+def _hf_source_errors(src: HFSource, base: Path, where: str) -> list[tuple[str, str]]:
+    """Local data files and dataset directories must exist; a hub id is checked when loaded."""
+    files = [src.data_files] if isinstance(src.data_files, str) else list(src.data_files or [])
+    errors = [(f"{where}.data_files", f"file not found: {f}") for f in files
+              if not any(ch in f for ch in "*?[") and not resolve_path(f, base).exists()]
+    local = src.path.startswith((".", "/")) or src.path.count("/") > 1
+    if local and not resolve_path(src.path, base).exists():
+        errors.append((f"{where}.path", f"dataset directory not found: {src.path}"))
+    return errors
+
+
+def _chat_template_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
+    """Every path renders through a chat template: the tokenizer's own or `model.chat_template`.
+    Checked for local directories; a hub id's template is checked when it is loaded."""
+    from engine.chat import chat_template_of
+
+    if cfg.model.chat_template is not None:
+        if not resolve_path(cfg.model.chat_template, base).is_file():
+            return [("model.chat_template", f"file not found: {cfg.model.chat_template}")]
+        return []
+    source = cfg.model.tokenizer or cfg.model.base
+    if source in BUILT_BASES or not Path(source).is_dir():
+        return []
+    if chat_template_of(source) is None:
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.base"
+        return [("model.chat_template", f"the tokenizer of {key} ({source}) has no chat template; "
+                                        "set model.chat_template to a Jinja template file")]
+    return []
+
+
+def _multi_turn_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Multi-turn episodes need a tool environment: synthetic domains have their own, real
+    rows scored by the `tool` verifier their rows' tools (engine.row_tools); others none."""
+    return [(f"domains[{i}].grpo.max_turns",
+             f"{d.grpo.max_turns} > 1 but domain {d.name!r} has no tool environment (synthetic domains and "
+             "`tool`-verified rows have one); set max_turns: 1")
+            for i, d in enumerate(cfg.domains)
+            if d.data.synthetic is None and d.verifier != "tool" and d.grpo.max_turns > 1
+            and "max_turns" in d.grpo.model_fields_set]
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -396,6 +463,8 @@ def _vocab_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         return errors
     if cfg.model.base == "tiny":
         student = _tiny_vocab_signature(cfg.model.tiny)
+    elif cfg.model.base in BUILT_BASES:
+        student = None
     else:
         try:
             student = _vocab_signature(Path(cfg.model.tokenizer or cfg.model.base))

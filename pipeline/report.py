@@ -349,6 +349,19 @@ def _disk_section(run_dir: Path, manifests: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def _exports_section(manifests: dict[str, dict], run_dir: Path) -> list[str]:
+    """The `final/` directory each model stage exported (transformers / vLLM load them as is)."""
+    finals = [(stage, (m.get("outputs") or {}).get("final")) for stage, m in manifests.items()]
+    finals = [(stage, path) for stage, path in finals if path]
+    if not finals:
+        return []
+    lines = ["## Exported models", "", "| stage | final/ |", "|---|---|"]
+    for stage, path in finals:
+        p = Path(path)
+        lines.append(f"| {stage} | `{p.relative_to(run_dir) if p.is_relative_to(run_dir) else p}` |")
+    return lines + [""]
+
+
 def _experiment_name(run_dir: Path) -> str:
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
@@ -375,6 +388,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     lines += _curves_section(run_dir, manifests, plots)
     lines += _opd_section(manifests, plots, run_dir)
     lines += _disk_section(run_dir, manifests)
+    lines += _exports_section(manifests, run_dir)
     lines += _timings_section(manifests)
     out = run_dir / "report" / "report.md"
     atomic_write_text(out, "\n".join(lines))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import resolve_path
+from pipeline.stage_io import data_source, export_stage, stage_tokenizer
 from pipeline.stages import StageContext
 
 
@@ -25,12 +25,14 @@ def prepare(ctx: StageContext) -> dict:
     out = ctx.out_dir
     if cfg.model.base == "tiny":
         model_dir = materialize_tiny(cfg.model.tiny, out / "base", seed=cfg.seed)
+    elif cfg.model.base == "toy_hf":
+        from engine.toy_hf import materialize_toy_hf
+
+        model_dir = materialize_toy_hf(cfg.model.toy_hf, out / "base", seed=cfg.seed)
     else:
         model_dir = Path(cfg.model.base)
     outputs = {"model": str(model_dir)}
-    from engine.model import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir) if Path(model_dir).is_dir() else None
+    tokenizer = stage_tokenizer(cfg, model_dir)
     counts = {}
     for d in cfg.domains:
         train_path = out / "data" / d.name / "train.jsonl"
@@ -50,8 +52,7 @@ def prepare(ctx: StageContext) -> dict:
             kw = dict(on_bad_row=d.data.on_bad_row, adapter=d.data.adapter, domain=d.name,
                       max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer,
                       check_reference=partial(check_reference, d.verifier))
-            train = load_rows(resolve_path(d.data.train, base), **kw)
-            evals = load_rows(resolve_path(d.data.eval, base), **kw)
+            train, evals = (load_rows(data_source(getattr(d.data, split), base), **kw) for split in ("train", "eval"))
         write_jsonl(train_path, train)
         write_jsonl(eval_path, evals)
         outputs[f"data:{d.name}:train"] = str(train_path)
@@ -69,17 +70,28 @@ def read_rows(ctx: StageContext, domain: str, split: str) -> list[dict]:
 # ------------------------------------------------------------------------------ trainers
 
 
-def _domain_spec_map(cfg, names):
-    """Verifier and tool environment of each domain (environment only for multi-turn ones)."""
+def domain_environment(cfg, name: str, rows: list[dict], tokenizer):
+    """The tool environment of a multi-turn domain, None for single-turn ones: a synthetic
+    domain's own; for real tool rows (`tool` verifier, `grpo.max_turns` > 1) each row's own
+    tools (engine.row_tools). Training, OPD and eval all take it from here."""
     from engine.domains import get_domain
 
+    d = cfg.domain(name)
+    if d.data.synthetic is not None:
+        return get_domain(d.data.synthetic.generator).environment()
+    if d.verifier == "tool" and d.grpo.max_turns > 1:
+        from engine.row_tools import RowEnvironments
+
+        return RowEnvironments(rows, tokenizer)
+    return None
+
+
+def _domain_spec_map(ctx: StageContext, names, tokenizer):
+    """Verifier and tool environment of each domain (environment only for multi-turn ones)."""
     out = {}
     for n in names:
-        d = cfg.domain(n)
-        env = None
-        if d.data.synthetic is not None:
-            env = get_domain(d.data.synthetic.generator).environment()
-        out[n] = (d.verifier, env)
+        rows = read_rows(ctx, n, "train") + read_rows(ctx, n, "eval")
+        out[n] = (ctx.cfg.domain(n).verifier, domain_environment(ctx.cfg, n, rows, tokenizer))
     return out
 
 
@@ -114,7 +126,6 @@ def _finish(trainer, logger) -> None:
 def sft(ctx: StageContext) -> dict:
     """`sft:<domain>` on that domain's demonstrations; `sft:all` on every domain's."""
     from engine.checkpoint import CheckpointManager
-    from engine.model import load_tokenizer
     from experts.sft import run_sft
 
     cfg = ctx.cfg
@@ -122,9 +133,14 @@ def sft(ctx: StageContext) -> dict:
     names = cfg.domain_names if target == "all" else [target]
     settings = cfg.student_sft if target == "all" else cfg.domain(target).sft
     base = ctx.model_dir("prepare")
-    train = [r for n in names for r in read_rows(ctx, n, "train")]
-    evals = [r for n in names for r in read_rows(ctx, n, "eval")]
-    tokenizer = load_tokenizer(cfg.model.tokenizer or base)
+    # Prompt-only rows (IFEval publishes no demonstrations) are for RL and eval, not SFT.
+    train = [r for n in names for r in read_rows(ctx, n, "train") if _has_demonstration(r)]
+    evals = [r for n in names for r in read_rows(ctx, n, "eval") if _has_demonstration(r)]
+    tokenizer = stage_tokenizer(cfg, base)
+    if not train:  # nothing to imitate: the stage's model is the base model
+        print(f"[{ctx.stage.name}] no demonstrations in {names}: the base model is this stage's model", flush=True)
+        return {"outputs": {"model": str(base), "final": export_stage(ctx, base, tokenizer)},
+                "metrics": {"steps": 0, "skipped": "no demonstrations"}}
     trainer = _make_trainer(ctx, base, **settings.trainer_overrides())
     logger = _logger(ctx, settings.steps, settings.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=settings.keep_last)
@@ -133,21 +149,25 @@ def sft(ctx: StageContext) -> dict:
                          out_dir=ctx.out_dir, logger=logger, checkpoints=checkpoints)
     finally:
         _finish(trainer, logger)
-    return {"outputs": {"model": str(checkpoints.latest())},
+    latest = checkpoints.latest()
+    return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)},
             "metrics": {"final_loss": result["final"].get("loss"), "eval_loss": result["final"].get("eval_loss"),
                         "steps": result["steps"]}}
+
+
+def _has_demonstration(row: dict) -> bool:
+    return any(m["role"] == "assistant" for m in row["messages"])
 
 
 def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]) -> dict:
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
-    from engine.model import load_tokenizer
     from experts.grpo import DomainSpec, run_grpo
 
     cfg = ctx.cfg
-    tokenizer = load_tokenizer(cfg.model.tokenizer or init_dir)
+    tokenizer = stage_tokenizer(cfg, init_dir)
     train = [r for n in names for r in read_rows(ctx, n, "train")]
-    specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in _domain_spec_map(cfg, names).items()}
+    specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in _domain_spec_map(ctx, names, tokenizer).items()}
     trainer = _make_trainer(ctx, init_dir, lr=settings.lr, weight_decay=settings.weight_decay,
                             warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip,
                             schedule="constant", total_steps=None, seed=settings.seed)
@@ -170,7 +190,8 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
         generator.close()
         _finish(trainer, logger)
     keep = ("reward_mean", "train/loss", "train/clip_frac_high", "train/approx_kl", "response_len")
-    return {"outputs": {"model": str(checkpoints.latest())},
+    latest = checkpoints.latest()
+    return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)},
             "metrics": {k: v for k, v in final.items() if k in keep or k.startswith(("reward/", "rollout_wal/"))}}
 
 
@@ -186,16 +207,15 @@ def mixed_rl(ctx: StageContext) -> dict:
 
 def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> dict[str, float]:
     """The student's greedy verifier score per domain on a slice of held-out prompts."""
-    from engine.chat import render_prompt
+    from engine.chat import render_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout import rollout
 
-    stop = [tokenizer.convert_tokens_to_ids("</tool_call>")]
     out = {}
     for d, rows in sorted(rows_by_domain.items()):
         env = specs[d].environment
         sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=s.max_new_tokens,
-                                  stop_token_ids=stop if env is not None else [])
+                                  stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [])
         trajs = rollout(generator, [render_prompt(r["messages"], tokenizer) for r in rows], sampling,
                         tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
         res = _checked_scores(scorer, f"OPD student eval, domain {d!r}")(
@@ -209,7 +229,7 @@ def opd(ctx: StageContext) -> dict:
     from distill.opd import DomainSpec, TeacherRef, run_opd
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
-    from engine.model import load_model, load_tokenizer
+    from engine.model import load_model
 
     cfg = ctx.cfg
     s = cfg.opd
@@ -225,9 +245,9 @@ def opd(ctx: StageContext) -> dict:
         if not hp.is_file():
             extract_head(t.model_dir, hp)
         head_paths.append(str(hp))
-    tokenizer = load_tokenizer(cfg.model.tokenizer or student_dir)
+    tokenizer = stage_tokenizer(cfg, student_dir)
     specs = {n: DomainSpec(verifier=v, environment=e)
-             for n, (v, e) in _domain_spec_map(cfg, [t.domain for t in teachers]).items()}
+             for n, (v, e) in _domain_spec_map(ctx, [t.domain for t in teachers], tokenizer).items()}
     prompts = {t.domain: read_rows(ctx, t.domain, "train") for t in teachers}
     steps_per_round = -(-len(teachers) * s.prompts_per_domain * s.samples_per_prompt // s.mini_batch_size)
     total = s.rounds * s.epochs_per_round * steps_per_round
@@ -253,7 +273,8 @@ def opd(ctx: StageContext) -> dict:
         scorer.close()
         generator.close()
         _finish(trainer, logger)
-    return {"outputs": {"model": str(checkpoints.latest())}, "metrics": history}
+    latest = checkpoints.latest()
+    return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)}, "metrics": history}
 
 
 def evaluate(ctx: StageContext) -> dict:
@@ -266,7 +287,7 @@ def evaluate(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
     sets = [EvalSet(d.name, d.verifier, read_rows(ctx, d.name, "eval"),
-                    d.data.synthetic.generator if d.data.synthetic else d.verifier) for d in cfg.domains]
+                    d.data.synthetic.generator if d.data.synthetic else None) for d in cfg.domains]
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
 
@@ -340,20 +361,18 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
 
 def _eval_policy(cfg, model_dir: str):
     """A policy `(eval_set, rows, temperature, n) -> texts` backed by a local HF generator."""
-    from engine.chat import render_prompt
-    from engine.domains import get_domain
+    from engine.chat import render_prompt, tool_call_end_id
     from engine.generation import SamplingParams, build_generator
-    from engine.model import load_tokenizer
     from engine.rollout import rollout
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir)
+    tokenizer = stage_tokenizer(cfg, model_dir)
     generator = build_generator(cfg.generator, model_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
-    stop_ids = [tokenizer.convert_tokens_to_ids("</tool_call>")]
 
     def policy(es, rows, temperature, n):
-        env = _domain_environment(get_domain, es.environment_name)
+        env = domain_environment(cfg, es.domain, rows, tokenizer)
         sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens,
-                                  stop_token_ids=stop_ids if env is not None else [], seed=cfg.seed)
+                                  stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [],
+                                  seed=cfg.seed)
         prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
         max_turns = cfg.domain(es.domain).grpo.max_turns if env is not None else 1
         trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env, max_turns=max_turns)
@@ -361,18 +380,6 @@ def _eval_policy(cfg, model_dir: str):
 
     policy.close = generator.close  # evaluate_models releases each model before the next
     return policy
-
-
-def _domain_environment(get_domain, name: str | None):
-    """The tool environment of a multi-turn domain, None for single-turn domains."""
-    if name is None:
-        return None
-    try:
-        dom = get_domain(name)
-    except KeyError:
-        return None
-    make = getattr(dom, "environment", None)
-    return make() if callable(make) else None
 
 
 def report(ctx: StageContext) -> dict:

@@ -42,11 +42,10 @@ class StageContext:
 
 
 def setup_environment(run_root: Path) -> None:
-    """Keep every cache inside ignored folders; CPU threads; offline hubs."""
+    """Keep every cache inside ignored folders; CPU threads. Offline hub access only where
+    the environment asks for it (the Makefile sets HF_HUB_OFFLINE for the tiny run)."""
     cache = Path.cwd() / ".cache"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

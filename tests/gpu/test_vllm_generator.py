@@ -78,3 +78,38 @@ def test_stop_token_and_multi_turn_rollout(setup):
                                                                 stop_token_ids=[stop]),
                     tokenizer=setup.tok, environment=Echo(), max_turns=2)
     assert trajs[0].num_turns == 2 and "<tool_response>42</tool_response>" in trajs[0].text
+
+
+def test_stops_at_the_templates_end_of_turn(tmp_path):
+    """A model that emits <|eot_id|> (not its EOS) stops there with vLLM, as with HF
+    (tests/unit/test_chat.py builds the same Llama-3-style tokenizer)."""
+    pytest.importorskip("vllm")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.generation_vllm import VLLMGenerator
+    from tests.unit.test_chat import LLAMA3_TEMPLATE, _byte_bpe
+
+    tok = _byte_bpe(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                     "<|end_of_text|>"], "<|end_of_text|>", LLAMA3_TEMPLATE)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
+                                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=0, bos_token_id=0, max_position_embeddings=256))
+    prompt = render_prompt([{"role": "user", "content": "say something"}], tok)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    free = HFGenerator(model, tok).generate([prompt], greedy)[0]
+    k = next((i for i, t in enumerate(free.token_ids) if t == eot), 3)
+    with torch.no_grad():  # equal logits, lower id wins: <|eot_id|> where the k-th token was
+        model.lm_head.weight[eot] = model.lm_head.weight[free.token_ids[k]]
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    hf = HFGenerator(model.to("cuda"), tok, device="cuda").generate([prompt], greedy)[0]
+    vl = VLLMGenerator(tmp_path / "m", tok, dtype="fp32", gpu_memory_utilization=0.2, enforce_eager=True,
+                       max_model_len=256)
+    try:
+        out = vl.generate([prompt], greedy)[0]
+    finally:
+        vl.close()
+    assert out.token_ids == hf.token_ids and out.token_ids[-1] == eot and out.finish_reason == "stop"

@@ -36,7 +36,7 @@ def run_dir(tmp_path):
     (run).mkdir()
     (run / "config.yaml").write_text("experiment: synth\n")
     _manifest(run, "prepare", 1.5, 1.0)
-    sft = _manifest(run, "sft:math", 12.25, 2.0)
+    sft = _manifest(run, "sft:math", 12.25, 2.0, outputs={"final": str(run / "sft-math" / "final")})
     (sft / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 3.0 / (i + 1), "lr": 1e-3,
                                                            "note": "x"}) + "\n" for i in range(20))
                                        + '{"step": 20, "loss": 0.1')  # torn last line: ignored
@@ -89,6 +89,7 @@ def test_report_from_synthetic_run(run_dir):
     assert "| grpo:math | done | 30.0 | 1 |" in text
     assert "Total stage time: 88.8 s" in text  # 1.5 + 12.25 + 30 + 40 + 5
     assert "Last step: loss 0.150" in text  # sft step 19: 3/20
+    assert "## Exported models" in text and "| sft:math | `sft-math/final` |" in text
 
 
 def test_table_one_domain_and_ties():

@@ -106,3 +106,32 @@ def test_rejected_records_are_reported_with_line(tmp_path):
     bad_tools = tmp_path / "x.jsonl"
     bad_tools.write_text(json.dumps({"query": "q", "tools": "[not json", "answers": "[]"}) + "\n")
     assert "is a string but not JSON" in read_rows(bad_tools, adapter="xlam").bad[0].reason
+
+
+@pytest.mark.parametrize("name,adapter", [("gsm8k.jsonl", "gsm8k"), ("mbpp.jsonl", "mbpp"),
+                                          ("ifeval.jsonl", "ifeval"), ("xlam.jsonl", "xlam")])
+def test_datasets_source_gives_the_same_rows_as_the_file(name, adapter, tmp_path):
+    """`{path, data_files, split}` through `datasets.load_dataset`, and a `save_to_disk`
+    directory, give the rows the stdlib JSONL reader gives (ids aside: row numbers)."""
+    import datasets
+
+    want = load(name, adapter)
+    src = {"path": "json", "data_files": str(FIXTURES / name), "split": "train"}
+    got = load_rows(src, adapter=adapter, on_bad_row="error")
+    assert [(r["messages"], r["reference"]) for r in got] == [(r["messages"], r["reference"]) for r in want]
+    datasets.load_dataset("json", data_files=str(FIXTURES / name), split="train").save_to_disk(str(tmp_path / "d"))
+    on_disk = load_rows({"path": str(tmp_path / "d"), "split": "train"}, adapter=adapter, on_bad_row="error")
+    assert [r["reference"] for r in on_disk] == [r["reference"] for r in want]
+    part = load_rows({**src, "split": "train[1:]"}, adapter=adapter, on_bad_row="error")
+    assert [r["reference"] for r in part] == [r["reference"] for r in want[1:]]
+
+
+def test_datasets_source_bad_rows_are_named_by_split_and_row(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text(json.dumps({"question": "q?", "answer": "x\n#### 4"}) + "\n"
+                 + json.dumps({"question": "", "answer": "x\n#### 4"}) + "\n")
+    result = read_rows({"path": "json", "data_files": str(f), "split": "train"}, adapter="gsm8k")
+    assert len(result.rows) == 1
+    assert [str(b) for b in result.bad] == [
+        f"hf:json({f})[train]:2: adapter rejected the record: ValueError: field 'question' must be a non-empty "
+        "string, got ''"]

@@ -175,3 +175,39 @@ def test_two_teachers_for_one_opd_route_are_rejected(tmp_path):
     refs = [TeacherRef(index=i, domain=d, name=d, model_dir="x", weight=1.0) for i, d in enumerate(["math", "math"])]
     with pytest.raises(ValueError, match="both claim route 'math'"):
         route_teachers(refs)
+
+
+def test_real_model_and_data_errors_name_their_keys(tmp_path):
+    """A base without a chat template names model.chat_template; a datasets source's missing
+    files name their key; a real domain without tools cannot ask for multi-turn episodes."""
+    from engine.model import TinySpec, materialize_tiny
+
+    base = materialize_tiny(TinySpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                     intermediate_size=64), tmp_path / "base", seed=0)
+    (base / "chat_template.jinja").unlink()
+    raw = _tiny_raw()
+    raw["model"] = {"base": str(base)}
+    raw["domains"][3]["data"] = {"train": {"hf": {"path": "json", "data_files": "nope.jsonl"}},
+                                 "eval": {"hf": {"path": str(ROOT / "tests" / "fixtures" / "no-such-dir")}},
+                                 "adapter": "xlam"}
+    gsm8k = str(ROOT / "tests" / "fixtures" / "gsm8k.jsonl")
+    raw["domains"][0]["data"] = {"train": gsm8k, "eval": gsm8k, "adapter": "gsm8k"}
+    raw["domains"][0]["grpo"]["max_turns"] = 3
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, raw))
+    errors = dict(exc.value.errors)
+    assert "no chat template" in errors["model.chat_template"]
+    assert errors["domains[3].data.train.hf.data_files"] == "file not found: nope.jsonl"
+    assert errors["domains[3].data.eval.hf.path"].startswith("dataset directory not found")
+    assert "no tool environment" in errors["domains[0].grpo.max_turns"]
+    assert "domains[3].grpo.max_turns" not in errors  # real tool rows bring their own tools
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    raw["model"]["chat_template"] = str(template)
+    fixture = str(ROOT / "tests" / "fixtures" / "xlam.jsonl")
+    raw["domains"][3]["data"] = {"train": {"hf": {"path": "json", "data_files": fixture, "split": "train[:2]"}},
+                                 "eval": {"hf": {"path": "json", "data_files": fixture, "split": "train[2:]"}},
+                                 "adapter": "xlam"}
+    raw["domains"][0]["grpo"]["max_turns"] = 1
+    cfg = load_config(_write(tmp_path, raw))
+    assert cfg.domains[3].data.train.hf.split == "train[:2]"

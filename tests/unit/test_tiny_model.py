@@ -11,7 +11,11 @@ def test_round_trip_keeps_weights_text_and_chat_template(tmp_path):
     model, tok = load_model(d), load_tokenizer(d)
     text = 'def f(x):\n    return x * 3  # <tool_call><invoke name="add"></invoke></tool_call> \\boxed{4}'
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids) == text  # spaces included: a byte-level tokenizer class would drop them
+    assert tok.decode(ids) == text  # spaces included
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(d))  # no project code: transformers picks the class
+    assert plain(text, add_special_tokens=False)["input_ids"] == ids and plain.decode(ids) == text
     assert len(ids) < len(text)  # tags are single tokens
     msgs = [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c d"},
             {"role": "tool", "content": "5"}, {"role": "assistant", "content": "e"}]
