@@ -12,6 +12,10 @@ the compute device, releases it (and invalidates the released object, so a stale
 reference fails loudly instead of keeping memory alive) before loading the next, may
 prefetch the next head into host memory on a background thread, counts loads per
 optimiser step, and refuses a teacher index that goes backwards within a step.
+Residency is measured, not counted: every activated head's tensor storages are tracked by
+weak references, and `max_resident_heads` / `max_resident_bytes` are the most heads (and
+bytes) whose memory was still alive when a head was activated, so a head kept alive by a
+stray reference (to a weight or a view of it) counts.
 Only RMSNorm heads of the Qwen2/Llama form `w * x / rms(x)` are supported (not Gemma's
 `(1 + w)`, not LayerNorm with bias).
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.multiprocessing.reductions import StorageWeakRef
 from safetensors.torch import save as safetensors_save
 
 from distill.kl import compute_rmsnorm_logits
@@ -218,12 +223,13 @@ class HeadManager:
         self.head_paths = [str(p) for p in head_paths]
         self.device, self.dtype = torch.device(device), dtype
         self.head_loads_per_step: list[int] = []
-        self.max_resident_heads = 0
+        self.max_resident_heads = 0  # measured: heads whose storages were alive at an activation
+        self.max_resident_bytes = 0
         self.total_loads = 0
         self.prefetch_hits = 0
         self._resident: TeacherHead | None = None
         self._resident_index: int | None = None
-        self._n_resident = 0
+        self._tracked: list[list[tuple[StorageWeakRef, int]]] = []  # per activated head: its storages
         self._step_loads: int | None = None
         self._last_index = -1
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-prefetch") if prefetch else None
@@ -267,8 +273,7 @@ class HeadManager:
         if self.device.type != "cpu":
             head = head.to(self.device)
         self._resident, self._resident_index = head, i
-        self._n_resident += 1
-        self.max_resident_heads = max(self.max_resident_heads, self._n_resident)
+        self._track(head)
         self._step_loads += 1
         self.total_loads += 1
         if i + 1 < len(self.head_paths):
@@ -282,10 +287,23 @@ class HeadManager:
             self._pool = None
         self._pending = None
 
+    def resident_heads(self) -> tuple[int, int]:
+        """(heads, bytes) of activated heads whose tensor memory is still alive now."""
+        self._tracked = [refs for refs in self._tracked if any(not r.expired() for r, _ in refs)]
+        live = {r.cdata: n for refs in self._tracked for r, n in refs if not r.expired()}
+        return len(self._tracked), sum(live.values())
+
+    def _track(self, head: TeacherHead) -> None:
+        refs = [(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+                for t in (head.norm_weight, head.proj_weight)]
+        self._tracked.append(refs)
+        heads, nbytes = self.resident_heads()
+        self.max_resident_heads = max(self.max_resident_heads, heads)
+        self.max_resident_bytes = max(self.max_resident_bytes, nbytes)
+
     def _release(self) -> None:
         if self._resident is not None:
             self._resident.release()
-            self._n_resident -= 1
         self._resident, self._resident_index = None, None
 
     def _start_prefetch(self, i: int) -> None:

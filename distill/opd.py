@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from distill.opd_loss import OPDLoss  # noqa: F401  (re-exported: the loss the trainer runs)
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
 from engine.disk import dir_bytes, storage_read_bytes
@@ -64,68 +65,6 @@ class TeacherRef:
 class DomainSpec:
     verifier: str
     environment: object | None = None
-
-
-class OPDLoss:
-    """Picklable loss sent to the trainer: teacher head resident one at a time."""
-
-    def __init__(self, head_paths: list[str], teacher_weights: list[float], divergence: str,
-                 chunk_size: int, jsd_beta: float):
-        self.head_paths = list(head_paths)
-        self.teacher_weights = list(teacher_weights)
-        self.divergence = divergence
-        self.chunk_size = chunk_size
-        self.jsd_beta = jsd_beta
-        self._heads = None
-        self._step = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_heads": None, "_step": None}
-
-    @property
-    def heads(self):
-        if self._heads is None:
-            from distill.heads import HeadManager
-
-            self._heads = HeadManager(self.head_paths, device="cpu")
-        return self._heads
-
-    def __call__(self, hidden, weight, batch):
-        from distill.kl import compute_chunked_divergence
-
-        step = int(batch["opt_step"])
-        if step != self._step:
-            if self._step is not None:
-                self.heads.end_step()
-            self.heads.begin_step()
-            self._step = step
-        t = int(batch["teacher_index"])
-        loads_before = self.heads.total_loads
-        head = self.heads.activate(t)
-        loaded = self.heads.total_loads - loads_before
-        mask = batch["loss_mask"][:, 1:] > 0  # (B, T-1): targets t>=1 predicted at t-1
-        h_s = hidden[:, :-1][mask]  # (N, H)
-        h_t = batch["teacher_hidden"]  # (N, Ht), same row-major order as the cache
-        if h_s.shape[0] != h_t.shape[0]:
-            raise RuntimeError(f"teacher {t}: {h_t.shape[0]} cached positions for {h_s.shape[0]} targets")
-        w = torch.full((h_s.shape[0],), self.teacher_weights[t], dtype=torch.float32)
-        loss_sum, per_token = compute_chunked_divergence(
-            h_s, weight, h_t.to(h_s.dtype), head, w, kind=self.divergence,
-            chunk_size=self.chunk_size, beta=self.jsd_beta)
-        loss = loss_sum / batch["global_tokens"]
-        n = per_token.numel()
-        return loss, {"head_load_events": float(loaded),
-                      "resident_heads": float(self.heads.max_resident_heads),
-                      f"kl_sum/teacher{t}": float(per_token.sum()), f"kl_tokens/teacher{t}": float(n)}
-
-    def finish(self) -> dict:
-        if self._heads is None:
-            return {"head_loads_per_step": [], "max_resident_heads": 0}
-        if self._step is not None:
-            self.heads.end_step()
-            self._step = None
-        return {"head_loads_per_step": list(self.heads.head_loads_per_step),
-                "max_resident_heads": int(self.heads.max_resident_heads)}
 
 
 # ------------------------------------------------------------------------------ phases
@@ -292,18 +231,23 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
                        for mp in micro_plans]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
+                ranks = m.get("rank_metrics") or [m]  # one entry per data-parallel rank
                 rec = {"round": round_idx, "epoch": epoch, "step": step + 1, "loss": m["loss"], "grad_norm": m["grad_norm"],
                        "lr": m["lr"], "tokens_per_s": m["tokens_per_s"],
                        "head_loads": round(m.get("head_load_events", 0.0) * n),
                        "teachers_in_step": len({mp.teacher_index for mp in micro_plans}),
-                       "resident_heads": m.get("resident_heads", 0.0)}
+                       "resident_heads": max(r.get("resident_heads", 0.0) for r in ranks)}
+                if "rank_metrics" in m:  # per rank: head loads, and the teachers its share held
+                    rec["head_loads_per_rank"] = [round(r.get("head_load_events", 0.0) * r["num_micro_batches"])
+                                                  for r in ranks]
+                    rec["teachers_per_rank"] = [sum(1 for k in r if k.startswith("kl_tokens/")) for r in ranks]
                 for k, v in m.items():
                     if k.startswith("kl_sum/"):
                         t = k.split("/", 1)[1]
                         rec[f"kl/{t}"] = v / max(m.get(f"kl_tokens/{t}", 0.0), 1e-12)
                 records.append(rec)
                 if logger is not None:
-                    logger.log({k: v for k, v in rec.items() if k != "step"}, step=step + 1)
+                    logger.log({k: v for k, v in rec.items() if k != "step" and not isinstance(v, list)}, step=step + 1)
                 step += 1
             if records:  # bytes of shards mapped this epoch / the cache's bytes
                 records[-1]["cache_read_amplification"] = (reader.bytes_read - bytes0) / max(reader.total_bytes, 1)

@@ -22,10 +22,20 @@ from typing import Callable, Protocol
 import torch
 
 from engine.logprobs import compute_token_logprobs as chunked_token_logprobs
-from engine.trainer_settings import BACKENDS, TrainerSettings, with_overrides  # noqa: F401  (re-exported)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
-DUMMY_KEY = "_dummy"  # a micro-batch that only keeps ranks in step: its loss is scaled by 0
+DUMMY_KEY = "_dummy"  # a padding micro-batch that only keeps ranks in step: no loss_fn, zero gradient
+_SETTINGS_NAMES = ("BACKENDS", "TrainerSettings", "with_overrides")
+
+
+def __getattr__(name: str):
+    """`TrainerSettings`, `with_overrides`, `BACKENDS` re-exported lazily: the settings are a
+    pydantic model, and the trainers themselves run without pydantic (tests/gpu)."""
+    if name in _SETTINGS_NAMES:
+        from engine import trainer_settings
+
+        return getattr(trainer_settings, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Trainer(Protocol):
@@ -86,6 +96,13 @@ def run_loss(lm, batch: dict, loss_fn: LossFn):
     out = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                            attention_mask=None, use_cache=False)
     return loss_fn(out.last_hidden_state, lm.get_output_embeddings().weight, batch)
+
+
+def padding_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The loss of a padding micro-batch (`DUMMY_KEY`): exactly zero, yet reaching every
+    parameter, so the rank joins the gradient collectives without calling the real loss
+    (an OPD loss would otherwise load a teacher head for data that is not this rank's)."""
+    return hidden.sum() * 0.0 + weight.sum() * 0.0, {}
 
 
 def as_float(value) -> float:
@@ -162,6 +179,58 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+# ----------------------------------------------------------------------------- ranks
+
+
+def init_process_group(rank: int, world_size: int, device: str) -> None:
+    """Form (once per process) the data-parallel process group: NCCL on CUDA, gloo on CPU,
+    over the RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment (MASTER_ADDR is rank
+    0's node, set by `pipeline.actors`). One rank gets an in-memory store (no TCP port)."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"process group already formed as rank {dist.get_rank()}/{dist.get_world_size()}, "
+                               f"asked for {rank}/{world_size}")
+        return
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise RuntimeError(f"{var} must be set for world_size {world_size} (rank 0's node and a port on it)")
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+
+
+def sum_gradients_over_ranks(params: list[torch.Tensor]) -> None:
+    """Sum every parameter's gradient over the ranks, in place, in one flat all-reduce
+    (a rank whose micro-batches did not reach a parameter contributes zeros). The losses
+    are normalised by a global denominator, so the sum is the one-process gradient."""
+    import torch.distributed as dist
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (n_params,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(params: list[torch.Tensor]) -> None:
+    """Rank 0's parameters on every rank (they load the same checkpoint; this makes it so)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 # ----------------------------------------------------------------------------- factory
 
 
@@ -169,16 +238,16 @@ def build_trainer(settings: TrainerSettings, model_dir: str | os.PathLike, *,
                   tokenizer_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1):
     """A local trainer for `settings.backend` over the HF model in `model_dir`.
 
-    `rank`/`world_size` are for DeepSpeed ranks (the process group is formed from the
-    RANK/WORLD_SIZE/MASTER_* environment); the torch backend is single-process.
+    `rank`/`world_size` > 1: one data-parallel rank (the process group is formed from the
+    RANK/WORLD_SIZE/MASTER_* environment; `pipeline.actors` runs the ranks), both backends.
     """
+    from engine.trainer_settings import BACKENDS
+
     tok = str(tokenizer_dir or model_dir)
     if settings.backend == "torch":
-        if world_size != 1:
-            raise ValueError("backend 'torch' is single-process; use 'deepspeed' for world_size > 1")
         from engine.trainer_torch import TorchTrainer
 
-        return TorchTrainer(settings, str(model_dir), tokenizer_dir=tok)
+        return TorchTrainer(settings, str(model_dir), tokenizer_dir=tok, rank=rank, world_size=world_size)
     if settings.backend == "deepspeed":
         from engine.trainer_deepspeed import DeepSpeedTrainer
 

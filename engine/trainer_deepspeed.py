@@ -7,6 +7,8 @@ on CUDA). Several ranks are run as Ray actors by `pipeline/actors.py`.
 - Gradient accumulation boundaries are set by hand (`set_gradient_accumulation_boundary`)
   so each step may have any number of micro-batches; DeepSpeed runs with
   `gradient_accumulation_steps=1`, hence never rescales the loss.
+- A padding micro-batch (`DUMMY_KEY`, so every rank runs as many as the longest share)
+  runs forward/backward with `padding_loss` (zero, reaching every parameter), never loss_fn.
 - Losses arrive normalised by a global denominator, so the gradient wanted is the SUM over
   ranks; DeepSpeed averages over ranks, so each rank back-propagates `world_size * loss`.
 - The LM head weight is used outside its module's forward (the loss takes it as an
@@ -26,7 +28,7 @@ from torch import nn
 
 from engine.model import load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, as_float, merge_step_metrics,
+from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, as_float, merge_step_metrics, padding_loss,
                             read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state,
                             to_device, write_extra_state)
 
@@ -44,34 +46,20 @@ class _LossModule(nn.Module):
         return run_loss(self.lm, batch, loss_fn)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def init_process_group(rank: int, world_size: int, device: str) -> None:
-    """Form (once per process) the process group DeepSpeed runs over."""
+    """Form (once per process) the process group and let DeepSpeed adopt it."""
     import deepspeed
-    import torch.distributed as dist
 
-    backend = "nccl" if device == "cuda" else "gloo"
-    if dist.is_initialized():
-        if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise RuntimeError(f"process group already formed as rank {dist.get_rank()}/{dist.get_world_size()}, "
-                               f"asked for {rank}/{world_size}")
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
-        return
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("LOCAL_RANK", str(rank))
-    os.environ.setdefault("WORLD_SIZE", str(world_size))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise RuntimeError("MASTER_PORT must be set for world_size > 1 (the same port on every rank)")
-        # one rank: an in-memory store, no TCP port to race other processes for
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
+    from engine.trainer import init_process_group as form_group
+
+    form_group(rank, world_size, device)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
 def ds_config(settings: TrainerSettings, world_size: int) -> dict:
@@ -97,7 +85,7 @@ class DeepSpeedTrainer:
         import deepspeed
 
         if settings.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         init_process_group(rank, world_size, settings.device)
         seed_everything(settings.seed, settings.deterministic)
         self.settings, self.rank, self.world_size = settings, rank, world_size
@@ -136,7 +124,8 @@ class DeepSpeedTrainer:
         for i, mb in enumerate(micro_batches):
             mb = to_device(mb, self.device)
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            loss, metrics = self.engine(mb, loss_fn)
+            # a padding micro-batch joins ZeRO's collectives with a zero loss; loss_fn is not called
+            loss, metrics = self.engine(mb, padding_loss if DUMMY_KEY in mb else loss_fn)
             scale = 0.0 if DUMMY_KEY in mb else float(self.world_size)
             self.engine.backward(loss * scale)
             if i == len(micro_batches) - 1:

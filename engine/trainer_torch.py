@@ -1,5 +1,15 @@
-"""Single-process PyTorch trainer: gradient accumulation over micro-batches, clipping,
-LR schedule, exact checkpoint/resume (HF weights + optimizer/scheduler/RNG state)."""
+"""PyTorch trainer: gradient accumulation over micro-batches, clipping, LR schedule, exact
+checkpoint/resume (HF weights + optimizer/scheduler/RNG state).
+
+One process, or one of `world_size` data-parallel ranks (run as Ray actors by
+`pipeline/actors.py`): each rank keeps a full replica, accumulates its own micro-batches,
+then the gradients are summed over the ranks in one flat all-reduce before clipping and
+the optimiser step (the losses carry a global denominator, so the sum is the gradient one
+process would get from every micro-batch), so the replicas stay identical. This is DDP's
+contract without `DistributedDataParallel`'s module wrapper, whose forward hooks the
+loss path (decoder + LM head weight handed to the loss) would bypass. A padding
+micro-batch (`DUMMY_KEY`) is skipped: the only collective is once per step.
+Imports no pydantic: `settings` is read by attribute (tests/gpu run without it)."""
 
 from __future__ import annotations
 
@@ -11,9 +21,9 @@ import torch
 
 from engine.model import DTYPES, load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, as_float, merge_step_metrics,
-                            read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state,
-                            to_device, write_extra_state)
+from engine.trainer import (DUMMY_KEY, LogprobFn, as_float, broadcast_parameters, init_process_group,
+                            merge_step_metrics, read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything,
+                            set_rng_state, sum_gradients_over_ranks, to_device, write_extra_state)
 
 
 def load_hf_weights(lm, path: Path) -> None:
@@ -34,12 +44,20 @@ def load_hf_weights(lm, path: Path) -> None:
 
 
 class TorchTrainer:
-    def __init__(self, settings: TrainerSettings, model_dir: str, *, tokenizer_dir: str | None = None):
+    def __init__(self, settings, model_dir: str, *, tokenizer_dir: str | None = None, rank: int = 0,
+                 world_size: int = 1):
+        if settings.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if world_size > 1:
+            init_process_group(rank, world_size, settings.device)
         seed_everything(settings.seed, settings.deterministic)
-        self.settings = settings
-        self.device = torch.device(settings.device)
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.device = torch.device(settings.device, torch.cuda.current_device()) if settings.device == "cuda" \
+            else torch.device("cpu")
         self.tokenizer_dir = tokenizer_dir
-        self.lm = load_model(model_dir, dtype=settings.dtype, device=settings.device)
+        self.lm = load_model(model_dir, dtype=settings.dtype, device=str(self.device))
+        if world_size > 1:
+            broadcast_parameters(list(self.lm.parameters()))
         self.optimizer = build_optimizer(self.lm, settings.optimizer, lr=settings.lr,
                                          weight_decay=settings.weight_decay, betas=settings.betas,
                                          eps=settings.eps)
@@ -64,17 +82,18 @@ class TorchTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, tokens, count, extra = 0.0, 0, 0, {}
         for mb in micro_batches:
+            if DUMMY_KEY in mb:
+                continue  # keeps ranks in step only; this backend's one collective is below
             mb = to_device(mb, self.device)
             loss, metrics = run_loss(self.lm, mb, loss_fn)
-            if DUMMY_KEY in mb:
-                (loss * 0.0).backward()
-                continue
             loss.backward()
             loss_sum += float(loss.detach())
             tokens += int(mb["attention_mask"].sum())
             count += 1
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + as_float(v)
+        if self.world_size > 1:
+            sum_gradients_over_ranks(list(self.lm.parameters()))
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lm.parameters(), max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -97,15 +116,19 @@ class TorchTrainer:
         return {k: v.detach().cpu().clone() for k, v in self.lm.state_dict().items()}
 
     def save_hf(self, path: str | os.PathLike) -> None:
-        save_hf_dir(self.lm, self.state_dict(), Path(path), self.tokenizer_dir)
+        if self.rank == 0:  # the replicas are identical
+            save_hf_dir(self.lm, self.state_dict(), Path(path), self.tokenizer_dir)
+        self._barrier()
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None:
         path = Path(path)
         self.save_hf(path)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step}, path / "trainer_state.pt")
-        torch.save(rng_state(), path / "rng_rank0.pt")
-        write_extra_state(path, extra_state)
+        if self.rank == 0:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "step": self.step}, path / "trainer_state.pt")
+            write_extra_state(path, extra_state)
+        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+        self._barrier()
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         path = Path(path)
@@ -116,5 +139,11 @@ class TorchTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        set_rng_state(torch.load(path / "rng_rank0.pt", weights_only=False))
+        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         return extra
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -132,12 +132,14 @@ class LocalRayBackend:
         env = {"POLYMATH_STAGE_LOG": str(log.resolve()), "PYTHONUNBUFFERED": "1",
                "POLYMATH_TRAINER_RANKS": str(res.trainer_ranks),
                "OMP_NUM_THREADS": str(max(1, math.ceil(res.num_cpus)))}  # torch threads = the CPUs held
+        if res.trainer_ranks > 1:  # the stage process joins this Ray to start its rank actors
+            env.update(self._ray_env())
         opts: dict = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 0}
         pg = None
         bundle = {k: v for k, v in (("CPU", res.num_cpus), ("GPU", res.num_gpus)) if v > 0}
         if res.trainer_ranks > 1 and bundle:
-            # One bundle per trainer rank, packed on one node; the stage process runs in
-            # bundle 0 and its rank workers may use the others (POLYMATH_PLACEMENT_GROUP).
+            # One bundle per trainer rank, packed on one node; the stage process (and its
+            # rank 0) runs in bundle 0, ranks 1.. in the others (pipeline.actors).
             name = f"polymath-{self.cfg.experiment}-{stage.name}-{attempt}-{os.getpid()}"
             pg = placement_group([bundle] * res.trainer_ranks, strategy="STRICT_PACK", name=name)
             env["POLYMATH_PLACEMENT_GROUP"] = name
@@ -145,6 +147,15 @@ class LocalRayBackend:
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
         ref = self.task.options(**opts).remote(argv, str(log), env, os.getcwd(), _header(stage.name, attempt, argv))
         self.inflight[ref] = (stage.name, pg)
+
+    @staticmethod
+    def _ray_env() -> dict[str, str]:
+        """How a stage process reaches this Ray: its GCS address and namespace (a named
+        placement group is found only in the namespace that made it)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"RAY_ADDRESS": ctx.gcs_address, "RAY_NAMESPACE": ctx.namespace}
 
     def wait(self, timeout: float) -> list[Outcome]:
         import ray
@@ -253,8 +264,8 @@ class JobBackend:
             runtime_env={"working_dir": ".", "excludes": self._excludes(),
                          "env_vars": {"POLYMATH_STAGE_LOG": str(log.resolve()), "PYTHONUNBUFFERED": "1",
                                       "POLYMATH_TRAINER_RANKS": str(res.trainer_ranks)}},
-            entrypoint_num_cpus=res.num_cpus * res.trainer_ranks,
-            entrypoint_num_gpus=res.num_gpus * res.trainer_ranks or None,
+            # the stage process and its rank 0; it places ranks 1.. itself (pipeline.actors)
+            entrypoint_num_cpus=res.num_cpus, entrypoint_num_gpus=res.num_gpus or None,
             metadata={**self._metadata(stage.name), "attempt": str(attempt)})
         print(f"[{stage.name}] submitted job {sid}", flush=True)
         self.jobs[stage.name] = (sid, 0)

@@ -100,13 +100,18 @@ def _make_trainer(ctx: StageContext, init_dir: str, **overrides):
     from engine.trainer import build_trainer, with_overrides
 
     settings = with_overrides(ctx.cfg.trainer, **overrides)
-    ranks = ctx.cfg.resources_for(ctx.stage.name).trainer_ranks
+    res = ctx.cfg.resources_for(ctx.stage.name)
     tok = ctx.cfg.model.tokenizer or init_dir
-    if ranks == 1:
+    if res.trainer_ranks == 1:
         return build_trainer(settings, init_dir, tokenizer_dir=tok)
-    from pipeline.actors import TrainerGroup
+    import os
 
-    return TrainerGroup(settings, init_dir, ranks, tokenizer_dir=tok)
+    from pipeline.actors import PLACEMENT_GROUP_ENV, TrainerGroup, join_ray
+
+    join_ray()  # the cluster this stage runs in (pipeline run / ray job), or a local one
+    return TrainerGroup(settings, init_dir, res.trainer_ranks, tokenizer_dir=tok, num_cpus_per_rank=res.num_cpus,
+                        num_gpus_per_rank=res.num_gpus,
+                        placement_group_name=os.environ.get(PLACEMENT_GROUP_ENV) or None)
 
 
 def _logger(ctx: StageContext, total_steps: int, start_config: dict):
@@ -233,6 +238,7 @@ def opd(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     s = cfg.opd
+    device = cfg.trainer.device  # teacher prefill and held-out KL run on the stage's device
     init = s.student_init
     student_dir = ctx.model_dir("prepare" if init == "base" else init) if (init == "base" or init.startswith("sft:")) else init
     teachers = [TeacherRef(i, t.path or f"grpo:{t.domain}", t.domain,
@@ -263,12 +269,12 @@ def opd(ctx: StageContext) -> dict:
     try:
         history = run_opd(s, trainer=trainer, generator=generator, tokenizer=tokenizer, prompts=prompts,
                           teachers=teachers, domains=specs, out_dir=ctx.out_dir, head_paths=head_paths,
-                          load_teacher=lambda p: load_model(p, dtype=cfg.model.dtype),
+                          load_teacher=lambda p: load_model(p, dtype=cfg.model.dtype, device=device),
                           checkpoints=checkpoints, logger=logger,
                           evaluate_student=(lambda g: _greedy_scores(g, tokenizer, scorer, specs, eval_rows, s))
                           if s.eval_prompts_per_round else None,
                           heldout=heldout if s.heldout_prompts_per_domain else None,
-                          load_student=lambda: load_model(student_dir, dtype=cfg.model.dtype))
+                          load_student=lambda: load_model(student_dir, dtype=cfg.model.dtype, device=device))
     finally:
         scorer.close()
         generator.close()

@@ -37,12 +37,14 @@ def ray_local():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [3])
-def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(ray_local, tmp_path, stage):
+@pytest.mark.parametrize("backend,stage", [("deepspeed", 3), ("deepspeed", 2), ("torch", 0)])
+def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(ray_local, tmp_path, backend, stage):
+    """Tolerance: 1e-5 relative on the loss, 1e-4 on the grad norm and the weights (fp32;
+    the sums over micro-batches and ranks are taken in a different order)."""
     from pipeline.actors import TrainerGroup
 
     model_dir = materialize_tiny(SPEC, tmp_path / "tiny", seed=0)
-    settings = TrainerSettings(backend="deepspeed", zero_stage=stage, lr=1e-2, grad_clip=0.5,
+    settings = TrainerSettings(backend=backend, zero_stage=stage, lr=1e-2, grad_clip=0.5,
                                schedule="cosine", warmup_steps=1, total_steps=5)
     group = TrainerGroup(settings, model_dir, 2)
     local = build_trainer(settings, model_dir)
@@ -64,7 +66,8 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(ray_local, tmp_path
                                        atol=1e-4, rtol=1e-4)
         group.save_checkpoint(tmp_path / "ck", {"step": 4})
         names = set(os.listdir(tmp_path / "ck"))
-        assert {"rng_rank0.pt", "rng_rank1.pt", "model.safetensors", "deepspeed", "extra_state.json"} <= names
+        assert {"rng_rank0.pt", "rng_rank1.pt", "model.safetensors", "extra_state.json"} <= names
+        assert ("deepspeed" in names) == (backend == "deepspeed")
         after = group.train_step(build_step_batches(samples(7), micro_batch_size=4, pad_id=0), sft_loss)
         assert group.load_checkpoint(tmp_path / "ck") == {"step": 4}
         again = group.train_step(build_step_batches(samples(7), micro_batch_size=4, pad_id=0), sft_loss)

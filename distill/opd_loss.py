@@ -1,0 +1,91 @@
+"""The OPD loss the trainer runs on each micro-batch (DESIGN.md section 4).
+
+`OPDLoss(hidden, lm_head_weight, batch)`: the student's hidden states at the positions
+that predict response tokens, the teacher's cached pre-norm states for the same positions
+(`batch["teacher_hidden"]`, row-major over (sample, position)), the teacher's head from a
+`HeadManager` (one resident at a time, in ascending teacher order within an optimiser
+step), and a chunked full-vocabulary divergence (`distill.kl`), weighted by the sample's
+teacher weight and divided by the mini-batch's response tokens (`global_tokens`).
+
+Devices: everything runs where the student's hidden states are (the trainer's device):
+the head manager is built on that device at the first call, and the cached states and the
+token weights are moved there; CPU and CUDA take the same path. The loss is picklable (it
+is sent to trainer ranks); its head manager is rebuilt on the receiving side.
+Imports torch, safetensors and `distill.heads`/`distill.kl` only (no pydantic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OPDLoss:
+    """Picklable loss sent to the trainer: teacher head resident one at a time."""
+
+    def __init__(self, head_paths: list[str], teacher_weights: list[float], divergence: str,
+                 chunk_size: int, jsd_beta: float, head_dtype: torch.dtype | None = None):
+        self.head_paths = list(head_paths)
+        self.teacher_weights = list(teacher_weights)
+        self.divergence = divergence
+        self.chunk_size = chunk_size
+        self.jsd_beta = jsd_beta
+        self.head_dtype = head_dtype
+        self._heads = None
+        self._step = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_heads": None, "_step": None}
+
+    def heads_on(self, device: torch.device):
+        """The head manager, on `device` (built at the first call)."""
+        if self._heads is None:
+            from distill.heads import HeadManager
+
+            self._heads = HeadManager(self.head_paths, device=device, dtype=self.head_dtype)
+        elif self._heads.device != torch.device(device):
+            raise RuntimeError(f"OPDLoss: heads live on {self._heads.device}, the student is now on {device}")
+        return self._heads
+
+    @property
+    def heads(self):
+        if self._heads is None:
+            raise RuntimeError("OPDLoss.heads: no micro-batch has run yet (the device is that of the first)")
+        return self._heads
+
+    def __call__(self, hidden, weight, batch):
+        from distill.kl import compute_chunked_divergence
+
+        heads = self.heads_on(hidden.device)
+        step = int(batch["opt_step"])
+        if step != self._step:
+            if self._step is not None:
+                heads.end_step()
+            heads.begin_step()
+            self._step = step
+        t = int(batch["teacher_index"])
+        loads_before = heads.total_loads
+        head = heads.activate(t)
+        loaded = heads.total_loads - loads_before
+        mask = batch["loss_mask"][:, 1:] > 0  # (B, T-1): targets t>=1 predicted at t-1
+        h_s = hidden[:, :-1][mask]  # (N, H)
+        h_t = batch["teacher_hidden"]  # (N, Ht), same row-major order as the cache
+        if h_s.shape[0] != h_t.shape[0]:
+            raise RuntimeError(f"teacher {t}: {h_t.shape[0]} cached positions for {h_s.shape[0]} targets")
+        w = torch.full((h_s.shape[0],), self.teacher_weights[t], dtype=torch.float32, device=h_s.device)  # (N,)
+        loss_sum, per_token = compute_chunked_divergence(
+            h_s, weight, h_t.to(device=h_s.device, dtype=h_s.dtype), head, w, kind=self.divergence,
+            chunk_size=self.chunk_size, beta=self.jsd_beta)
+        loss = loss_sum / batch["global_tokens"].to(loss_sum.device)
+        n = per_token.numel()
+        return loss, {"head_load_events": float(loaded),
+                      "resident_heads": float(heads.max_resident_heads),
+                      f"kl_sum/teacher{t}": float(per_token.sum()), f"kl_tokens/teacher{t}": float(n)}
+
+    def finish(self) -> dict:
+        if self._heads is None:
+            return {"head_loads_per_step": [], "max_resident_heads": 0}
+        if self._step is not None:
+            self._heads.end_step()
+            self._step = None
+        return {"head_loads_per_step": list(self._heads.head_loads_per_step),
+                "max_resident_heads": int(self._heads.max_resident_heads)}
