@@ -14,8 +14,16 @@ from pathlib import Path
 
 import torch
 
-from engine.tiny_spec import TinySpec  # noqa: F401  (re-exported)
 from engine.tokenizer import build_tiny_tokenizer
+
+
+def __getattr__(name: str):
+    """`TinySpec` re-exported lazily: it is a pydantic model, and loading models needs none."""
+    if name == "TinySpec":
+        from engine.tiny_spec import TinySpec
+
+        return TinySpec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

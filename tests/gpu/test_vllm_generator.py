@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.chat import render_prompt
-from engine.generation import HFGenerator, SamplingParams
-from engine.model import TinySpec, load_model, load_tokenizer, materialize_tiny
-from engine.rollout import rollout
+pytest.importorskip("vllm")  # before the project imports (pydantic may be absent too)
+from engine.chat import render_prompt  # noqa: E402
+from engine.generation import HFGenerator, SamplingParams  # noqa: E402
+from engine.model import TinySpec, load_model, load_tokenizer, materialize_tiny  # noqa: E402
+from engine.rollout import rollout  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SPEC = TinySpec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256)  # head_dim 64
