@@ -241,8 +241,6 @@ def build_trainer(settings: TrainerSettings, model_dir: str | os.PathLike, *,
     `rank`/`world_size` > 1: one data-parallel rank (the process group is formed from the
     RANK/WORLD_SIZE/MASTER_* environment; `pipeline.actors` runs the ranks), both backends.
     """
-    from engine.trainer_settings import BACKENDS
-
     tok = str(tokenizer_dir or model_dir)
     if settings.backend == "torch":
         from engine.trainer_torch import TorchTrainer
@@ -252,4 +250,6 @@ def build_trainer(settings: TrainerSettings, model_dir: str | os.PathLike, *,
         from engine.trainer_deepspeed import DeepSpeedTrainer
 
         return DeepSpeedTrainer(settings, str(model_dir), tokenizer_dir=tok, rank=rank, world_size=world_size)
+    from engine.trainer_settings import BACKENDS
+
     raise KeyError(f"unknown trainer backend {settings.backend!r}; known: {list(BACKENDS)}")
