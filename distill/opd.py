@@ -408,6 +408,9 @@ def _update_history(history, records, teachers, teach_stats, samples, times) -> 
     history["kl_per_teacher"].append({n: sum(v) / len(v) for n, v in kl.items()})
     history["head_loads_per_step"] += [rec["head_loads"] for rec in records]
     history["teachers_per_step"] += [rec["teachers_in_step"] for rec in records]
+    if records and "head_loads_per_rank" in records[0]:  # data-parallel ranks: [step][rank]
+        history.setdefault("head_loads_per_rank", []).extend(rec["head_loads_per_rank"] for rec in records)
+        history.setdefault("teachers_per_rank", []).extend(rec["teachers_per_rank"] for rec in records)
     history["max_resident_heads"] = int(math.ceil(max([history["max_resident_heads"]] +
                                                       [rec["resident_heads"] for rec in records])))
     bpt = [s["bytes_per_token"] for s in teach_stats.values()]

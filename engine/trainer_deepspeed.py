@@ -59,6 +59,8 @@ def init_process_group(rank: int, world_size: int, device: str) -> None:
     from engine.trainer import init_process_group as form_group
 
     form_group(rank, world_size, device)
+    for var, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world_size)):
+        os.environ.setdefault(var, str(value))  # DeepSpeed's engine reads them
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
