@@ -197,3 +197,32 @@ def test_assert_same_vocab(tmp_path):
     (tmp_path / "a" / "tokenizer.json").unlink()
     with pytest.raises(VocabMismatchError, match="cannot compare"):
         assert_same_vocab(tmp_path / "s", [tmp_path / "a"])
+
+
+@pytest.mark.parametrize("leak", ["weight", "view", "logits_graph"])
+def test_residency_is_measured_a_stray_reference_counts(three_heads, leak):
+    """`max_resident_heads` is the heads whose tensor memory is alive at an activation
+    (weak references to their storages), not a counter: a stray reference to head 0's
+    projection, or to a view of it, keeps it resident when head 1 loads, and the figure is 2
+    (the bytes figure adds the projection's). A logits graph that outlives its backward holds no head weight
+    (the loss saves none), so it stays 1."""
+    mgr = HeadManager(three_heads, prefetch=False)
+    mgr.begin_step()
+    head0 = mgr.activate(0)
+    one_head = mgr.max_resident_bytes
+    assert mgr.resident_heads() == (1, one_head) and one_head == head0.nbytes
+    proj_bytes = head0.proj_weight.nbytes
+    x = torch.randn(3, 64, requires_grad=True)
+    stray = {"weight": head0.proj_weight, "view": head0.proj_weight[:5],
+             "logits_graph": head0(x).sum()}[leak]
+    if leak == "logits_graph":
+        stray.backward()
+    mgr.activate(1)
+    expect = 1 if leak == "logits_graph" else 2
+    assert mgr.max_resident_heads == expect
+    # the stray keeps head 0's projection (its norm weight was freed), beside head 1
+    assert mgr.max_resident_bytes == (one_head if expect == 1 else one_head + proj_bytes)
+    del stray
+    assert mgr.resident_heads() == (1, one_head)  # the leak gone, only head 1 remains
+    mgr.end_step()
+    assert mgr.resident_heads() == (0, 0)
