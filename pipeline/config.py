@@ -293,6 +293,7 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     if cfg.trainer.device == "cuda" and cfg.resources.num_gpus == 0:
         errors.append(("trainer.device", "'cuda' needs resources.num_gpus > 0"))
     errors += _stage_resource_errors(cfg)
+    errors += _rank_errors(cfg)
     return errors
 
 
@@ -317,6 +318,26 @@ def _teacher_route_errors(teachers) -> list[tuple[str, str]]:
                            f"a second teacher for route {t.domain!r} (also opd.teachers[{first[t.domain]}]); "
                            "each route takes one teacher (splitting a route's samples is not supported)"))
         first.setdefault(t.domain, i)
+    return errors
+
+
+TRAINER_STAGE_KINDS = ("sft", "grpo", "mixed_rl", "opd")
+
+
+def _rank_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """trainer_ranks > 1 only where a stage trains, and on CUDA with a whole GPU per rank."""
+    errors = []
+    named = [(f"resources.stages.{k}", v) for k, v in cfg.resources.stages.items()]
+    for where, res in [("resources.default", cfg.resources.default), *named]:
+        if res.trainer_ranks == 1:
+            continue
+        kind = where.rsplit(".", 1)[-1].split(":")[0]
+        if where != "resources.default" and kind not in TRAINER_STAGE_KINDS:
+            errors.append((f"{where}.trainer_ranks", f"stage {kind!r} has no trainer; trainer ranks apply to "
+                                                     f"{list(TRAINER_STAGE_KINDS)}"))
+        if cfg.trainer.device == "cuda" and res.num_gpus < 1:
+            errors.append((f"{where}.num_gpus", f"{res.trainer_ranks} CUDA trainer ranks need num_gpus >= 1 "
+                                                f"(per rank), got {res.num_gpus:g}"))
     return errors
 
 
