@@ -1,0 +1,34 @@
+"""`validate` on trainer ranks: only stages that train take them; a CUDA rank needs a GPU."""
+
+import pathlib
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _load(tmp_path, overrides):
+    path = tmp_path / "c.yaml"
+    path.write_text((ROOT / "configs" / "tiny.yaml").read_text())
+    return load_config(path, overrides)
+
+
+def test_two_ranks_on_a_trainer_stage_validate(tmp_path):
+    cfg = _load(tmp_path, ["resources.stages.sft:math={trainer_ranks: 2}", "trainer.backend=torch"])
+    assert cfg.resources_for("sft:math").trainer_ranks == 2
+    cfg = _load(tmp_path, ["resources.stages.opd={trainer_ranks: 2}", "trainer.backend=deepspeed"])
+    assert cfg.resources_for("opd").trainer_ranks == 2
+
+
+@pytest.mark.parametrize("overrides,where", [
+    (["resources.stages.eval={trainer_ranks: 2}"], "resources.stages.eval.trainer_ranks"),
+    (["trainer.device=cuda", "resources.num_gpus=2", "resources.stages.sft={trainer_ranks: 2}"],
+     "resources.stages.sft.num_gpus"),
+])
+def test_rank_errors_name_the_yaml_path(tmp_path, overrides, where):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, overrides)
+    assert where in [p for p, _ in err.value.errors], err.value.errors
