@@ -92,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
               f"({', '.join(cfg.domain_names)}), {len(build_graph(cfg))} stages, run dir {cfg.run_path}")
         return 0
     if args.cmd == "plan":
-        from pipeline.graph import build_graph, input_hashes, submit_command
+        from pipeline.graph import build_graph, input_hashes
+        from pipeline.launch import submit_command
 
         stages = build_graph(cfg)
         hashes = input_hashes(stages)
         for i, s in enumerate(stages, 1):
             deps = ", ".join(s.deps) or "-"
             print(f"{i:2d}. {s.name:<12} after: {deps}  [input {hashes[s.name]}]")
-            print(f"    {submit_command(args.config, s.name, args.address, args.overrides)}")
+            print(f"    {submit_command(cfg, args.config, s.name, args.address, args.overrides)}")
         return 0
     if args.cmd == "stage":
         from pipeline.stages import run_stage

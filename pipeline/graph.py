@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 from dataclasses import dataclass
 
 from pipeline.config import ExperimentConfig
@@ -85,10 +84,3 @@ def select(stages: list[Stage], only: list[str] | None = None, start: str | None
     if start:
         return stages[names.index(start):]
     return stages
-
-
-def submit_command(config_path: str, stage: str, address: str = "http://127.0.0.1:8265",
-                   overrides: list[str] = ()) -> str:
-    args = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-            "python", "-m", "pipeline", "stage", config_path, stage, *overrides]
-    return shlex.join(args)

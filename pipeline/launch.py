@@ -205,6 +205,48 @@ def portable_config_path(config_path: str) -> str:
         return str(p)
 
 
+def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str]) -> dict:
+    """What a stage's job asks of Ray's job API (`JobSubmissionClient.submit_job` keywords
+    but the metadata's attempt): the upload (the checkout minus `UPLOAD_EXCLUDES` and the
+    run directory), the stage's environment, and one rank's CPUs/GPUs for the stage process
+    and its rank 0 (it places ranks 1.. itself, pipeline.actors). `plan` prints the same."""
+    res = cfg.resources_for(stage)
+    root = run.root.resolve()
+    excludes = list(UPLOAD_EXCLUDES)
+    try:
+        excludes.append(str(root.relative_to(Path.cwd().resolve())))
+    except ValueError:
+        pass
+    return {"entrypoint": shlex.join(argv),
+            "runtime_env": {"working_dir": ".", "excludes": excludes,
+                            "env_vars": {"POLYMATH_STAGE_LOG": str(root / run.stage_dir(stage).name / "stage.log"),
+                                         "PYTHONUNBUFFERED": "1", "POLYMATH_TRAINER_RANKS": str(res.trainer_ranks)}},
+            "entrypoint_num_cpus": res.num_cpus, "entrypoint_num_gpus": res.num_gpus or None,
+            "metadata": {"experiment": cfg.experiment, "stage": stage, "run_dir": str(root)}}
+
+
+def job_overrides(overrides: list[str], run: RunDir) -> list[str]:
+    """A job runs in an uploaded copy of the checkout: the run directory goes by absolute path."""
+    return [*overrides, f"run_dir={run.root.resolve()}"]
+
+
+def submit_command(cfg: ExperimentConfig, config_path: str, stage: str, address: str,
+                   overrides: list[str] = ()) -> str:
+    """The `ray job submit` line of one stage: exactly what `pipeline run --address` submits."""
+    import json
+
+    run = RunDir(cfg.run_path)
+    req = job_request(cfg, run, stage, stage_argv(portable_config_path(config_path), stage,
+                                                  job_overrides(list(overrides), run)))
+    args = ["ray", "job", "submit", "--address", address, "--working-dir", "."]
+    args += ["--entrypoint-num-cpus", f"{req['entrypoint_num_cpus']:g}"]
+    if req["entrypoint_num_gpus"]:
+        args += ["--entrypoint-num-gpus", f"{req['entrypoint_num_gpus']:g}"]
+    args += ["--runtime-env-json", json.dumps(req["runtime_env"], sort_keys=True),
+             "--metadata-json", json.dumps(req["metadata"], sort_keys=True)]
+    return shlex.join(args) + " -- " + req["entrypoint"]
+
+
 class JobBackend:
     """Each stage is a job of Ray's job API on a running cluster, logs followed locally.
 
@@ -220,20 +262,12 @@ class JobBackend:
         self.cfg, self.run, self.entrypoint = cfg, run, entrypoint
         self.client = JobSubmissionClient(address)
         self.config_arg = portable_config_path(config_path)
-        self.overrides = [*overrides, f"run_dir={run.root.resolve()}"]
+        self.overrides = job_overrides(overrides, run)
         self.jobs: dict[str, tuple[str, int]] = {}  # stage -> (submission id, log chars seen)
         self.ready: list[Outcome] = []
 
     def log_path(self, stage: str) -> Path:
         return self.run.stage_dir(stage) / "stage.log"
-
-    def _excludes(self) -> list[str]:
-        extra = []
-        try:
-            extra.append(str(self.run.root.resolve().relative_to(Path.cwd().resolve())))
-        except ValueError:
-            pass
-        return UPLOAD_EXCLUDES + extra
 
     def _metadata(self, stage: str) -> dict[str, str]:
         return {"experiment": self.cfg.experiment, "stage": stage, "run_dir": str(self.run.root.resolve())}
@@ -253,20 +287,14 @@ class JobBackend:
             print(f"[{stage.name}] following job {live}, still running from an earlier run", flush=True)
             self.jobs[stage.name] = (live, 0)
             return
-        res = self.cfg.resources_for(stage.name)
         argv = self.entrypoint(self.config_arg, stage.name, self.overrides)
         log = self.log_path(stage.name)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(_header(stage.name, attempt, argv))
-        sid = self.client.submit_job(
-            entrypoint=shlex.join(argv),
-            runtime_env={"working_dir": ".", "excludes": self._excludes(),
-                         "env_vars": {"POLYMATH_STAGE_LOG": str(log.resolve()), "PYTHONUNBUFFERED": "1",
-                                      "POLYMATH_TRAINER_RANKS": str(res.trainer_ranks)}},
-            # the stage process and its rank 0; it places ranks 1.. itself (pipeline.actors)
-            entrypoint_num_cpus=res.num_cpus, entrypoint_num_gpus=res.num_gpus or None,
-            metadata={**self._metadata(stage.name), "attempt": str(attempt)})
+        req = job_request(self.cfg, self.run, stage.name, argv)
+        req["metadata"]["attempt"] = str(attempt)
+        sid = self.client.submit_job(**req)
         print(f"[{stage.name}] submitted job {sid}", flush=True)
         self.jobs[stage.name] = (sid, 0)
 

@@ -105,7 +105,10 @@ def test_plan_lists_stages_with_submit_lines():
         assert f"sft:{d}" in out and f"grpo:{d}" in out
     for s in ("opd", "eval", "report"):
         assert f" {s} " in out
-    assert "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipeline stage configs/tiny.yaml opd" in out
+    # the job `pipeline run --address` submits: one rank's CPUs, the upload excludes, the run dir
+    assert "ray job submit --address http://127.0.0.1:8265 --working-dir . --entrypoint-num-cpus 1 " in out
+    assert f"-- python -m pipeline stage configs/tiny.yaml opd run_dir={ROOT / 'runs' / 'tiny'}" in out
+    assert '"excludes": [".venv", "runs"' in out
     assert out.index("grpo:math") < out.index(" opd ") < out.index(" eval ") < out.index(" report ")
 
 
