@@ -74,3 +74,61 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(ray_local, tmp_path
         assert again["loss"] == after["loss"]
     finally:
         group.shutdown()
+
+
+@pytest.mark.slow
+def test_a_dead_rank_fails_the_step_promptly_with_its_error(ray_local, tmp_path):
+    """Rank 1 killed mid-stage: the next step raises at once, naming rank 1, instead of rank 0
+    waiting on the gradient all-reduce forever; the group's actors are gone after it."""
+    import time
+
+    import ray
+
+    from pipeline.actors import TrainerGroup
+
+    model_dir = materialize_tiny(SPEC, tmp_path / "tiny", seed=0)
+    group = TrainerGroup(TrainerSettings(backend="torch", lr=1e-2), model_dir, 2)
+    group.train_step(build_step_batches(samples(0), micro_batch_size=4, pad_id=0), sft_loss)
+    ray.kill(group.ranks[1])
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="trainer rank 1 failed: .*Actor"):
+        group.train_step(build_step_batches(samples(1), micro_batch_size=4, pad_id=0), sft_loss)
+    assert time.monotonic() - t0 < 60
+    assert group.ranks == []
+
+
+@pytest.mark.slow
+def test_opd_over_two_ranks_pads_without_borrowing_a_teacher(ray_local, tmp_path):
+    """Three OPD micro-batches (teachers 0, 1, 1) over two ranks: rank 1's share (teacher 1)
+    is padded. The padding once copied the first micro-batch (teacher 0), so rank 1 asked for
+    teacher 0 after teacher 1 and the head manager refused; now it calls no loss. Each rank
+    loads only its share's heads, and the step equals one process running all three
+    (loss within 1e-5 relative, weights within 1e-4)."""
+    from distill.heads import extract_head
+    from distill.opd_loss import OPDLoss
+    from pipeline.actors import TrainerGroup
+
+    model_dir = materialize_tiny(SPEC, tmp_path / "student", seed=0)
+    heads = [str(extract_head(materialize_tiny(SPEC, tmp_path / f"t{i}", seed=1 + i), tmp_path / f"h{i}.safetensors"))
+             for i in range(2)]
+    g = torch.Generator().manual_seed(5)
+    mbs = []
+    for k, t in enumerate((0, 1, 1)):
+        b = pad_rows(samples(20 + k, n=2), 0)
+        n = int(b["loss_mask"][:, 1:].sum())
+        b.update(teacher_hidden=torch.randn(n, SPEC.hidden_size, generator=g), teacher_index=torch.tensor(t),
+                 opt_step=torch.tensor(0), global_tokens=torch.tensor(40.0))
+        mbs.append(b)
+    settings = TrainerSettings(backend="torch", lr=1e-2)
+    group = TrainerGroup(settings, model_dir, 2)
+    try:
+        m = group.train_step(mbs, OPDLoss(heads, [1.0, 0.5], "reverse_kl", 16, 0.5))
+        local = build_trainer(settings, model_dir)
+        ref = local.train_step(mbs, OPDLoss(heads, [1.0, 0.5], "reverse_kl", 16, 0.5))
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        loads = [round(r["head_load_events"] * r["num_micro_batches"]) for r in m["rank_metrics"]]
+        assert loads == [2, 1] and [r["num_micro_batches"] for r in m["rank_metrics"]] == [2, 1]
+        for k, v in group.state_dict().items():
+            torch.testing.assert_close(v, local.state_dict()[k], atol=1e-4, rtol=1e-4, msg=k)
+    finally:
+        group.shutdown()
