@@ -97,7 +97,9 @@ def _config(tmp_path: Path) -> Path:
     raw = {"experiment": "jobtest", "run_dir": str(tmp_path / "run"), "model": TINY_MODEL,
            "domains": [{"name": "math", "data": {"synthetic": {"generator": "math", "train_size": 8,
                                                                "eval_size": 4}}, "verifier": "math"}],
-           "opd": {"student_init": "base"}, "logging": {"progress": False}}
+           "opd": {"student_init": "base"}, "logging": {"progress": False, "wandb": "disabled"},
+           "resources": {"num_cpus": 2, "stages": {"sft": {"num_cpus": 1, "trainer_ranks": 2}}}}
+    raw["domains"][0]["sft"] = {"steps": 2, "batch_size": 4, "micro_batch_size": 1, "max_length": 48, "save_every": 2}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -107,17 +109,26 @@ def _manifest(run: Path, stage: str) -> dict:
     return json.loads((run / stage.replace(":", "-") / "manifest.json").read_text())
 
 
-def test_ray_job_submit_runs_a_stage(ray_head, tmp_path):
+def test_plan_submit_lines_run_stages_with_two_trainer_ranks(ray_head, tmp_path):
+    """The `ray job submit` lines `plan` prints, run as printed: prepare, then sft:math on two
+    trainer ranks (the job holds one rank's CPU; its stage process joins the cluster and
+    places rank 1 in a placement group of its own)."""
     config = _config(tmp_path)
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", ".", "--",
-           "python", "-m", "pipeline", "stage", str(config), "prepare"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "succeeded" in proc.stdout
+    plan = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(config), "--address", ray_head["address"]],
+                          cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, check=True).stdout
+    lines = {ln.split(" -- ")[1].split()[5]: ln.strip() for ln in plan.splitlines() if "ray job submit" in ln}
+    for stage in ("prepare", "sft:math"):
+        cmd = lines[stage].replace("ray job submit", f"{VENV_BIN / 'ray'} job submit", 1)
+        proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=ray_head["env"], capture_output=True, text=True,
+                              timeout=420)
+        assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = _manifest(tmp_path / "run", "prepare")
     assert m["status"] == "done"
     assert Path(m["outputs"]["model"], "config.json").is_file()
     assert Path(m["outputs"]["data:math:eval"]).is_file()
+    sft = _manifest(tmp_path / "run", "sft:math")
+    assert sft["status"] == "done" and sft["metrics"]["steps"] == 2
+    assert "--entrypoint-num-cpus 1 " in lines["sft:math"]
 
 
 def _run_cli(ray_head, config: Path, *args, timeout=240) -> subprocess.CompletedProcess:
