@@ -165,31 +165,45 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(dev)).logits[0, :-1].float().cpu()
 
 
+def prefill_teacher(settings: OPDSettings, teacher: TeacherRef, routed: list[dict], cache_dir: Path, *,
+                    load_teacher, pad_id: int) -> dict:
+    """One teacher prefills the samples routed to it into its own cache directory."""
+    from distill.cache import write_teacher_cache
+
+    model = load_teacher(teacher.model_dir)
+    stats = write_teacher_cache(model, teacher.index, teacher.name, routed, cache_dir,
+                                batch_size=settings.prefill_batch_size, dtype=settings.cache_dtype,
+                                shard_tokens=settings.shard_tokens, pad_token_id=pad_id)
+    del model
+    gc.collect()
+    return stats
+
+
 def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[TeacherRef], cache_dir: Path, *,
-                load_teacher, pad_id: int) -> dict:
-    """Each teacher in turn (one model resident) prefills the samples routed to it.
-    Temporary directories of writes killed earlier (`.teacher-NNN.tmp-*`, `.old-*`) are
-    removed first: the reader ignores them, but they would hold their disk space forever."""
+                load_teacher, pad_id: int, prefill=None) -> dict:
+    """Each teacher prefills the samples routed to it: in turn in this process (one model
+    resident), or, with `prefill(settings, [(teacher, routed), ...], cache_dir, pad_id) ->
+    {name: stats}` (pipeline.actors.TeacherPrefillPool), elsewhere and side by side, each
+    writing its own directory. Temporary directories of writes killed earlier
+    (`.teacher-NNN.tmp-*`, `.old-*`) are removed first: the reader ignores them, but they
+    would hold their disk space forever."""
     import shutil
 
-    from distill.cache import teacher_cache_complete, write_teacher_cache
+    from distill.cache import teacher_cache_complete
 
     for stale in [*cache_dir.glob(".teacher-*.tmp-*"), *cache_dir.glob(".teacher-*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    stats = {}
+    todo = []
     for t in teachers:
         if teacher_cache_complete(cache_dir, t.index):
             continue  # written before an interruption
         routed = [s for s in samples if s["teacher_index"] == t.index]
-        if not routed:
-            continue
-        model = load_teacher(t.model_dir)
-        stats[t.name] = write_teacher_cache(model, t.index, t.name, routed, cache_dir,
-                                            batch_size=settings.prefill_batch_size, dtype=settings.cache_dtype,
-                                            shard_tokens=settings.shard_tokens, pad_token_id=pad_id)
-        del model
-        gc.collect()
-    return stats
+        if routed:
+            todo.append((t, routed))
+    if prefill is not None and todo:
+        return prefill(settings, todo, cache_dir, pad_id)
+    return {t.name: prefill_teacher(settings, t, routed, cache_dir, load_teacher=load_teacher, pad_id=pad_id)
+            for t, routed in todo}
 
 
 def _micro_batch(samples: list[dict], plan, reader, *, pad_id: int, global_tokens: int, step: int) -> dict:
@@ -295,12 +309,13 @@ def _read_jsonl(path: Path) -> list[dict]:
 def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: dict[str, list[dict]],
             teachers: list[TeacherRef], domains: dict[str, DomainSpec], out_dir: str | Path, head_paths: list[str],
             load_teacher, checkpoints=None, logger=None, evaluate_student=None,
-            heldout: dict[str, list[dict]] | None = None, load_student=None) -> dict:
+            heldout: dict[str, list[dict]] | None = None, load_student=None, prefill=None) -> dict:
     """All rounds; resumes after the last completed round. Returns the stage metrics.
 
     With `heldout` (domain -> held-out prompt rows) and `load_student` (() -> a model of
     the student's architecture), the held-out KL is measured before round 0 and after
-    every `settings.heldout_every`-th round and the last (`kl_heldout_per_teacher`)."""
+    every `settings.heldout_every`-th round and the last (`kl_heldout_per_teacher`).
+    `prefill`: where the teach phase runs (`teach_round`); None = in this process."""
     from engine.atomic import atomic_write_jsonl
 
     out_dir = Path(out_dir)
@@ -364,7 +379,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         wal.close()
         t1 = time.time()
         teach_stats = teach_round(settings, samples, teachers, rdir / "cache", load_teacher=load_teacher,
-                                  pad_id=pad_id)
+                                  pad_id=pad_id, prefill=prefill)
         t2 = time.time()
         records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
                                     pad_id=pad_id, round_idx=r, step0=step, logger=logger)

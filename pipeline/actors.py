@@ -267,3 +267,55 @@ class TrainerGroup:
 
             remove_placement_group(self._own_pg)
             self._own_pg = None
+
+
+# ------------------------------------------------------------------------------ teacher prefill
+
+
+def _prefill_task(settings, teacher, routed: list[dict], cache_dir: str, pad_id: int, dtype: str, device: str,
+                  threads: int) -> dict:
+    """One teacher's prefill, in a Ray worker: load it, write its cache directory."""
+    torch.set_num_threads(threads)
+    from distill.opd import prefill_teacher
+    from engine.model import load_model
+
+    stats = prefill_teacher(settings, teacher, routed, Path(cache_dir), pad_id=pad_id,
+                            load_teacher=lambda p: load_model(p, dtype=dtype, device=device))
+    return {**stats, "worker_pid": os.getpid()}
+
+
+class TeacherPrefillPool:
+    """The teach phase on Ray (`distill.opd.teach_round`'s `prefill`): one task per teacher,
+    each with `num_cpus`/`num_gpus` (`resources.stages.teach`), as many at once as the
+    cluster has room for, each writing its own `teacher-NNN` cache directory (on a cluster,
+    storage every node sees); the stage process loads no teacher for it. The tasks leave the
+    stage's placement group (its bundles belong to the trainer ranks). A failed teacher fails
+    the round at once, naming it."""
+
+    def __init__(self, *, dtype: str, device: str, num_cpus: float, num_gpus: float):
+        if device == "cuda" and num_gpus < 1:
+            raise ValueError(f"TeacherPrefillPool: device 'cuda' needs num_gpus >= 1, got {num_gpus}")
+        self.dtype, self.device, self.num_cpus, self.num_gpus = dtype, device, num_cpus, num_gpus
+
+    def __call__(self, settings, todo: list, cache_dir, pad_id: int) -> dict:
+        import ray
+
+        task = ray.remote(_prefill_task).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0,
+                                                 scheduling_strategy="DEFAULT")
+        threads = max(1, math.ceil(self.num_cpus))
+        refs = {task.remote(settings, t, routed, str(cache_dir), pad_id, self.dtype, self.device, threads): t
+                for t, routed in todo}
+        out, pending = {}, list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            t = refs[done[0]]
+            try:
+                out[t.name] = ray.get(done[0])
+                print(f"[teach] {t.name}: {out[t.name]['tokens']} tokens prefilled in Ray worker "
+                      f"{out[t.name]['worker_pid']} (stage process {os.getpid()})", flush=True)
+            except Exception as exc:
+                for r in pending:
+                    ray.cancel(r, force=True)
+                raise RuntimeError(f"teacher prefill of {t.name} (teacher {t.index}) failed: "
+                                   f"{type(exc).__name__}: {str(exc).strip()[-2000:]}") from exc
+        return {t.name: out[t.name] for t, _ in todo}

@@ -132,8 +132,7 @@ class LocalRayBackend:
         env = {"POLYMATH_STAGE_LOG": str(log.resolve()), "PYTHONUNBUFFERED": "1",
                "POLYMATH_TRAINER_RANKS": str(res.trainer_ranks),
                "OMP_NUM_THREADS": str(max(1, math.ceil(res.num_cpus)))}  # torch threads = the CPUs held
-        if res.trainer_ranks > 1:  # the stage process joins this Ray to start its rank actors
-            env.update(self._ray_env())
+        env.update(self._ray_env())  # a stage that starts Ray work (rank actors, prefill tasks) joins this Ray
         opts: dict = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 0}
         pg = None
         bundle = {k: v for k, v in (("CPU", res.num_cpus), ("GPU", res.num_gpus)) if v > 0}

@@ -264,6 +264,14 @@ def opd(ctx: StageContext) -> dict:
     logger = _logger(ctx, total, s.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
     scorer = _scorer_pool(cfg, max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
+    prefill = None
+    teach = cfg.resources.stages.get("teach")  # the teach phase on Ray tasks, these resources per teacher
+    if teach is not None:
+        from pipeline.actors import TeacherPrefillPool, join_ray
+
+        join_ray()
+        prefill = TeacherPrefillPool(dtype=cfg.model.dtype, device=device, num_cpus=teach.num_cpus,
+                                     num_gpus=teach.num_gpus)
     eval_rows = {t.domain: read_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
     heldout = {t.domain: read_rows(ctx, t.domain, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
     try:
@@ -274,7 +282,8 @@ def opd(ctx: StageContext) -> dict:
                           evaluate_student=(lambda g: _greedy_scores(g, tokenizer, scorer, specs, eval_rows, s))
                           if s.eval_prompts_per_round else None,
                           heldout=heldout if s.heldout_prompts_per_domain else None,
-                          load_student=lambda: load_model(student_dir, dtype=cfg.model.dtype, device=device))
+                          load_student=lambda: load_model(student_dir, dtype=cfg.model.dtype, device=device),
+                          prefill=prefill)
     finally:
         scorer.close()
         generator.close()

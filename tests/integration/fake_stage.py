@@ -68,7 +68,8 @@ def fake_driver(ctx) -> dict:
         _slow(ctx, int(how.split(":")[1]), gate=how.startswith("gate:"))
     else:
         time.sleep(0.2)
-    atomic_write_json(ctx.out_dir / "env.json", {k: v for k, v in os.environ.items() if k.startswith("POLYMATH_")})
+    atomic_write_json(ctx.out_dir / "env.json", {k: v for k, v in os.environ.items()
+                                                  if k.startswith(("POLYMATH_", "RAY_ADDRESS", "RAY_NAMESPACE"))})
     with open(ctx.out_dir / "metrics.jsonl", "a") as f:
         for step in range(3):
             f.write(json.dumps({"step": step, "loss": 1.0 / (step + 1)}) + "\n")

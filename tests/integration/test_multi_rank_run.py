@@ -1,7 +1,8 @@
 """`pipeline run` with two trainer ranks per trainer stage (SFT, GRPO, OPD), on the
 embedded local Ray, gloo on CPU: the torch backend's data parallelism and DeepSpeed ZeRO-2.
 
-Checks: every stage finishes; OPD's head loads per step on each rank never exceed the
+Checks: every stage finishes; the OPD teach phase runs in Ray tasks, one per teacher
+(`resources.stages.teach`); OPD's head loads per step on each rank never exceed the
 teachers in that rank's share; and 2 ranks x micro-batch m end with the same weights as
 1 rank x micro-batch 2m, for SFT and for OPD (the same rollouts and teacher cache: the
 stages upstream are shared). Tolerance: 1e-4 absolute + 1e-4 relative on every weight
@@ -48,8 +49,9 @@ def _config(tmp_path: Path, name: str, backend: str, ranks: int, micro: int, tea
                 "rounds": 1, "prompts_per_domain": 3, "samples_per_prompt": 2, "max_new_tokens": 8,
                 "mini_batch_size": 12, "micro_batch_size": micro, "cache_dtype": "fp32", "lr": 1e-2,
                 "heldout_prompts_per_domain": 0, "eval_prompts_per_round": 0},
-        "resources": {"num_cpus": 2, "default": {"num_cpus": 1}, "concurrent_stages": 1,
-                      "stages": {"sft": rank_res, "grpo": rank_res, "opd": rank_res}},
+        # 4 logical CPUs: the two ranks' bundles, and the two teachers' prefill tasks beside them
+        "resources": {"num_cpus": 4, "default": {"num_cpus": 1}, "concurrent_stages": 1,
+                      "stages": {"sft": rank_res, "grpo": rank_res, "opd": rank_res, "teach": {"num_cpus": 1}}},
         "logging": {"progress": False, "wandb": "disabled"},
     }
     path = tmp_path / f"{name}.yaml"
@@ -92,6 +94,8 @@ def test_two_ranks_run_sft_grpo_opd_and_match_one_rank(tmp_path, teachers, backe
     run2 = tmp_path / "two"
     for stage in ("sft:math", "grpo:math", "opd"):
         assert _manifest(run2, stage)["status"] == "done", stage
+    log = (run2 / "opd" / "stage.log").read_text()  # the teach phase ran in Ray workers, one per teacher
+    assert log.count("tokens prefilled in Ray worker") == 2, log[-3000:]
     opd = _manifest(run2, "opd")["metrics"]
     assert opd["max_resident_heads"] == 1
     loads, shares = opd["head_loads_per_rank"], opd["teachers_per_rank"]

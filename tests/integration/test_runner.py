@@ -211,20 +211,24 @@ def test_only_with_missing_deps_is_blocked(tmp_path, ray_local, capsys):
 
 
 def test_infeasible_resources_fail_instead_of_hanging(tmp_path, ray_local, capsys):
-    path = write_config(tmp_path, stages={"prepare": {"num_cpus": 1, "trainer_ranks": 4}})
+    path = write_config(tmp_path, stages={"sft": {"num_cpus": 1, "trainer_ranks": 4}})
     cfg = load_config(path)
-    assert run_experiment(cfg, str(path), [], only=["prepare"], entrypoint=fake(tmp_path)) == 1
+    assert run_experiment(cfg, str(path), [], only=["prepare", "sft:math"], entrypoint=fake(tmp_path)) == 1
     assert "needs 4 CPU (4 rank(s)); the local Ray has 2" in capsys.readouterr().out
 
 
 def test_placement_group_for_trainer_ranks(tmp_path, ray_local):
-    path = write_config(tmp_path, stages={"prepare": {"num_cpus": 0.5, "trainer_ranks": 2}})
+    path = write_config(tmp_path, stages={"sft": {"num_cpus": 0.5, "trainer_ranks": 2}})
     cfg = load_config(path)
-    assert run_experiment(cfg, str(path), [], only=["prepare"], entrypoint=fake(tmp_path)) == 0
+    assert run_experiment(cfg, str(path), [], only=["prepare", "sft:math"], entrypoint=fake(tmp_path)) == 0
+    import ray
     from ray.util import placement_group_table
 
-    env = json.loads((RunDir(cfg.run_path).stage_dir("prepare") / "env.json").read_text())
+    env = json.loads((RunDir(cfg.run_path).stage_dir("sft:math") / "env.json").read_text())
     assert env["POLYMATH_TRAINER_RANKS"] == "2"
+    # the stage process is told how to join this Ray (its rank actors take bundles 1..)
+    ctx = ray.get_runtime_context()
+    assert env["RAY_ADDRESS"] == ctx.gcs_address and env["RAY_NAMESPACE"] == ctx.namespace
     pgs = {pg["name"]: pg for pg in placement_group_table().values()}
     pg = pgs[env["POLYMATH_PLACEMENT_GROUP"]]
     assert pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == 2
