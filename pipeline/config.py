@@ -338,6 +338,10 @@ def _rank_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         if cfg.trainer.device == "cuda" and res.num_gpus < 1:
             errors.append((f"{where}.num_gpus", f"{res.trainer_ranks} CUDA trainer ranks need num_gpus >= 1 "
                                                 f"(per rank), got {res.num_gpus:g}"))
+    teach = cfg.resources.stages.get("teach")  # OPD's teacher prefill tasks (pipeline.actors)
+    if teach is not None and cfg.trainer.device == "cuda" and teach.num_gpus < 1:
+        errors.append(("resources.stages.teach.num_gpus", f"teacher prefill on CUDA needs num_gpus >= 1 per "
+                                                          f"teacher, got {teach.num_gpus:g}"))
     return errors
 
 

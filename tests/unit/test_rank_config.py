@@ -3,7 +3,6 @@
 import pathlib
 
 import pytest
-import yaml
 
 from pipeline.config import ConfigError, load_config
 
@@ -32,3 +31,10 @@ def test_rank_errors_name_the_yaml_path(tmp_path, overrides, where):
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, overrides)
     assert where in [p for p, _ in err.value.errors], err.value.errors
+
+
+def test_cuda_teacher_prefill_needs_a_gpu_per_teacher(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, ["trainer.device=cuda", "resources.num_gpus=2", "resources.stages.teach={num_cpus: 1}"])
+    assert "resources.stages.teach.num_gpus" in [p for p, _ in err.value.errors]
+    _load(tmp_path, ["resources.stages.teach={num_cpus: 1}"])  # on CPU: fine
