@@ -298,12 +298,14 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
 
 def _stage_resource_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """`resources.stages` keys name a stage of this config's graph or a stage kind."""
+    """`resources.stages` keys name a stage of this config's graph, a stage kind, or
+    `teach` (OPD's teacher prefill tasks, per teacher)."""
     from pipeline.graph import STAGE_KINDS, build_graph
 
     names = [s.name for s in build_graph(cfg)]
-    return [(f"resources.stages.{key}", f"no stage or stage kind {key!r}; stages: {names}, kinds: {list(STAGE_KINDS)}")
-            for key in cfg.resources.stages if key not in names and key not in STAGE_KINDS]
+    return [(f"resources.stages.{key}", f"no stage or stage kind {key!r}; stages: {names}, kinds: {list(STAGE_KINDS)}"
+             f" (or 'teach')") for key in cfg.resources.stages
+            if key not in names and key not in STAGE_KINDS and key != TEACH_RESOURCES]
 
 
 def _teacher_route_errors(teachers) -> list[tuple[str, str]]:
@@ -322,6 +324,7 @@ def _teacher_route_errors(teachers) -> list[tuple[str, str]]:
 
 
 TRAINER_STAGE_KINDS = ("sft", "grpo", "mixed_rl", "opd")
+TEACH_RESOURCES = "teach"  # resources.stages key: OPD's teacher prefill on Ray tasks
 
 
 def _rank_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
