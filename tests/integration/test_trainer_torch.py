@@ -85,12 +85,17 @@ def test_loss_falls(model_dir, optimizer, dtype):
     assert lp.dtype == torch.float32 and lp.shape == mbs[0]["input_ids"].shape and (lp[:, 0] == 0).all()
 
 
-def test_settings_errors():
+def test_settings_errors(monkeypatch):
     with pytest.raises(ValueError, match="needs total_steps"):
         TrainerSettings(schedule="cosine")
     with pytest.raises(ValueError, match="muon"):
         TrainerSettings(backend="deepspeed", optimizer="muon", zero_stage=2)
     with pytest.raises(ValueError, match="extra"):
         TrainerSettings(learning_rate=1.0)
-    with pytest.raises(RuntimeError, match="must be set for world_size 2"):  # a rank needs rank 0's address
+    # a rank needs rank 0's address; checked as in a fresh rank process (an earlier test in
+    # this process may have formed a one-rank group already)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="must be set for world_size 2"):
         build_trainer(TrainerSettings(), "unused", rank=1, world_size=2)
