@@ -59,6 +59,11 @@ def materialize_tiny(spec: TinySpec, out_dir: str | os.PathLike, seed: int) -> P
     config = tiny_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return save_model_dir(model, tokenizer, out)
+
+
+def save_model_dir(model, tokenizer, out: Path) -> Path:
+    """Write `model` and `tokenizer` as one HF directory `out`: a temp name, then rename."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -15,7 +15,6 @@ has no `{% generation %}` markers, so SFT masks come from rendering prefixes
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, PositiveInt
@@ -104,13 +103,9 @@ def materialize_toy_hf(spec: ToyHFSpec, out_dir: str | os.PathLike, seed: int) -
     # As Qwen3 ships it: generation stops at <|im_end|> as well as at EOS.
     model.generation_config = GenerationConfig(eos_token_id=[im_end, tokenizer.eos_token_id],
                                                pad_token_id=tokenizer.pad_token_id)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    from engine.model import save_model_dir
+
+    return save_model_dir(model, tokenizer, out)
 
 
 if __name__ == "__main__":  # python -m engine.toy_hf OUT_DIR [SEED]
