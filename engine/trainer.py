@@ -182,10 +182,28 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 # ----------------------------------------------------------------------------- ranks
 
 
+def collective_timeout_s() -> float:
+    """How long a rank waits in a collective (or the rendezvous) for a peer before it raises:
+    `POLYMATH_COLLECTIVE_TIMEOUT_S`, 600 s by default (torch's gloo default is 30 min). The
+    driver learns of a dead rank from Ray at once (`pipeline.actors`); this bounds the wait
+    of a rank whose peer hangs without dying."""
+    raw = os.environ.get("POLYMATH_COLLECTIVE_TIMEOUT_S", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"POLYMATH_COLLECTIVE_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
 def init_process_group(rank: int, world_size: int, device: str) -> None:
     """Form (once per process) the data-parallel process group: NCCL on CUDA, gloo on CPU,
     over the RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment (MASTER_ADDR is rank
-    0's node, set by `pipeline.actors`). One rank gets an in-memory store (no TCP port)."""
+    0's node, set by `pipeline.actors`), with a bounded collective timeout
+    (`collective_timeout_s`). One rank gets an in-memory store (no TCP port)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     backend = "nccl" if device == "cuda" else "gloo"
@@ -200,7 +218,8 @@ def init_process_group(rank: int, world_size: int, device: str) -> None:
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(f"{var} must be set for world_size {world_size} (rank 0's node and a port on it)")
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=collective_timeout_s()))
 
 
 def sum_gradients_over_ranks(params: list[torch.Tensor]) -> None:

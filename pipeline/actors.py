@@ -36,7 +36,7 @@ import torch
 from engine.trainer import DUMMY_KEY, merge_step_metrics
 
 _FORWARD_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                "TOKENIZERS_PARALLELISM", "PYTHONPATH")
+                "TOKENIZERS_PARALLELISM", "PYTHONPATH", "POLYMATH_COLLECTIVE_TIMEOUT_S")
 PLACEMENT_GROUP_ENV = "POLYMATH_PLACEMENT_GROUP"
 READY_TIMEOUT_S = 600.0
 
@@ -91,6 +91,8 @@ class TrainerRank:
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
         self.trainer = build_trainer(TrainerSettings(**settings), model_dir, tokenizer_dir=tokenizer_dir,
                                      rank=self.rank, world_size=world_size)
+        # in the stage log (Ray forwards actor output): which process is which rank
+        print(f"[trainer rank {self.rank}/{world_size}] pid {os.getpid()}", flush=True)
         return self.rank
 
     def train_step_part(self, micro_batches, loss_fn):
@@ -110,7 +112,9 @@ class TrainerRank:
         self.trainer.save_checkpoint(path, extra_state)
 
     def load_checkpoint(self, path):
-        return self.trainer.load_checkpoint(path)
+        extra = self.trainer.load_checkpoint(path)
+        print(f"[trainer rank {self.rank}] resumed from {path}", flush=True)
+        return extra
 
 
 def deal_micro_batches(micro_batches: list[dict], world_size: int) -> list[list[dict]]:
