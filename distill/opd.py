@@ -27,6 +27,18 @@ rollouts are generated, each domain's finished batch goes to `round-r/rollouts.w
 Disk: once a round's checkpoint is written, its cache (and rollout log) is deleted unless
 it is among the `keep_caches` newest; `disk_peak_bytes` is the stage directory's largest
 size, measured when each round ends (cache and new checkpoint both on disk).
+Pipelined rounds (`pipelined: true`): round r+1's rollouts and teacher prefill run on a
+background thread (the prefill itself in Ray tasks when the stage has a prefill pool)
+while round r trains, so a round costs about max(rollout + prefill, train) instead of
+their sum. Round r+1 is sampled from the weights round r started from (one round of
+staleness; round 0 from the initial weights): each sample records its `policy_version`
+(rounds of training in the weights that sampled it) in `rollouts.jsonl`, and the history
+gets `policy_version_per_round`, `staleness_per_round` and `time_per_round` (wall time).
+The generator takes the new weights only after round r+1's rollouts are done, and a
+round's checkpoint is written after the next round's rollouts and cache, so a resumed
+stage finds them on disk (the checkpoint's prompt-stream positions are those through
+round r). While both run, `disk_read_amplification` also counts the teacher loads of an
+in-process prefill.
 Reads: `cache_read_amplification` (per round, the largest over its epochs) is the bytes of
 shards the reader mapped in an epoch over the cache's bytes (the shard LRU is sized from
 the epoch's plan to keep it <= 1.1); mapped shards live in the page cache, so
@@ -362,7 +374,10 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
     remove_old_caches(out_dir, start_round - 1, settings.keep_caches)  # killed after a checkpoint, before this
     if measure and start_round == 0 and not history.get("kl_heldout_per_teacher"):
         heldout_kl(0)  # before any training (kept in the round-0 checkpoint's history)
-    for r in range(start_round, settings.rounds):
+    version = {"generator": start_round}  # rounds of training in the generator's weights
+
+    def prepare(r: int) -> _PreparedRound:
+        """Round r's rollouts (from the generator's current weights) and teacher cache."""
         rdir = out_dir / f"round-{r}"
         t0 = time.time()
         rollouts_path = rdir / "rollouts.jsonl"
@@ -374,18 +389,41 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         else:
             samples = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
                                     tokenizer=tokenizer, round_idx=r, wal=wal)
+            if settings.pipelined:  # which weights sampled them (the synchronous rounds' is r)
+                for s in samples:
+                    s["policy_version"] = version["generator"]
             atomic_write_jsonl(rollouts_path, samples)
         wal_counts = wal.counts()
         wal.close()
         t1 = time.time()
         teach_stats = teach_round(settings, samples, teachers, rdir / "cache", load_teacher=load_teacher,
                                   pad_id=pad_id, prefill=prefill)
+        return _PreparedRound(samples, wal_counts, teach_stats, t1 - t0, time.time() - t1)
+
+    ahead: _Background | None = None  # pipelined: round r + 1's preparation, running during round r's training
+    for r in range(start_round, settings.rounds):
+        rdir = out_dir / f"round-{r}"
+        t_wall = time.time()
+        prep = ahead.result() if ahead is not None else prepare(r)
+        samples, wal_counts, teach_stats = prep.samples, prep.wal_counts, prep.teach_stats
+        # the checkpoint's stream positions: through this round's prompts (a resumed stage
+        # re-takes the next round's when it finds that round's rollouts on disk)
+        stream_state = {d: st.state_dict() for d, st in streams.items()}
+        ahead = _Background(prepare, r + 1) if settings.pipelined and r + 1 < settings.rounds else None
         t2 = time.time()
         records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
                                     pad_id=pad_id, round_idx=r, step0=step, logger=logger)
         t3 = time.time()
+        if ahead is not None:
+            ahead.wait()  # round r + 1 sampled from these weights: update the generator only after
+        if settings.pipelined:
+            versions = sorted({s.get("policy_version", r) for s in samples})
+            history.setdefault("policy_version_per_round", []).append(versions)
+            history.setdefault("staleness_per_round", []).append(r - min(versions))
+            history.setdefault("time_per_round", []).append(time.time() - t_wall)
+        version["generator"] = r + 1
         generator.load_weights(trainer.state_dict())
-        _update_history(history, records, teachers, teach_stats, samples, (t1 - t0, t2 - t1, t3 - t2))
+        _update_history(history, records, teachers, teach_stats, samples, (prep.rollout_s, prep.teach_s, t3 - t2))
         if evaluate_student is not None:
             history["student_scores"].append(evaluate_student(generator))
         if logger is not None:
@@ -402,13 +440,51 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         history.setdefault("cache_bytes", []).append(dir_bytes(rdir / "cache"))
         if checkpoints is not None:
             checkpoints.save(trainer, step, {"round": r + 1, "step": step, "history": history,
-                                             "streams": {d: s.state_dict() for d, s in streams.items()}})
+                                             "streams": stream_state})
         # the largest the stage directory gets: the round's cache and its new checkpoint both there
         # (recorded in the next checkpoint and the returned metrics)
         history["disk_peak_bytes"] = max(history.get("disk_peak_bytes", 0), dir_bytes(out_dir))
         if checkpoints is not None:
             remove_old_caches(out_dir, r, settings.keep_caches)
     return {k: v for k, v in history.items() if k != "heldout_per_prompt"}  # those are in heldout_kl.jsonl
+
+
+@dataclass
+class _PreparedRound:
+    samples: list[dict]
+    wal_counts: dict
+    teach_stats: dict
+    rollout_s: float
+    teach_s: float
+
+
+class _Background:
+    """`fn(*args)` on a daemon thread (a failing stage exits without waiting for it);
+    `result()` joins and re-raises its error in the caller."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._box: dict = {}
+
+        def target():
+            try:
+                self._box["value"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised by result()
+                self._box["error"] = exc
+
+        self._thread = threading.Thread(target=target, name=f"opd-{getattr(fn, '__name__', 'task')}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if "error" in self._box:
+            raise RuntimeError(f"pipelined OPD: preparing the next round failed: "
+                               f"{type(self._box['error']).__name__}: {self._box['error']}") from self._box["error"]
+
+    def result(self):
+        self.wait()
+        return self._box["value"]
 
 
 def _update_history(history, records, teachers, teach_stats, samples, times) -> None:
