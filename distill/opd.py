@@ -128,46 +128,83 @@ def heldout_seed(settings: OPDSettings) -> int:
 
 
 def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], teachers: list["TeacherRef"],
-                       domains: dict[str, DomainSpec], *, generator, tokenizer, student, load_teacher) -> dict:
+                       domains: dict[str, DomainSpec], *, generator, tokenizer, student, load_teacher=None,
+                       prefill=None, head_paths: list[str] | None = None, cache_dir: Path | None = None,
+                       pad_id: int = 0) -> dict:
     """{teacher name: {"token_mean", "per_prompt": [...]}}: the divergence D(student || teacher)
     on the student's samples of the held-out prompts (one per prompt, a fixed seed, so every
     call sees the same prompts and the same sampling noise), as the mean over all response
     tokens and as each prompt's mean over its own tokens (in prompt order; a prompt with no
     response token gets 0). The token mean moves with the response length (later positions
     carry more KL); the per-prompt values compare two students prompt by prompt. `student`
-    is a model holding the generator's current weights; one teacher model is loaded at a
-    time. Full-vocabulary, one sample at a time (no (tokens x vocabulary) tensor beyond
-    one sample's)."""
+    is a model holding the generator's current weights. Full-vocabulary, one sample at a
+    time (no (tokens x vocabulary) tensor beyond one sample's).
+
+    Teacher side: by default one teacher model at a time is loaded here (`load_teacher`).
+    With `prefill` (the stage's prefill pool, `teach_round`), the teachers prefill the
+    held-out samples elsewhere into `cache_dir` (deleted afterwards) and their logits are
+    rebuilt here from the cached states through each teacher's head (`head_paths`), as in
+    training: this process loads no teacher (equal to the full forward up to the cache
+    dtype: exact in fp32, bf16-rounded states with `cache_dtype: bf16`)."""
+    import shutil
+
     from distill.kl import get_divergence
 
     fn = get_divergence(settings.divergence)
     out = {}
     student.eval()
+    samples_of = {}
     for t in teachers:
         rows = heldout.get(t.domain) or []
-        if not rows:
-            continue
-        samples = _domain_rollouts(settings, rows, t.domain, domains[t.domain], t.index, generator=generator,
-                                   tokenizer=tokenizer, n=1, seed=heldout_seed(settings), id_prefix="heldout")
-        model = load_teacher(t.model_dir)
-        model.eval()
-        total, tokens, per_prompt = 0.0, 0, []
-        with torch.inference_mode():
-            for s in samples:
-                ids = torch.tensor([s["input_ids"]])  # (1, T)
-                mask = torch.tensor(s["loss_mask"][1:]) > 0  # targets t >= 1, predicted at t - 1
-                if not bool(mask.any()):
-                    per_prompt.append(0.0)
-                    continue
-                log_ps = torch.log_softmax(_logits(student, ids)[mask], -1)  # (n, V)
-                log_pt = torch.log_softmax(_logits(model, ids)[mask], -1)  # (n, V)
-                d, _ = fn(log_ps, log_pt, settings.jsd_beta, False)
-                total += float(d.sum())
-                tokens += int(d.numel())
-                per_prompt.append(float(d.mean()))
-        del model
-        gc.collect()
-        out[t.name] = {"token_mean": total / max(tokens, 1), "per_prompt": per_prompt}
+        if rows:
+            samples_of[t.index] = _domain_rollouts(settings, rows, t.domain, domains[t.domain], t.index,
+                                                   generator=generator, tokenizer=tokenizer, n=1,
+                                                   seed=heldout_seed(settings), id_prefix="heldout")
+    reader = None
+    if prefill is not None and samples_of:
+        from distill.cache import CacheReader
+
+        if head_paths is None or cache_dir is None:
+            raise ValueError("measure_heldout_kl: a prefill pool needs head_paths and cache_dir")
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a measurement killed earlier: start afresh
+        teach_round(settings, [s for v in samples_of.values() for s in v], teachers, Path(cache_dir),
+                    load_teacher=None, pad_id=pad_id, prefill=prefill)
+        reader = CacheReader(cache_dir)
+    try:
+        for t in teachers:
+            if t.index not in samples_of:
+                continue
+            if reader is None:
+                model = load_teacher(t.model_dir)
+                model.eval()
+                teacher_logits = lambda s, ids, mask: _logits(model, ids)[mask]  # noqa: E731
+            else:
+                from distill.heads import TeacherHead
+
+                model = TeacherHead.load(head_paths[t.index])
+                teacher_logits = lambda s, ids, mask: model(  # noqa: E731
+                    reader.get(s["sample_id"]).to(model.proj_weight.dtype)).float()
+            total, tokens, per_prompt = 0.0, 0, []
+            with torch.inference_mode():
+                for s in samples_of[t.index]:
+                    ids = torch.tensor([s["input_ids"]])  # (1, T)
+                    mask = torch.tensor(s["loss_mask"][1:]) > 0  # targets t >= 1, predicted at t - 1
+                    if not bool(mask.any()):
+                        per_prompt.append(0.0)
+                        continue
+                    log_ps = torch.log_softmax(_logits(student, ids)[mask], -1)  # (n, V)
+                    log_pt = torch.log_softmax(teacher_logits(s, ids, mask), -1)  # (n, V)
+                    d, _ = fn(log_ps, log_pt, settings.jsd_beta, False)
+                    total += float(d.sum())
+                    tokens += int(d.numel())
+                    per_prompt.append(float(d.mean()))
+            del model, teacher_logits
+            gc.collect()
+            out[t.name] = {"token_mean": total / max(tokens, 1), "per_prompt": per_prompt}
+    finally:
+        if reader is not None:
+            reader.close()
+            shutil.rmtree(cache_dir, ignore_errors=True)
     return out
 
 
@@ -354,7 +391,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         student = load_student()
         student.load_state_dict(trainer.state_dict())
         kl = measure_heldout_kl(settings, heldout, teachers, domains, generator=generator, tokenizer=tokenizer,
-                                student=student, load_teacher=load_teacher)
+                                student=student, load_teacher=load_teacher, prefill=prefill,
+                                head_paths=head_paths, cache_dir=out_dir / "heldout-cache", pad_id=pad_id)
         # manifest: both means per teacher; the per-prompt values (for paired comparisons
         # between measurements) in heldout_kl.jsonl, rewritten whole each time
         history.setdefault("kl_heldout_per_teacher", []).append(

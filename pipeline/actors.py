@@ -285,30 +285,44 @@ def _prefill_task(settings, teacher, routed: list[dict], cache_dir: str, pad_id:
 
     stats = prefill_teacher(settings, teacher, routed, Path(cache_dir), pad_id=pad_id,
                             load_teacher=lambda p: load_model(p, dtype=dtype, device=device))
-    return {**stats, "worker_pid": os.getpid()}
+    import ray
+
+    held = {k: v for k, v in ray.get_runtime_context().get_assigned_resources().items() if k in ("CPU", "GPU")}
+    return {**stats, "worker_pid": os.getpid(), "resources": held}
 
 
 class TeacherPrefillPool:
     """The teach phase on Ray (`distill.opd.teach_round`'s `prefill`): one task per teacher,
-    each with `num_cpus`/`num_gpus` (`resources.stages.teach`), as many at once as the
+    each with `num_cpus`/`num_gpus` (`resources.stages.teach`, or `per_teacher[index]` =
+    (num_cpus, num_gpus) from `resources.stages.teach:<domain>`), as many at once as the
     cluster has room for, each writing its own `teacher-NNN` cache directory (on a cluster,
-    storage every node sees); the stage process loads no teacher for it. The tasks leave the
-    stage's placement group (its bundles belong to the trainer ranks). A failed teacher fails
-    the round at once, naming it."""
+    storage every node sees); the stage process loads no teacher for it (nor for the
+    held-out KL, which reads states the pool prefilled: `distill.opd.measure_heldout_kl`).
+    The tasks leave the stage's placement group (its bundles belong to the trainer ranks).
+    A failed teacher fails the round at once, naming it."""
 
-    def __init__(self, *, dtype: str, device: str, num_cpus: float, num_gpus: float):
-        if device == "cuda" and num_gpus < 1:
-            raise ValueError(f"TeacherPrefillPool: device 'cuda' needs num_gpus >= 1, got {num_gpus}")
+    def __init__(self, *, dtype: str, device: str, num_cpus: float, num_gpus: float,
+                 per_teacher: dict[int, tuple[float, float]] | None = None):
+        self.per_teacher = dict(per_teacher or {})
+        for where, gpus in [("", num_gpus)] + [(f" (teacher {i})", g) for i, (_, g) in self.per_teacher.items()]:
+            if device == "cuda" and gpus < 1:
+                raise ValueError(f"TeacherPrefillPool: device 'cuda' needs num_gpus >= 1{where}, got {gpus}")
         self.dtype, self.device, self.num_cpus, self.num_gpus = dtype, device, num_cpus, num_gpus
+
+    def resources(self, teacher_index: int) -> tuple[float, float]:
+        """(num_cpus, num_gpus) of one teacher's prefill task."""
+        return self.per_teacher.get(teacher_index, (self.num_cpus, self.num_gpus))
 
     def __call__(self, settings, todo: list, cache_dir, pad_id: int) -> dict:
         import ray
 
-        task = ray.remote(_prefill_task).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0,
-                                                 scheduling_strategy="DEFAULT")
-        threads = max(1, math.ceil(self.num_cpus))
-        refs = {task.remote(settings, t, routed, str(cache_dir), pad_id, self.dtype, self.device, threads): t
-                for t, routed in todo}
+        refs = {}
+        for t, routed in todo:
+            cpus, gpus = self.resources(t.index)
+            task = ray.remote(_prefill_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
+                                                     scheduling_strategy="DEFAULT")
+            refs[task.remote(settings, t, routed, str(cache_dir), pad_id, self.dtype, self.device,
+                             max(1, math.ceil(cpus)))] = t
         out, pending = {}, list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

@@ -298,14 +298,32 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
 
 def _stage_resource_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """`resources.stages` keys name a stage of this config's graph, a stage kind, or
-    `teach` (OPD's teacher prefill tasks, per teacher)."""
+    """`resources.stages` keys name a stage of this config's graph, a stage kind, `teach`
+    (OPD's teacher prefill tasks, per teacher) or `teach:<domain>` (one teacher's)."""
     from pipeline.graph import STAGE_KINDS, build_graph
 
     names = [s.name for s in build_graph(cfg)]
-    return [(f"resources.stages.{key}", f"no stage or stage kind {key!r}; stages: {names}, kinds: {list(STAGE_KINDS)}"
-             f" (or 'teach')") for key in cfg.resources.stages
-            if key not in names and key not in STAGE_KINDS and key != TEACH_RESOURCES]
+    routes = [t.domain for t in cfg.teachers()]
+    errors = []
+    for key in cfg.resources.stages:
+        if key.startswith(TEACH_RESOURCES + ":"):
+            if key.split(":", 1)[1] not in routes:
+                errors.append((f"resources.stages.{key}", f"no OPD teacher for domain {key.split(':', 1)[1]!r}; "
+                                                          f"teachers' domains: {routes}"))
+        elif key not in names and key not in STAGE_KINDS and key != TEACH_RESOURCES:
+            errors.append((f"resources.stages.{key}", f"no stage or stage kind {key!r}; stages: {names}, kinds: "
+                                                      f"{list(STAGE_KINDS)} (or 'teach', 'teach:<domain>')"))
+    return errors
+
+
+def teach_resources(cfg: ExperimentConfig) -> tuple[StageResources | None, dict[str, StageResources]]:
+    """OPD's teacher prefill resources: (`resources.stages.teach`, {domain: `teach:<domain>`}).
+    Either one set puts the teach phase on Ray tasks; a teacher without its own entry takes
+    `teach`, or `resources.default` when only per-teacher entries are given."""
+    stages = cfg.resources.stages
+    per = {k.split(":", 1)[1]: v for k, v in stages.items() if k.startswith(TEACH_RESOURCES + ":")}
+    base = stages.get(TEACH_RESOURCES)
+    return (base if base is not None or not per else cfg.resources.default), per
 
 
 def _teacher_route_errors(teachers) -> list[tuple[str, str]]:
@@ -341,10 +359,10 @@ def _rank_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         if cfg.trainer.device == "cuda" and res.num_gpus < 1:
             errors.append((f"{where}.num_gpus", f"{res.trainer_ranks} CUDA trainer ranks need num_gpus >= 1 "
                                                 f"(per rank), got {res.num_gpus:g}"))
-    teach = cfg.resources.stages.get("teach")  # OPD's teacher prefill tasks (pipeline.actors)
-    if teach is not None and cfg.trainer.device == "cuda" and teach.num_gpus < 1:
-        errors.append(("resources.stages.teach.num_gpus", f"teacher prefill on CUDA needs num_gpus >= 1 per "
-                                                          f"teacher, got {teach.num_gpus:g}"))
+    for key, teach in cfg.resources.stages.items():  # OPD's teacher prefill tasks (pipeline.actors)
+        if key.split(":")[0] == TEACH_RESOURCES and cfg.trainer.device == "cuda" and teach.num_gpus < 1:
+            errors.append((f"resources.stages.{key}.num_gpus", f"teacher prefill on CUDA needs num_gpus >= 1 per "
+                                                                f"teacher, got {teach.num_gpus:g}"))
     return errors
 
 

@@ -265,13 +265,17 @@ def opd(ctx: StageContext) -> dict:
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
     scorer = _scorer_pool(cfg, max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
     prefill = None
-    teach = cfg.resources.stages.get("teach")  # the teach phase on Ray tasks, these resources per teacher
+    from pipeline.config import teach_resources
+
+    teach, per_route = teach_resources(cfg)  # the teach phase (and held-out KL prefill) on Ray tasks
     if teach is not None:
         from pipeline.actors import TeacherPrefillPool, join_ray
 
         join_ray()
         prefill = TeacherPrefillPool(dtype=cfg.model.dtype, device=device, num_cpus=teach.num_cpus,
-                                     num_gpus=teach.num_gpus)
+                                     num_gpus=teach.num_gpus,
+                                     per_teacher={t.index: (per_route[t.domain].num_cpus, per_route[t.domain].num_gpus)
+                                                  for t in teachers if t.domain in per_route})
     eval_rows = {t.domain: read_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
     heldout = {t.domain: read_rows(ctx, t.domain, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
     try:

@@ -38,3 +38,20 @@ def test_cuda_teacher_prefill_needs_a_gpu_per_teacher(tmp_path):
         _load(tmp_path, ["trainer.device=cuda", "resources.num_gpus=2", "resources.stages.teach={num_cpus: 1}"])
     assert "resources.stages.teach.num_gpus" in [p for p, _ in err.value.errors]
     _load(tmp_path, ["resources.stages.teach={num_cpus: 1}"])  # on CPU: fine
+
+
+def test_per_teacher_prefill_resources(tmp_path):
+    from pipeline.config import teach_resources
+
+    assert teach_resources(_load(tmp_path, [])) == (None, {})  # tiny: the teach phase stays in-process
+    cfg = _load(tmp_path, ["resources.stages.teach={num_cpus: 1}", "resources.stages.teach:code={num_cpus: 2}"])
+    base, per = teach_resources(cfg)
+    assert base.num_cpus == 1 and per["code"].num_cpus == 2 and set(per) == {"code"}
+    base, per = teach_resources(_load(tmp_path, ["resources.stages.teach:math={num_cpus: 2}"]))
+    assert base == cfg.resources.default and per["math"].num_cpus == 2  # the others take the default
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, ["resources.stages.teach:chess={num_cpus: 1}"])
+    assert "resources.stages.teach:chess" in [p for p, _ in err.value.errors], err.value.errors
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, ["trainer.device=cuda", "resources.num_gpus=2", "resources.stages.teach:math={num_cpus: 1}"])
+    assert "resources.stages.teach:math.num_gpus" in [p for p, _ in err.value.errors]
