@@ -38,7 +38,9 @@ The generator takes the new weights only after round r+1's rollouts are done, an
 round's checkpoint is written after the next round's rollouts and cache, so a resumed
 stage finds them on disk (the checkpoint's prompt-stream positions are those through
 round r). While both run, `disk_read_amplification` also counts the teacher loads of an
-in-process prefill.
+in-process prefill. An in-process teacher load beside training is safe only in fp32:
+transformers sets torch's default dtype process-wide while it builds a model, so
+`validate` asks for the Ray prefill pool when `model.dtype` is not fp32.
 Reads: `cache_read_amplification` (per round, the largest over its epochs) is the bytes of
 shards the reader mapped in an epoch over the cache's bytes (the shard LRU is sized from
 the epoch's plan to keep it <= 1.1); mapped shards live in the page cache, so

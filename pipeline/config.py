@@ -294,6 +294,12 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         errors.append(("trainer.device", "'cuda' needs resources.num_gpus > 0"))
     errors += _stage_resource_errors(cfg)
     errors += _rank_errors(cfg)
+    if cfg.opd.pipelined and cfg.model.dtype != "fp32" and teach_resources(cfg)[0] is None:
+        # transformers sets torch's default dtype process-wide while it builds a model: a
+        # teacher loaded beside the training student would change the student's tensors
+        errors.append(("opd.pipelined", f"with model.dtype {cfg.model.dtype!r} the pipelined teach phase must run "
+                                        "on Ray tasks: set resources.stages.teach (loading a teacher in the stage "
+                                        "process while the student trains changes torch's default dtype under it)"))
     return errors
 
 

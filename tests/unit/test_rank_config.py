@@ -55,3 +55,11 @@ def test_per_teacher_prefill_resources(tmp_path):
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, ["trainer.device=cuda", "resources.num_gpus=2", "resources.stages.teach:math={num_cpus: 1}"])
     assert "resources.stages.teach:math.num_gpus" in [p for p, _ in err.value.errors]
+
+
+def test_pipelined_opd_in_bf16_needs_the_prefill_pool(tmp_path):
+    _load(tmp_path, ["opd.pipelined=true"])  # fp32 (tiny): the teach phase may stay in-process
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, ["opd.pipelined=true", "model.dtype=bf16"])
+    assert "opd.pipelined" in [p for p, _ in err.value.errors], err.value.errors
+    _load(tmp_path, ["opd.pipelined=true", "model.dtype=bf16", "resources.stages.teach={num_cpus: 1}"])
