@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from distill.opd_loss import OPDLoss  # noqa: F401  (re-exported: the loss the trainer runs)
+from distill.opd_loss import OPDLoss, loss_divisors  # noqa: F401  (OPDLoss re-exported: the loss the trainer runs)
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
 from engine.disk import dir_bytes, storage_read_bytes
@@ -239,10 +239,11 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
                 [samples[i]["sample_id"] for i in mp.sample_indices] for micro in plan for mp in micro))
             bytes0, disk0 = reader.bytes_read, storage_read_bytes()
             for micro_plans in plan:
-                global_tokens = max(sum(sum(samples[i]["loss_mask"][1:]) for mp in micro_plans
-                                        for i in mp.sample_indices), 1)
-                mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=global_tokens, step=step)
-                       for mp in micro_plans]
+                divisors = loss_divisors([sum(sum(samples[i]["loss_mask"][1:]) for i in mp.sample_indices)
+                                          for mp in micro_plans], [mp.teacher_index for mp in micro_plans],
+                                         settings.loss_aggregation)
+                mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step)
+                       for mp, d in zip(micro_plans, divisors)]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
                 ranks = m.get("rank_metrics") or [m]  # one entry per data-parallel rank
