@@ -36,13 +36,22 @@ def _link_source(source: Path, arm_dir: Path) -> None:
 
 
 def _run_opd(config: str, arm_dir: Path, overrides: list[str]) -> None:
+    """The `opd` stage as `pipeline run` launches it: the same command and the same torch
+    threads (OMP_NUM_THREADS = the stage's CPUs, pipeline.launch), so an arm without
+    overrides reproduces the source run's student bit for bit."""
+    import math
+
+    from pipeline.config import load_config
+
+    cpus = load_config(config, [f"run_dir={arm_dir}", *overrides]).resources_for("opd").num_cpus
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, math.ceil(cpus)))}
     if (arm_dir / "opd" / "manifest.json").is_file() and \
             json.loads((arm_dir / "opd" / "manifest.json").read_text()).get("status") == "done":
         return
     cmd = [sys.executable, "-m", "pipeline", "stage", config, "opd", f"run_dir={arm_dir}", "logging.wandb=disabled",
            "logging.progress=false", *overrides]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
 def _evaluate(config: str, source: Path, model_dir: str, overrides: list[str]) -> dict:
@@ -59,6 +68,9 @@ def _evaluate(config: str, source: Path, model_dir: str, overrides: list[str]) -
                     d.data.synthetic.generator if d.data.synthetic else None) for d in cfg.domains]
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
+    import torch
+
+    torch.set_num_threads(1)  # as the eval stage's workers (one thread each)
     with _scorer_pool(cfg, 2) as pool:
         return evaluate_models({"student": model_dir}, sets, lambda d: _eval_policy(cfg, d),
                                _checked_scores(pool, "ablation eval"), settings)
