@@ -22,15 +22,19 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.model import load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, as_float, merge_step_metrics, padding_loss,
-                            read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state,
-                            to_device, write_extra_state)
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, merge_step_metrics, padding_loss,
+                                   read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything,
+                                   set_rng_state, to_device, write_extra_state)
+
+if TYPE_CHECKING:
+    from engine.trainer_settings import TrainerSettings
 
 CKPT_TAG = "state"
 
@@ -56,7 +60,7 @@ def init_process_group(rank: int, world_size: int, device: str) -> None:
     """Form (once per process) the process group and let DeepSpeed adopt it."""
     import deepspeed
 
-    from engine.trainer import init_process_group as form_group
+    from engine.trainer_common import init_process_group as form_group
 
     form_group(rank, world_size, device)
     for var, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world_size)):

@@ -21,9 +21,10 @@ import torch
 
 from engine.model import DTYPES, load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, as_float, broadcast_parameters, init_process_group,
-                            merge_step_metrics, read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything,
-                            set_rng_state, sum_gradients_over_ranks, to_device, write_extra_state)
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, broadcast_parameters, init_process_group,
+                                   merge_step_metrics, read_extra_state, rng_state, run_loss, save_hf_dir,
+                                   seed_everything, set_rng_state, sum_gradients_over_ranks, to_device,
+                                   write_extra_state)
 
 
 def load_hf_weights(lm, path: Path) -> None:

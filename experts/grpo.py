@@ -74,7 +74,7 @@ class GRPOLoss:
                        offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
 
     def __call__(self, hidden, weight, batch):
-        from engine.trainer import batch_sampling
+        from engine.trainer_common import batch_sampling
         from experts.losses import compute_policy_loss, compute_token_logprobs
 
         # the policy being optimised is the one sampled from: filter(softmax(logits / T)), as

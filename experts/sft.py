@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.batching import EpochCursor, Sample, build_step_batches, pad_rows
 from engine.chat import render
 from engine.checkpoint import CheckpointManager
-from engine.trainer import compute_token_logprobs
+from engine.trainer_common import compute_token_logprobs
 from experts.sft_settings import SFTSettings
 
 

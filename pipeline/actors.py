@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from engine.trainer import DUMMY_KEY, merge_step_metrics
+from engine.trainer_common import DUMMY_KEY, merge_step_metrics
 
 _FORWARD_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                 "TOKENIZERS_PARALLELISM", "PYTHONPATH")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.stage_io import data_source, export_stage, stage_tokenizer
-from pipeline.stages import StageContext
+from pipeline.stage_context import StageContext
 
 
 # ------------------------------------------------------------------------------ prepare

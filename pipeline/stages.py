@@ -13,32 +13,16 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.graph import Stage, build_graph, input_hashes
 from pipeline.rundir import RunDir, atomic_write_text
+from pipeline.stage_context import StageContext
 
 
 class StageNotBuilt(RuntimeError):
     """The stage's driver is not part of this build yet."""
-
-
-@dataclass
-class StageContext:
-    cfg: ExperimentConfig
-    stage: Stage
-    run: RunDir
-    input_hash: str
-
-    @property
-    def out_dir(self) -> Path:
-        return self.run.stage_dir(self.stage.name)
-
-    def model_dir(self, stage: str) -> str:
-        """Final HF checkpoint of a finished model stage ('prepare' = the base model)."""
-        return self.run.output(stage, "model")
 
 
 def setup_environment(run_root: Path) -> None:

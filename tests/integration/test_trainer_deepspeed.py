@@ -6,7 +6,8 @@ import torch
 
 from engine.batching import Sample, build_step_batches
 from engine.model import TinySpec, materialize_tiny
-from engine.trainer import TrainerSettings, build_trainer, compute_token_logprobs
+from engine.trainer import TrainerSettings, build_trainer
+from engine.trainer_common import compute_token_logprobs
 
 torch.set_num_threads(1)
 SPEC = TinySpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)

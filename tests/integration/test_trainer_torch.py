@@ -5,7 +5,8 @@ import torch
 
 from engine.batching import Sample, build_step_batches
 from engine.model import TinySpec, load_model, materialize_tiny
-from engine.trainer import TrainerSettings, build_trainer, compute_token_logprobs, run_loss
+from engine.trainer import TrainerSettings, build_trainer
+from engine.trainer_common import compute_token_logprobs, run_loss
 
 torch.set_num_threads(1)
 SPEC = TinySpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)

@@ -6,7 +6,7 @@ import torch
 
 from engine.batching import (EpochCursor, Sample, build_step_batches, pack_rows, pad_rows, plan_packing,
                              split_rows, with_global_tokens)
-from engine.trainer import LogprobFn, compute_token_logprobs, run_loss
+from engine.trainer_common import LogprobFn, compute_token_logprobs, run_loss
 
 torch.set_num_threads(1)
 

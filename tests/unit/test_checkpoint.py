@@ -65,7 +65,7 @@ def test_latest_falls_back_to_newest_and_resave(tmp_path):
 
 
 def _loss(hidden, weight, batch):
-    from engine.trainer import compute_token_logprobs
+    from engine.trainer_common import compute_token_logprobs
 
     lp = compute_token_logprobs(hidden, weight, batch["input_ids"])
     return -(lp * batch["loss_mask"]).sum() / batch["global_tokens"], {}
