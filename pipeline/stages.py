@@ -39,16 +39,18 @@ def setup_environment(run_root: Path) -> None:
 
 
 def _stage_functions():
-    from pipeline import stage_impl
+    """Stage kind -> the function that runs it, one module per stage (imported only here,
+    when a stage runs: `python -m pipeline stage` loads just what its stage needs)."""
+    from pipeline import stage_eval, stage_grpo, stage_opd, stage_prepare, stage_report, stage_sft
 
     return {
-        "prepare": stage_impl.prepare,
-        "sft": stage_impl.sft,
-        "grpo": stage_impl.grpo,
-        "mixed_rl": stage_impl.mixed_rl,
-        "opd": stage_impl.opd,
-        "eval": stage_impl.evaluate,
-        "report": stage_impl.report,
+        "prepare": stage_prepare.prepare,
+        "sft": stage_sft.sft,
+        "grpo": stage_grpo.grpo,
+        "mixed_rl": stage_grpo.mixed_rl,
+        "opd": stage_opd.opd,
+        "eval": stage_eval.evaluate,
+        "report": stage_report.report,
     }
 
 
