@@ -34,29 +34,17 @@ from typing import Callable
 
 import torch
 
+from engine.registry import Registry
+
 Tensor = torch.Tensor
 # (log_ps (n, V), log_pt (n, V), beta, with_grad) -> (D (n,), dD/dz_s (n, V) or None)
 DivergenceFn = Callable[[Tensor, Tensor, float, bool], "tuple[Tensor, Tensor | None]"]
 TeacherHeadLike = Callable[[Tensor], Tensor] | tuple
 
-DIVERGENCES: dict[str, DivergenceFn] = {}
+DIVERGENCES: Registry[DivergenceFn] = Registry("divergence")
+register_divergence = DIVERGENCES.register
+get_divergence = DIVERGENCES.get
 DEFAULT_CHUNK_SIZE = 1024
-
-
-def register_divergence(name: str) -> Callable[[DivergenceFn], DivergenceFn]:
-    def deco(fn: DivergenceFn) -> DivergenceFn:
-        if name in DIVERGENCES:
-            raise ValueError(f"divergence {name!r} is already registered")
-        DIVERGENCES[name] = fn
-        return fn
-    return deco
-
-
-def get_divergence(name: str) -> DivergenceFn:
-    try:
-        return DIVERGENCES[name]
-    except KeyError:
-        raise KeyError(f"unknown divergence {name!r}; known: {sorted(DIVERGENCES)}") from None
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:

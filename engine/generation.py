@@ -33,6 +33,7 @@ import torch
 
 from engine.generator_api import Completion, Generator, SamplingParams, row_seed, validate_prompts
 from engine.logprobs import compute_sampling_keep_mask
+from engine.registry import Registry
 
 
 # ---------------------------------------------------------------- pure sampling math
@@ -212,16 +213,8 @@ def copy_state_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
 
 
 # ---------------------------------------------------------------- registry
-GENERATORS: dict[str, Callable[..., Generator]] = {}
-
-
-def register_generator(name: str):
-    def deco(factory):
-        if name in GENERATORS:
-            raise ValueError(f"generator backend {name!r} is already registered")
-        GENERATORS[name] = factory
-        return factory
-    return deco
+GENERATORS: Registry[Callable[..., Generator]] = Registry("generator backend")
+register_generator = GENERATORS.register
 
 
 @register_generator("hf")
@@ -240,6 +233,4 @@ def _build_vllm(config, model_dir, *, tokenizer, dtype: str, device: str | None 
 
 def build_generator(config, model_dir, *, tokenizer=None, dtype: str = "fp32", device: str | None = None) -> Generator:
     """A generator from a `GeneratorConfig` (backend, batch_size, gpu_memory_utilization)."""
-    if config.backend not in GENERATORS:
-        raise KeyError(f"unknown generator backend {config.backend!r}; known: {sorted(GENERATORS)}")
-    return GENERATORS[config.backend](config, model_dir, tokenizer=tokenizer, dtype=dtype, device=device)
+    return GENERATORS.get(config.backend)(config, model_dir, tokenizer=tokenizer, dtype=dtype, device=device)

@@ -23,28 +23,15 @@ from typing import Callable
 
 import torch
 
+from engine.registry import Registry
+
 Tensor = torch.Tensor
 AdvantageFn = Callable[..., Tensor]  # (rewards_NG, *, eps) -> advantages_NG
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
+register_advantage_estimator = ADVANTAGE_ESTIMATORS.register
+get_advantage_estimator = ADVANTAGE_ESTIMATORS.get
 DEFAULT_EPS = 1e-6
-
-
-def register_advantage_estimator(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator adding an estimator under `name`; a second entry of the same name is an error."""
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-    return deco
-
-
-def get_advantage_estimator(name: str) -> AdvantageFn:
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise KeyError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}") from None
 
 
 def _check_rewards_2d(rewards_NG: Tensor, min_group: int) -> None:
