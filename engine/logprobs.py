@@ -1,6 +1,6 @@
 """Per-token log-probabilities (and entropy) of a causal LM, chunked over tokens.
 
-`compute_token_logprobs(hidden (B,T,H), weight (V,H), input_ids (B,T))` returns
+`compute_chunked_token_logprobs(hidden (B,T,H), weight (V,H), input_ids (B,T))` returns
 `logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])` from the logits at position
 t - 1, with `logprobs[:, 0] = 0` (docs/CONTRACTS.md alignment). `hidden` is the model's
 post-final-norm hidden state and `weight` its vocabulary projection.
@@ -17,7 +17,7 @@ Sampling distribution (one definition, shared with `engine.generation`). With to
 top-p the generator samples from the TRUNCATED distribution, `log_softmax(filter(logits /
 T))` (`compute_sampling_keep_mask`: tokens outside the kept set get -inf, the rest is
 renormalised), and reports that log-prob, as vLLM's `processed_logprobs` mode does.
-`compute_token_logprobs(..., top_k, top_p)` computes the same quantity from the
+`compute_chunked_token_logprobs(..., top_k, top_p)` computes the same quantity from the
 trainer's logits, so sampler and trainer log-probs agree on the sampled tokens and the
 importance ratio compares like with like. One addition: the position's own target token
 is always kept, so a policy that has moved since sampling (or a reference model) gives a
@@ -151,7 +151,7 @@ def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size,
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def compute_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
+def compute_chunked_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
                            chunk_size: int | None = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0,
                            top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
     """Aligned log-probs (B, T) [and entropies (B, T)], chunked over tokens.

@@ -18,19 +18,11 @@ from typing import Callable
 
 import torch
 
-from engine.logprobs import compute_token_logprobs as chunked_token_logprobs
+from engine.logprobs import compute_chunked_token_logprobs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
 DUMMY_KEY = "_dummy"  # a padding micro-batch that only keeps ranks in step: no loss_fn, zero gradient
 # ----------------------------------------------------------------------------- math
-
-
-def compute_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                           chunk: int = 0, temperature: float = 1.0, top_k: int = 0,
-                           top_p: float = 1.0) -> torch.Tensor:
-    """Aligned log-probs `(B, T)` (`engine.logprobs`); `chunk` positions per log-softmax, 0 = all at once."""
-    return chunked_token_logprobs(hidden, weight, input_ids, chunk or None, temperature=temperature,
-                                  top_k=top_k, top_p=top_p)
 
 
 def batch_temperature(batch: dict) -> float:
@@ -58,8 +50,8 @@ class LogprobFn:
         self.chunk = chunk
 
     def __call__(self, hidden, weight, batch):
-        lp = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk,
-                                    **batch_sampling(batch))  # (B, T)
+        lp = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"], self.chunk or None,
+                                            **batch_sampling(batch))  # (B, T)
         return lp.masked_fill(batch["position_ids"] == 0, 0.0), {}
 
 

@@ -74,14 +74,15 @@ class GRPOLoss:
                        offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
 
     def __call__(self, hidden, weight, batch):
+        from engine.logprobs import compute_chunked_token_logprobs
         from engine.trainer_common import batch_sampling
-        from experts.losses import compute_policy_loss, compute_token_logprobs
+        from experts.losses import compute_policy_loss
 
         # the policy being optimised is the one sampled from: filter(softmax(logits / T)), as
         # in verl; T, top-k, top-p travel with the batch, so the loss, the old/reference and
         # the rollout log-probs are all of the same distribution
-        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"],
-                                          **batch_sampling(batch))  # (B, T)
+        logprobs = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"],
+                                                  **batch_sampling(batch))  # (B, T)
         return compute_policy_loss(
             logprobs=logprobs,
             # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1

@@ -26,8 +26,6 @@ Imports torch and the stdlib only. All tensors are (B, T) and aligned with `inpu
 - `aggregate_loss` (the only place that reduces over tokens) and
   `compute_global_denominators`: pieces of a mini-batch divided by the whole mini-batch's
   denominators SUM to the whole batch's loss and gradient.
-
-`compute_token_logprobs` (chunked, see `engine.logprobs`) is re-exported here.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.logprobs import compute_token_logprobs  # noqa: F401  (re-export)
 from engine.registry import Registry
 
 Tensor = torch.Tensor
