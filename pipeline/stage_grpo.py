@@ -12,7 +12,8 @@ from pipeline.stage_workers import close_workers, make_trainer, scorer_pool, sta
 def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]) -> dict:
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
-    from experts.grpo import DomainSpec, run_grpo
+    from engine.domain_spec import DomainSpec
+    from experts.grpo import run_grpo
 
     cfg = ctx.cfg
     tokenizer = stage_tokenizer(cfg, init_dir)

@@ -29,8 +29,9 @@ def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> di
 
 def opd(ctx: StageContext) -> dict:
     from distill.heads import assert_same_vocab, extract_head
-    from distill.opd import DomainSpec, TeacherRef, run_opd
+    from distill.opd import TeacherRef, run_opd
     from engine.checkpoint import CheckpointManager
+    from engine.domain_spec import DomainSpec
     from engine.generation import build_generator
     from engine.model import load_model
 

@@ -21,10 +21,6 @@ from pipeline.rundir import RunDir, atomic_write_text
 from pipeline.stage_context import StageContext
 
 
-class StageNotBuilt(RuntimeError):
-    """The stage's driver is not part of this build yet."""
-
-
 def setup_environment(run_root: Path) -> None:
     """Keep every cache inside ignored folders; CPU threads. Offline hub access only where
     the environment asks for it (the Makefile sets HF_HUB_OFFLINE for the tiny run)."""
@@ -87,8 +83,7 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
     try:
         result = _stage_functions()[stage.kind](ctx) or {}
     except BaseException as exc:
-        status = "not_built" if isinstance(exc, StageNotBuilt) else "failed"
-        run.write_manifest(name, status=status, error=f"{type(exc).__name__}: {exc}",
+        run.write_manifest(name, status="failed", error=f"{type(exc).__name__}: {exc}",
                            traceback=traceback.format_exc(), ended=time.time())
         raise
     ended = time.time()
