@@ -1,7 +1,7 @@
 """Teacher heads: extraction from a checkpoint, and one-at-a-time residency during training.
 
 A teacher's "head" is what turns its cached last-layer hidden state into logits: the final
-RMSNorm and the vocabulary projection (DESIGN.md section 5). `extract_head` reads only
+RMSNorm and the vocabulary projection (docs/DESIGN.md section 5). `extract_head` reads only
 those tensors from the checkpoint's safetensors files (sharded or not; tied input/output
 embeddings handled) and writes them to `head.safetensors`, so that training never reads a
 teacher's full weights. A small registry (`HEAD_SPECS`, keyed by config.json's

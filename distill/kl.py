@@ -1,6 +1,6 @@
 """Chunked full-vocabulary divergences between a student and a teacher, per token.
 
-The OPD loss (DESIGN.md section 4) is `sum_i w_i * D(p_s(.|i), p_t(.|i))` over response
+The OPD loss (docs/DESIGN.md section 4) is `sum_i w_i * D(p_s(.|i), p_t(.|i))` over response
 tokens i, where both distributions cover the whole vocabulary. The student's logits are
 `h_s @ W^T` (h_s: the student's post-final-norm hidden state, W: its vocabulary
 projection); the teacher's are `head_t(h_t)` (h_t: the teacher's cached PRE-final-norm

@@ -16,7 +16,7 @@ from engine.tokenizer import build_tiny_tokenizer
 from rewards import get_verifier, score_batch
 
 DOMAINS = ("code", "ifeval", "math", "tool")
-# Longest rendered conversation allowed per domain (tokens): DESIGN.md section 7 sizing.
+# Longest rendered conversation allowed per domain (tokens): docs/DESIGN.md section 7 sizing.
 MAX_TOKENS = {"math": 40, "code": 70, "ifeval": 100, "tool": 100}
 
 
