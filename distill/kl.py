@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from engine.logprobs import zero_input_grads
 from engine.registry import Registry
 
 Tensor = torch.Tensor
@@ -155,9 +156,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_per_token):
         h_s, weight, h_t, token_weights = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h_s) if need_h else None  # (N, H)
-        w_acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None
+        grad_h, grad_w = zero_input_grads(h_s, weight, need_h, need_w)  # (N, H), (V, H)
         scale = token_weights.to(ctx.acc) * grad_loss.to(ctx.acc)  # (N,)
         for s in range(0, h_s.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, h_s.shape[0])
@@ -168,7 +167,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h_s.dtype)  # (c, H)
             if need_w:
-                grad_w.addmm_(g.to(w_acc).T, h_s[s:e].to(w_acc))  # (V, H)
+                grad_w.addmm_(g.to(grad_w.dtype).T, h_s[s:e].to(grad_w.dtype))  # (V, H)
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None

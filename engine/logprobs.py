@@ -81,6 +81,15 @@ def _entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
+def zero_input_grads(h: Tensor, weight: Tensor, need_h: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Zeroed gradient accumulators of a chunked autograd function's inputs: hidden states
+    (N, H) in their dtype, the head weight (V, H) in at least float32; None where not needed."""
+    grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
+    w_acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None  # (V, H)
+    return grad_h, grad_w
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Forward and backward walk the tokens in chunks; backward recomputes each chunk's
     log-softmax and uses the closed forms (z = logits / temperature, p = softmax(z)):
@@ -107,9 +116,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         h, weight, targets, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
-        w_acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None  # (V, H)
+        grad_h, grad_w = zero_input_grads(h, weight, need_h, need_w)  # (N, H), (V, H)
         for s in range(0, h.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, h.shape[0])
             logp = _chunk_log_softmax(h[s:e], weight, ctx.temperature, ctx.acc, ctx.top_k, ctx.top_p,
@@ -126,7 +133,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
             if need_w:
-                grad_w.addmm_(g.to(w_acc).T, h[s:e].to(w_acc))  # (V, H)
+                grad_w.addmm_(g.to(grad_w.dtype).T, h[s:e].to(grad_w.dtype))  # (V, H)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 

@@ -189,6 +189,14 @@ def sum_gradients_over_ranks(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+def barrier(world_size: int) -> None:
+    """Wait for every rank (nothing to wait for with one rank)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def broadcast_parameters(params: list[torch.Tensor]) -> None:
     """Rank 0's parameters on every rank (they load the same checkpoint; this makes it so)."""
     import torch.distributed as dist

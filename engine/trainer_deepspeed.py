@@ -29,7 +29,7 @@ from torch import nn
 
 from engine.model import load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, merge_step_metrics, padding_loss,
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, merge_step_metrics, padding_loss,
                                    read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything,
                                    set_rng_state, to_device, write_extra_state)
 
@@ -181,7 +181,7 @@ class DeepSpeedTrainer:
         state = self.state_dict()  # collective under ZeRO-3: every rank calls it
         if self.rank == 0:
             save_hf_dir(self.lm, state, Path(path), self.tokenizer_dir)
-        self._barrier()
+        barrier(self.world_size)
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None:
         path = Path(path)
@@ -191,7 +191,7 @@ class DeepSpeedTrainer:
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             write_extra_state(path, extra_state)
-        self._barrier()
+        barrier(self.world_size)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         path = Path(path)
@@ -204,8 +204,3 @@ class DeepSpeedTrainer:
         set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         return extra
 
-    def _barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1:
-            dist.barrier()
