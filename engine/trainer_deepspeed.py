@@ -56,7 +56,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(rank: int, world_size: int, device: str) -> None:
+def init_deepspeed_process_group(rank: int, world_size: int, device: str) -> None:
     """Form (once per process) the process group and let DeepSpeed adopt it."""
     import deepspeed
 
@@ -92,7 +92,7 @@ class DeepSpeedTrainer:
 
         if settings.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        init_process_group(rank, world_size, settings.device)
+        init_deepspeed_process_group(rank, world_size, settings.device)
         seed_everything(settings.seed, settings.deterministic)
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.tokenizer_dir = tokenizer_dir

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pipeline.stage_context import StageContext
 
 
-def read_rows(ctx: StageContext, domain: str, split: str) -> list[dict]:
+def prepared_rows(ctx: StageContext, domain: str, split: str) -> list[dict]:
+    """The rows `prepare` wrote for `domain` and `split` ("train" or "eval")."""
     from engine.data import load_rows
 
     return load_rows(ctx.run.output("prepare", f"data:{domain}:{split}"), on_bad_row="error")
@@ -32,6 +33,6 @@ def domain_spec_map(ctx: StageContext, names, tokenizer):
     """Verifier and tool environment of each domain (environment only for multi-turn ones)."""
     out = {}
     for n in names:
-        rows = read_rows(ctx, n, "train") + read_rows(ctx, n, "eval")
+        rows = prepared_rows(ctx, n, "train") + prepared_rows(ctx, n, "eval")
         out[n] = (ctx.cfg.domain(n).verifier, domain_environment(ctx.cfg, n, rows, tokenizer))
     return out

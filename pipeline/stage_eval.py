@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pipeline.eval_policy import eval_policy
 from pipeline.stage_context import StageContext
-from pipeline.stage_domains import read_rows
+from pipeline.stage_domains import prepared_rows
 from pipeline.stage_workers import checked_scores, scorer_pool
 
 
-def evaluate(ctx: StageContext) -> dict:
+def evaluate_stage(ctx: StageContext) -> dict:
     """Every model stage of the graph on every domain's eval rows -> `eval/results.json`."""
     import json
 
@@ -18,7 +18,7 @@ def evaluate(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
-    sets = [EvalSet(d.name, d.verifier, read_rows(ctx, d.name, "eval"),
+    sets = [EvalSet(d.name, d.verifier, prepared_rows(ctx, d.name, "eval"),
                     d.data.synthetic.generator if d.data.synthetic else None) for d in cfg.domains]
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)

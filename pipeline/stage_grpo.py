@@ -4,7 +4,7 @@ SFT expert, or on every domain at once from the student's SFT start (the baselin
 from __future__ import annotations
 
 from pipeline.stage_context import StageContext
-from pipeline.stage_domains import domain_spec_map, read_rows
+from pipeline.stage_domains import domain_spec_map, prepared_rows
 from pipeline.stage_io import export_stage, stage_tokenizer
 from pipeline.stage_workers import close_workers, make_trainer, scorer_pool, stage_logger
 
@@ -17,7 +17,7 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
 
     cfg = ctx.cfg
     tokenizer = stage_tokenizer(cfg, init_dir)
-    train = [r for n in names for r in read_rows(ctx, n, "train")]
+    train = [r for n in names for r in prepared_rows(ctx, n, "train")]
     specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in domain_spec_map(ctx, names, tokenizer).items()}
     trainer = make_trainer(ctx, init_dir, lr=settings.lr, weight_decay=settings.weight_decay,
                            warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip,

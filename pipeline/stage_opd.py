@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.stage_context import StageContext
-from pipeline.stage_domains import domain_spec_map, read_rows
+from pipeline.stage_domains import domain_spec_map, prepared_rows
 from pipeline.stage_io import export_stage, stage_tokenizer
 from pipeline.stage_workers import checked_scores, close_workers, make_trainer, scorer_pool, stage_logger
 
@@ -53,7 +53,7 @@ def opd(ctx: StageContext) -> dict:
     tokenizer = stage_tokenizer(cfg, student_dir)
     specs = {n: DomainSpec(verifier=v, environment=e)
              for n, (v, e) in domain_spec_map(ctx, [t.domain for t in teachers], tokenizer).items()}
-    prompts = {t.domain: read_rows(ctx, t.domain, "train") for t in teachers}
+    prompts = {t.domain: prepared_rows(ctx, t.domain, "train") for t in teachers}
     steps_per_round = -(-len(teachers) * s.prompts_per_domain * s.samples_per_prompt // s.mini_batch_size)
     total = s.rounds * s.epochs_per_round * steps_per_round
     trainer = make_trainer(ctx, student_dir, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
@@ -71,8 +71,8 @@ def opd(ctx: StageContext) -> dict:
         join_ray()
         prefill = TeacherPrefillPool(dtype=cfg.model.dtype, device=device, num_cpus=teach.num_cpus,
                                      num_gpus=teach.num_gpus)
-    eval_rows = {t.domain: read_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
-    heldout = {t.domain: read_rows(ctx, t.domain, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
+    eval_rows = {t.domain: prepared_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
+    heldout = {t.domain: prepared_rows(ctx, t.domain, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
     try:
         history = run_opd(s, trainer=trainer, generator=generator, tokenizer=tokenizer, prompts=prompts,
                           teachers=teachers, domains=specs, out_dir=ctx.out_dir, head_paths=head_paths,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.stage_context import StageContext
-from pipeline.stage_domains import read_rows
+from pipeline.stage_domains import prepared_rows
 from pipeline.stage_io import export_stage, stage_tokenizer
 from pipeline.stage_workers import close_workers, make_trainer, stage_logger
 
@@ -19,8 +19,8 @@ def sft(ctx: StageContext) -> dict:
     settings = cfg.student_sft if target == "all" else cfg.domain(target).sft
     base = ctx.model_dir("prepare")
     # Prompt-only rows (IFEval publishes no demonstrations) are for RL and eval, not SFT.
-    train = [r for n in names for r in read_rows(ctx, n, "train") if _has_demonstration(r)]
-    evals = [r for n in names for r in read_rows(ctx, n, "eval") if _has_demonstration(r)]
+    train = [r for n in names for r in prepared_rows(ctx, n, "train") if _has_demonstration(r)]
+    evals = [r for n in names for r in prepared_rows(ctx, n, "eval") if _has_demonstration(r)]
     tokenizer = stage_tokenizer(cfg, base)
     if not train:  # nothing to imitate: the stage's model is the base model
         print(f"[{ctx.stage.name}] no demonstrations in {names}: the base model is this stage's model", flush=True)

@@ -45,7 +45,7 @@ def _stage_functions():
         "grpo": stage_grpo.grpo,
         "mixed_rl": stage_grpo.mixed_rl,
         "opd": stage_opd.opd,
-        "eval": stage_eval.evaluate,
+        "eval": stage_eval.evaluate_stage,
         "report": stage_report.report,
     }
 

@@ -69,7 +69,7 @@ def folded(steps: list[tuple[str, int]]) -> str | None:
     return None
 
 
-def evaluate(steps: list[tuple[str, int]], x: int) -> int:
+def compute_expected(steps: list[tuple[str, int]], x: int) -> int:
     """The intended value, computed step by step (the tests' ground truth)."""
     for word, k in steps:
         x = {"add": x + k, "subtract": x - k, "multiply by": x * k, "mod": x % k}[word]
@@ -85,7 +85,7 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
     prompt = describe(steps)
     fold = folded(steps) if split == "train" and rng.random() < FOLD_RATE else None
     program = f"def f(x): return {fold or expression(steps)}"
-    tests = [f"assert f({x}) == {evaluate(steps, x)}" for x in TEST_INPUTS]
+    tests = [f"assert f({x}) == {compute_expected(steps, x)}" for x in TEST_INPUTS]
     return prompt, {
         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": program}],
         "reference": {"tests": tests},

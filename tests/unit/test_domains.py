@@ -116,7 +116,7 @@ def test_code_expression_precedence():
     for s1 in steps:
         for s2 in steps[::5]:
             fn = eval(f"lambda x: {code_domain.expression([s1, s2])}")
-            assert all(fn(x) == code_domain.evaluate([s1, s2], x) for x in range(-6, 7)), (s1, s2)
+            assert all(fn(x) == code_domain.compute_expected([s1, s2], x) for x in range(-6, 7)), (s1, s2)
 
 
 def test_code_folded_constants():
@@ -133,7 +133,7 @@ def test_code_folded_constants():
     assert len(pairs) == 7 * 64  # (+-,+-) 4, (*,*) 1, (+-,*) 2 of 16 operator pairs
     for s1, s2 in pairs:
         fn = eval(f"lambda x: {code_domain.folded([s1, s2])}")
-        assert all(fn(x) == code_domain.evaluate([s1, s2], x) for x in range(-6, 7)), (s1, s2)
+        assert all(fn(x) == code_domain.compute_expected([s1, s2], x) for x in range(-6, 7)), (s1, s2)
     rows = get_domain("code").generate("train", 1500, seed=0)
     literal = [r for r in rows if r["messages"][1]["content"] == f"def f(x): return {code_domain.expression(parse(r))}"]
     foldable = [r for r in rows if code_domain.folded(parse(r))]
