@@ -49,6 +49,7 @@ from distill.opd_loss import OPDLoss, loss_divisors  # noqa: F401  (OPDLoss re-e
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
 from engine.disk import dir_bytes, storage_read_bytes
+from engine.domain_spec import DomainSpec
 from engine.prompt_stream import PromptStream
 
 
@@ -59,12 +60,6 @@ class TeacherRef:
     domain: str
     model_dir: str
     weight: float
-
-
-@dataclass
-class DomainSpec:
-    verifier: str
-    environment: object | None = None
 
 
 # ------------------------------------------------------------------------------ phases

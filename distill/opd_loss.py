@@ -1,4 +1,4 @@
-"""The OPD loss the trainer runs on each micro-batch (DESIGN.md section 4).
+"""The OPD loss the trainer runs on each micro-batch (docs/DESIGN.md section 4).
 
 `OPDLoss(hidden, lm_head_weight, batch)`: the student's hidden states at the positions
 that predict response tokens, the teacher's cached pre-norm states for the same positions

@@ -27,22 +27,16 @@ Wiring that matters for correctness:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from engine.domain_spec import DomainSpec
 from engine.prompt_stream import PromptStream
+from experts.advantages import compute_advantages
 from experts.grpo_settings import GRPOSettings
 from experts.rl_batch import RLSample, build_minibatches, samples_from_trajectories
-
-
-@dataclass
-class DomainSpec:
-    """What the driver needs to know about one domain."""
-
-    verifier: str
-    environment: object | None = None
 
 
 def logprob_temperature(sampling_temperature: float) -> float:
@@ -74,14 +68,15 @@ class GRPOLoss:
                        offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
 
     def __call__(self, hidden, weight, batch):
-        from engine.trainer import batch_sampling
-        from experts.losses import compute_policy_loss, compute_token_logprobs
+        from engine.logprobs import compute_chunked_token_logprobs
+        from engine.trainer_common import batch_sampling
+        from experts.losses import compute_policy_loss
 
         # the policy being optimised is the one sampled from: filter(softmax(logits / T)), as
         # in verl; T, top-k, top-p travel with the batch, so the loss, the old/reference and
         # the rollout log-probs are all of the same distribution
-        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"],
-                                          **batch_sampling(batch))  # (B, T)
+        logprobs = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"],
+                                                  **batch_sampling(batch))  # (B, T)
         return compute_policy_loss(
             logprobs=logprobs,
             # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1
@@ -174,22 +169,14 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
     return kept, stats
 
 
-def compute_advantages(settings: GRPOSettings, groups: list[list[RLSample]]) -> list[RLSample]:
-    """Group advantages; with `overlong_filter`, truncated samples are then dropped (they
-    count in their group's baseline, get no gradient). May return [] (step skipped)."""
-    from experts.advantages import get_advantage_estimator
-
-    estimator = get_advantage_estimator(settings.advantage)
-    flat = []
-    for g in groups:
-        rewards = torch.tensor([[s.reward for s in g]], dtype=torch.float32)  # (1, G)
-        adv = estimator(rewards)[0]  # (G,)
-        for s, a in zip(g, adv.tolist()):
-            s.advantage = a
-            flat.append(s)
-    if settings.overlong_filter:
-        flat = [s for s in flat if s.finish_reason != "length"]
-    return flat
+def with_advantages(groups: list[list[RLSample]], advantages: list[list[float]], *,
+                    drop_truncated: bool) -> list[RLSample]:
+    """The step's samples, flat, each a copy carrying its advantage (`groups` is left as
+    it is); with `drop_truncated` (overlong filtering) truncated samples are left out: they
+    count in their group's baseline, get no gradient. May return [] (step skipped)."""
+    flat = [replace(s, advantage=a) for g, adv in zip(groups, advantages, strict=True)
+            for s, a in zip(g, adv, strict=True)]
+    return [s for s in flat if s.finish_reason != "length"] if drop_truncated else flat
 
 
 def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, train_rows: list[dict],
@@ -220,7 +207,8 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
                                      tokenizer=tokenizer, step=step, wal=wal)
         wal_logs.closed(wal)
         t_gen = time.time()
-        samples = compute_advantages(settings, groups)
+        advantages = compute_advantages([[s.reward for s in g] for g in groups], settings.advantage)
+        samples = with_advantages(groups, advantages, drop_truncated=settings.overlong_filter)
         stats["samples_trained"] = len(samples)
         if samples:
             train_metrics = _optimise(settings, samples, trainer=trainer, reference=reference,

@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.batching import EpochCursor, Sample, build_step_batches, pad_rows
 from engine.chat import render
 from engine.checkpoint import CheckpointManager
-from engine.trainer import compute_token_logprobs
+from engine.logprobs import compute_chunked_token_logprobs
 from experts.sft_settings import SFTSettings
 
 
@@ -32,7 +32,7 @@ class SFTLoss:
         self.chunk = chunk
 
     def __call__(self, hidden, weight, batch):
-        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk)  # (B, T)
+        logprobs = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"], self.chunk or None)  # (B, T)
         mask = batch["loss_mask"].to(logprobs.dtype)  # (B, T)
         loss = -(logprobs * mask).sum() / batch["global_tokens"]
         return loss, {}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pipeline.config import ExperimentConfig
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
 
 
 STAGE_KINDS = ("prepare", "sft", "grpo", "mixed_rl", "opd", "eval", "report")

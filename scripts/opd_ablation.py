@@ -60,7 +60,8 @@ def _evaluate(config: str, source: Path, model_dir: str, overrides: list[str]) -
     from pipeline.config import load_config
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models
     from pipeline.rundir import RunDir
-    from pipeline.stage_impl import _checked_scores, _eval_policy, _scorer_pool
+    from pipeline.eval_policy import eval_policy
+    from pipeline.stage_workers import checked_scores, scorer_pool
 
     cfg = load_config(config, [f"run_dir={source}", *overrides])
     run = RunDir(source)
@@ -71,9 +72,9 @@ def _evaluate(config: str, source: Path, model_dir: str, overrides: list[str]) -
     import torch
 
     torch.set_num_threads(1)  # as the eval stage's workers (one thread each)
-    with _scorer_pool(cfg, 2) as pool:
-        return evaluate_models({"student": model_dir}, sets, lambda d: _eval_policy(cfg, d),
-                               _checked_scores(pool, "ablation eval"), settings)
+    with scorer_pool(cfg, 2) as pool:
+        return evaluate_models({"student": model_dir}, sets, lambda d: eval_policy(cfg, d),
+                               checked_scores(pool, "ablation eval"), settings)
 
 
 def _summary(source: Path, arms: dict[str, dict]) -> str:
