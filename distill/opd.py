@@ -85,7 +85,7 @@ def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domai
 
 def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: DomainSpec, teacher_index: int, *,
                      generator, tokenizer, n: int, seed: int, id_prefix: str, wal=None) -> list[dict]:
-    from engine.chat import render_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout_wal import logged_rollout
 
@@ -93,7 +93,7 @@ def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: Doma
     stop = [tool_call_end_id(tokenizer)] if env is not None else []
     sampling = SamplingParams(n=n, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
                               stop_token_ids=stop, seed=seed)
-    prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
+    prompts = [render_row_prompt(r, tokenizer) for r in rows]
     trajs = logged_rollout(wal, f"{id_prefix}/{d}", generator, prompts, sampling, tokenizer=tokenizer,
                            environment=env, max_turns=settings.max_turns)
     samples = []

@@ -212,7 +212,7 @@ def mixed_rl(ctx: StageContext) -> dict:
 
 def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> dict[str, float]:
     """The student's greedy verifier score per domain on a slice of held-out prompts."""
-    from engine.chat import render_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout import rollout
 
@@ -221,7 +221,7 @@ def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> di
         env = specs[d].environment
         sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=s.max_new_tokens,
                                   stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [])
-        trajs = rollout(generator, [render_prompt(r["messages"], tokenizer) for r in rows], sampling,
+        trajs = rollout(generator, [render_row_prompt(r, tokenizer) for r in rows], sampling,
                         tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
         res = _checked_scores(scorer, f"OPD student eval, domain {d!r}")(
             specs[d].verifier, [t.text for t in trajs], [r["reference"] for r in rows])
@@ -376,7 +376,7 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
 
 def _eval_policy(cfg, model_dir: str):
     """A policy `(eval_set, rows, temperature, n) -> texts` backed by a local HF generator."""
-    from engine.chat import render_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, tool_call_end_id
     from engine.generation import SamplingParams, build_generator
     from engine.rollout import rollout
 
@@ -388,7 +388,7 @@ def _eval_policy(cfg, model_dir: str):
         sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens,
                                   stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [],
                                   seed=cfg.seed)
-        prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
+        prompts = [render_row_prompt(r, tokenizer) for r in rows]
         max_turns = cfg.domain(es.domain).grpo.max_turns if env is not None else 1
         trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env, max_turns=max_turns)
         return [t.text for t in trajs]
