@@ -43,6 +43,7 @@ class DomainSpec:
 
     verifier: str
     environment: object | None = None
+    modes: dict | None = None  # mode name -> engine.modes.ModeSettings: reward shaping per sample's mode
 
 
 def logprob_temperature(sampling_temperature: float) -> float:
@@ -131,6 +132,12 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
             fmt = scorer.score("format", [t.text for t in trajs], refs)
             scores = [(1 - settings.format_weight) * s + settings.format_weight * f.score
                       for s, f in zip(scores, fmt)]
+        if spec.modes:  # per-mode shaping (experts.mode_rewards): think tokens, length past the budget
+            from experts.mode_rewards import shape_mode_rewards
+
+            scores = shape_mode_rewards(scores, [t.text for t in trajs], [sum(t.response_mask) for t in trajs],
+                                        [r.get("mode") for r in drows for _ in range(settings.group_size)],
+                                        spec.modes)
         samples = samples_from_trajectories(trajs, scores, drows, settings.group_size, max_response_tokens=budget)
         for g in range(len(drows)):
             groups.append(samples[g * settings.group_size:(g + 1) * settings.group_size])

@@ -53,6 +53,10 @@ def prepare(ctx: StageContext) -> dict:
                       max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer,
                       check_reference=partial(check_reference, d.verifier))
             train, evals = (load_rows(data_source(getattr(d.data, split), base), **kw) for split in ("train", "eval"))
+        if d.modes:  # one row per (problem, mode): engine.modes
+            from engine.modes import expand_modes
+
+            train, evals = expand_modes(train, d.modes), expand_modes(evals, d.modes)
         write_jsonl(train_path, train)
         write_jsonl(eval_path, evals)
         outputs[f"data:{d.name}:train"] = str(train_path)
@@ -164,15 +168,16 @@ def _has_demonstration(row: dict) -> bool:
     return any(m["role"] == "assistant" for m in row["messages"])
 
 
-def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]) -> dict:
+def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str], mode: str | None = None) -> dict:
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
     from experts.grpo import DomainSpec, run_grpo
 
     cfg = ctx.cfg
     tokenizer = stage_tokenizer(cfg, init_dir)
-    train = [r for n in names for r in read_rows(ctx, n, "train")]
-    specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in _domain_spec_map(ctx, names, tokenizer).items()}
+    train = [r for n in names for r in read_rows(ctx, n, "train") if mode is None or r.get("mode") == mode]
+    specs = {n: DomainSpec(verifier=v, environment=e, modes=cfg.domain(n).modes)
+             for n, (v, e) in _domain_spec_map(ctx, names, tokenizer).items()}
     trainer = _make_trainer(ctx, init_dir, lr=settings.lr, weight_decay=settings.weight_decay,
                             warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip,
                             schedule="constant", total_steps=None, seed=settings.seed)
@@ -201,8 +206,14 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
 
 
 def grpo(ctx: StageContext) -> dict:
-    d = ctx.stage.name.split(":", 1)[1]
-    return _run_grpo_stage(ctx, ctx.cfg.domain(d).grpo, ctx.model_dir(f"sft:{d}"), [d])
+    """`grpo:<domain>`, or `grpo:<domain>@<mode>`: that mode's rows only, its budget and reward shaping."""
+    from engine.modes import split_route
+
+    d, mode = split_route(ctx.stage.name.split(":", 1)[1])
+    settings = ctx.cfg.domain(d).grpo
+    if mode is not None:
+        settings = settings.model_copy(update={"max_new_tokens": ctx.cfg.domain(d).modes[mode].max_new_tokens})
+    return _run_grpo_stage(ctx, settings, ctx.model_dir(f"sft:{d}"), [d], mode=mode)
 
 
 def mixed_rl(ctx: StageContext) -> dict:
