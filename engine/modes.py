@@ -5,7 +5,8 @@ name -> `ModeSettings`) turns each of its rows into one row per mode in `prepare
 (`expand_modes`): the row gets `mode: <name>` and an id suffix `@<name>`; think-max rows
 get a system message with the mode's instruction (text in config, `DEFAULT_THINK_MAX_INSTRUCTION`
 by default); a non-think demonstration loses its `<think>...</think>` block (the direct
-answer), think demonstrations keep it. Rendering passes `mode_template_kwargs(mode)` to
+answer), think demonstrations keep it; a row's `demonstrations: {mode: text}` replaces its
+last assistant message in that mode (math_chain's longer think-max trace). Rendering passes `mode_template_kwargs(mode)` to
 the chat template: `enable_thinking=False` for non-think (the template closes an empty
 `<think></think>` after the generation prompt, as Qwen3's does), `True` for think modes;
 a row without a mode passes nothing, so a config without modes renders exactly as before.
@@ -98,15 +99,21 @@ def apply_mode(row: dict, mode: str, settings: ModeSettings) -> dict:
     """One row of `mode`: id suffix, `mode` field, think-max instruction, demonstration form."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {list(MODES)}")
+    special = (row.get("demonstrations") or {}).get(mode)  # a mode's own demonstration, if the row has one
+    last = max((j for j, m in enumerate(row["messages"]) if m["role"] == "assistant"), default=None)
     messages = []
-    for m in row["messages"]:
+    for j, m in enumerate(row["messages"]):
+        if j == last and special is not None:
+            m = {**m, "content": special}
         if m["role"] == "assistant" and not THINKING[mode]:
             m = {**m, "content": strip_thinking(m["content"])}
         messages.append(m)
     if mode == "think-max":
         instruction = settings.instruction or DEFAULT_THINK_MAX_INSTRUCTION
         messages = [{"role": "system", "content": instruction}] + messages
-    return {**row, "id": f"{row['id']}@{mode}", "mode": mode, "messages": messages}
+    out = {**row, "id": f"{row['id']}@{mode}", "mode": mode, "messages": messages}
+    out.pop("demonstrations", None)
+    return out
 
 
 def expand_modes(rows: list[dict], modes: dict[str, ModeSettings] | None) -> list[dict]:
