@@ -362,6 +362,13 @@ def _exports_section(manifests: dict[str, dict], run_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def _modes_section(run_dir: Path, plots: Path) -> list[str]:
+    from pipeline.report_modes import modes_section
+
+    path = run_dir / "eval" / "results.json"
+    return modes_section(load_results(path), plots) if path.is_file() else []
+
+
 def _experiment_name(run_dir: Path) -> str:
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
@@ -385,6 +392,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     lines = [f"# Polymath report: {_experiment_name(run_dir)}", "", f"Run directory: `{run_dir}`", ""]
     lines += _sandbox_section(run_dir)
     lines += _results_section(run_dir)
+    lines += _modes_section(run_dir, plots)
     lines += _curves_section(run_dir, manifests, plots)
     lines += _opd_section(manifests, plots, run_dir)
     lines += _disk_section(run_dir, manifests)

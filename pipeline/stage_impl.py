@@ -321,8 +321,14 @@ def evaluate(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
-    sets = [EvalSet(d.name, d.verifier, read_rows(ctx, d.name, "eval"),
-                    d.data.synthetic.generator if d.data.synthetic else None) for d in cfg.domains]
+    from engine.modes import route_key
+
+    # one set per (domain, mode) where a domain has modes, at the mode's budget
+    sets = [EvalSet(route_key(d.name, m), d.verifier,
+                    [r for r in read_rows(ctx, d.name, "eval") if m is None or r.get("mode") == m],
+                    d.data.synthetic.generator if d.data.synthetic else None,
+                    d.modes[m].max_new_tokens if m else None)
+            for d in cfg.domains for m in d.mode_names]
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
 
@@ -404,14 +410,17 @@ def _eval_policy(cfg, model_dir: str):
     generator = build_generator(cfg.generator, model_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
 
     def policy(es, rows, temperature, n):
-        env = domain_environment(cfg, es.domain, rows, tokenizer)
-        sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens,
+        from engine.modes import split_route
+
+        domain, _ = split_route(es.domain)  # `math@think-high`: the math domain in one mode
+        env = domain_environment(cfg, domain, rows, tokenizer)
+        sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=es.max_new_tokens or cfg.eval.max_new_tokens,
                                   stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [],
                                   seed=cfg.seed)
         prompts = [render_row_prompt(r, tokenizer) for r in rows]
-        max_turns = cfg.domain(es.domain).grpo.max_turns if env is not None else 1
+        max_turns = cfg.domain(domain).grpo.max_turns if env is not None else 1
         trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env, max_turns=max_turns)
-        return [t.text for t in trajs]
+        return [t.text for t in trajs], [sum(t.response_mask) for t in trajs]  # texts, output tokens
 
     policy.close = generator.close  # evaluate_models releases each model before the next
     return policy
