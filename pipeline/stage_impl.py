@@ -43,6 +43,8 @@ def prepare(ctx: StageContext) -> dict:
             dom = get_domain(d.data.synthetic.generator)
             train = dom.generate("train", d.data.synthetic.train_size, seed=cfg.seed)
             evals = dom.generate("eval", d.data.synthetic.eval_size, seed=cfg.seed)
+            if dom.name != d.name:  # a generator under another domain name: rows carry the domain's
+                train, evals = ([{**r, "domain": d.name} for r in rows] for rows in (train, evals))
         else:
             from functools import partial
 
