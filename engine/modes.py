@@ -3,13 +3,14 @@
 A mode is part of the prompt and of the config. A domain's `modes` (YAML mapping, mode
 name -> `ModeSettings`) turns each of its rows into one row per mode in `prepare`
 (`expand_modes`): the row gets `mode: <name>` and an id suffix `@<name>`; think-max rows
-get a system message with the mode's instruction (text in config, `DEFAULT_THINK_MAX_INSTRUCTION`
-by default); a non-think demonstration loses its `<think>...</think>` block (the direct
+get a system message with the mode's instruction (text in config,
+`DEFAULT_THINK_MAX_INSTRUCTION` by default); a non-think demonstration loses its `<think>...</think>` block (the direct
 answer), think demonstrations keep it; a row's `demonstrations: {mode: text}` replaces its
-last assistant message in that mode (math_chain's longer think-max trace). Rendering passes `mode_template_kwargs(mode)` to
-the chat template: `enable_thinking=False` for non-think (the template closes an empty
-`<think></think>` after the generation prompt, as Qwen3's does), `True` for think modes;
-a row without a mode passes nothing, so a config without modes renders exactly as before.
+last assistant message in that mode (math_chain's longer think-max trace). Rendering
+passes `mode_template_kwargs(mode)` to the chat template: `enable_thinking=False` for
+non-think (the template closes an empty `<think></think>` after the generation prompt, as
+Qwen3's does), `True` for think modes; a row without a mode passes nothing, so a config
+without modes renders exactly as before.
 
 Routing: OPD sends a sample to the teacher of its route, `route_key(domain, mode)`:
 `math@think-high`, or plain `math` for a domain without modes.

@@ -416,7 +416,8 @@ def _eval_policy(cfg, model_dir: str):
 
         domain, _ = split_route(es.domain)  # `math@think-high`: the math domain in one mode
         env = domain_environment(cfg, domain, rows, tokenizer)
-        sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=es.max_new_tokens or cfg.eval.max_new_tokens,
+        sampling = SamplingParams(n=n, temperature=temperature,
+                                  max_new_tokens=es.max_new_tokens or cfg.eval.max_new_tokens,
                                   stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [],
                                   seed=cfg.seed)
         prompts = [render_row_prompt(r, tokenizer) for r in rows]
