@@ -15,6 +15,8 @@ class TeacherSpec(Settings):
     domain: str
     weight: float = Field(1.0, gt=0.0)
     path: str | None = Field(None, description="HF checkpoint; default: the domain's GRPO expert")
+    mode: str | None = Field(None, description="the reasoning mode this teacher serves (route domain@mode); "
+                                               "default: none (the domain's route)")
 
 
 class OPDSettings(Settings):

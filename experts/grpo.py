@@ -95,7 +95,7 @@ class GRPOLoss:
 def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd, wal=None):
     """Roll out and score `rows_needed` prompts; returns per-group sample lists. With a
     rollout log (`wal`), each domain's batch is replayed from it when logged there."""
-    from engine.chat import render_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout_wal import logged_rollout
     from rewards import raise_if_all_verifier_errors
@@ -113,7 +113,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
             stop_token_ids=[tool_call_end_id(tokenizer)] if spec.environment is not None else [],
             seed=step_seed * 1000 + rnd,
         )
-        prompts = [render_prompt(r["messages"], tokenizer) for r in drows]
+        prompts = [render_row_prompt(r, tokenizer) for r in drows]
         budget = response_budget(settings, spec)
         trajs = logged_rollout(wal, f"seed-{step_seed}/rnd-{rnd}/{dom}", generator, prompts, sampling,
                                tokenizer=tokenizer, environment=spec.environment, max_turns=settings.max_turns,
@@ -126,6 +126,12 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
             fmt = scorer.score("format", [t.text for t in trajs], refs)
             scores = [(1 - settings.format_weight) * s + settings.format_weight * f.score
                       for s, f in zip(scores, fmt)]
+        if spec.modes:  # per-mode shaping (experts.mode_rewards): think tokens, length past the budget
+            from experts.mode_rewards import shape_mode_rewards
+
+            scores = shape_mode_rewards(scores, [t.text for t in trajs], [sum(t.response_mask) for t in trajs],
+                                        [r.get("mode") for r in drows for _ in range(settings.group_size)],
+                                        spec.modes)
         samples = samples_from_trajectories(trajs, scores, drows, settings.group_size, max_response_tokens=budget)
         for g in range(len(drows)):
             groups.append(samples[g * settings.group_size:(g + 1) * settings.group_size])

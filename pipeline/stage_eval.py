@@ -18,8 +18,14 @@ def evaluate_stage(ctx: StageContext) -> dict:
 
     cfg = ctx.cfg
     models = {model_label(s): ctx.model_dir(s) for s in models_to_evaluate(list(ctx.stage.deps))}
-    sets = [EvalSet(d.name, d.verifier, prepared_rows(ctx, d.name, "eval"),
-                    d.data.synthetic.generator if d.data.synthetic else None) for d in cfg.domains]
+    from engine.modes import route_key
+
+    # one set per (domain, mode) where a domain has modes, at the mode's budget
+    sets = [EvalSet(route_key(d.name, m), d.verifier,
+                    [r for r in prepared_rows(ctx, d.name, "eval") if m is None or r.get("mode") == m],
+                    d.data.synthetic.generator if d.data.synthetic else None,
+                    d.modes[m].max_new_tokens if m else None)
+            for d in cfg.domains for m in d.mode_names]
     settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
                             max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
 

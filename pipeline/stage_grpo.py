@@ -9,7 +9,7 @@ from pipeline.stage_io import export_stage, stage_tokenizer
 from pipeline.stage_workers import close_workers, make_trainer, scorer_pool, stage_logger
 
 
-def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]) -> dict:
+def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str], mode: str | None = None) -> dict:
     from engine.checkpoint import CheckpointManager
     from engine.generation import build_generator
     from engine.domain_spec import DomainSpec
@@ -17,8 +17,9 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
 
     cfg = ctx.cfg
     tokenizer = stage_tokenizer(cfg, init_dir)
-    train = [r for n in names for r in prepared_rows(ctx, n, "train")]
-    specs = {n: DomainSpec(verifier=v, environment=e) for n, (v, e) in domain_spec_map(ctx, names, tokenizer).items()}
+    train = [r for n in names for r in prepared_rows(ctx, n, "train") if mode is None or r.get("mode") == mode]
+    specs = {n: DomainSpec(verifier=v, environment=e, modes=cfg.domain(n).modes)
+             for n, (v, e) in domain_spec_map(ctx, names, tokenizer).items()}
     trainer = make_trainer(ctx, init_dir, lr=settings.lr, weight_decay=settings.weight_decay,
                            warmup_steps=settings.warmup_steps, grad_clip=settings.grad_clip,
                            schedule="constant", total_steps=None, seed=settings.seed)
@@ -47,8 +48,14 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
 
 
 def grpo(ctx: StageContext) -> dict:
-    d = ctx.stage.name.split(":", 1)[1]
-    return _run_grpo_stage(ctx, ctx.cfg.domain(d).grpo, ctx.model_dir(f"sft:{d}"), [d])
+    """`grpo:<domain>`, or `grpo:<domain>@<mode>`: that mode's rows only, its budget and reward shaping."""
+    from engine.modes import split_route
+
+    d, mode = split_route(ctx.stage.name.split(":", 1)[1])
+    settings = ctx.cfg.domain(d).grpo
+    if mode is not None:
+        settings = settings.model_copy(update={"max_new_tokens": ctx.cfg.domain(d).modes[mode].max_new_tokens})
+    return _run_grpo_stage(ctx, settings, ctx.model_dir(f"sft:{d}"), [d], mode=mode)
 
 
 def mixed_rl(ctx: StageContext) -> dict:

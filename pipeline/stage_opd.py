@@ -10,16 +10,16 @@ from pipeline.stage_workers import checked_scores, close_workers, make_trainer, 
 
 def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> dict[str, float]:
     """The student's greedy verifier score per domain on a slice of held-out prompts."""
-    from engine.chat import render_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout import rollout
 
     out = {}
     for d, rows in sorted(rows_by_domain.items()):
         env = specs[d].environment
-        sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=s.max_new_tokens,
+        sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=specs[d].max_new_tokens or s.max_new_tokens,
                                   stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [])
-        trajs = rollout(generator, [render_prompt(r["messages"], tokenizer) for r in rows], sampling,
+        trajs = rollout(generator, [render_row_prompt(r, tokenizer) for r in rows], sampling,
                         tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
         res = checked_scores(scorer, f"OPD student eval, domain {d!r}")(
             specs[d].verifier, [t.text for t in trajs], [r["reference"] for r in rows])
@@ -40,8 +40,10 @@ def opd(ctx: StageContext) -> dict:
     device = cfg.trainer.device  # teacher prefill and held-out KL run on the stage's device
     init = s.student_init
     student_dir = ctx.model_dir("prepare" if init == "base" else init) if (init == "base" or init.startswith("sft:")) else init
-    teachers = [TeacherRef(i, t.path or f"grpo:{t.domain}", t.domain,
-                           t.path or ctx.model_dir(f"grpo:{t.domain}"), t.weight)
+    from pipeline.graph import grpo_stage
+
+    teachers = [TeacherRef(i, t.path or grpo_stage(t.domain, t.mode), t.domain,
+                           t.path or ctx.model_dir(grpo_stage(t.domain, t.mode)), t.weight, t.mode)
                 for i, t in enumerate(cfg.teachers())]
     assert_same_vocab(student_dir, [t.model_dir for t in teachers])
     head_paths = []
@@ -51,9 +53,16 @@ def opd(ctx: StageContext) -> dict:
             extract_head(t.model_dir, hp)
         head_paths.append(str(hp))
     tokenizer = stage_tokenizer(cfg, student_dir)
-    specs = {n: DomainSpec(verifier=v, environment=e)
-             for n, (v, e) in domain_spec_map(ctx, [t.domain for t in teachers], tokenizer).items()}
-    prompts = {t.domain: prepared_rows(ctx, t.domain, "train") for t in teachers}
+    # keyed by route: the domain, or domain@mode with reasoning modes (one teacher each)
+    by_domain = domain_spec_map(ctx, sorted({t.domain for t in teachers}), tokenizer)
+    specs = {t.route: DomainSpec(verifier=by_domain[t.domain][0], environment=by_domain[t.domain][1],
+                                 max_new_tokens=cfg.domain(t.domain).modes[t.mode].max_new_tokens if t.mode else None)
+             for t in teachers}
+
+    def route_rows(t, split):
+        return [r for r in prepared_rows(ctx, t.domain, split) if t.mode is None or r.get("mode") == t.mode]
+
+    prompts = {t.route: route_rows(t, "train") for t in teachers}
     steps_per_round = -(-len(teachers) * s.prompts_per_domain * s.samples_per_prompt // s.mini_batch_size)
     total = s.rounds * s.epochs_per_round * steps_per_round
     trainer = make_trainer(ctx, student_dir, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
@@ -71,8 +80,8 @@ def opd(ctx: StageContext) -> dict:
         join_ray()
         prefill = TeacherPrefillPool(dtype=cfg.model.dtype, device=device, num_cpus=teach.num_cpus,
                                      num_gpus=teach.num_gpus)
-    eval_rows = {t.domain: prepared_rows(ctx, t.domain, "eval")[:s.eval_prompts_per_round] for t in teachers}
-    heldout = {t.domain: prepared_rows(ctx, t.domain, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
+    eval_rows = {t.route: route_rows(t, "eval")[:s.eval_prompts_per_round] for t in teachers}
+    heldout = {t.route: route_rows(t, "eval")[:s.heldout_prompts_per_domain] for t in teachers}
     try:
         history = run_opd(s, trainer=trainer, generator=generator, tokenizer=tokenizer, prompts=prompts,
                           teachers=teachers, domains=specs, out_dir=ctx.out_dir, head_paths=head_paths,

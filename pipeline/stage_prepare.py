@@ -35,6 +35,8 @@ def prepare(ctx: StageContext) -> dict:
             dom = get_domain(d.data.synthetic.generator)
             train = dom.generate("train", d.data.synthetic.train_size, seed=cfg.seed)
             evals = dom.generate("eval", d.data.synthetic.eval_size, seed=cfg.seed)
+            if dom.name != d.name:  # a generator under another domain name: rows carry the domain's
+                train, evals = ([{**r, "domain": d.name} for r in rows] for rows in (train, evals))
         else:
             from functools import partial
 
@@ -45,6 +47,10 @@ def prepare(ctx: StageContext) -> dict:
                       max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer,
                       check_reference=partial(check_reference, d.verifier))
             train, evals = (load_rows(data_source(getattr(d.data, split), base), **kw) for split in ("train", "eval"))
+        if d.modes:  # one row per (problem, mode): engine.modes
+            from engine.modes import expand_modes
+
+            train, evals = expand_modes(train, d.modes), expand_modes(evals, d.modes)
         write_jsonl(train_path, train)
         write_jsonl(eval_path, evals)
         outputs[f"data:{d.name}:train"] = str(train_path)

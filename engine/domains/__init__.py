@@ -20,7 +20,8 @@ from typing import Any, Callable
 from engine.registry import Registry
 
 SPLITS = ("train", "eval")
-_BUILTIN_MODULES = ("engine.domains.math", "engine.domains.code", "engine.domains.ifeval", "engine.domains.tool")
+_BUILTIN_MODULES = ("engine.domains.math", "engine.domains.code", "engine.domains.ifeval", "engine.domains.tool",
+                    "engine.domains.math_chain")
 
 # draw(rng, split) -> (key, {"messages": [...], "reference": {...}}); the key is the
 # canonical problem text that decides the split. `split` lets a domain make its train
