@@ -1,6 +1,6 @@
 """The teacher hidden-state cache: one round's teacher states on disk, streamed to training.
 
-Layout (DESIGN.md section 5): `<cache_dir>/teacher-XXX/` per teacher, holding
+Layout (docs/DESIGN.md section 5): `<cache_dir>/teacher-XXX/` per teacher, holding
 `shard-NNNNN.safetensors` (one tensor `hidden`, [tokens, hidden], bf16 or fp32),
 `index.json` (sample id -> teacher, shard, offset, length) and `manifest.json` (per-shard
 bytes, sha256 and xxh3-128, the index's sha256, dtype, hidden size, teacher name and index). The

@@ -1,7 +1,7 @@
 """Teacher heads: extraction from a checkpoint, and one-at-a-time residency during training.
 
 A teacher's "head" is what turns its cached last-layer hidden state into logits: the final
-RMSNorm and the vocabulary projection (DESIGN.md section 5). `extract_head` reads only
+RMSNorm and the vocabulary projection (docs/DESIGN.md section 5). `extract_head` reads only
 those tensors from the checkpoint's safetensors files (sharded or not; tied input/output
 embeddings handled) and writes them to `head.safetensors`, so that training never reads a
 teacher's full weights. A small registry (`HEAD_SPECS`, keyed by config.json's
@@ -35,6 +35,7 @@ from safetensors.torch import save as safetensors_save
 
 from distill.kl import compute_rmsnorm_logits
 from engine.atomic import atomic_write_bytes
+from engine.registry import Registry
 
 
 class VocabMismatchError(ValueError):
@@ -58,20 +59,9 @@ class HeadSpec:
         return self.norm.rsplit(".", 1)[0]
 
 
-HEAD_SPECS: dict[str, HeadSpec] = {}
-
-
-def register_head_spec(model_type: str, spec: HeadSpec) -> None:
-    if model_type in HEAD_SPECS:
-        raise ValueError(f"head spec for model_type {model_type!r} is already registered")
-    HEAD_SPECS[model_type] = spec
-
-
-def get_head_spec(model_type: str) -> HeadSpec:
-    try:
-        return HEAD_SPECS[model_type]
-    except KeyError:
-        raise KeyError(f"no head spec for model_type {model_type!r}; known: {sorted(HEAD_SPECS)}") from None
+HEAD_SPECS: Registry[HeadSpec] = Registry("head spec for model_type")
+register_head_spec = HEAD_SPECS.add
+get_head_spec = HEAD_SPECS.get
 
 
 for _name in ("qwen2", "qwen3", "llama", "mistral"):

@@ -1,6 +1,6 @@
 """Chunked full-vocabulary divergences between a student and a teacher, per token.
 
-The OPD loss (DESIGN.md section 4) is `sum_i w_i * D(p_s(.|i), p_t(.|i))` over response
+The OPD loss (docs/DESIGN.md section 4) is `sum_i w_i * D(p_s(.|i), p_t(.|i))` over response
 tokens i, where both distributions cover the whole vocabulary. The student's logits are
 `h_s @ W^T` (h_s: the student's post-final-norm hidden state, W: its vocabulary
 projection); the teacher's are `head_t(h_t)` (h_t: the teacher's cached PRE-final-norm
@@ -34,29 +34,18 @@ from typing import Callable
 
 import torch
 
+from engine.logprobs import zero_input_grads
+from engine.registry import Registry
+
 Tensor = torch.Tensor
 # (log_ps (n, V), log_pt (n, V), beta, with_grad) -> (D (n,), dD/dz_s (n, V) or None)
 DivergenceFn = Callable[[Tensor, Tensor, float, bool], "tuple[Tensor, Tensor | None]"]
 TeacherHeadLike = Callable[[Tensor], Tensor] | tuple
 
-DIVERGENCES: dict[str, DivergenceFn] = {}
+DIVERGENCES: Registry[DivergenceFn] = Registry("divergence")
+register_divergence = DIVERGENCES.register
+get_divergence = DIVERGENCES.get
 DEFAULT_CHUNK_SIZE = 1024
-
-
-def register_divergence(name: str) -> Callable[[DivergenceFn], DivergenceFn]:
-    def deco(fn: DivergenceFn) -> DivergenceFn:
-        if name in DIVERGENCES:
-            raise ValueError(f"divergence {name!r} is already registered")
-        DIVERGENCES[name] = fn
-        return fn
-    return deco
-
-
-def get_divergence(name: str) -> DivergenceFn:
-    try:
-        return DIVERGENCES[name]
-    except KeyError:
-        raise KeyError(f"unknown divergence {name!r}; known: {sorted(DIVERGENCES)}") from None
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -167,9 +156,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_per_token):
         h_s, weight, h_t, token_weights = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h_s) if need_h else None  # (N, H)
-        w_acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None
+        grad_h, grad_w = zero_input_grads(h_s, weight, need_h, need_w)  # (N, H), (V, H)
         scale = token_weights.to(ctx.acc) * grad_loss.to(ctx.acc)  # (N,)
         for s in range(0, h_s.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, h_s.shape[0])
@@ -180,7 +167,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h_s.dtype)  # (c, H)
             if need_w:
-                grad_w.addmm_(g.to(w_acc).T, h_s[s:e].to(w_acc))  # (V, H)
+                grad_w.addmm_(g.to(grad_w.dtype).T, h_s[s:e].to(grad_w.dtype))  # (V, H)
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None

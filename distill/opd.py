@@ -2,7 +2,9 @@
 
 For each round:
   1. rollout: the student samples answers to prompts of every domain (tool episodes are
-     multi-turn); each sample is routed to its domain's teacher. Saved to
+     multi-turn); each sample is routed to its route's teacher: the domain's, or with
+     reasoning modes the (domain, mode)'s (`TeacherRef.route`; prompts, domains and
+     held-out rows are keyed by route). Saved to
      `round-r/rollouts.jsonl`.
   2. teach: each teacher in turn (one teacher model loaded at a time) prefills the
      rollouts routed to it and writes its pre-norm last-layer hidden states at the
@@ -59,10 +61,11 @@ from pathlib import Path
 
 import torch
 
-from distill.opd_loss import OPDLoss  # noqa: F401  (re-exported: the loss the trainer runs)
+from distill.opd_loss import OPDLoss, loss_divisors  # noqa: F401  (OPDLoss re-exported: the loss the trainer runs)
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
 from engine.disk import dir_bytes, storage_read_bytes
+from engine.domain_spec import DomainSpec
 from engine.prompt_stream import PromptStream
 
 
@@ -73,12 +76,12 @@ class TeacherRef:
     domain: str
     model_dir: str
     weight: float
+    mode: str | None = None  # the reasoning mode it teaches (engine.modes); None: the whole domain
 
-
-@dataclass
-class DomainSpec:
-    verifier: str
-    environment: object | None = None
+    @property
+    def route(self) -> str:
+        """The samples it teaches: `domain`, or `domain@mode` (engine.modes.route_key)."""
+        return self.domain if self.mode is None else f"{self.domain}@{self.mode}"
 
 
 # ------------------------------------------------------------------------------ phases
@@ -99,15 +102,16 @@ def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domai
 
 def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: DomainSpec, teacher_index: int, *,
                      generator, tokenizer, n: int, seed: int, id_prefix: str, wal=None) -> list[dict]:
-    from engine.chat import render_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout_wal import logged_rollout
 
     env = spec.environment
     stop = [tool_call_end_id(tokenizer)] if env is not None else []
-    sampling = SamplingParams(n=n, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
+    sampling = SamplingParams(n=n, temperature=settings.temperature,
+                              max_new_tokens=spec.max_new_tokens or settings.max_new_tokens,
                               stop_token_ids=stop, seed=seed)
-    prompts = [render_prompt(r["messages"], tokenizer) for r in rows]
+    prompts = [render_row_prompt(r, tokenizer) for r in rows]
     trajs = logged_rollout(wal, f"{id_prefix}/{d}", generator, prompts, sampling, tokenizer=tokenizer,
                            environment=env, max_turns=settings.max_turns)
     samples = []
@@ -157,9 +161,9 @@ def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], te
     student.eval()
     samples_of = {}
     for t in teachers:
-        rows = heldout.get(t.domain) or []
+        rows = heldout.get(t.route) or []
         if rows:
-            samples_of[t.index] = _domain_rollouts(settings, rows, t.domain, domains[t.domain], t.index,
+            samples_of[t.index] = _domain_rollouts(settings, rows, t.route, domains[t.route], t.index,
                                                    generator=generator, tokenizer=tokenizer, n=1,
                                                    seed=heldout_seed(settings), id_prefix="heldout")
     reader = None
@@ -290,10 +294,11 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
                 [samples[i]["sample_id"] for i in mp.sample_indices] for micro in plan for mp in micro))
             bytes0, disk0 = reader.bytes_read, storage_read_bytes()
             for micro_plans in plan:
-                global_tokens = max(sum(sum(samples[i]["loss_mask"][1:]) for mp in micro_plans
-                                        for i in mp.sample_indices), 1)
-                mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=global_tokens, step=step)
-                       for mp in micro_plans]
+                divisors = loss_divisors([sum(sum(samples[i]["loss_mask"][1:]) for i in mp.sample_indices)
+                                          for mp in micro_plans], [mp.teacher_index for mp in micro_plans],
+                                         settings.loss_aggregation)
+                mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step)
+                       for mp, d in zip(micro_plans, divisors)]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
                 ranks = m.get("rank_metrics") or [m]  # one entry per data-parallel rank
@@ -326,14 +331,14 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
 
 
 def route_teachers(teachers: list[TeacherRef]) -> dict[str, int]:
-    """Route (domain) -> teacher index; two teachers for one route is an error, never a
-    silent overwrite (`pipeline.config` rejects such a config up front)."""
+    """Route (domain, or domain@mode) -> teacher index; two teachers for one route is an
+    error, never a silent overwrite (`pipeline.config` rejects such a config up front)."""
     out: dict[str, int] = {}
     for t in teachers:
-        if t.domain in out:
-            raise ValueError(f"OPD: teachers {out[t.domain]} and {t.index} both claim route {t.domain!r}; "
+        if t.route in out:
+            raise ValueError(f"OPD: teachers {out[t.route]} and {t.index} both claim route {t.route!r}; "
                              "each route takes one teacher")
-        out[t.domain] = t.index
+        out[t.route] = t.index
     return out
 
 

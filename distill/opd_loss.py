@@ -1,11 +1,12 @@
-"""The OPD loss the trainer runs on each micro-batch (DESIGN.md section 4).
+"""The OPD loss the trainer runs on each micro-batch (docs/DESIGN.md section 4).
 
 `OPDLoss(hidden, lm_head_weight, batch)`: the student's hidden states at the positions
 that predict response tokens, the teacher's cached pre-norm states for the same positions
 (`batch["teacher_hidden"]`, row-major over (sample, position)), the teacher's head from a
 `HeadManager` (one resident at a time, in ascending teacher order within an optimiser
 step), and a chunked full-vocabulary divergence (`distill.kl`), weighted by the sample's
-teacher weight and divided by the mini-batch's response tokens (`global_tokens`).
+teacher weight and divided by the micro-batch's `global_tokens` (`loss_divisors`: the
+mini-batch's response tokens, or its teacher's tokens times the teachers in the step).
 
 Devices: everything runs where the student's hidden states are (the trainer's device):
 the head manager is built on that device at the first call, and the cached states and the
@@ -17,6 +18,28 @@ Imports torch, safetensors and `distill.heads`/`distill.kl` only (no pydantic).
 from __future__ import annotations
 
 import torch
+
+
+def loss_divisors(tokens: list[int], teachers: list[int], aggregation: str) -> list[float]:
+    """The divisor of each micro-batch's summed divergence in one optimiser step.
+
+    `tokens[i]`, `teachers[i]`: response tokens and teacher of micro-batch i (one teacher
+    per micro-batch). The step's loss is sum_i loss_sum_i / divisor_i:
+    - token_mean: every divisor is the step's token count (one mean over all tokens, so a
+      teacher whose answers are long dominates the gradient);
+    - teacher_token_mean: divisor_i = (tokens of teacher_i in the step) x (teachers in the
+      step), i.e. the mean of the teachers' own token means.
+    """
+    if len(tokens) != len(teachers):
+        raise ValueError(f"loss_divisors: {len(tokens)} token counts for {len(teachers)} teachers")
+    if aggregation == "token_mean":
+        return [float(max(sum(tokens), 1))] * len(tokens)
+    if aggregation == "teacher_token_mean":
+        per: dict[int, int] = {}
+        for n, t in zip(tokens, teachers):
+            per[t] = per.get(t, 0) + n
+        return [float(max(per[t], 1) * len(per)) for t in teachers]
+    raise ValueError(f"loss_divisors: unknown aggregation {aggregation!r} (token_mean, teacher_token_mean)")
 
 
 class OPDLoss:

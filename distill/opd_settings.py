@@ -15,6 +15,8 @@ class TeacherSpec(Settings):
     domain: str
     weight: float = Field(1.0, gt=0.0)
     path: str | None = Field(None, description="HF checkpoint; default: the domain's GRPO expert")
+    mode: str | None = Field(None, description="the reasoning mode this teacher serves (route domain@mode); "
+                                               "default: none (the domain's route)")
 
 
 class OPDSettings(Settings):
@@ -28,6 +30,10 @@ class OPDSettings(Settings):
     temperature: float = Field(1.0, ge=0.0)
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    loss_aggregation: Literal["token_mean", "teacher_token_mean"] = Field(
+        "token_mean", description="token_mean: the step's summed divergence over all its response tokens "
+        "(a teacher's share of the gradient grows with its answers' length); teacher_token_mean: each "
+        "teacher's tokens averaged on their own, then the teachers in the step averaged (each counts the same)")
     chunk_size: PositiveInt = 1024
     cache_dtype: Literal["fp32", "bf16"] = "fp32"
     shard_tokens: PositiveInt = 65536

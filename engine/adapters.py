@@ -24,29 +24,13 @@ import json
 import re
 from typing import Any, Callable
 
+from engine.registry import Registry
+
 Adapter = Callable[..., dict]
-_REGISTRY: dict[str, Adapter] = {}
-
-
-def register_adapter(name: str) -> Callable[[Adapter], Adapter]:
-    def deco(fn: Adapter) -> Adapter:
-        if name in _REGISTRY:
-            raise ValueError(f"adapter {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def known_adapters() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_adapter(name: str) -> Adapter:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown adapter {name!r}; known adapters: {', '.join(sorted(_REGISTRY))}") from None
+ADAPTERS: Registry[Adapter] = Registry("adapter")
+register_adapter = ADAPTERS.register
+get_adapter = ADAPTERS.get
+known_adapters = ADAPTERS.names
 
 
 def _text(record: dict, field: str) -> str:

@@ -102,11 +102,12 @@ def pack_rows(samples: list[Sample], row_length: int, pad_id: int) -> dict[str, 
     return batch
 
 
-def split_rows(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+def split_into_micro_batches(batch: dict[str, torch.Tensor],
+                             micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
     """(B, ...) tensors cut into micro-batches of at most `micro_batch_size` rows; 0-d
     tensors (a step's global denominators, the log-prob temperature) go to every part."""
     if micro_batch_size < 1:
-        raise ValueError(f"split_rows: micro_batch_size must be >= 1, got {micro_batch_size}")
+        raise ValueError(f"split_into_micro_batches: micro_batch_size must be >= 1, got {micro_batch_size}")
     B = batch["input_ids"].shape[0]
     return [{k: v if v.dim() == 0 else v[i:i + micro_batch_size] for k, v in batch.items()}
             for i in range(0, B, micro_batch_size)]
@@ -123,7 +124,7 @@ def build_step_batches(samples: list[Sample], *, micro_batch_size: int, pad_id: 
     """One optimiser step's micro-batches (packed when `pack_length` is set, else padded)."""
     if pack_length:
         rows = pack_rows(samples, pack_length, pad_id)
-        return with_global_tokens(split_rows(rows, micro_batch_size))
+        return with_global_tokens(split_into_micro_batches(rows, micro_batch_size))
     chunks = [samples[i:i + micro_batch_size] for i in range(0, len(samples), micro_batch_size)]
     return with_global_tokens([pad_rows(c, pad_id) for c in chunks])
 

@@ -79,31 +79,33 @@ def has_generation_markers(tokenizer) -> bool:
     return "{% generation %}" in _template(tokenizer).replace("{%-", "{%").replace("-%}", "%}")
 
 
-def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
+def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = False, **template_kwargs) -> str:
+    """`template_kwargs` (e.g. `enable_thinking`, engine.modes) go to the template as variables."""
     _template(tokenizer)
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **template_kwargs)
 
 
-def _ids(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> list[int]:
-    return encode(tokenizer, render_text(messages, tokenizer, add_generation_prompt))
+def _ids(messages: list[dict], tokenizer, add_generation_prompt: bool = False, **template_kwargs) -> list[int]:
+    return encode(tokenizer, render_text(messages, tokenizer, add_generation_prompt, **template_kwargs))
 
 
-def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> Rendered:
+def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False, **template_kwargs) -> Rendered:
     """Token ids and assistant-only loss mask of a conversation."""
     _check(messages)
     if has_generation_markers(tokenizer):
         out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
                                             add_generation_prompt=add_generation_prompt,
-                                            return_assistant_tokens_mask=True)
+                                            return_assistant_tokens_mask=True, **template_kwargs)
         return Rendered(list(out["input_ids"]), [int(m) for m in out["assistant_masks"]])
-    ids = _ids(messages, tokenizer, add_generation_prompt)
+    ids = _ids(messages, tokenizer, add_generation_prompt, **template_kwargs)
     mask = [0] * len(ids)
     stops = set(end_of_turn_ids(tokenizer))
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _ids(messages[:i], tokenizer, add_generation_prompt=True)
-        upto = _ids(messages[:i + 1], tokenizer)
+        before = _ids(messages[:i], tokenizer, True, **template_kwargs)
+        upto = _ids(messages[:i + 1], tokenizer, **template_kwargs)
         if upto[:len(before)] != before or ids[:len(upto)] != upto:
             raise ChatTemplateError(
                 f"messages[{i}]: the chat template does not render this conversation as a sequence of "
@@ -126,11 +128,26 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
     return list(messages)
 
 
-def render_prompt(messages: list[dict], tokenizer) -> list[int]:
+def render_prompt(messages: list[dict], tokenizer, **template_kwargs) -> list[int]:
     """Prompt ids ending in the template's generation prompt."""
     prompt = prompt_messages(messages)
     _check(prompt)
-    return _ids(prompt, tokenizer, add_generation_prompt=True)
+    return _ids(prompt, tokenizer, True, **template_kwargs)
+
+
+def render_row_prompt(row: dict, tokenizer) -> list[int]:
+    """A data row's prompt ids, in the row's reasoning mode (`row["mode"]`, engine.modes)
+    where it has one: the one prompt path of GRPO, OPD and eval."""
+    from engine.modes import mode_template_kwargs
+
+    return render_prompt(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
+
+
+def render_row(row: dict, tokenizer) -> Rendered:
+    """A data row's conversation and loss mask (SFT), in the row's mode where it has one."""
+    from engine.modes import mode_template_kwargs
+
+    return render(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
 
 
 def _after_reply(tokenizer, then: list[dict], add_generation_prompt: bool) -> str:

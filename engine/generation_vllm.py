@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from engine.generation import Completion, SamplingParams, row_seed, validate_prompts
+from engine.generator_api import Completion, SamplingParams, row_seed, validate_prompts
 
 _VLLM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp16": "float16", "float16": "float16"}

@@ -1,6 +1,6 @@
 """Per-token log-probabilities (and entropy) of a causal LM, chunked over tokens.
 
-`compute_token_logprobs(hidden (B,T,H), weight (V,H), input_ids (B,T))` returns
+`compute_chunked_token_logprobs(hidden (B,T,H), weight (V,H), input_ids (B,T))` returns
 `logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])` from the logits at position
 t - 1, with `logprobs[:, 0] = 0` (docs/CONTRACTS.md alignment). `hidden` is the model's
 post-final-norm hidden state and `weight` its vocabulary projection.
@@ -17,7 +17,7 @@ Sampling distribution (one definition, shared with `engine.generation`). With to
 top-p the generator samples from the TRUNCATED distribution, `log_softmax(filter(logits /
 T))` (`compute_sampling_keep_mask`: tokens outside the kept set get -inf, the rest is
 renormalised), and reports that log-prob, as vLLM's `processed_logprobs` mode does.
-`compute_token_logprobs(..., top_k, top_p)` computes the same quantity from the
+`compute_chunked_token_logprobs(..., top_k, top_p)` computes the same quantity from the
 trainer's logits, so sampler and trainer log-probs agree on the sampled tokens and the
 importance ratio compares like with like. One addition: the position's own target token
 is always kept, so a policy that has moved since sampling (or a reference model) gives a
@@ -81,6 +81,15 @@ def _entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
+def zero_input_grads(h: Tensor, weight: Tensor, need_h: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Zeroed gradient accumulators of a chunked autograd function's inputs: hidden states
+    (N, H) in their dtype, the head weight (V, H) in at least float32; None where not needed."""
+    grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
+    w_acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None  # (V, H)
+    return grad_h, grad_w
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Forward and backward walk the tokens in chunks; backward recomputes each chunk's
     log-softmax and uses the closed forms (z = logits / temperature, p = softmax(z)):
@@ -107,9 +116,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         h, weight, targets, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
-        w_acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None  # (V, H)
+        grad_h, grad_w = zero_input_grads(h, weight, need_h, need_w)  # (N, H), (V, H)
         for s in range(0, h.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, h.shape[0])
             logp = _chunk_log_softmax(h[s:e], weight, ctx.temperature, ctx.acc, ctx.top_k, ctx.top_p,
@@ -126,7 +133,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
             if need_w:
-                grad_w.addmm_(g.to(w_acc).T, h[s:e].to(w_acc))  # (V, H)
+                grad_w.addmm_(g.to(grad_w.dtype).T, h[s:e].to(grad_w.dtype))  # (V, H)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
@@ -151,7 +158,7 @@ def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size,
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def compute_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
+def compute_chunked_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
                            chunk_size: int | None = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0,
                            top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
     """Aligned log-probs (B, T) [and entropies (B, T)], chunked over tokens.

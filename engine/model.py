@@ -94,5 +94,3 @@ def load_model(path: str | os.PathLike, dtype: str = "fp32", device: str = "cpu"
     return model.to(device)
 
 
-def num_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""Rollout write-ahead log: finished rollout batches survive a killed stage (DESIGN.md 11).
+"""Rollout write-ahead log: finished rollout batches survive a killed stage (docs/DESIGN.md section 11).
 
 A stage's rollouts are made of batches: one `engine.rollout.rollout` call (one domain's
 groups of a GRPO step or sampling round, one domain's samples of an OPD round). Before a

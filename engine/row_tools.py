@@ -52,9 +52,9 @@ class RowEnvironments:
     """One environment per row, found by the episode's prompt ids."""
 
     def __init__(self, rows: list[dict], tokenizer):
-        from engine.chat import render_prompt
+        from engine.chat import render_row_prompt
 
-        self._by_prompt = {tuple(render_prompt(r["messages"], tokenizer)): r["reference"] for r in rows}
+        self._by_prompt = {tuple(render_row_prompt(r, tokenizer)): r["reference"] for r in rows}
 
     def bind(self, prompt_ids: list[int]):
         reference = self._by_prompt.get(tuple(prompt_ids))

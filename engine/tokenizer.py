@@ -14,7 +14,10 @@ vocabulary. Characters outside it (non-ASCII) have no token.
 
 The chat template renders the tiny format (`<|ROLE|>content<|end|>`, tool results as
 `<|tool|><tool_response>...</tool_response><|end|>`) and marks each assistant turn with
-`{% generation %}`, so `return_assistant_tokens_mask` gives the SFT loss mask.
+`{% generation %}`, so `return_assistant_tokens_mask` gives the SFT loss mask. Given
+`enable_thinking=False` (non-think mode, engine.modes), it writes an empty
+`<think></think>` after each assistant header and after the generation prompt, as Qwen3's
+template does; without the kwarg it renders exactly as before.
 """
 
 from __future__ import annotations
@@ -54,12 +57,15 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'tool' -%}"
     "<|tool|><tool_response>{{ message['content'] }}</tool_response><|end|>"
     "{%- elif message['role'] == 'assistant' -%}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "<|assistant|>{%- if enable_thinking is defined and enable_thinking is false -%}<think></think>{%- endif -%}"
+    "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
     "{%- else -%}"
     "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}<think></think>{%- endif -%}"
+    "{%- endif -%}"
 )
 
 

@@ -22,15 +22,19 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.model import load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, TrainerSettings, as_float, merge_step_metrics, padding_loss,
-                            read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything, set_rng_state,
-                            to_device, write_extra_state)
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, merge_step_metrics, padding_loss,
+                                   read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything,
+                                   set_rng_state, to_device, write_extra_state)
+
+if TYPE_CHECKING:
+    from engine.trainer_settings import TrainerSettings
 
 CKPT_TAG = "state"
 
@@ -52,11 +56,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(rank: int, world_size: int, device: str) -> None:
+def init_deepspeed_process_group(rank: int, world_size: int, device: str) -> None:
     """Form (once per process) the process group and let DeepSpeed adopt it."""
     import deepspeed
 
-    from engine.trainer import init_process_group as form_group
+    from engine.trainer_common import init_process_group as form_group
 
     form_group(rank, world_size, device)
     for var, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world_size)):
@@ -88,7 +92,7 @@ class DeepSpeedTrainer:
 
         if settings.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        init_process_group(rank, world_size, settings.device)
+        init_deepspeed_process_group(rank, world_size, settings.device)
         seed_everything(settings.seed, settings.deterministic)
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.tokenizer_dir = tokenizer_dir
@@ -177,7 +181,7 @@ class DeepSpeedTrainer:
         state = self.state_dict()  # collective under ZeRO-3: every rank calls it
         if self.rank == 0:
             save_hf_dir(self.lm, state, Path(path), self.tokenizer_dir)
-        self._barrier()
+        barrier(self.world_size)
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None:
         path = Path(path)
@@ -187,7 +191,7 @@ class DeepSpeedTrainer:
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             write_extra_state(path, extra_state)
-        self._barrier()
+        barrier(self.world_size)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         path = Path(path)
@@ -200,8 +204,3 @@ class DeepSpeedTrainer:
         set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         return extra
 
-    def _barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1:
-            dist.barrier()

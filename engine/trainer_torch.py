@@ -21,9 +21,10 @@ import torch
 
 from engine.model import DTYPES, load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import (DUMMY_KEY, LogprobFn, as_float, broadcast_parameters, init_process_group,
-                            merge_step_metrics, read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything,
-                            set_rng_state, sum_gradients_over_ranks, to_device, write_extra_state)
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, broadcast_parameters, init_process_group,
+                                   merge_step_metrics, read_extra_state, rng_state, run_loss, save_hf_dir,
+                                   seed_everything, set_rng_state, sum_gradients_over_ranks, to_device,
+                                   write_extra_state)
 
 
 def load_hf_weights(lm, path: Path) -> None:
@@ -118,7 +119,7 @@ class TorchTrainer:
     def save_hf(self, path: str | os.PathLike) -> None:
         if self.rank == 0:  # the replicas are identical
             save_hf_dir(self.lm, self.state_dict(), Path(path), self.tokenizer_dir)
-        self._barrier()
+        barrier(self.world_size)
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None:
         path = Path(path)
@@ -128,7 +129,7 @@ class TorchTrainer:
                         "step": self.step}, path / "trainer_state.pt")
             write_extra_state(path, extra_state)
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
-        self._barrier()
+        barrier(self.world_size)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         path = Path(path)
@@ -142,8 +143,3 @@ class TorchTrainer:
         set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         return extra
 
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()

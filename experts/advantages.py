@@ -12,39 +12,25 @@ Estimators (registry `ADVANTAGE_ESTIMATORS`, one signature
   which the paper shows biases updates toward groups of low reward variance. `eps` is
   accepted for the shared signature and unused.
 
-`compute_grpo_advantages` also takes flat rewards (N,) with a group id per sample (groups
-may have different sizes) and `broadcast_to_tokens` spreads sequence advantages over a
-loss mask. The advantages are computed in float64 and returned in the rewards' dtype.
+The estimators compute in float64 and return the rewards' dtype. `compute_advantages` is
+what GRPO calls: plain lists of rewards per group in, plain lists of advantages out.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+from engine.registry import Registry
 
 Tensor = torch.Tensor
 AdvantageFn = Callable[..., Tensor]  # (rewards_NG, *, eps) -> advantages_NG
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
+register_advantage_estimator = ADVANTAGE_ESTIMATORS.register
+get_advantage_estimator = ADVANTAGE_ESTIMATORS.get
 DEFAULT_EPS = 1e-6
-
-
-def register_advantage_estimator(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator adding an estimator under `name`; a second entry of the same name is an error."""
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-    return deco
-
-
-def get_advantage_estimator(name: str) -> AdvantageFn:
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise KeyError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}") from None
 
 
 def _check_rewards_2d(rewards_NG: Tensor, min_group: int) -> None:
@@ -78,37 +64,15 @@ def compute_mean_centered_advantages(rewards_NG: Tensor, *, eps: float = DEFAULT
     return (r - r.mean(dim=1, keepdim=True)).to(rewards_NG.dtype)
 
 
-def compute_grpo_advantages(rewards: Tensor, group_ids: Tensor | None = None, *, estimator: str = "grpo",
-                            eps: float = DEFAULT_EPS) -> Tensor:
-    """Per-sequence advantages.
-
-    rewards (num_groups, G) with `group_ids=None` -> (num_groups, G); or rewards (N,) with
-    group_ids (N,) integer labels (groups may be of different sizes, members need not be
-    contiguous) -> (N,), each sample normalised within its own group.
-    """
+def compute_advantages(rewards_by_group: Sequence[Sequence[float]], estimator: str,
+                       eps: float = DEFAULT_EPS) -> list[list[float]]:
+    """Each group's advantages from its own rewards alone (groups may differ in size): the
+    estimator applied to one float32 (1, G) row per group, the precision GRPO trains with."""
     fn = get_advantage_estimator(estimator)
-    if group_ids is None:
-        if rewards.dim() != 2:
-            raise ValueError(f"rewards of shape {tuple(rewards.shape)} need group_ids, or pass (num_groups, G)")
-        return fn(rewards, eps=eps)
-    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"flat rewards (N,) need group_ids (N,); got rewards {tuple(rewards.shape)}, "
-                         f"group_ids {tuple(group_ids.shape)}")
-    if group_ids.is_floating_point():
-        raise ValueError(f"group_ids must be integers, got {group_ids.dtype}")
-    out = torch.empty_like(rewards)  # (N,)
-    for gid in torch.unique(group_ids).tolist():
-        idx = (group_ids == gid).nonzero().squeeze(1)  # (g,)
+    out = []
+    for i, rewards in enumerate(rewards_by_group):
         try:
-            out[idx] = fn(rewards[idx].unsqueeze(0), eps=eps)[0]
+            out.append(fn(torch.tensor([list(rewards)], dtype=torch.float32), eps=eps)[0].tolist())  # (G,)
         except ValueError as e:
-            raise ValueError(f"group {gid}: {e}") from None
+            raise ValueError(f"group {i}: {e}") from None
     return out
-
-
-def broadcast_to_tokens(advantages_B: Tensor, mask_BT: Tensor) -> Tensor:
-    """Sequence advantages (B,) -> per-token advantages (B, T), zero where mask is 0."""
-    if advantages_B.dim() != 1 or mask_BT.dim() != 2 or mask_BT.shape[0] != advantages_B.shape[0]:
-        raise ValueError(f"advantages (B,) and mask (B, T) expected; got {tuple(advantages_B.shape)} "
-                         f"and {tuple(mask_BT.shape)}")
-    return advantages_B.unsqueeze(1) * (mask_BT > 0).to(advantages_B.dtype)  # (B, T)

@@ -27,22 +27,16 @@ Wiring that matters for correctness:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from engine.domain_spec import DomainSpec
 from engine.prompt_stream import PromptStream
+from experts.advantages import compute_advantages
 from experts.grpo_settings import GRPOSettings
 from experts.rl_batch import RLSample, build_minibatches, samples_from_trajectories
-
-
-@dataclass
-class DomainSpec:
-    """What the driver needs to know about one domain."""
-
-    verifier: str
-    environment: object | None = None
 
 
 def logprob_temperature(sampling_temperature: float) -> float:
@@ -74,14 +68,15 @@ class GRPOLoss:
                        offpolicy_mask_delta=s.offpolicy_mask_delta, tis_cap=s.tis_cap)
 
     def __call__(self, hidden, weight, batch):
-        from engine.trainer import batch_sampling
-        from experts.losses import compute_policy_loss, compute_token_logprobs
+        from engine.logprobs import compute_chunked_token_logprobs
+        from engine.trainer_common import batch_sampling
+        from experts.losses import compute_policy_loss
 
         # the policy being optimised is the one sampled from: filter(softmax(logits / T)), as
         # in verl; T, top-k, top-p travel with the batch, so the loss, the old/reference and
         # the rollout log-probs are all of the same distribution
-        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"],
-                                          **batch_sampling(batch))  # (B, T)
+        logprobs = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"],
+                                                  **batch_sampling(batch))  # (B, T)
         return compute_policy_loss(
             logprobs=logprobs,
             # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1
@@ -100,7 +95,7 @@ class GRPOLoss:
 def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd, wal=None):
     """Roll out and score `rows_needed` prompts; returns per-group sample lists. With a
     rollout log (`wal`), each domain's batch is replayed from it when logged there."""
-    from engine.chat import render_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout_wal import logged_rollout
     from rewards import raise_if_all_verifier_errors
@@ -118,7 +113,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
             stop_token_ids=[tool_call_end_id(tokenizer)] if spec.environment is not None else [],
             seed=step_seed * 1000 + rnd,
         )
-        prompts = [render_prompt(r["messages"], tokenizer) for r in drows]
+        prompts = [render_row_prompt(r, tokenizer) for r in drows]
         budget = response_budget(settings, spec)
         trajs = logged_rollout(wal, f"seed-{step_seed}/rnd-{rnd}/{dom}", generator, prompts, sampling,
                                tokenizer=tokenizer, environment=spec.environment, max_turns=settings.max_turns,
@@ -131,6 +126,12 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
             fmt = scorer.score("format", [t.text for t in trajs], refs)
             scores = [(1 - settings.format_weight) * s + settings.format_weight * f.score
                       for s, f in zip(scores, fmt)]
+        if spec.modes:  # per-mode shaping (experts.mode_rewards): think tokens, length past the budget
+            from experts.mode_rewards import shape_mode_rewards
+
+            scores = shape_mode_rewards(scores, [t.text for t in trajs], [sum(t.response_mask) for t in trajs],
+                                        [r.get("mode") for r in drows for _ in range(settings.group_size)],
+                                        spec.modes)
         samples = samples_from_trajectories(trajs, scores, drows, settings.group_size, max_response_tokens=budget)
         for g in range(len(drows)):
             groups.append(samples[g * settings.group_size:(g + 1) * settings.group_size])
@@ -174,22 +175,14 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
     return kept, stats
 
 
-def compute_advantages(settings: GRPOSettings, groups: list[list[RLSample]]) -> list[RLSample]:
-    """Group advantages; with `overlong_filter`, truncated samples are then dropped (they
-    count in their group's baseline, get no gradient). May return [] (step skipped)."""
-    from experts.advantages import get_advantage_estimator
-
-    estimator = get_advantage_estimator(settings.advantage)
-    flat = []
-    for g in groups:
-        rewards = torch.tensor([[s.reward for s in g]], dtype=torch.float32)  # (1, G)
-        adv = estimator(rewards)[0]  # (G,)
-        for s, a in zip(g, adv.tolist()):
-            s.advantage = a
-            flat.append(s)
-    if settings.overlong_filter:
-        flat = [s for s in flat if s.finish_reason != "length"]
-    return flat
+def with_advantages(groups: list[list[RLSample]], advantages: list[list[float]], *,
+                    drop_truncated: bool) -> list[RLSample]:
+    """The step's samples, flat, each a copy carrying its advantage (`groups` is left as
+    it is); with `drop_truncated` (overlong filtering) truncated samples are left out: they
+    count in their group's baseline, get no gradient. May return [] (step skipped)."""
+    flat = [replace(s, advantage=a) for g, adv in zip(groups, advantages, strict=True)
+            for s, a in zip(g, adv, strict=True)]
+    return [s for s in flat if s.finish_reason != "length"] if drop_truncated else flat
 
 
 def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, train_rows: list[dict],
@@ -220,7 +213,8 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
                                      tokenizer=tokenizer, step=step, wal=wal)
         wal_logs.closed(wal)
         t_gen = time.time()
-        samples = compute_advantages(settings, groups)
+        advantages = compute_advantages([[s.reward for s in g] for g in groups], settings.advantage)
+        samples = with_advantages(groups, advantages, drop_truncated=settings.overlong_filter)
         stats["samples_trained"] = len(samples)
         if samples:
             train_metrics = _optimise(settings, samples, trainer=trainer, reference=reference,

@@ -50,7 +50,6 @@ class GRPOSettings(Settings):
     # bookkeeping
     save_every: PositiveInt = 10
     keep_last: PositiveInt = 2
-    eval_every: int = Field(0, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")

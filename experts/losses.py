@@ -26,8 +26,6 @@ Imports torch and the stdlib only. All tensors are (B, T) and aligned with `inpu
 - `aggregate_loss` (the only place that reduces over tokens) and
   `compute_global_denominators`: pieces of a mini-batch divided by the whole mini-batch's
   denominators SUM to the whole batch's loss and gradient.
-
-`compute_token_logprobs` (chunked, see `engine.logprobs`) is re-exported here.
 """
 
 from __future__ import annotations
@@ -36,47 +34,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.logprobs import compute_token_logprobs  # noqa: F401  (re-export)
+from engine.registry import Registry
 
 Tensor = torch.Tensor
 PolicyLossFn = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]
 KLFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-KL_ESTIMATORS: dict[str, KLFn] = {}
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
+KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
+register_policy_loss = POLICY_LOSSES.register
+get_policy_loss = POLICY_LOSSES.get
+register_kl_estimator = KL_ESTIMATORS.register
+get_kl_estimator = KL_ESTIMATORS.get
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 GSPO_MAX_LOG_RATIO = 10.0
-
-
-def _register(table: dict, kind: str, name: str):
-    def deco(fn):
-        if name in table:
-            raise ValueError(f"{kind} {name!r} is already registered")
-        table[name] = fn
-        return fn
-    return deco
-
-
-def _lookup(table: dict, kind: str, name: str):
-    try:
-        return table[name]
-    except KeyError:
-        raise KeyError(f"unknown {kind} {name!r}; known: {sorted(table)}") from None
-
-
-def register_policy_loss(name: str):
-    return _register(POLICY_LOSSES, "policy loss", name)
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    return _lookup(POLICY_LOSSES, "policy loss", name)
-
-
-def register_kl_estimator(name: str):
-    return _register(KL_ESTIMATORS, "KL estimator", name)
-
-
-def get_kl_estimator(name: str) -> KLFn:
-    return _lookup(KL_ESTIMATORS, "KL estimator", name)
 
 
 # ---------------------------------------------------------------- policy losses

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from engine.batching import EpochCursor, Sample, build_step_batches, pad_rows
 from engine.chat import render
+from engine.modes import mode_template_kwargs
 from engine.checkpoint import CheckpointManager
-from engine.trainer import compute_token_logprobs
+from engine.logprobs import compute_chunked_token_logprobs
 from experts.sft_settings import SFTSettings
 
 
@@ -32,7 +33,7 @@ class SFTLoss:
         self.chunk = chunk
 
     def __call__(self, hidden, weight, batch):
-        logprobs = compute_token_logprobs(hidden, weight, batch["input_ids"], self.chunk)  # (B, T)
+        logprobs = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"], self.chunk or None)  # (B, T)
         mask = batch["loss_mask"].to(logprobs.dtype)  # (B, T)
         loss = -(logprobs * mask).sum() / batch["global_tokens"]
         return loss, {}
@@ -45,7 +46,7 @@ def render_samples(rows: list[dict], tokenizer, max_length: int) -> list[Sample]
         messages = row.get("messages") if isinstance(row, dict) else None
         if not messages:
             raise ValueError(f"SFT row {i} (id {row.get('id') if isinstance(row, dict) else None!r}) has no messages")
-        r = render(messages, tokenizer)
+        r = render(messages, tokenizer, **mode_template_kwargs(row.get("mode")))
         ids, mask = r.input_ids[:max_length], r.loss_mask[:max_length]
         if sum(mask) == 0:
             raise ValueError(f"SFT row {i} (id {row.get('id')!r}) has no assistant tokens within "

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from engine.trainer import DUMMY_KEY, merge_step_metrics
+from engine.trainer_common import DUMMY_KEY, merge_step_metrics
 
 _FORWARD_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                 "TOKENIZERS_PARALLELISM", "PYTHONPATH", "POLYMATH_COLLECTIVE_TIMEOUT_S")
@@ -131,7 +131,7 @@ def deal_micro_batches(micro_batches: list[dict], world_size: int) -> list[list[
     return out
 
 
-def split_rows(batch: dict, world_size: int) -> tuple[list[dict], list[int]]:
+def split_rows_over_ranks(batch: dict, world_size: int) -> tuple[list[dict], list[int]]:
     """Rows of a batch in `world_size` contiguous chunks (0-d tensors go to every chunk);
     an empty chunk becomes a one-row stand-in whose result is dropped (count 0)."""
     B = batch["input_ids"].shape[0]
@@ -244,7 +244,7 @@ class TrainerGroup:
         return out
 
     def forward_logprobs(self, batch: dict) -> torch.Tensor:
-        chunks, counts = split_rows(batch, self.world_size)
+        chunks, counts = split_rows_over_ranks(batch, self.world_size)
         outs = self._gather([a.forward_logprobs.remote(c) for a, c in zip(self.ranks, chunks)])
         return torch.cat([o[:n] for o, n in zip(outs, counts) if n > 0], dim=0)  # (B, T)
 

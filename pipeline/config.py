@@ -21,6 +21,7 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from distill.opd_settings import OPDSettings
+from engine.modes import ModeSettings, check_modes, route_key
 from engine.settings import Settings
 from pipeline.config_paths import adapter_errors, model_path_errors, run_dir_errors
 from pipeline.config_yaml import YAMLProblem, parse_yaml
@@ -99,6 +100,23 @@ class DomainConfig(Frozen):
     verifier: str
     sft: SFTSettings = SFTSettings()
     grpo: GRPOSettings = GRPOSettings()
+    modes: dict[str, ModeSettings] | None = Field(
+        None, description="reasoning modes (non-think, think-high, think-max), each with its output budget "
+                          "and reward shaping; one GRPO expert per mode (docs/modes.md)")
+
+    @model_validator(mode="after")
+    def _known_modes(self):
+        problems = check_modes(self.modes or {})
+        if problems:
+            raise ValueError("; ".join(f"modes.{p}: {r}" for p, r in problems))
+        if self.modes is not None and not self.modes:
+            raise ValueError("modes: empty; list at least one mode or leave `modes` out")
+        return self
+
+    @property
+    def mode_names(self) -> list[str | None]:
+        """This domain's modes, or [None] for a domain without modes."""
+        return list(self.modes) if self.modes else [None]
 
 
 class MixedRLConfig(Frozen):
@@ -176,7 +194,7 @@ class ExperimentConfig(Frozen):
     def teachers(self):
         from distill.opd_settings import TeacherSpec
 
-        return self.opd.teachers or [TeacherSpec(domain=n) for n in self.domain_names]
+        return self.opd.teachers or [TeacherSpec(domain=d.name, mode=m) for d in self.domains for m in d.mode_names]
 
     def resources_for(self, stage: str) -> StageResources:
         kind = stage.split(":")[0]
@@ -284,6 +302,9 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     for i, t in enumerate(cfg.opd.teachers or []):
         if t.domain not in names:
             errors.append((f"opd.teachers[{i}].domain", f"{t.domain!r} is not one of the domains {names}"))
+        elif t.mode is not None and t.mode not in (cfg.domain(t.domain).modes or {}):
+            errors.append((f"opd.teachers[{i}].mode", f"{t.mode!r} is not one of domain {t.domain!r}'s modes "
+                                                      f"{list(cfg.domain(t.domain).modes or {})}"))
     errors += _teacher_route_errors(cfg.opd.teachers or [])
     init = cfg.opd.student_init
     if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
@@ -333,17 +354,18 @@ def teach_resources(cfg: ExperimentConfig) -> tuple[StageResources | None, dict[
 
 
 def _teacher_route_errors(teachers) -> list[tuple[str, str]]:
-    """One teacher per OPD route (the domain): OPD routes each sample to exactly one
-    teacher, and there is no setting that splits a route's samples between two, so a
-    second teacher for a domain would silently replace the first."""
+    """One teacher per OPD route (the domain, or `domain@mode`): OPD routes each sample to
+    exactly one teacher, and there is no setting that splits a route's samples between
+    two, so a second teacher for a route would silently replace the first."""
     first: dict[str, int] = {}
     errors = []
     for i, t in enumerate(teachers):
-        if t.domain in first:
+        route = route_key(t.domain, t.mode)
+        if route in first:
             errors.append((f"opd.teachers[{i}].domain",
-                           f"a second teacher for route {t.domain!r} (also opd.teachers[{first[t.domain]}]); "
+                           f"a second teacher for route {route!r} (also opd.teachers[{first[route]}]); "
                            "each route takes one teacher (splitting a route's samples is not supported)"))
-        first.setdefault(t.domain, i)
+        first.setdefault(route, i)
     return errors
 
 

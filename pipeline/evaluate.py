@@ -30,6 +30,7 @@ class EvalSet:
     verifier: str
     rows: list = field(repr=False)  # data rows: {"id", "domain", "messages", "reference"}
     environment_name: str | None = None  # a tool domain's environment (multi-turn), else None
+    max_new_tokens: int | None = None  # this set's own budget (a reasoning mode's); None: the eval's
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ def _group(values: list, k: int) -> list[list]:
     return [values[i:i + k] for i in range(0, len(values), k)]
 
 
+def _texts_and_tokens(out) -> tuple[list, list | None]:
+    """A policy returns texts, or (texts, output token counts)."""
+    if isinstance(out, tuple):
+        return list(out[0]), list(out[1])
+    return list(out), None
+
+
 def _checked(texts: list, expected: int, what: str) -> list:
     if len(texts) != expected:
         raise RuntimeError(f"{what}: the policy returned {len(texts)} completions, expected {expected}")
@@ -73,12 +81,15 @@ def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) 
     if not rows:
         raise ValueError(f"domain {es.domain!r} has no eval rows")
     refs = [r["reference"] for r in rows]
-    greedy_texts = _checked(policy(es, rows, 0.0, 1), len(rows), f"{es.domain} greedy")
-    greedy = score(es.verifier, greedy_texts, refs)
+    greedy_texts, tokens = _texts_and_tokens(policy(es, rows, 0.0, 1))
+    greedy = score(es.verifier, _checked(greedy_texts, len(rows), f"{es.domain} greedy"), refs)
     out = {"greedy": sum(greedy) / len(greedy), "n": len(rows), "greedy_scores": [float(x) for x in greedy]}
+    if tokens is not None:  # mean output tokens of the greedy answers (reasoning modes' cost)
+        out["greedy_tokens"] = sum(tokens) / len(tokens)
     k = settings.samples
     if k > 0:
-        texts = _checked(policy(es, rows, settings.temperature, k), len(rows) * k, f"{es.domain} sampled")
+        texts, _ = _texts_and_tokens(policy(es, rows, settings.temperature, k))
+        texts = _checked(texts, len(rows) * k, f"{es.domain} sampled")
         per_prompt = _group(score(es.verifier, texts, [ref for ref in refs for _ in range(k)]), k)  # (P, k)
         out["pass@1"] = compute_pass_at_1(per_prompt)
         out["pass@k"] = sum(compute_pass_at_k(k, sum(s >= 1.0 for s in p), k) for p in per_prompt) / len(rows)
@@ -94,6 +105,8 @@ def evaluate_model(policy: Policy, sets: list[EvalSet], score, settings: EvalSet
         entry["greedy"][es.domain] = r["greedy"]
         entry["greedy_per_prompt"][es.domain] = r["greedy_scores"]
         entry["n_eval"][es.domain] = r["n"]
+        if "greedy_tokens" in r:
+            entry.setdefault("output_tokens", {})[es.domain] = r["greedy_tokens"]
         if "pass@1" in r:
             entry["sampled"][es.domain] = r["pass@1"]
             entry["pass_at_k"][es.domain] = r["pass@k"]
@@ -143,6 +156,8 @@ def assemble_results(entries: dict[str, dict], settings: EvalSettings) -> dict:
             results["sampled"][name] = e["sampled"]
             results["pass_at_k"][name] = e["pass_at_k"]
         results["n_eval"].update(e["n_eval"])
+        if e.get("output_tokens"):
+            results.setdefault("output_tokens", {})[name] = e["output_tokens"]
         results["seconds"][name] = e.get("seconds")
     return results
 

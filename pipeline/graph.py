@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pipeline.config import ExperimentConfig
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
+from engine.modes import route_key
 
 
 STAGE_KINDS = ("prepare", "sft", "grpo", "mixed_rl", "opd", "eval", "report")
@@ -32,18 +35,33 @@ def _dump(model) -> object:
     return model.model_dump(mode="json") if hasattr(model, "model_dump") else model
 
 
+def grpo_stage(domain: str, mode: str | None = None) -> str:
+    """`grpo:<domain>`, or `grpo:<domain>@<mode>` for one mode's expert."""
+    return f"grpo:{route_key(domain, mode)}"
+
+
+def _dump_modes(d) -> dict:
+    return {name: _dump(m) for name, m in d.modes.items()}
+
+
 def build_graph(cfg: ExperimentConfig) -> list[Stage]:
     """Stages in a valid execution order."""
     stages: list[Stage] = [
         Stage("prepare", (), {"seed": cfg.seed, "model": _dump(cfg.model),
-                              "data": {d.name: _dump(d.data) for d in cfg.domains}}),
+                              "data": {d.name: _dump(d.data) for d in cfg.domains},
+                              # only where a domain has modes, so configs without keep their hash
+                              **({"modes": {d.name: _dump_modes(d) for d in cfg.domains if d.modes}}
+                                 if any(d.modes for d in cfg.domains) else {})}),
     ]
     common = {"trainer": _dump(cfg.trainer), "seed": cfg.seed}
     rl_common = {**common, "generator": _dump(cfg.generator)}
     for d in cfg.domains:
         stages.append(Stage(f"sft:{d.name}", ("prepare",), {**common, "sft": _dump(d.sft)}))
-        stages.append(Stage(f"grpo:{d.name}", (f"sft:{d.name}",),
-                            {**rl_common, "grpo": _dump(d.grpo), "verifier": d.verifier}))
+        for mode in d.mode_names:  # one expert per (domain, mode): docs/modes.md
+            inputs = {**rl_common, "grpo": _dump(d.grpo), "verifier": d.verifier}
+            if mode is not None:
+                inputs["mode"] = {mode: _dump(d.modes[mode])}
+            stages.append(Stage(grpo_stage(d.name, mode), (f"sft:{d.name}",), inputs))
     needs_student_sft = cfg.opd.student_init == "sft:all" or cfg.mixed_rl.enabled
     if needs_student_sft:
         stages.append(Stage("sft:all", ("prepare",), {**common, "sft": _dump(cfg.student_sft)}))
@@ -53,7 +71,7 @@ def build_graph(cfg: ExperimentConfig) -> list[Stage]:
                              "verifiers": {d.name: d.verifier for d in cfg.domains}}))
     init = cfg.opd.student_init
     init_dep = (init,) if init.startswith("sft:") else ("prepare",)
-    teacher_deps = tuple(f"grpo:{t.domain}" for t in cfg.teachers() if t.path is None)
+    teacher_deps = tuple(grpo_stage(t.domain, t.mode) for t in cfg.teachers() if t.path is None)
     stages.append(Stage("opd", tuple(dict.fromkeys(init_dep + teacher_deps)),
                         {**rl_common, "opd": _dump(cfg.opd),
                          "verifiers": {d.name: d.verifier for d in cfg.domains}}))

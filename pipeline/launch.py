@@ -3,7 +3,7 @@
 Both backends share one small interface, used by `pipeline.runner`:
 `start(stage, attempt)`, `wait(timeout) -> [Outcome]`, `cancel_all()`, `close()`,
 `log_path(stage)`. A backend only reports how the stage *process* ended; the runner
-reads the stage's manifest to tell done / not built / failed apart.
+reads the stage's manifest to tell done / failed apart.
 
 A process that dies never hangs the run: a SIGKILLed stage process shows up as a negative
 return code; a Ray worker that dies surfaces as an error from `ray.get`; the stage
@@ -130,7 +130,6 @@ class LocalRayBackend:
         argv = [sys.executable if i == 0 and a == "python" else a for i, a in enumerate(argv)]
         log = self.log_path(stage.name)
         env = {"POLYMATH_STAGE_LOG": str(log.resolve()), "PYTHONUNBUFFERED": "1",
-               "POLYMATH_TRAINER_RANKS": str(res.trainer_ranks),
                "OMP_NUM_THREADS": str(max(1, math.ceil(res.num_cpus)))}  # torch threads = the CPUs held
         env.update(self._ray_env())  # a stage that starts Ray work (rank actors, prefill tasks) joins this Ray
         opts: dict = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 0}
@@ -219,7 +218,7 @@ def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str])
     return {"entrypoint": shlex.join(argv),
             "runtime_env": {"working_dir": ".", "excludes": excludes,
                             "env_vars": {"POLYMATH_STAGE_LOG": str(root / run.stage_dir(stage).name / "stage.log"),
-                                         "PYTHONUNBUFFERED": "1", "POLYMATH_TRAINER_RANKS": str(res.trainer_ranks)}},
+                                         "PYTHONUNBUFFERED": "1"}},
             "entrypoint_num_cpus": res.num_cpus, "entrypoint_num_gpus": res.num_gpus or None,
             "metadata": {"experiment": cfg.experiment, "stage": stage, "run_dir": str(root)}}
 

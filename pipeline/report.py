@@ -9,13 +9,13 @@ KL / ... each stage logged), OPD per-teacher KL across rounds, and stage timings
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from pathlib import Path
 
-from engine.atomic import atomic_write_bytes, atomic_write_text
+from engine.atomic import atomic_write_text
+from pipeline.plotting import pyplot, save_png
 
 # Curves are plotted for numeric metric keys matching these, in this order of preference.
 CURVE_PATTERNS = ("loss", "reward", "kl", "score", "acc", "entropy", "clip", "grad_norm", "len")
@@ -119,24 +119,8 @@ def curve_keys(rows: list[dict]) -> list[str]:
     return wanted[:MAX_PANELS]
 
 
-def _save_png(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _pyplot():
-    os.environ.setdefault("MPLCONFIGDIR", str(Path.cwd() / ".cache" / "matplotlib"))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(title: str, rows: list[dict], keys: list[str], out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
@@ -150,12 +134,12 @@ def plot_curves(title: str, rows: list[dict], keys: list[str], out: Path) -> Non
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    _save_png(fig, out)
+    save_png(fig, out)
     plt.close(fig)
 
 
 def plot_opd_kl(kl_per_teacher: list[dict], out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     teachers = list(dict.fromkeys(t for r in kl_per_teacher for t in r))
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for t in teachers:
@@ -167,7 +151,7 @@ def plot_opd_kl(kl_per_teacher: list[dict], out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("OPD: KL to each teacher on its own domain")
-    _save_png(fig, out)
+    save_png(fig, out)
     plt.close(fig)
 
 
@@ -362,6 +346,13 @@ def _exports_section(manifests: dict[str, dict], run_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def _modes_section(run_dir: Path, plots: Path) -> list[str]:
+    from pipeline.report_modes import modes_section
+
+    path = run_dir / "eval" / "results.json"
+    return modes_section(load_results(path), plots) if path.is_file() else []
+
+
 def _experiment_name(run_dir: Path) -> str:
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
@@ -385,6 +376,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     lines = [f"# Polymath report: {_experiment_name(run_dir)}", "", f"Run directory: `{run_dir}`", ""]
     lines += _sandbox_section(run_dir)
     lines += _results_section(run_dir)
+    lines += _modes_section(run_dir, plots)
     lines += _curves_section(run_dir, manifests, plots)
     lines += _opd_section(manifests, plots, run_dir)
     lines += _disk_section(run_dir, manifests)

@@ -1,6 +1,6 @@
 """The run directory: atomic writes, stage manifests and the skip rule.
 
-Layout (DESIGN.md section 2): `runs/<experiment>/config.yaml`, and per stage
+Layout (docs/DESIGN.md section 2): `runs/<experiment>/config.yaml`, and per stage
 `<stage dir>/manifest.json` with status, the stage's input hash, timings, outputs and
 final metrics. A stage is skipped when its manifest says `done` for the same input hash.
 Stage names contain ':' (`sft:math`); their directories use '-' (`sft-math`).

@@ -11,8 +11,7 @@ runs; `pipeline.stages.run_stage` decides whether it has work to do and how to r
 Rules: a stage done for its current input hash is skipped without starting anything;
 independent stages run concurrently up to `resources.concurrent_stages`; a failed stage
 (including a killed process) is retried up to `resources.retries` times and then stops
-the run; a stage whose driver is not built yet is reported and its dependents skipped,
-and the run still succeeds.
+the run.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pipeline.graph import Stage, build_graph, input_hashes, select
 from pipeline.launch import JobBackend, LocalRayBackend, Outcome, stage_argv
 from pipeline.rundir import RunDir
 
-FINAL = {"done", "skipped", "not_built", "blocked", "failed", "cancelled"}
+FINAL = {"done", "skipped", "blocked", "failed", "cancelled"}
 
 
 @dataclass
@@ -73,9 +72,8 @@ class Scheduler:
             if st is None:  # not selected: must already be done for this config
                 if not self.run.is_done(dep, self.hashes[dep]):
                     return "blocked", f"needs {dep}, which is not selected and not done for this config"
-            elif st.status in ("not_built", "blocked", "failed", "cancelled"):
-                why = "not built yet" if st.status == "not_built" else st.status
-                return "blocked", f"needs {dep} ({why})"
+            elif st.status in ("blocked", "failed", "cancelled"):
+                return "blocked", f"needs {dep} ({st.status})"
             elif st.status not in ("done", "skipped"):
                 return "wait", dep
         return None
@@ -119,8 +117,6 @@ class Scheduler:
         same_input = manifest.get("input_hash") == self.hashes[outcome.stage]
         if outcome.returncode == 0 and same_input and manifest.get("status") == "done":
             st.status, st.note = "done", ""
-        elif same_input and manifest.get("status") == "not_built":
-            st.status, st.note = "not_built", manifest.get("error", "")
         else:
             raised = (outcome.returncode or 0) > 0 and same_input and manifest.get("status") == "failed"
             reason = manifest.get("error") if raised else None  # else: killed, no word from the stage
@@ -215,8 +211,8 @@ def _drive(sched: Scheduler, backend, display: Display) -> None:
         for outcome in backend.wait(timeout=1.0):
             status = sched.complete(outcome)
             st = sched.states[outcome.stage]
-            label = {"not_built": "not built yet", "retry": f"failed, retrying ({st.note})"}.get(status, status)
-            display.event(outcome.stage, label, st.note if status in ("failed", "not_built") else "")
+            label = {"retry": f"failed, retrying ({st.note})"}.get(status, status)
+            display.event(outcome.stage, label, st.note if status == "failed" else "")
             if status == "failed":
                 for other in sched.running():
                     sched.states[other].status, sched.states[other].note = "cancelled", "run stopped after a failure"
@@ -232,15 +228,11 @@ def summarize(sched: Scheduler, run: RunDir) -> tuple[str, int]:
     for name in sched.order:
         st = sched.states[name]
         secs = f"{st.elapsed():.1f}s" if st.started else "-"
-        status = "not built yet" if st.status == "not_built" else st.status
-        lines.append(f"{name:<14} {status:<14} {secs:>8}  {st.note}".rstrip())
+        lines.append(f"{name:<14} {st.status:<14} {secs:>8}  {st.note}".rstrip())
     failed = [n for n in sched.order if sched.states[n].status == "failed"]
     unmet = [n for n in sched.order if sched.states[n].status == "blocked" and "not selected" in sched.states[n].note]
-    not_built = [n for n in sched.order if sched.states[n].status == "not_built"]
     for n in failed:
         lines.append(f"FAILED: {n}: {sched.states[n].note}\n  log: {run.stage_dir(n) / 'stage.log'}")
-    if not_built:
-        lines.append(f"not built yet: {', '.join(not_built)} (their dependents were skipped)")
     lines += _results_lines(run)
     return "\n".join(lines), 1 if failed or unmet else 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import resolve_path
-from pipeline.stages import StageContext
+from pipeline.stage_context import StageContext
 
 
 def data_source(spec, base: Path):

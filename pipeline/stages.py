@@ -13,32 +13,12 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.graph import Stage, build_graph, input_hashes
 from pipeline.rundir import RunDir, atomic_write_text
-
-
-class StageNotBuilt(RuntimeError):
-    """The stage's driver is not part of this build yet."""
-
-
-@dataclass
-class StageContext:
-    cfg: ExperimentConfig
-    stage: Stage
-    run: RunDir
-    input_hash: str
-
-    @property
-    def out_dir(self) -> Path:
-        return self.run.stage_dir(self.stage.name)
-
-    def model_dir(self, stage: str) -> str:
-        """Final HF checkpoint of a finished model stage ('prepare' = the base model)."""
-        return self.run.output(stage, "model")
+from pipeline.stage_context import StageContext
 
 
 def setup_environment(run_root: Path) -> None:
@@ -55,16 +35,18 @@ def setup_environment(run_root: Path) -> None:
 
 
 def _stage_functions():
-    from pipeline import stage_impl
+    """Stage kind -> the function that runs it, one module per stage (imported only here,
+    when a stage runs: `python -m pipeline stage` loads just what its stage needs)."""
+    from pipeline import stage_eval, stage_grpo, stage_opd, stage_prepare, stage_report, stage_sft
 
     return {
-        "prepare": stage_impl.prepare,
-        "sft": stage_impl.sft,
-        "grpo": stage_impl.grpo,
-        "mixed_rl": stage_impl.mixed_rl,
-        "opd": stage_impl.opd,
-        "eval": stage_impl.evaluate,
-        "report": stage_impl.report,
+        "prepare": stage_prepare.prepare,
+        "sft": stage_sft.sft,
+        "grpo": stage_grpo.grpo,
+        "mixed_rl": stage_grpo.mixed_rl,
+        "opd": stage_opd.opd,
+        "eval": stage_eval.evaluate_stage,
+        "report": stage_report.report,
     }
 
 
@@ -101,8 +83,7 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
     try:
         result = _stage_functions()[stage.kind](ctx) or {}
     except BaseException as exc:
-        status = "not_built" if isinstance(exc, StageNotBuilt) else "failed"
-        run.write_manifest(name, status=status, error=f"{type(exc).__name__}: {exc}",
+        run.write_manifest(name, status="failed", error=f"{type(exc).__name__}: {exc}",
                            traceback=traceback.format_exc(), ended=time.time())
         raise
     ended = time.time()

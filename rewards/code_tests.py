@@ -157,7 +157,7 @@ def _guard_size(op: type, a: Any, b: Any) -> None:
         raise ValueError("power too large to evaluate")
 
 
-def evaluate(node: tuple, values: list[Any]) -> Any:
+def evaluate_plan_node(node: tuple, values: list[Any]) -> Any:
     """The value of a plan node given the decoded child `values`; raises like Python would."""
     kind = node[0]
     if kind == "const":
@@ -168,9 +168,9 @@ def evaluate(node: tuple, values: list[Any]) -> Any:
             raise v.error
         return v
     if kind == "cmp":
-        left = evaluate(node[1], values)
+        left = evaluate_plan_node(node[1], values)
         for op, child in node[2]:
-            right = evaluate(child, values)
+            right = evaluate_plan_node(child, values)
             if not _truth(_CMP[op](left, right)):
                 return False
             left = right
@@ -178,35 +178,35 @@ def evaluate(node: tuple, values: list[Any]) -> Any:
     if kind == "and":
         out: Any = True
         for child in node[1]:
-            out = evaluate(child, values)
+            out = evaluate_plan_node(child, values)
             if not _truth(out):
                 return out
         return out
     if kind == "or":
         out = False
         for child in node[1]:
-            out = evaluate(child, values)
+            out = evaluate_plan_node(child, values)
             if _truth(out):
                 return out
         return out
     if kind == "unary":
-        v = evaluate(node[2], values)
+        v = evaluate_plan_node(node[2], values)
         return {ast.Not: lambda x: not _truth(x), ast.USub: operator.neg, ast.UAdd: operator.pos,
                 ast.Invert: operator.invert}[node[1]](v)
     if kind == "bin":
-        a, b = evaluate(node[2], values), evaluate(node[3], values)
+        a, b = evaluate_plan_node(node[2], values), evaluate_plan_node(node[3], values)
         _guard_size(node[1], a, b)
         return _BIN[node[1]](a, b)
     if kind in ("list", "tuple", "set"):
-        items = [evaluate(c, values) for c in node[1]]
+        items = [evaluate_plan_node(c, values) for c in node[1]]
         return {"list": list, "tuple": tuple, "set": set}[kind](items)
     if kind == "dict":
-        return {evaluate(k, values): evaluate(v, values) for k, v in node[1]}
+        return {evaluate_plan_node(k, values): evaluate_plan_node(v, values) for k, v in node[1]}
     if kind == "if":
-        return evaluate(node[2] if _truth(evaluate(node[1], values)) else node[3], values)
+        return evaluate_plan_node(node[2] if _truth(evaluate_plan_node(node[1], values)) else node[3], values)
     if kind == "func":
-        args = [evaluate(a, values) for a in node[2]]
-        kwargs = {k: evaluate(v, values) for k, v in node[3].items()}
+        args = [evaluate_plan_node(a, values) for a in node[2]]
+        kwargs = {k: evaluate_plan_node(v, values) for k, v in node[3].items()}
         for a in args:
             if isinstance(a, Opaque):
                 raise TypeError(f"{node[1]}() of a non-plain value {a!r}")
@@ -232,7 +232,7 @@ class ChildError(Exception):
 def verdict(plan: TestPlan, replies: list[Any]) -> tuple[bool, str | None]:
     """(passed, why not) for a plan given one decoded reply per call (a `_Failed` or a value)."""
     try:
-        ok = _truth(evaluate(plan.root, replies))
+        ok = _truth(evaluate_plan_node(plan.root, replies))
     except ChildError as exc:
         return False, str(exc)
     except (Exception, RecursionError) as exc:  # a comparison of unusable values: a failed test

@@ -30,9 +30,9 @@ def loose_variants(response: str) -> list[str]:
 def check_instruction(instruction_id: str, kwargs: dict[str, Any], response: str) -> bool:
     """One checker on one text; a bad id or bad kwargs is a ValueError naming them."""
     try:
-        fn = CHECKERS[instruction_id]
-    except KeyError:
-        raise ValueError(f"unknown ifeval instruction {instruction_id!r}; known: {', '.join(sorted(CHECKERS))}") from None
+        fn = CHECKERS.get(instruction_id)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
     args = {k: v for k, v in (kwargs or {}).items() if v is not None}
     try:
         return bool(response.strip()) and bool(fn(response, **args))
@@ -47,7 +47,7 @@ def reference_problem(reference: Any) -> str | None:
         return f"ifeval reference needs a non-empty 'instruction_id_list', got {reference!r:.200}"
     unknown = [i for i in ids if not isinstance(i, str) or i not in CHECKERS]
     if unknown:
-        return f"unknown ifeval instruction {unknown[0]!r:.100}; known: {', '.join(sorted(CHECKERS))}"
+        return f"unknown ifeval instruction {unknown[0]!r:.100}; known: {', '.join(CHECKERS.names())}"
     kwargs = reference.get("kwargs") or [{} for _ in ids]
     if not isinstance(kwargs, list) or len(kwargs) != len(ids):
         return f"ifeval reference: {len(ids)} instruction ids but kwargs is {kwargs!r:.200}"

@@ -23,20 +23,13 @@ import json
 import re
 from typing import Callable
 
+from engine.registry import Registry
+
 Checker = Callable[..., bool]
-CHECKERS: dict[str, Checker] = {}
+CHECKERS: Registry[Checker] = Registry("ifeval instruction")
+checker = CHECKERS.register  # @checker("instruction_id")
 RELATIONS = ("less than", "at least")
 _NON_SPACE_RE = re.compile(r"\S")
-
-
-def checker(instruction_id: str) -> Callable[[Checker], Checker]:
-    def deco(fn: Checker) -> Checker:
-        if instruction_id in CHECKERS:
-            raise ValueError(f"ifeval instruction {instruction_id!r} is already registered")
-        CHECKERS[instruction_id] = fn
-        return fn
-
-    return deco
 
 
 def _compare(count: int, threshold: int, relation: str) -> bool:

@@ -11,9 +11,10 @@ loading reject a row whose reference no completion could ever score against.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import Any, Callable
+
+from engine.registry import Registry
 
 # Modules that hold the built-in verifiers, imported on first look-up.
 _BUILTIN_MODULES = (
@@ -23,10 +24,6 @@ _BUILTIN_MODULES = (
     "rewards.tool_reward",
     "rewards.format_reward",
 )
-
-_REGISTRY: dict[str, Callable[..., "RewardResult"]] = {}
-_REFERENCE_CHECKS: dict[str, Callable[[Any], "str | None"]] = {}
-_builtins_loaded = False
 
 
 @dataclasses.dataclass
@@ -47,58 +44,18 @@ class RewardResult:
 
 
 Verifier = Callable[..., RewardResult]
+ReferenceCheck = Callable[[Any], "str | None"]
 
-
-def register(name: str) -> Callable[[Verifier], Verifier]:
-    """Decorator: register `fn` under `name`; a second registration of a name is an error."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"verifier name must be a non-empty string, got {name!r}")
-
-    def deco(fn: Verifier) -> Verifier:
-        if name in _REGISTRY:
-            raise ValueError(f"verifier {name!r} is already registered (by {_REGISTRY[name].__module__})")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def register_reference_check(name: str) -> Callable[[Callable[[Any], str | None]], Callable[[Any], str | None]]:
-    """Decorator: register `check(reference) -> reason | None` for verifier `name`; once per name."""
-    def deco(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-        if name in _REFERENCE_CHECKS:
-            raise ValueError(f"reference check for {name!r} is already registered (by {_REFERENCE_CHECKS[name].__module__})")
-        _REFERENCE_CHECKS[name] = check
-        return check
-
-    return deco
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        for mod in _BUILTIN_MODULES:
-            importlib.import_module(mod)
-        _builtins_loaded = True
-
-
-def known_verifiers() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def get_verifier(name: str) -> Verifier:
-    """The verifier registered as `name`; a miss lists the known names."""
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown verifier {name!r}; known verifiers: {', '.join(sorted(_REGISTRY))}") from None
+VERIFIERS: Registry[Verifier] = Registry("verifier", builtins=_BUILTIN_MODULES)
+REFERENCE_CHECKS: Registry[ReferenceCheck] = Registry("reference check for verifier")
+register = VERIFIERS.register  # @register("name") on `(completion, reference, **options) -> RewardResult`
+register_reference_check = REFERENCE_CHECKS.register  # @register_reference_check("name"), once per verifier
+get_verifier = VERIFIERS.get
+known_verifiers = VERIFIERS.names
 
 
 def check_reference(verifier: str, reference: Any) -> str | None:
     """Why `verifier` cannot score against `reference`, or None (also for a verifier
     without a registered check). An unknown verifier is a KeyError listing the known ones."""
     get_verifier(verifier)
-    check = _REFERENCE_CHECKS.get(verifier)
-    return None if check is None else check(reference)
+    return REFERENCE_CHECKS.get(verifier)(reference) if verifier in REFERENCE_CHECKS else None

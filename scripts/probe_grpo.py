@@ -47,7 +47,8 @@ def main() -> None:
     from experts.grpo_settings import GRPOSettings
     from pipeline.config import load_config
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_domain, paired_difference
-    from pipeline.stage_impl import _checked_scores, _eval_policy
+    from pipeline.eval_policy import eval_policy
+    from pipeline.stage_workers import checked_scores
     from rewards import ScorerPool
 
     torch.set_num_threads(1)
@@ -75,9 +76,9 @@ def main() -> None:
     eval_set = EvalSet(d, dc.verifier, evals, dc.data.synthetic.generator)
 
     def greedy(model_dir: str) -> list[float]:  # the eval stage's greedy pass, per prompt
-        policy = _eval_policy(cfg, model_dir)
+        policy = eval_policy(cfg, model_dir)
         try:
-            return evaluate_domain(policy, eval_set, _checked_scores(pool, "probe eval"),
+            return evaluate_domain(policy, eval_set, checked_scores(pool, "probe eval"),
                                    EvalSettings(samples=0, max_new_tokens=cfg.eval.max_new_tokens))["greedy_scores"]
         finally:
             policy.close()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import random
 from typing import Any, Callable
 
+from engine.registry import Registry
+
 SPLITS = ("train", "eval")
-_BUILTIN_MODULES = ("engine.domains.math", "engine.domains.code", "engine.domains.ifeval", "engine.domains.tool")
+_BUILTIN_MODULES = ("engine.domains.math", "engine.domains.code", "engine.domains.ifeval", "engine.domains.tool",
+                    "engine.domains.math_chain")
 
 # draw(rng, split) -> (key, {"messages": [...], "reference": {...}}); the key is the
 # canonical problem text that decides the split. `split` lets a domain make its train
@@ -80,35 +82,11 @@ def sample_rows(domain: str, split: str, n: int, seed: int, draw: Draw, eval_fra
     return rows
 
 
-_REGISTRY: dict[str, Domain] = {}
-_builtins_loaded = False
+DOMAINS: Registry[Domain] = Registry("domain", builtins=_BUILTIN_MODULES)
+get_domain = DOMAINS.get
+known_domains = DOMAINS.names
 
 
 def register_domain(domain: Domain) -> Domain:
-    """Add `domain` to the registry; a second registration of a name is an error."""
-    if domain.name in _REGISTRY:
-        raise ValueError(f"domain {domain.name!r} is already registered")
-    _REGISTRY[domain.name] = domain
-    return domain
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for mod in _BUILTIN_MODULES:
-            importlib.import_module(mod)
-
-
-def known_domains() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def get_domain(name: str) -> Domain:
-    """The domain registered as `name`; a miss lists the known names."""
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown domain {name!r}; known domains: {', '.join(sorted(_REGISTRY))}") from None
+    """Add `domain` to the registry under its name; a second registration of a name is an error."""
+    return DOMAINS.add(domain.name, domain)

@@ -5,7 +5,7 @@ Prompt `f(x): add 3, multiply by 2`; demonstration `def f(x): return (x+3)*2`; r
 sandboxed and scores the fraction passed). A description has two steps among
 add K, subtract K, multiply by K, mod K (K in 2..9).
 
-Sizing (DESIGN.md section 7): the literal translation is local (word -> operator,
+Sizing (docs/DESIGN.md section 7): the literal translation is local (word -> operator,
 digit -> digit) except for the parentheses a multiplicative step after an additive one
 needs; measured, a tiny model learns it completely in a minute (1.00 on held-out
 descriptions), far too easy. Eval descriptions are held out whole (hash of the prompt).
@@ -18,15 +18,7 @@ pairs. The literal form is always right; the test reward shows GRPO that it is t
 safer one (the same lever as the math scratchpad). Partial credit (some tests pass)
 keeps the signal dense. Eval rows carry the literal form.
 
-Measured (tiny Qwen2 1.06M, 900k training tokens ~ one unloaded minute on 2 cores =
-236 steps of batch 64 at ~51 tokens; greedy on 128 held-out descriptions, sandboxed
-tests): literal demonstrations only (one or two steps) -> 1.00; this setting -> 0.63
-mean test fraction, 0.59 fully right, errors all in folded constants. In the tiny
-experiment (configs/tiny.yaml, seed 0, 200 held-out descriptions): 200 SFT steps -> 0.32,
-most errors digits and operators copied wrongly even in the literal form (sampled
-reward ~0.2), so GRPO found little to reinforce (24 steps: +0.00 +- 0.02); 400 SFT steps
--> 0.77, and GRPO (24 steps) then prefers the literal form: 0.90, +0.13 +- 0.03
-(`scripts/probe_grpo.py code`).
+Measured figures for this setting and the ones it replaced: docs/tiny_experiment.md.
 """
 
 from __future__ import annotations
@@ -77,7 +69,7 @@ def folded(steps: list[tuple[str, int]]) -> str | None:
     return None
 
 
-def evaluate(steps: list[tuple[str, int]], x: int) -> int:
+def compute_expected(steps: list[tuple[str, int]], x: int) -> int:
     """The intended value, computed step by step (the tests' ground truth)."""
     for word, k in steps:
         x = {"add": x + k, "subtract": x - k, "multiply by": x * k, "mod": x % k}[word]
@@ -93,7 +85,7 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
     prompt = describe(steps)
     fold = folded(steps) if split == "train" and rng.random() < FOLD_RATE else None
     program = f"def f(x): return {fold or expression(steps)}"
-    tests = [f"assert f({x}) == {evaluate(steps, x)}" for x in TEST_INPUTS]
+    tests = [f"assert f({x}) == {compute_expected(steps, x)}" for x in TEST_INPUTS]
     return prompt, {
         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": program}],
         "reference": {"tests": tests},

@@ -9,7 +9,7 @@ length_constraints:number_words (at least / less than). The unconstrained answer
 `The owl is calm, wise.` has mixed case, a comma and 5 words, so every constraint
 changes the text.
 
-Sizing (DESIGN.md section 7): the edits are surface rewrites a tiny character model
+Sizing (docs/DESIGN.md section 7): the edits are surface rewrites a tiny character model
 picks up in a minute; the word-count constraints need counting, and the two
 constraints must be composed. Eval prompts are held out whole (hash of the prompt).
 
@@ -17,11 +17,7 @@ Imperfect on purpose: in `WRONG_RATE` of the training demonstrations one of the 
 constraints is not applied (well-formed text that the verifier scores 0.5), so after
 SFT the model skips one constraint on many prompts, and the reward tells GRPO which.
 
-Measured (tiny Qwen2 1.06M, 900k training tokens ~ one unloaded minute on 2 cores =
-158 steps of batch 64 at ~61 tokens; greedy on 128 held-out prompts): this setting ->
-0.63 instruction-level, 0.35 prompt-level. Easier settings left too little headroom:
-one or two constraints, 5 keywords, 20% drops -> 0.80; two constraints, 40% drops ->
-0.82 (0.65 prompt-level).
+Measured figures for this setting and the ones it replaced: docs/tiny_experiment.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Prompt `7*5-3`; demonstration `7*5=35 35-3=32 \\boxed{32}`. Operands are single 
 the first operation is one of `+ - *`, the second one of `+ -`. Reference: `{"answer": "32"}`
 (the `math` verifier compares the last `\\boxed{}` with math-verify).
 
-Sizing (DESIGN.md section 7): a ~1M-parameter character model learns a handful of
+Sizing (docs/DESIGN.md section 7): a ~1M-parameter character model learns a handful of
 single-digit facts within a minute, but not multi-digit arithmetic written most
 significant digit first. The scratchpad turns each problem into two facts the model can
 look up (a op b, then r op c), and the boxed answer is a copy of the last one. Eval
@@ -17,9 +17,7 @@ directly, and direct answers to unseen expressions are wrong more often; samplin
 writes scratchpads some of the time and those score higher, which is the signal GRPO
 can use to make the model show its work.
 
-Measured (tiny Qwen2 1.06M, 900k training tokens ~ one unloaded minute on 2 cores,
-batch 64, AdamW 3e-3 cosine; greedy on 128 held-out problems): scratchpad-only
-demonstrations -> 0.86; this mix (70% direct) -> 0.67, every answer direct.
+Measured figures for this setting and the ones it replaced: docs/tiny_experiment.md.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from stand_ins import trainer_settings as TrainerSettings  # pydantic-free where
 from distill.kl import compute_chunked_divergence
 from engine.batching import Sample, build_step_batches
 from engine.model import materialize_tiny
-from engine.trainer import build_trainer, compute_token_logprobs
+from engine.trainer import build_trainer
+from engine.logprobs import compute_chunked_token_logprobs
 
 pytestmark = pytest.mark.gpu
 SPEC = tiny_spec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256)
@@ -30,7 +31,7 @@ def model_dir(tmp_path_factory):
 
 
 def sft_loss(hidden, weight, batch):
-    lp = compute_token_logprobs(hidden, weight, batch["input_ids"])  # (B, T)
+    lp = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"], None)  # (B, T)
     return -(lp * batch["loss_mask"]).sum() / batch["global_tokens"], {}
 
 

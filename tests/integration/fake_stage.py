@@ -3,7 +3,7 @@
 It loads the config and runs the real `pipeline.stages.run_stage` (deps check, skip
 rule, manifest, resume bookkeeping), with every stage kind replaced by a fake driver
 whose behaviour comes from the JSON file PLAN (or "-" for all ok):
-`{"<stage>": "ok" | "not_built" | "fail" | "fail_once" | "die_once" | "slow:N"}` (default ok).
+`{"<stage>": "ok" | "fail" | "fail_once" | "die_once" | "slow:N"}` (default ok).
 - slow:N  N steps of ~0.3 s; each step appends "attempt step" to steps.log and writes a
           checkpoint atomically; a restarted stage resumes after its last checkpoint.
 - gate:N  as slow:N, but waits after step 0 until the file `go` appears in the stage dir.
@@ -50,8 +50,6 @@ def fake_driver(ctx) -> dict:
     name = ctx.stage.name
     how = _behaviour(name)
     marker = ctx.out_dir / "failed-once"
-    if how == "not_built":
-        raise stages_mod.StageNotBuilt(f"fake: {name} is not built")
     if how == "fail" or (how == "fail_once" and not marker.exists()):
         marker.touch()
         raise RuntimeError(f"fake failure in {name}")

@@ -10,7 +10,8 @@ from engine.domains import get_domain
 from engine.generation import HFGenerator
 from engine.model import TinySpec, load_tokenizer, materialize_tiny
 from engine.trainer import TrainerSettings, build_trainer
-from experts.grpo import DomainSpec, run_grpo
+from experts.advantages import compute_advantages
+from experts.grpo import DomainSpec, run_grpo, with_advantages
 from experts.grpo_settings import GRPOSettings
 from rewards import ScorerPool
 
@@ -26,6 +27,12 @@ def base(tmp_path_factory):
 def scorer():
     with ScorerPool(num_workers=1) as pool:
         yield pool
+
+
+def _trained_samples(s, groups):
+    """A step's samples with their advantages, as `run_grpo` makes them."""
+    advantages = compute_advantages([[x.reward for x in g] for g in groups], s.advantage)
+    return with_advantages(groups, advantages, drop_truncated=s.overlong_filter)
 
 
 def _no_comma_rows(n):
@@ -83,7 +90,7 @@ def test_trainer_log_probs_at_the_sampling_temperature_equal_the_generator_s(bas
     """Sampled at T=0.6: the old log-probs the trainer computes (logits / T, as in verl) equal
     the generator's own per-token log-probs, so the PPO ratio starts at exactly 1."""
     from engine.prompt_stream import PromptStream
-    from experts.grpo import collect_step, compute_advantages, logprob_temperature
+    from experts.grpo import collect_step, logprob_temperature
     from experts.rl_batch import build_minibatches
 
     torch.set_num_threads(1)
@@ -94,7 +101,7 @@ def test_trainer_log_probs_at_the_sampling_temperature_equal_the_generator_s(bas
                              generator=gen, scorer=scorer, tokenizer=tok, step=0)
     trainer = build_trainer(TrainerSettings(seed=0), base)
     for t, close in ((logprob_temperature(s.temperature), True), (1.0, False)):
-        (mb,), = build_minibatches(compute_advantages(s, groups), 1, 64, pad_id=tok.pad_token_id, seed=0,
+        (mb,), = build_minibatches(_trained_samples(s, groups), 1, 64, pad_id=tok.pad_token_id, seed=0,
                                    temperature=t)
         m = mb["loss_mask"] > 0
         gap = (trainer.forward_logprobs(mb) - mb["rollout_logprobs"])[m].abs().max()
@@ -166,7 +173,7 @@ def test_sampler_and_trainer_log_probs_agree_under_top_p(base, scorer):
     the same quantity (engine.logprobs), to 1e-5 on every sampled token. Without the
     truncation (the old trainer) they differ by about -log(0.9) per token."""
     from engine.prompt_stream import PromptStream
-    from experts.grpo import collect_step, compute_advantages, logprob_sampling
+    from experts.grpo import collect_step, logprob_sampling
     from experts.rl_batch import build_minibatches
 
     torch.set_num_threads(1)
@@ -175,7 +182,7 @@ def test_sampler_and_trainer_log_probs_agree_under_top_p(base, scorer):
     groups, _ = collect_step(s, PromptStream(_no_comma_rows(8), seed=0), {"nocomma": DomainSpec("ifeval")},
                              generator=HFGenerator(base, tok), scorer=scorer, tokenizer=tok, step=0)
     trainer = build_trainer(TrainerSettings(seed=0), base)
-    samples = compute_advantages(s, groups)
+    samples = _trained_samples(s, groups)
     (mb,), = build_minibatches(samples, 1, 64, pad_id=tok.pad_token_id, seed=0, **logprob_sampling(s))
     assert float(mb["top_p"]) == 0.9
     m = mb["loss_mask"] > 0
@@ -192,7 +199,7 @@ def test_offpolicy_masking_uses_the_sampler_s_log_probs(base, tmp_path, perturbe
     log(pi_rollout / pi_theta) exceeds delta are masked, through the driver's own loss.
     With identical policies none are."""
     from engine.prompt_stream import PromptStream
-    from experts.grpo import GRPOLoss, collect_step, compute_advantages, logprob_sampling
+    from experts.grpo import GRPOLoss, collect_step, logprob_sampling
     from experts.rl_batch import build_minibatches
 
     torch.set_num_threads(1)
@@ -208,7 +215,7 @@ def test_offpolicy_masking_uses_the_sampler_s_log_probs(base, tmp_path, perturbe
     groups, _ = collect_step(s, PromptStream(_rows(16), seed=0), {"nocomma": DomainSpec("ifeval")},
                              generator=gen, scorer=_FakeScorer(), tokenizer=tok, step=0)
     trainer = build_trainer(TrainerSettings(seed=0), base)
-    (mb,), = build_minibatches(compute_advantages(s, groups), 1, 64, pad_id=tok.pad_token_id, seed=0,
+    (mb,), = build_minibatches(_trained_samples(s, groups), 1, 64, pad_id=tok.pad_token_id, seed=0,
                                **logprob_sampling(s))
     m = mb["loss_mask"]
     drift = ((mb["rollout_logprobs"] - trainer.forward_logprobs(mb)) * m).sum(1) / m.sum(1)  # (B,)

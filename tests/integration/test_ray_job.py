@@ -174,13 +174,7 @@ def _run_fake(ray_head, tmp_path: Path, plan: dict, **kw) -> subprocess.Complete
                           capture_output=True, text=True, timeout=240)
 
 
-def test_runner_address_mode_not_built_and_failure(ray_head, tmp_path):
-    (tmp_path / "a").mkdir()
-    proc = _run_fake(ray_head, tmp_path / "a", {"sft:math": "not_built"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[sft:math] not built yet" in proc.stdout
-    assert _manifest(tmp_path / "a" / "run", "sft:math")["status"] == "not_built"
-
+def test_runner_address_mode_failure(ray_head, tmp_path):
     (tmp_path / "b").mkdir()
     proc = _run_fake(ray_head, tmp_path / "b", {"prepare": "fail"})
     assert proc.returncode == 1

@@ -148,21 +148,6 @@ def test_config_change_reruns_exactly_downstream(tmp_path, ray_local, capsys):
     assert all(m["status"] == "done" for m in _manifests(cfg2).values())
 
 
-def test_not_built_skips_dependents_and_succeeds(tmp_path, ray_local, capsys):
-    path = write_config(tmp_path, domains=("math", "code"))
-    cfg = load_config(path)
-    code = run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path, {"grpo:code": "not_built"}))
-    out = capsys.readouterr().out
-    assert code == 0
-    ms = _manifests(cfg)
-    assert ms["grpo:code"]["status"] == "not_built"
-    assert ms["grpo:math"]["status"] == "done" and ms["sft:code"]["status"] == "done"
-    assert ms["opd"] is None and ms["eval"] is None  # dependents never started
-    assert "[grpo:code] not built yet" in out
-    assert "not built yet: grpo:code (their dependents were skipped)" in out
-    assert "opd            blocked" in out and "needs grpo:code (not built yet)" in out
-
-
 def test_failure_retries_then_stops_with_log_path(tmp_path, ray_local, capsys):
     path = write_config(tmp_path, retries=1)
     cfg = load_config(path)
@@ -225,7 +210,6 @@ def test_placement_group_for_trainer_ranks(tmp_path, ray_local):
     from ray.util import placement_group_table
 
     env = json.loads((RunDir(cfg.run_path).stage_dir("sft:math") / "env.json").read_text())
-    assert env["POLYMATH_TRAINER_RANKS"] == "2"
     # the stage process is told how to join this Ray (its rank actors take bundles 1..)
     ctx = ray.get_runtime_context()
     assert env["RAY_ADDRESS"] == ctx.gcs_address and env["RAY_NAMESPACE"] == ctx.namespace

@@ -5,7 +5,9 @@ import torch
 
 from engine.batching import Sample, build_step_batches
 from engine.model import TinySpec, load_model, materialize_tiny
-from engine.trainer import TrainerSettings, build_trainer, compute_token_logprobs, run_loss
+from engine.trainer import TrainerSettings, build_trainer
+from engine.logprobs import compute_chunked_token_logprobs
+from engine.trainer_common import run_loss
 
 torch.set_num_threads(1)
 SPEC = TinySpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -17,7 +19,7 @@ def model_dir(tmp_path_factory):
 
 
 def sft_loss(hidden, weight, batch):
-    lp = compute_token_logprobs(hidden, weight, batch["input_ids"])  # (B, T)
+    lp = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"], None)  # (B, T)
     return -(lp * batch["loss_mask"]).sum() / batch["global_tokens"], {"rows": float(batch["input_ids"].shape[0])}
 
 

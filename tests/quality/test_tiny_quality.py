@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from pipeline.evaluate import paired_difference
 from pipeline.report import heldout_kl_change
@@ -52,12 +53,41 @@ def run():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((RUN / "eval" / "results.json").read_text())
     opd = json.loads((RUN / "opd" / "manifest.json").read_text())["metrics"]
-    return results, opd
+    return results, opd, proc.stdout
+
+
+def _rerun():
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.timeout(3600)
+def test_every_stage_done_every_model_scored_and_a_rerun_skips_everything(run):
+    """The end-to-end checks (formerly a separate shortened run of the same graph): the eval
+    table covers every model and domain, the report is written and named on stdout, and a
+    second `pipeline run` finds every stage done for its input hash and runs nothing."""
+    results, opd, stdout = run
+    models = results["models"]
+    expected = {"base", "student", "mixed_rl", "sft:all"} | {f"{k}:{d}" for k in ("sft", "grpo") for d in DOMAINS}
+    assert expected <= set(models), sorted(models)
+    for name, scores in models.items():
+        assert set(scores) == set(DOMAINS), name
+        assert all(0.0 <= v <= 1.0 for v in scores.values()), (name, scores)
+    rounds = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["opd"]["rounds"]
+    assert len(opd["kl_per_teacher"]) == rounds  # one entry per round
+    assert opd["cache_bytes_per_token"] > 0
+    report = RUN / "report" / "report.md"
+    assert report.is_file() and "| student |" in report.read_text().replace("|student|", "| student |")
+    assert "report: " in stdout and stdout.split("report: ")[1].split()[0].endswith("report/report.md"), stdout[-2000:]
+    second = _rerun()
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "running" not in second.stdout.lower().replace("not running", ""), second.stdout[-3000:]
 
 
 @pytest.mark.timeout(3600)
 def test_grpo_beats_sft_by_two_paired_standard_errors_on_three_domains(run):
-    results, _ = run
+    results, _, _ = run
     per = results["greedy_per_prompt"]
     rows = {}
     for d in DOMAINS:
@@ -71,7 +101,7 @@ def test_grpo_beats_sft_by_two_paired_standard_errors_on_three_domains(run):
 
 @pytest.mark.timeout(3600)
 def test_opd_heads_heldout_kl_and_student_fraction(run):
-    results, opd = run
+    results, opd, _ = run
     assert opd["max_resident_heads"] == 1
     assert opd["head_loads_per_step"] == opd["teachers_per_step"]
     assert all(n == len(DOMAINS) for n in opd["teachers_per_step"])  # every step mixes all teachers

@@ -127,6 +127,7 @@ CASES = [
     ("clip_high_negative", _set("domains[2].grpo.clip_high", -0.1), [], "domains[2].grpo.clip_high"),
     ("group_size_1", _set("domains[0].grpo.group_size", 1), [], "domains[0].grpo.group_size"),
     ("jsd_beta_gt_1", _set("opd.jsd_beta", 1.5), [], "opd.jsd_beta"),
+    ("loss_aggregation_typo", _set("opd.loss_aggregation", "teacher_mean"), [], "opd.loss_aggregation"),
     ("min_lr_ratio_gt_1", _set("student_sft.min_lr_ratio", 2.0), [], "student_sft.min_lr_ratio"),
     ("heads_not_divisible", _set("model.tiny.num_heads", 3), [], "model.tiny"),
     ("cosine_without_total_steps", _set("trainer.schedule", "cosine"), [], "trainer"),

@@ -19,7 +19,7 @@ def load(name, adapter, domain=None):
 
 def test_registry():
     assert {"gsm8k", "math", "mbpp", "ifeval", "xlam", "row"} <= set(known_adapters())
-    with pytest.raises(KeyError, match="known adapters: .*gsm8k"):
+    with pytest.raises(KeyError, match="unknown adapter .*; known: .*gsm8k"):
         get_adapter("humaneval")
 
 

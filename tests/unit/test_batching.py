@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from engine.batching import (EpochCursor, Sample, build_step_batches, pack_rows, pad_rows, plan_packing,
-                             split_rows, with_global_tokens)
-from engine.trainer import LogprobFn, compute_token_logprobs, run_loss
+                             split_into_micro_batches, with_global_tokens)
+from engine.logprobs import compute_chunked_token_logprobs
+from engine.trainer_common import LogprobFn, run_loss
 
 torch.set_num_threads(1)
 
@@ -45,7 +46,7 @@ def test_pack_rows_positions_and_masks():
 
 def test_global_tokens_and_split():
     b = pad_rows(_samples([5, 7, 4]), pad_id=0)
-    parts = with_global_tokens(split_rows(b, 2))
+    parts = with_global_tokens(split_into_micro_batches(b, 2))
     assert [p["input_ids"].shape[0] for p in parts] == [2, 1]
     total = float(b["loss_mask"].sum())  # (5-2) + (7-2) + (4-2) = 10
     assert total == 10
@@ -54,9 +55,9 @@ def test_global_tokens_and_split():
     assert sum(float(m["loss_mask"].sum()) for m in steps) == float(steps[0]["global_tokens"]) == 3 + 5 + 2 + 4
 
 
-def test_split_rows_gives_scalars_to_every_part():
+def test_split_into_micro_batches_gives_scalars_to_every_part():
     b = dict(pad_rows(_samples([5, 7, 4]), pad_id=0), temperature=torch.tensor(0.7))
-    parts = split_rows(b, 2)
+    parts = split_into_micro_batches(b, 2)
     assert [p["input_ids"].shape[0] for p in parts] == [2, 1]
     assert all(p["temperature"].dim() == 0 and float(p["temperature"]) == pytest.approx(0.7) for p in parts)
 
@@ -83,7 +84,7 @@ def test_token_logprobs_match_float64_reference():
             logits = hidden[b, t - 1].double() @ weight.double().T
             ref[b, t] = logits[ids[b, t]] - torch.logsumexp(logits, 0)
     for chunk in (0, 1, 3):
-        got = compute_token_logprobs(hidden, weight, ids, chunk)
+        got = compute_chunked_token_logprobs(hidden, weight, ids, chunk or None)
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 
 

@@ -65,9 +65,9 @@ def test_latest_falls_back_to_newest_and_resave(tmp_path):
 
 
 def _loss(hidden, weight, batch):
-    from engine.trainer import compute_token_logprobs
+    from engine.logprobs import compute_chunked_token_logprobs
 
-    lp = compute_token_logprobs(hidden, weight, batch["input_ids"])
+    lp = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"], None)
     return -(lp * batch["loss_mask"]).sum() / batch["global_tokens"], {}
 
 

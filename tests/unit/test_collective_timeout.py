@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine.trainer import collective_timeout_s
+from engine.trainer_common import collective_timeout_s
 from engine.trainer_deepspeed import free_port
 
 
@@ -16,7 +16,7 @@ def _rank(rank: int, port: int, timeout_s: str, out) -> None:
     import torch
     import torch.distributed as dist
 
-    from engine.trainer import init_process_group
+    from engine.trainer_common import init_process_group
 
     init_process_group(rank, 2, "cpu")
     if rank == 1:

@@ -61,6 +61,16 @@ def test_errors_name_every_yaml_path(tmp_path):
     assert "domains[2].data.train" in paths
 
 
+def test_grpo_eval_every_is_refused(tmp_path):
+    # GRPO has no periodic eval (the eval stage scores every model): a key that would be
+    # accepted and never read is a config error naming its path
+    raw = _tiny_raw()
+    raw["domains"][0]["grpo"] = {**raw["domains"][0].get("grpo", {}), "eval_every": 5}
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, raw))
+    assert [p for p, _ in exc.value.errors] == ["domains[0].grpo.eval_every"]
+
+
 def test_validate_cli_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/tiny.yaml"],
                         cwd=ROOT, capture_output=True, text=True)

@@ -16,7 +16,7 @@ from engine.tokenizer import build_tiny_tokenizer
 from rewards import get_verifier, score_batch
 
 DOMAINS = ("code", "ifeval", "math", "tool")
-# Longest rendered conversation allowed per domain (tokens): DESIGN.md section 7 sizing.
+# Longest rendered conversation allowed per domain (tokens): docs/DESIGN.md section 7 sizing.
 MAX_TOKENS = {"math": 40, "code": 70, "ifeval": 100, "tool": 100}
 
 
@@ -42,7 +42,7 @@ def episode_text(row):
 
 def test_registry_lists_and_rejects():
     assert set(DOMAINS) <= set(known_domains())
-    with pytest.raises(KeyError, match="known domains: code, ifeval, math, tool"):
+    with pytest.raises(KeyError, match="unknown domain .*; known: code, ifeval, math, math_chain, tool"):
         get_domain("chess")
     with pytest.raises(ValueError, match="already registered"):
         register_domain(Domain(name="math", verifier="math", draw=math_domain.draw))
@@ -116,7 +116,7 @@ def test_code_expression_precedence():
     for s1 in steps:
         for s2 in steps[::5]:
             fn = eval(f"lambda x: {code_domain.expression([s1, s2])}")
-            assert all(fn(x) == code_domain.evaluate([s1, s2], x) for x in range(-6, 7)), (s1, s2)
+            assert all(fn(x) == code_domain.compute_expected([s1, s2], x) for x in range(-6, 7)), (s1, s2)
 
 
 def test_code_folded_constants():
@@ -133,7 +133,7 @@ def test_code_folded_constants():
     assert len(pairs) == 7 * 64  # (+-,+-) 4, (*,*) 1, (+-,*) 2 of 16 operator pairs
     for s1, s2 in pairs:
         fn = eval(f"lambda x: {code_domain.folded([s1, s2])}")
-        assert all(fn(x) == code_domain.evaluate([s1, s2], x) for x in range(-6, 7)), (s1, s2)
+        assert all(fn(x) == code_domain.compute_expected([s1, s2], x) for x in range(-6, 7)), (s1, s2)
     rows = get_domain("code").generate("train", 1500, seed=0)
     literal = [r for r in rows if r["messages"][1]["content"] == f"def f(x): return {code_domain.expression(parse(r))}"]
     foldable = [r for r in rows if code_domain.folded(parse(r))]

@@ -116,7 +116,7 @@ def _official(instruction: str, kwargs: dict, response: str) -> tuple[bool, bool
 
 def _ours(instruction: str, kwargs: dict, response: str) -> tuple[bool, bool]:
     def one(text):
-        return bool(text.strip()) and bool(CHECKERS[instruction](text, **kwargs))
+        return bool(text.strip()) and bool(CHECKERS.get(instruction)(text, **kwargs))
     return one(response), any(one(v) for v in loose_variants(response))
 
 

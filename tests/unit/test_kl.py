@@ -167,7 +167,8 @@ def test_registry_rejects_duplicates():
     assert {"reverse_kl", "forward_kl", "jsd"} <= set(DIVERGENCES)
     with pytest.raises(ValueError, match="already registered"):
         register_divergence("reverse_kl")(lambda *a: None)
-    assert get_divergence("forward_kl") is DIVERGENCES["forward_kl"]
+    assert get_divergence("forward_kl") is DIVERGENCES.get("forward_kl")
+    assert get_divergence("forward_kl") is not get_divergence("reverse_kl")
 
 
 def test_import_is_torch_only():

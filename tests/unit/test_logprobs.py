@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.logprobs import compute_token_logprobs
-from experts.losses import compute_token_logprobs as reexported
+from engine.logprobs import compute_chunked_token_logprobs
 
 torch.set_num_threads(1)
 D = torch.float64
@@ -39,7 +38,7 @@ def naive(hidden, weight, ids, temperature=1.0):
 def test_hand_worked_uniform():
     # weight all zeros -> uniform over V=4: every logprob is log(1/4) = -1.386294, entropy log 4
     hidden, _, ids = make(B=1, T=3, H=2, V=4)
-    lp, ent = compute_token_logprobs(hidden, torch.zeros(4, 2, dtype=D), ids, 2, return_entropy=True)
+    lp, ent = compute_chunked_token_logprobs(hidden, torch.zeros(4, 2, dtype=D), ids, 2, return_entropy=True)
     assert torch.allclose(lp, torch.tensor([[0.0, -math.log(4), -math.log(4)]], dtype=D))
     assert torch.allclose(ent, torch.tensor([[0.0, math.log(4), math.log(4)]], dtype=D))
 
@@ -48,7 +47,7 @@ def test_hand_worked_uniform():
 def test_values_and_gradients_match_naive(chunk_size):
     hidden, weight, ids = make()
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    lp, ent = compute_token_logprobs(h1, w1, ids, chunk_size, temperature=0.7, return_entropy=True)
+    lp, ent = compute_chunked_token_logprobs(h1, w1, ids, chunk_size, temperature=0.7, return_entropy=True)
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     lp_ref, ent_ref = naive(h2, w2, ids, temperature=0.7)
     assert torch.allclose(lp, lp_ref, atol=1e-12) and torch.allclose(ent, ent_ref, atol=1e-12)
@@ -60,10 +59,10 @@ def test_values_and_gradients_match_naive(chunk_size):
     assert (h1.grad[:, -1] == 0).all()  # the last position predicts nothing
 
 
-def test_float32_and_no_grad_and_reexport():
+def test_float32_and_no_grad():
     hidden, weight, ids = make(dtype=torch.float32)
     with torch.no_grad():
-        lp = reexported(hidden, weight, ids, 4)
+        lp = compute_chunked_token_logprobs(hidden, weight, ids, 4)
     assert lp.dtype == torch.float32 and not lp.requires_grad
     assert torch.allclose(lp.double(), naive(hidden, weight, ids)[0], atol=1e-5)
 
@@ -72,7 +71,7 @@ def test_bfloat16_weight_only_gradient():
     # bf16 matmul, float32 log-softmax; gradient for the weight alone (hidden frozen)
     hidden, weight, ids = make(dtype=torch.bfloat16)
     w = weight.clone().requires_grad_()
-    lp = compute_token_logprobs(hidden, w, ids, 4)
+    lp = compute_chunked_token_logprobs(hidden, w, ids, 4)
     assert lp.dtype == torch.float32
     lp.sum().backward()
     w_ref = weight.double().requires_grad_()
@@ -93,10 +92,10 @@ def test_chunked_backward_never_saves_full_logits():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        compute_token_logprobs(hidden, weight, ids, 8).sum()
+        compute_chunked_token_logprobs(hidden, weight, ids, 8).sum()
         chunked_max = max(sizes, default=0)
         sizes.clear()
-        compute_token_logprobs(hidden, weight, ids, None).sum()
+        compute_chunked_token_logprobs(hidden, weight, ids, None).sum()
         plain_max = max(sizes)
     assert plain_max >= 64 * 500  # the unchunked pass keeps (N, V) log-softmax outputs
     assert chunked_max <= 500 * 4  # the chunked one keeps only inputs: the weight, chunks of hidden
@@ -105,13 +104,13 @@ def test_chunked_backward_never_saves_full_logits():
 def test_bad_input():
     hidden, weight, ids = make(V=10)
     with pytest.raises(ValueError, match=r"input_ids\[\d+, \d+\] = 12 is outside the vocabulary of size 10"):
-        compute_token_logprobs(hidden, weight, ids.clone().fill_(12))
+        compute_chunked_token_logprobs(hidden, weight, ids.clone().fill_(12))
     with pytest.raises(ValueError, match="shape mismatch"):
-        compute_token_logprobs(hidden, weight[:, :-1], ids)
+        compute_chunked_token_logprobs(hidden, weight[:, :-1], ids)
     with pytest.raises(ValueError, match="chunk_size"):
-        compute_token_logprobs(hidden, weight, ids, 0)
+        compute_chunked_token_logprobs(hidden, weight, ids, 0)
     with pytest.raises(ValueError, match="integers"):
-        compute_token_logprobs(hidden, weight, ids.double())
+        compute_chunked_token_logprobs(hidden, weight, ids.double())
 
 
 # ------------------------------------------------------------------ the sampler's truncation (top-k / top-p)
@@ -152,14 +151,14 @@ def naive_truncated(hidden, weight, ids, temperature, top_k, top_p):
 def test_truncated_values_and_gradients_match_naive(chunk_size, top_k, top_p):
     hidden, weight, ids = make(V=30, seed=3)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    lp, ent = compute_token_logprobs(h1, w1, ids, chunk_size, temperature=0.7, top_k=top_k, top_p=top_p,
+    lp, ent = compute_chunked_token_logprobs(h1, w1, ids, chunk_size, temperature=0.7, top_k=top_k, top_p=top_p,
                                      return_entropy=True)
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     lp_ref, ent_ref, dropped = naive_truncated(h2, w2, ids, 0.7, top_k, top_p)
     assert dropped > 0  # the test can fail: tokens really were filtered out
     assert torch.isfinite(lp).all()  # a target outside the kept set is kept, never -inf
     assert torch.allclose(lp, lp_ref, atol=1e-12) and torch.allclose(ent, ent_ref, atol=1e-12)
-    plain = compute_token_logprobs(hidden, weight, ids, chunk_size, temperature=0.7)
+    plain = compute_chunked_token_logprobs(hidden, weight, ids, chunk_size, temperature=0.7)
     assert (lp - plain)[:, 1:].abs().max() > 1e-3  # truncation changes the values
     up = torch.randn(lp.shape, dtype=D, generator=torch.Generator().manual_seed(1))
     up_e = torch.randn(lp.shape, dtype=D, generator=torch.Generator().manual_seed(2))
@@ -179,7 +178,7 @@ def test_truncation_is_the_generator_s_definition():
     best = (hidden[:, :-1] @ weight.T).argmax(-1)  # (B, T-1)
     ids[:, 1::2] = best[:, ::2]  # half the targets are the most likely token (always kept)
     for top_k, top_p in ((0, 0.85), (10, 0.7), (5, 1.0)):
-        lp = compute_token_logprobs(hidden, weight, ids, 3, temperature=0.8, top_k=top_k, top_p=top_p)
+        lp = compute_chunked_token_logprobs(hidden, weight, ids, 3, temperature=0.8, top_k=top_k, top_p=top_p)
         logits = hidden[:, :-1] @ weight.T  # (B, T-1, V)
         gen = compute_sampling_logprobs(logits.reshape(-1, 40), 0.8, top_k, top_p).view(2, 8, 40).double()
         at_target = gen.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)

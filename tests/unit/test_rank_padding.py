@@ -5,7 +5,7 @@ rank runs as many micro-batches; a short rank's padding copies its own last micr
 import pytest
 import torch
 
-from engine.trainer import DUMMY_KEY, padding_loss
+from engine.trainer_common import DUMMY_KEY, padding_loss
 from pipeline.actors import deal_micro_batches
 
 

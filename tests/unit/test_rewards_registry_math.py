@@ -12,7 +12,7 @@ from rewards.registry import register
 
 def test_known_verifiers_and_miss_lists_names():
     assert {"math", "code", "ifeval", "tool", "format"} <= set(known_verifiers())
-    with pytest.raises(KeyError, match="known verifiers: .*math"):
+    with pytest.raises(KeyError, match="unknown verifier .*; known: .*math"):
         get_verifier("maths")
 
 

@@ -1,0 +1,63 @@
+"""The workers a stage hands its driver, built from the config: a trainer (one local rank or a
+Ray actor group of data-parallel ranks), the metrics logger, and the verifier scorer pool.
+This module is the only place that decides whether a trainer is local or a Ray group."""
+
+from __future__ import annotations
+
+from pipeline.stage_context import StageContext
+
+
+def make_trainer(ctx: StageContext, init_dir: str, **overrides):
+    """A local trainer for one rank, or a Ray actor group of data-parallel ranks."""
+    from engine.trainer import build_trainer, with_overrides
+
+    settings = with_overrides(ctx.cfg.trainer, **overrides)
+    res = ctx.cfg.resources_for(ctx.stage.name)
+    tok = ctx.cfg.model.tokenizer or init_dir
+    if res.trainer_ranks == 1:
+        return build_trainer(settings, init_dir, tokenizer_dir=tok)
+    import os
+
+    from pipeline.actors import PLACEMENT_GROUP_ENV, TrainerGroup, join_ray
+
+    join_ray()  # the cluster this stage runs in (pipeline run / ray job), or a local one
+    return TrainerGroup(settings, init_dir, res.trainer_ranks, tokenizer_dir=tok, num_cpus_per_rank=res.num_cpus,
+                        num_gpus_per_rank=res.num_gpus,
+                        placement_group_name=os.environ.get(PLACEMENT_GROUP_ENV) or None)
+
+
+def stage_logger(ctx: StageContext, total_steps: int, start_config: dict):
+    from engine.metrics import MetricsLogger
+
+    return MetricsLogger(ctx.out_dir, total_steps=total_steps, wandb_mode=ctx.cfg.logging.wandb,
+                         project=ctx.cfg.logging.project, run_name=f"{ctx.cfg.experiment}/{ctx.stage.name}",
+                         config=start_config, progress=ctx.cfg.logging.progress)
+
+
+def close_workers(trainer, logger) -> None:
+    logger.close()
+    if hasattr(trainer, "shutdown"):
+        trainer.shutdown()
+
+
+def scorer_pool(cfg, num_workers: int):
+    """A `ScorerPool` with the config's code sandbox mode; `unsafe-local` is said in the stage log."""
+    from rewards import ScorerPool
+
+    if cfg.sandbox == "unsafe-local":
+        print("WARNING: sandbox: unsafe-local: code completions run UNISOLATED on this machine "
+              "(no namespaces, no throwaway uid)", flush=True)
+    return ScorerPool(num_workers=num_workers, sandbox=cfg.sandbox)
+
+
+def checked_scores(pool, where: str):
+    """`score(verifier, texts, refs) -> [float]` over `pool`, raising when a whole batch
+    failed inside the verifier (`rewards.raise_if_all_verifier_errors`)."""
+    from rewards import raise_if_all_verifier_errors
+
+    def score(verifier, texts, refs):
+        results = pool.score(verifier, texts, refs)
+        raise_if_all_verifier_errors(results, verifier, where)
+        return [r.score for r in results]
+
+    return score

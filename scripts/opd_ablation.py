@@ -1,0 +1,135 @@
+"""OPD ablations on a finished run's experts: each arm reruns only the `opd` stage (config
+overrides) against the same teachers and student start, then scores its student greedily on
+the eval prompts the eval stage uses, paired per prompt against the run's own student and
+each domain's expert.
+
+    python scripts/opd_ablation.py configs/tiny.yaml --source runs/tiny --out runs/ablate \\
+        --arm teacher_mean=opd.loss_aggregation=teacher_token_mean \\
+        --arm fkl=opd.divergence=forward_kl
+
+Each arm's run directory links the source's finished stages (prepare, sft-*, grpo-*), so the
+arm's `opd` stage reads exactly the source's teachers and start; `<out>/<arm>/ablation.json`
+holds its greedy per-prompt scores and `<out>/summary.md` the paired table (difference
++- paired standard error). Run from the repository root (manifest outputs are relative to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _link_source(source: Path, arm_dir: Path) -> None:
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    for d in sorted(source.iterdir()):
+        if d.is_dir() and (d.name == "prepare" or d.name.startswith(("sft-", "grpo-"))):
+            link = arm_dir / d.name
+            if not link.exists():
+                link.symlink_to(d.resolve(), target_is_directory=True)
+
+
+def _run_opd(config: str, arm_dir: Path, overrides: list[str]) -> None:
+    """The `opd` stage as `pipeline run` launches it: the same command and the same torch
+    threads (OMP_NUM_THREADS = the stage's CPUs, pipeline.launch), so an arm without
+    overrides reproduces the source run's student bit for bit."""
+    import math
+
+    from pipeline.config import load_config
+
+    cpus = load_config(config, [f"run_dir={arm_dir}", *overrides]).resources_for("opd").num_cpus
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, math.ceil(cpus)))}
+    if (arm_dir / "opd" / "manifest.json").is_file() and \
+            json.loads((arm_dir / "opd" / "manifest.json").read_text()).get("status") == "done":
+        return
+    cmd = [sys.executable, "-m", "pipeline", "stage", config, "opd", f"run_dir={arm_dir}", "logging.wandb=disabled",
+           "logging.progress=false", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def _evaluate(config: str, source: Path, model_dir: str, overrides: list[str]) -> dict:
+    """The eval stage's own method (greedy, its settings, its policy and scorer) on one model."""
+    from engine.data import load_rows
+    from pipeline.config import load_config
+    from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models
+    from pipeline.rundir import RunDir
+    from pipeline.eval_policy import eval_policy
+    from pipeline.stage_workers import checked_scores, scorer_pool
+
+    cfg = load_config(config, [f"run_dir={source}", *overrides])
+    run = RunDir(source)
+    sets = [EvalSet(d.name, d.verifier, load_rows(run.output("prepare", f"data:{d.name}:eval"), on_bad_row="error"),
+                    d.data.synthetic.generator if d.data.synthetic else None) for d in cfg.domains]
+    settings = EvalSettings(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
+                            max_new_tokens=cfg.eval.max_new_tokens, max_prompts=cfg.eval.max_prompts)
+    import torch
+
+    torch.set_num_threads(1)  # as the eval stage's workers (one thread each)
+    with scorer_pool(cfg, 2) as pool:
+        return evaluate_models({"student": model_dir}, sets, lambda d: eval_policy(cfg, d),
+                               checked_scores(pool, "ablation eval"), settings)
+
+
+def _summary(source: Path, arms: dict[str, dict]) -> str:
+    from pipeline.evaluate import paired_difference
+
+    base = json.loads((source / "eval" / "results.json").read_text())
+    per = base["greedy_per_prompt"]
+    domains = sorted(per["student"])
+    lines = ["| arm | " + " | ".join(f"{d} (vs run's student; / expert)" for d in domains) + " |",
+             "|---|" + "---|" * len(domains)]
+    row = ["run's student"] + [f"{base['models']['student'][d]:.3f} (/{base['models'][f'grpo:{d}'][d]:.3f} = "
+                               f"{base['models']['student'][d] / max(base['models'][f'grpo:{d}'][d], 1e-9):.2f})"
+                               for d in domains]
+    lines.append("| " + " | ".join(row) + " |")
+    for name, res in arms.items():
+        cells = []
+        for d in domains:
+            mine = res["greedy_per_prompt"]["student"][d]
+            diff, se = paired_difference(per["student"][d], mine)
+            score = res["models"]["student"][d]
+            cells.append(f"{score:.3f} ({diff:+.3f} +- {se:.3f}; / expert {score / max(base['models'][f'grpo:{d}'][d], 1e-9):.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--source", required=True, help="a finished run directory (its experts and student start)")
+    ap.add_argument("--out", required=True, help="where the arms' run directories go")
+    ap.add_argument("--arm", action="append", required=True, metavar="NAME=OVERRIDE[,OVERRIDE...]")
+    args = ap.parse_args(argv)
+    source, out = Path(args.source), Path(args.out)
+    arms = {}
+    for spec in args.arm:
+        name, _, ov = spec.partition("=")
+        overrides = [o for o in ov.split(",") if o]
+        arm_dir = out / name
+        _link_source(source, arm_dir)
+        _run_opd(args.config, arm_dir, overrides)
+        result_path = arm_dir / "ablation.json"
+        if not result_path.is_file():
+            res = _evaluate(args.config, source, json.loads((arm_dir / "opd" / "manifest.json").read_text())
+                            ["outputs"]["final"], overrides)
+            res["overrides"] = overrides
+            res["opd_metrics"] = json.loads((arm_dir / "opd" / "manifest.json").read_text())["metrics"]
+            tmp = result_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            os.replace(tmp, result_path)
+        arms[name] = json.loads(result_path.read_text())
+        text = _summary(source, arms)
+        (out / "summary.md").write_text(text)
+        print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
