@@ -20,6 +20,7 @@ from engine.generation import HFGenerator
 from engine.model import TinySpec, load_model, load_tokenizer, materialize_tiny, save_model_dir
 from engine.modes import ModeSettings, expand_modes, route_key
 from engine.trainer import TrainerSettings, build_trainer
+from tests.integration.test_opd import _Checkpoints
 
 SPEC = TinySpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 DOMAINS = ("a", "b", "c", "d")
@@ -31,19 +32,6 @@ def _rows(domain, n, split):
     base = [{"id": f"{domain}-{split}-{i}", "domain": domain, "reference": {},
              "messages": [{"role": "user", "content": f"{domain} {split} {i}?"}]} for i in range(n)]
     return expand_modes(base, MODES)
-
-
-class _Checkpoints:
-    def __init__(self, root):
-        self.root, self.saved = root, []
-
-    def latest(self):
-        return self.saved[-1] if self.saved else None
-
-    def save(self, trainer, step, extra):
-        path = self.root / f"step-{step}"
-        trainer.save_checkpoint(path, extra)
-        self.saved.append(path)
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ import psutil
 import pytest
 import torch
 
+from tests.reliability.processes import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("rl_child.py")
 RUN_TIMEOUT_S = 300
@@ -67,16 +69,8 @@ def _sigkill(proc: subprocess.Popen) -> None:
 
 
 def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = RUN_TIMEOUT_S, poll: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = pred()
-        if found:
-            return found
-        if proc.poll() is not None:
-            raise AssertionError(f"child exited ({proc.returncode}) before {what}; see {proc.args[-1]}/log-*")
-        time.sleep(poll)
-    _sigkill(proc)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(pred, proc, what, timeout, on_timeout=lambda: _sigkill(proc), poll=poll,
+                    hint=f"; see {proc.args[-1]}/log-*")
 
 
 def _finish(proc: subprocess.Popen) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+
+from tests.reliability.processes import wait_for
 import yaml
 from safetensors.torch import load_file
 
@@ -89,16 +91,7 @@ def _weights(config: Path) -> dict[str, torch.Tensor]:
 
 
 def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = RUN_TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = pred()
-        if found:
-            return found
-        if proc.poll() is not None:
-            raise AssertionError(f"pipeline run exited ({proc.returncode}) before {what}")
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(pred, proc, what, timeout, on_timeout=lambda: os.killpg(proc.pid, signal.SIGKILL))
 
 
 def _rank_processes(root_pid: int) -> list[psutil.Process] | None:
