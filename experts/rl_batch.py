@@ -1,12 +1,13 @@
-"""RL samples (`engine.episode.RolloutSample`) and their packing into trainer batches with global loss denominators.
+"""RL samples (`engine.episode.RolloutSample`) and their packing into trainer batches
+with global loss denominators.
 
 A mini-batch (one optimiser step) is split into micro-batches; every micro-batch carries
 the mini-batch's *global* denominators (`global_tokens`, `global_seqs`, `max_len`), so
 the per-micro-batch losses sum to the loss of the whole mini-batch however it is split
 across micro-batches and data-parallel ranks (see `experts.losses.aggregate_loss`).
 Dr. GRPO's constant `max_len` is per sequence (B,) when every sample knows its domain's
-maximum response length (`engine.episode.RolloutSample.max_response_tokens`), so a
-single-turn domain is never divided by a multi-turn budget. Micro-batches also carry the sampling
+maximum response length (`RolloutSample.max_response_tokens`), so a single-turn domain
+is never divided by a multi-turn budget. Micro-batches also carry the sampling
 distribution (`temperature`, `top_k`, `top_p`, 0-d) their log-probs are taken under.
 """
 
