@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pipeline run configs/tiny.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900
+	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q

@@ -1,7 +1,9 @@
 """Rendered samples -> trainer batches (docs/CONTRACTS.md "Batches for trainers").
 
 - `pad_rows`: one sample per row, right padding; `position_ids` count 0.. across the row.
-- `pack_rows`: short samples concatenated, in order, into rows of `row_length` tokens;
+- `pack_rows`: short samples concatenated into rows of `row_length` tokens (best-fit
+  decreasing, `plan_packing`: the step's loss is a sum over its samples, so which row a
+  sample lands in changes nothing but the padding);
   `position_ids` restart at 0 for every sample, which is what defines the attention
   boundaries: the trainers call the model with `attention_mask=None` and
   `use_cache=False`, and transformers (5.x, `masking_utils.find_packed_sequence_indices`)
@@ -27,7 +29,8 @@ class Sample:
     """A rendered sequence: token ids and a 0/1 target mask of the same length."""
 
     input_ids: list[int]
-    loss_mask: list[int]
+    loss_mask: list[float]  # 0/1 targets, or per-token weights (`weight_groups_equally`)
+    group: str = ""  # the domain it came from (`weight_groups_equally`)
 
 
 def _check(samples, where: str) -> None:
@@ -64,19 +67,38 @@ def pad_rows(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def plan_packing(lengths: list[int], row_length: int) -> list[list[int]]:
-    """Indices of the samples in each row: greedy, in order (a row closes when the next
-    sample does not fit), so the packing is deterministic and keeps the data order."""
+    """Indices of the samples in each row, best-fit decreasing: longest first, each into the
+    row it leaves the least room in (ties: the earliest row), else a new row. Deterministic;
+    rows list their samples longest first, ties in input order."""
     rows: list[list[int]] = []
-    used = row_length
-    for i, n in enumerate(lengths):
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[i]
         if n > row_length:
             raise ValueError(f"pack_rows: sample {i} has {n} tokens, more than row_length={row_length}")
-        if used + n > row_length:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
+        fits = [r for r in range(len(rows)) if room[r] >= n]
+        if fits:
+            r = min(fits, key=lambda k: (room[k], k))
+            rows[r].append(i)
+            room[r] -= n
+        else:
+            rows.append([i])
+            room.append(row_length - n)
     return rows
+
+
+def weight_groups_equally(samples: list[Sample]) -> list[Sample]:
+    """The same samples with target weights that give every group (domain) the same share of
+    the step's loss: a target of group g weighs N / (G * n_g), where N is the step's target
+    count, n_g group g's and G the number of groups. The weights sum to N, so the trainers'
+    `global_tokens` divisor turns the token mean into the mean of the groups' token means
+    (a short-answer domain is not drowned by long ones)."""
+    counts: dict[str, float] = {}
+    for s in samples:
+        counts[s.group] = counts.get(s.group, 0.0) + float(sum(s.loss_mask[1:]))  # a first token is never a target
+    total = sum(counts.values())
+    scale = {g: total / (len(counts) * n) if n > 0 else 0.0 for g, n in counts.items()}
+    return [Sample(s.input_ids, [m * scale[s.group] for m in s.loss_mask], s.group) for s in samples]
 
 
 def pack_rows(samples: list[Sample], row_length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -120,8 +142,11 @@ def with_global_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> list[dic
 
 
 def build_step_batches(samples: list[Sample], *, micro_batch_size: int, pad_id: int,
-                       pack_length: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """One optimiser step's micro-batches (packed when `pack_length` is set, else padded)."""
+                       pack_length: int | None = None, balance_groups: bool = False) -> list[dict[str, torch.Tensor]]:
+    """One optimiser step's micro-batches (packed when `pack_length` is set, else padded);
+    `balance_groups`: every group the same share of the loss (`weight_groups_equally`)."""
+    if balance_groups:
+        samples = weight_groups_equally(samples)
     if pack_length:
         rows = pack_rows(samples, pack_length, pad_id)
         return with_global_tokens(split_into_micro_batches(rows, micro_batch_size))

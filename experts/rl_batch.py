@@ -45,7 +45,10 @@ def build_minibatches(samples: list[RolloutSample], num_minibatches: int, micro_
                       pad_id: int, seed: int, max_len: int | None = None,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[dict]]:
     """Shuffle, split into mini-batches, then micro-batches that carry global denominators
-    and the sampling distribution (old/reference log-probs are taken under it).
+    and the sampling distribution (old/reference log-probs are taken under it). Within a
+    mini-batch the micro-batches take its samples shortest first: the step's loss is a sum
+    over samples, so the grouping changes only the padding (a short single-turn answer is
+    not padded to a three-turn episode's length).
     `max_len` (Dr. GRPO's constant): per sample from `max_response_tokens` when every
     sample has one, else this value, else the mini-batch's longest response."""
     if not samples:
@@ -57,7 +60,7 @@ def build_minibatches(samples: list[RolloutSample], num_minibatches: int, micro_
     size = -(-len(shuffled) // num_minibatches)
     out = []
     for m in range(0, len(shuffled), size):
-        mini = shuffled[m:m + size]
+        mini = sorted(shuffled[m:m + size], key=lambda s: len(s.input_ids))  # stable: ties keep the shuffle
         global_tokens = max(sum(s.num_model_tokens for s in mini), 1)
         mlen = max_len or max(max(s.num_model_tokens for s in mini), 1)
         micro = []

@@ -51,7 +51,7 @@ def render_samples(rows: list[dict], tokenizer, max_length: int) -> list[Sample]
         if sum(mask) == 0:
             raise ValueError(f"SFT row {i} (id {row.get('id')!r}) has no assistant tokens within "
                              f"max_length={max_length}")
-        out.append(Sample(ids, mask))
+        out.append(Sample(ids, mask, row.get("domain", "")))
     return out
 
 
@@ -106,7 +106,8 @@ def run_sft(settings: SFTSettings, *, trainer, tokenizer, train_rows: list[dict]
     for step in range(start, settings.steps):
         picked = [train[i] for i in cursor.take(settings.batch_size)]
         micro = build_step_batches(picked, micro_batch_size=settings.micro_batch_size, pad_id=pad_id,
-                                   pack_length=settings.max_length if settings.pack else None)
+                                   pack_length=(settings.pack_length or settings.max_length) if settings.pack else None,
+                                   balance_groups=settings.loss_aggregation == "domain_token_mean")
         t0 = time.perf_counter()
         metrics = trainer.train_step(micro, loss_fn)
         last = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from engine.settings import Settings
 
 
 class SFTSettings(Settings):
+    # added after runs existed: out of the stage hash while at these values (pipeline.graph._dump)
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"pack_length": None, "loss_aggregation": "token_mean"}
+
     steps: PositiveInt = 200
     batch_size: PositiveInt = Field(64, description="samples per optimiser step")
     micro_batch_size: PositiveInt = Field(64, description="rows per micro-batch (packed rows when pack)")
-    max_length: PositiveInt = Field(256, description="tokens per sample (longer ones are cut); packed row length")
-    pack: bool = False
+    max_length: PositiveInt = Field(256, description="tokens per sample (longer ones are cut)")
+    pack: bool = Field(False, description="pack samples into rows (best-fit decreasing) instead of padding each")
+    pack_length: PositiveInt | None = Field(None, description="packed row length; default max_length")
+    loss_aggregation: Literal["token_mean", "domain_token_mean"] = Field(
+        "token_mean", description="token_mean: one mean over the step's targets; domain_token_mean: the mean of "
+                                  "the domains' own token means (short answers are not drowned by long ones)")
     shuffle: bool = True
     # optimisation (passed to the trainer through `trainer_overrides`)
     lr: float = Field(3e-3, gt=0.0)
@@ -29,6 +36,13 @@ class SFTSettings(Settings):
     save_every: PositiveInt = 50
     keep_last: PositiveInt = 2
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _pack_length_fits(self):
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ValueError(f"pack_length ({self.pack_length}) must be >= max_length ({self.max_length}), "
+                             "or a sample cannot fit a row")
+        return self
 
     def trainer_overrides(self) -> dict:
         """Fields of `TrainerSettings` this stage decides (`engine.trainer.with_overrides`)."""

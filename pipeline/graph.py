@@ -32,7 +32,16 @@ class Stage:
 
 
 def _dump(model) -> object:
-    return model.model_dump(mode="json") if hasattr(model, "model_dump") else model
+    """A settings object as it enters a stage's input hash. Fields a settings class lists in
+    `HASH_NEUTRAL_DEFAULTS` (added after runs existed) are left out while they hold that
+    default, so adding them does not invalidate finished stages; any other value is hashed."""
+    if not hasattr(model, "model_dump"):
+        return model
+    out = model.model_dump(mode="json")
+    for key, default in getattr(model, "HASH_NEUTRAL_DEFAULTS", {}).items():
+        if out.get(key, object()) == default:
+            del out[key]
+    return out
 
 
 def grpo_stage(domain: str, mode: str | None = None) -> str:

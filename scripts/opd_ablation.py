@@ -1,14 +1,16 @@
-"""OPD ablations on a finished run's experts: each arm reruns only the `opd` stage (config
-overrides) against the same teachers and student start, then scores its student greedily on
-the eval prompts the eval stage uses, paired per prompt against the run's own student and
-each domain's expert.
+"""OPD ablations on a finished run's experts: each arm reruns the `opd` stage (config
+overrides) against the same teachers, and with `--rerun sft:all` the student's start too,
+then scores its student greedily on the eval prompts the eval stage uses, paired per prompt
+against the run's own student and each domain's expert.
 
     python scripts/opd_ablation.py configs/tiny.yaml --source runs/tiny --out runs/ablate \\
         --arm teacher_mean=opd.loss_aggregation=teacher_token_mean \\
         --arm fkl=opd.divergence=forward_kl
+    python scripts/opd_ablation.py configs/tiny.yaml --source runs/tiny --out runs/ablate-start \\
+        --rerun sft:all --arm balanced=student_sft.loss_aggregation=domain_token_mean
 
-Each arm's run directory links the source's finished stages (prepare, sft-*, grpo-*), so the
-arm's `opd` stage reads exactly the source's teachers and start; `<out>/<arm>/ablation.json`
+Each arm's run directory links the source's finished stages (prepare, sft-*, grpo-*; not the
+ones it reruns), so the arm's `opd` stage reads exactly the source's teachers; `<out>/<arm>/ablation.json`
 holds its greedy per-prompt scores and `<out>/summary.md` the paired table (difference
 +- paired standard error). Run from the repository root (manifest outputs are relative to it).
 """
@@ -26,29 +28,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _link_source(source: Path, arm_dir: Path) -> None:
+def _link_source(source: Path, arm_dir: Path, rerun: list[str]) -> None:
     arm_dir.mkdir(parents=True, exist_ok=True)
+    own = {s.replace(":", "-") for s in rerun}
     for d in sorted(source.iterdir()):
-        if d.is_dir() and (d.name == "prepare" or d.name.startswith(("sft-", "grpo-"))):
+        if d.is_dir() and d.name not in own and (d.name == "prepare" or d.name.startswith(("sft-", "grpo-"))):
             link = arm_dir / d.name
             if not link.exists():
                 link.symlink_to(d.resolve(), target_is_directory=True)
 
 
-def _run_opd(config: str, arm_dir: Path, overrides: list[str]) -> None:
-    """The `opd` stage as `pipeline run` launches it: the same command and the same torch
-    threads (OMP_NUM_THREADS = the stage's CPUs, pipeline.launch), so an arm without
-    overrides reproduces the source run's student bit for bit."""
+def _run_stage(config: str, arm_dir: Path, stage: str, overrides: list[str]) -> None:
+    """One stage as `pipeline run` launches it: the same command and the same torch threads
+    (OMP_NUM_THREADS = the stage's CPUs, pipeline.launch), so an arm without overrides
+    reproduces the source run's student bit for bit. A stage already done is skipped."""
     import math
 
     from pipeline.config import load_config
 
-    cpus = load_config(config, [f"run_dir={arm_dir}", *overrides]).resources_for("opd").num_cpus
+    cpus = load_config(config, [f"run_dir={arm_dir}", *overrides]).resources_for(stage).num_cpus
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, math.ceil(cpus)))}
-    if (arm_dir / "opd" / "manifest.json").is_file() and \
-            json.loads((arm_dir / "opd" / "manifest.json").read_text()).get("status") == "done":
+    manifest = arm_dir / stage.replace(":", "-") / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("status") == "done":
         return
-    cmd = [sys.executable, "-m", "pipeline", "stage", config, "opd", f"run_dir={arm_dir}", "logging.wandb=disabled",
+    cmd = [sys.executable, "-m", "pipeline", "stage", config, stage, f"run_dir={arm_dir}", "logging.wandb=disabled",
            "logging.progress=false", *overrides]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--source", required=True, help="a finished run directory (its experts and student start)")
     ap.add_argument("--out", required=True, help="where the arms' run directories go")
     ap.add_argument("--arm", action="append", required=True, metavar="NAME=OVERRIDE[,OVERRIDE...]")
+    ap.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                    help="a stage each arm reruns before opd instead of linking the source's (e.g. sft:all)")
     args = ap.parse_args(argv)
     source, out = Path(args.source), Path(args.out)
     arms = {}
@@ -113,8 +118,9 @@ def main(argv=None) -> int:
         name, _, ov = spec.partition("=")
         overrides = [o for o in ov.split(",") if o]
         arm_dir = out / name
-        _link_source(source, arm_dir)
-        _run_opd(args.config, arm_dir, overrides)
+        _link_source(source, arm_dir, args.rerun)
+        for stage in [*args.rerun, "opd"]:
+            _run_stage(args.config, arm_dir, stage, overrides)
         result_path = arm_dir / "ablation.json"
         if not result_path.is_file():
             res = _evaluate(args.config, source, json.loads((arm_dir / "opd" / "manifest.json").read_text())

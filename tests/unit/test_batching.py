@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.batching import (EpochCursor, Sample, build_step_batches, pack_rows, pad_rows, plan_packing,
-                             split_into_micro_batches, with_global_tokens)
+                             split_into_micro_batches, weight_groups_equally, with_global_tokens)
 from engine.logprobs import compute_chunked_token_logprobs
 from engine.trainer_common import LogprobFn, run_loss
 
@@ -27,21 +27,61 @@ def test_pad_rows_hand_worked():
     assert b["loss_mask"].tolist() == [[0, 1, 1], [0, 1, 0]]
 
 
-def test_plan_packing_greedy_in_order():
-    # row_length 10: [4,5] fit (9), 3 opens a row, [3,6] = 9, 10 alone, 1 opens a row
-    assert plan_packing([4, 5, 3, 6, 10, 1], 10) == [[0, 1], [2, 3], [4], [5]]
+def test_plan_packing_best_fit_decreasing():
+    # row_length 10, longest first: 10 fills row 0; 6 opens row 1 (room 4); 5 opens row 2
+    # (room 5); 4 fits rows 1 and 2 and goes to the tighter, row 1; 3 and then 1 go to row 2.
+    # (In input order, next-fit would need 4 rows: [4,5] [3,6] [10] [1].)
+    assert plan_packing([4, 5, 3, 6, 10, 1], 10) == [[4], [3, 0], [1, 2, 5]]
     with pytest.raises(ValueError, match="sample 1 has 11 tokens"):
         plan_packing([3, 11], 10)
 
 
 def test_pack_rows_positions_and_masks():
     s = [Sample([5, 6, 7], [0, 1, 1]), Sample([8, 9], [1, 1]), Sample([10, 11, 12, 13], [0, 0, 1, 1])]
-    b = pack_rows(s, row_length=6, pad_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [10, 11, 12, 13, 0, 0]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
+    b = pack_rows(s, row_length=6, pad_id=0)  # rows: [sample 2, sample 1], [sample 0]
+    assert b["input_ids"].tolist() == [[10, 11, 12, 13, 8, 9], [5, 6, 7, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
     # the first token of each sample is not a target even where the sample says so
-    assert b["loss_mask"].tolist() == [[0, 1, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0]]
+    assert b["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_packing_places_every_sample_once_within_rows(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 33, (int(torch.randint(1, 80, (1,), generator=g)),), generator=g).tolist()
+    plan = plan_packing(lengths, 32)
+    assert sorted(i for row in plan for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 32 for row in plan)
+    # a row is opened only when its first sample fits no earlier row (rooms only shrink)
+    room = [32 - sum(lengths[i] for i in row) for row in plan]
+    assert all(lengths[plan[j][0]] > room[k] for j in range(len(plan)) for k in range(j))
+    # and packing beats one sample per row whenever two samples can share one
+    if len(lengths) > 1 and sum(sorted(lengths)[:2]) <= 32:
+        assert len(plan) < len(lengths)
+
+
+def test_weight_groups_equally_is_the_mean_of_group_token_means():
+    """Against a float64 reference: per-token values v; the weighted token mean equals the
+    mean over groups of each group's own token mean, and the weights sum to the target count."""
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(list(range(n)), [0] + torch.randint(0, 2, (n - 1,), generator=g).tolist(), grp)
+               for n, grp in [(6, "math"), (30, "tool"), (25, "tool"), (4, "math"), (12, "code")]]
+    values = [torch.randn(len(s.input_ids), generator=g, dtype=torch.float64) for s in samples]
+    weighted = weight_groups_equally(samples)
+    targets = sum(sum(s.loss_mask[1:]) for s in samples)
+    assert sum(sum(w.loss_mask[1:]) for w in weighted) == pytest.approx(targets)
+    got = sum(float((torch.tensor(w.loss_mask[1:], dtype=torch.float64) * v[1:]).sum())
+              for w, v in zip(weighted, values)) / targets
+    means = []
+    for grp in ("math", "tool", "code"):
+        vals = [float(v[1:][torch.tensor(s.loss_mask[1:]) > 0].sum()) for s, v in zip(samples, values) if s.group == grp]
+        n = sum(sum(s.loss_mask[1:]) for s in samples if s.group == grp)
+        means.append(sum(vals) / n)
+    assert got == pytest.approx(sum(means) / 3, rel=1e-12)
+    # one group: the weights are the targets themselves (token mean unchanged)
+    same = weight_groups_equally([Sample([1, 2, 3], [0, 1, 1], "a"), Sample([4, 5], [0, 1], "a")])
+    assert [s.loss_mask for s in same] == [[0, 1, 1], [0, 1]]
 
 
 def test_global_tokens_and_split():
@@ -105,18 +145,25 @@ def _alone(lm, s):
 def test_packed_row_logprobs_equal_each_sample_alone(tiny_lm):
     """transformers detects the position restarts and keeps attention inside each sample."""
     samples = _samples([7, 5, 9, 4])
-    packed = pack_rows(samples, row_length=16, pad_id=0)  # rows [7,5] and [9,4]
+    packed = pack_rows(samples, row_length=16, pad_id=0)  # rows [9,7] and [5,4]
     with torch.no_grad():
         lp = run_loss(tiny_lm, packed, LogprobFn())[0]  # (2, 16)
-    starts = [(0, 0), (0, 7), (1, 0), (1, 9)]
-    for s, (r, c) in zip(samples, starts):
+    starts = {}
+    for r, members in enumerate(plan_packing([len(s.input_ids) for s in samples], 16)):
+        c = 0
+        for i in members:
+            starts[i] = (r, c)
+            c += len(samples[i].input_ids)
+    assert starts == {2: (0, 0), 0: (0, 9), 1: (1, 0), 3: (1, 5)}
+    for i, s in enumerate(samples):
+        r, c = starts[i]
         n = len(s.input_ids)
         torch.testing.assert_close(lp[r, c:c + n], _alone(tiny_lm, s), atol=1e-5, rtol=1e-5)
-    # control: the same row with positions NOT restarted lets sample 2 see sample 1
+    # control: the same row with positions NOT restarted lets sample 0 see sample 2
     flat = dict(packed, position_ids=torch.arange(16).repeat(2, 1))
     with torch.no_grad():
         leaky = run_loss(tiny_lm, flat, LogprobFn())[0]
-    assert (leaky[0, 8:12] - _alone(tiny_lm, samples[1])[1:5]).abs().max() > 1e-3
+    assert (leaky[0, 10:16] - _alone(tiny_lm, samples[0])[1:7]).abs().max() > 1e-3
 
 
 def test_padded_rows_logprobs_equal_each_sample_alone(tiny_lm):
@@ -153,3 +200,20 @@ def test_epoch_cursor_order_and_resume():
     assert EpochCursor(5, seed=3, shuffle=False).take(7) == [0, 1, 2, 3, 4, 0, 1]
     with pytest.raises(ValueError, match="seed 3"):
         EpochCursor(5, seed=9).load_state_dict(state)
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_a_packed_step_has_the_padded_steps_loss(tiny_lm, balance):
+    """The SFT step's loss does not depend on how its samples are laid out in rows: packed
+    (best fit decreasing) and padded micro-batches give the same value, token mean or
+    domain-balanced."""
+    from experts.sft import SFTLoss
+
+    samples = [Sample(s.input_ids, s.loss_mask, grp) for s, grp in
+               zip(_samples([7, 5, 9, 4, 12, 3], seed=4), ["a", "b", "a", "b", "b", "c"])]
+    losses = []
+    for pack in (None, 16):
+        mbs = build_step_batches(samples, micro_batch_size=2, pad_id=0, pack_length=pack, balance_groups=balance)
+        with torch.no_grad():
+            losses.append(sum(float(run_loss(tiny_lm, mb, SFTLoss())[0]) for mb in mbs))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

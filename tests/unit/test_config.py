@@ -108,6 +108,27 @@ def test_a_change_invalidates_exactly_the_downstream_stages(tmp_path):
     assert changed == {"grpo:math", "opd", "eval", "report"}
 
 
+def test_fields_added_later_keep_old_hashes_at_their_default(tmp_path):
+    """SFT's pack_length and loss_aggregation joined after runs existed: at their defaults
+    they leave every stage hash as it was (the dump without them); set, they invalidate
+    exactly the stages downstream of that SFT."""
+    from pipeline.graph import _dump
+
+    cfg = load_config(_write(tmp_path, _tiny_raw()))
+    dumped = _dump(cfg.student_sft)
+    full = cfg.student_sft.model_dump(mode="json")
+    assert set(full) - set(dumped) == {"pack_length", "loss_aggregation"}
+    base = input_hashes(build_graph(cfg))
+    explicit = input_hashes(build_graph(load_config(_write(tmp_path, _tiny_raw()),
+                                                    ["student_sft.loss_aggregation=token_mean"])))
+    assert explicit == base
+    changed = input_hashes(build_graph(load_config(_write(tmp_path, _tiny_raw()),
+                                                   ["student_sft.loss_aggregation=domain_token_mean"])))
+    assert {k for k in base if base[k] != changed[k]} == {"sft:all", "mixed_rl", "opd", "eval", "report"}
+    with pytest.raises(ConfigError, match="pack_length"):
+        load_config(_write(tmp_path, _tiny_raw()), ["student_sft.pack_length=8"])
+
+
 def test_plan_lists_stages_with_submit_lines():
     out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "configs/tiny.yaml"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
