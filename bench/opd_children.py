@@ -28,10 +28,13 @@ def load_sequences(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def samples_for(seqs: dict, n_teachers: int) -> list[dict]:
+def samples_for(seqs: dict, n_teachers: int) -> list:
+    from engine.episode import RolloutSample
+
     p = seqs["prompt_len"]
-    return [{"sample_id": f"s{i}", "input_ids": ids, "teacher_index": i % n_teachers,
-             "loss_mask": [0] * p + [1] * (len(ids) - p)} for i, ids in enumerate(seqs["seqs"])]
+    return [RolloutSample(input_ids=ids, loss_mask=[0] * p + [1] * (len(ids) - p), rollout_logprobs=[0.0] * len(ids),
+                          finish_reason="length", text="", reference=None, route=f"t{i % n_teachers}",
+                          sample_id=f"s{i}", teacher_index=i % n_teachers) for i, ids in enumerate(seqs["seqs"])]
 
 
 def teach_child(a: dict) -> dict:
@@ -44,7 +47,7 @@ def teach_child(a: dict) -> dict:
     seconds = []
     for t, tdir in enumerate(a["teachers"]):
         model = load_model(tdir)
-        routed = [s for s in samples if s["teacher_index"] == t]
+        routed = [s for s in samples if s.teacher_index == t]
         summary = write_teacher_cache(model, t, f"t{t}", routed, a["cache_dir"], batch_size=len(routed),
                                       dtype="fp32", pad_token_id=0)
         seconds.append(summary["seconds"])

@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from engine.logprobs import zero_input_grads
+from engine.logprobs import add_chunk_input_grads, chunk_bounds, zero_input_grads
 from engine.registry import Registry
 
 Tensor = torch.Tensor
@@ -142,8 +142,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         acc = torch.promote_types(h_s.dtype, torch.float32)
         n = h_s.shape[0]
         per_token = torch.zeros(n, dtype=acc, device=h_s.device)  # (N,)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
+        for s, e in chunk_bounds(n, chunk_size):
             log_ps, log_pt = _chunk_log_probs(h_s[s:e], weight, h_t[s:e], head_fn, acc)
             per_token[s:e], _ = fn(log_ps, log_pt, beta, False)
         loss = (per_token * token_weights.to(acc)).sum()
@@ -155,20 +154,15 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token):
         h_s, weight, h_t, token_weights = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h, grad_w = zero_input_grads(h_s, weight, need_h, need_w)  # (N, H), (V, H)
+        grad_h, grad_w = zero_input_grads(ctx, h_s, weight)  # (N, H), (V, H)
         scale = token_weights.to(ctx.acc) * grad_loss.to(ctx.acc)  # (N,)
-        for s in range(0, h_s.shape[0], ctx.chunk_size):
-            e = min(s + ctx.chunk_size, h_s.shape[0])
+        for s, e in chunk_bounds(h_s.shape[0], ctx.chunk_size):
             log_ps, log_pt = _chunk_log_probs(h_s[s:e], weight, h_t[s:e], ctx.head_fn, ctx.acc)
             _, g = ctx.fn(log_ps, log_pt, ctx.beta, True)
             g.mul_(scale[s:e].unsqueeze(-1))  # dL/dz_s, (c, V)
             del log_ps, log_pt
-            if need_h:
-                grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h_s.dtype)  # (c, H)
-            if need_w:
-                grad_w.addmm_(g.to(grad_w.dtype).T, h_s[s:e].to(grad_w.dtype))  # (V, H)
-        if need_w:
+            add_chunk_input_grads(g, h_s, weight, s, e, grad_h, grad_w)
+        if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 

@@ -66,6 +66,7 @@ from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
 from engine.disk import dir_bytes, storage_read_bytes
 from engine.domain_spec import DomainSpec
+from engine.episode import RolloutSample, roll_out
 from engine.prompt_stream import PromptStream
 
 
@@ -88,7 +89,7 @@ class TeacherRef:
 
 
 def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domains: dict[str, DomainSpec],
-                  teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int, wal=None) -> list[dict]:
+                  teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int, wal=None) -> list[RolloutSample]:
     """The student's samples for one round, each routed to its domain's teacher (each
     domain's batch replayed from the rollout log `wal` when it is logged there)."""
     samples = []
@@ -101,30 +102,13 @@ def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domai
 
 
 def _domain_rollouts(settings: OPDSettings, rows: list[dict], d: str, spec: DomainSpec, teacher_index: int, *,
-                     generator, tokenizer, n: int, seed: int, id_prefix: str, wal=None) -> list[dict]:
-    from engine.chat import render_row_prompt, tool_call_end_id
-    from engine.generation import SamplingParams
-    from engine.rollout_wal import logged_rollout
-
-    env = spec.environment
-    stop = [tool_call_end_id(tokenizer)] if env is not None else []
-    sampling = SamplingParams(n=n, temperature=settings.temperature,
-                              max_new_tokens=spec.max_new_tokens or settings.max_new_tokens,
-                              stop_token_ids=stop, seed=seed)
-    prompts = [render_row_prompt(r, tokenizer) for r in rows]
-    trajs = logged_rollout(wal, f"{id_prefix}/{d}", generator, prompts, sampling, tokenizer=tokenizer,
-                           environment=env, max_turns=settings.max_turns)
-    samples = []
-    for j, t in enumerate(trajs):
-        row = rows[j // n]
-        p = len(t.prompt_ids)
-        samples.append({
-            "sample_id": f"{id_prefix}-{d}-{j}", "domain": d, "teacher_index": teacher_index,
-            "row_id": row.get("id"), "input_ids": list(t.prompt_ids) + list(t.response_ids),
-            "loss_mask": [0] * p + list(t.response_mask),
-            "rollout_logprobs": [0.0] * p + list(t.rollout_logprobs),
-            "finish_reason": t.finish_reason, "text": t.text, "reference": row.get("reference"),
-        })
+                     generator, tokenizer, n: int, seed: int, id_prefix: str, wal=None) -> list[RolloutSample]:
+    """Route `d`'s samples of `rows` (engine.episode), each named and routed to its teacher."""
+    samples = roll_out(rows, d, spec, generator=generator, tokenizer=tokenizer, n=n, temperature=settings.temperature,
+                       max_new_tokens=spec.max_new_tokens or settings.max_new_tokens, max_turns=settings.max_turns,
+                       seed=seed, wal=wal, wal_key=f"{id_prefix}/{d}")
+    for j, s in enumerate(samples):
+        s.sample_id, s.teacher_index = f"{id_prefix}-{d}-{j}", teacher_index
     return samples
 
 
@@ -189,12 +173,12 @@ def measure_heldout_kl(settings: OPDSettings, heldout: dict[str, list[dict]], te
 
                 model = TeacherHead.load(head_paths[t.index])
                 teacher_logits = lambda s, ids, mask: model(  # noqa: E731
-                    reader.get(s["sample_id"]).to(model.proj_weight.dtype)).float()
+                    reader.get(s.sample_id).to(model.proj_weight.dtype)).float()
             total, tokens, per_prompt = 0.0, 0, []
             with torch.inference_mode():
                 for s in samples_of[t.index]:
-                    ids = torch.tensor([s["input_ids"]])  # (1, T)
-                    mask = torch.tensor(s["loss_mask"][1:]) > 0  # targets t >= 1, predicted at t - 1
+                    ids = torch.tensor([s.input_ids])  # (1, T)
+                    mask = torch.tensor(s.loss_mask[1:]) > 0  # targets t >= 1, predicted at t - 1
                     if not bool(mask.any()):
                         per_prompt.append(0.0)
                         continue
@@ -220,7 +204,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(dev)).logits[0, :-1].float().cpu()
 
 
-def prefill_teacher(settings: OPDSettings, teacher: TeacherRef, routed: list[dict], cache_dir: Path, *,
+def prefill_teacher(settings: OPDSettings, teacher: TeacherRef, routed: list[RolloutSample], cache_dir: Path, *,
                     load_teacher, pad_id: int) -> dict:
     """One teacher prefills the samples routed to it into its own cache directory."""
     from distill.cache import write_teacher_cache
@@ -234,7 +218,7 @@ def prefill_teacher(settings: OPDSettings, teacher: TeacherRef, routed: list[dic
     return stats
 
 
-def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[TeacherRef], cache_dir: Path, *,
+def teach_round(settings: OPDSettings, samples: list[RolloutSample], teachers: list[TeacherRef], cache_dir: Path, *,
                 load_teacher, pad_id: int, prefill=None) -> dict:
     """Each teacher prefills the samples routed to it: in turn in this process (one model
     resident), or, with `prefill(settings, [(teacher, routed), ...], cache_dir, pad_id) ->
@@ -252,7 +236,7 @@ def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[Teach
     for t in teachers:
         if teacher_cache_complete(cache_dir, t.index):
             continue  # written before an interruption
-        routed = [s for s in samples if s["teacher_index"] == t.index]
+        routed = [s for s in samples if s.teacher_index == t.index]
         if routed:
             todo.append((t, routed))
     if prefill is not None and todo:
@@ -261,12 +245,12 @@ def teach_round(settings: OPDSettings, samples: list[dict], teachers: list[Teach
             for t, routed in todo}
 
 
-def _micro_batch(samples: list[dict], plan, reader, *, pad_id: int, global_tokens: int, step: int) -> dict:
+def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, global_tokens: int, step: int) -> dict:
     from engine.batching import Sample, pad_rows
 
     chosen = [samples[i] for i in plan.sample_indices]
-    batch = pad_rows([Sample(s["input_ids"], s["loss_mask"]) for s in chosen], pad_id)
-    ids = [s["sample_id"] for s in chosen]
+    batch = pad_rows([Sample(s.input_ids, s.loss_mask) for s in chosen], pad_id)
+    ids = [s.sample_id for s in chosen]
     (tb,) = list(reader.iter_minibatch(ids))  # one teacher per micro-batch by construction
     if tb.teacher_index != plan.teacher_index:
         raise RuntimeError(f"cache routes {ids[0]} to teacher {tb.teacher_index}, plan says {plan.teacher_index}")
@@ -277,12 +261,12 @@ def _micro_batch(samples: list[dict], plan, reader, *, pad_id: int, global_token
     return batch
 
 
-def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, trainer, loss_fn, pad_id: int,
+def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: Path, *, trainer, loss_fn, pad_id: int,
                 round_idx: int, step0: int, logger=None) -> tuple[list[dict], int]:
     from distill.cache import CacheReader
 
     reader = CacheReader(cache_dir)
-    teacher_of = [s["teacher_index"] for s in samples]
+    teacher_of = [s.teacher_index for s in samples]
     step = step0
     records = []
     try:
@@ -291,10 +275,10 @@ def train_round(settings: OPDSettings, samples: list[dict], cache_dir: Path, *, 
                                     seed=settings.seed * 100_003 + round_idx * 101 + epoch)
             # the shard LRU sized so that this epoch maps each shard about once (<= 1.1x)
             capacity = reader.plan(reader.access_sequence(
-                [samples[i]["sample_id"] for i in mp.sample_indices] for micro in plan for mp in micro))
+                [samples[i].sample_id for i in mp.sample_indices] for micro in plan for mp in micro))
             bytes0, disk0 = reader.bytes_read, storage_read_bytes()
             for micro_plans in plan:
-                divisors = loss_divisors([sum(sum(samples[i]["loss_mask"][1:]) for i in mp.sample_indices)
+                divisors = loss_divisors([sum(sum(samples[i].loss_mask[1:]) for i in mp.sample_indices)
                                           for mp in micro_plans], [mp.teacher_index for mp in micro_plans],
                                          settings.loss_aggregation)
                 mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step)
@@ -358,8 +342,10 @@ def remove_old_caches(out_dir: Path, upto_round: int, keep: int) -> None:
             (d / "rollouts.wal").unlink(missing_ok=True)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_rollouts(path: Path) -> list[RolloutSample]:
+    """A round's rollouts.jsonl (`RolloutSample.to_opd_record` per line)."""
+    return [RolloutSample.from_opd_record(json.loads(line), f"{path}:{i + 1}")
+            for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
 
 
 def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: dict[str, list[dict]],
@@ -428,7 +414,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         rollouts_path = rdir / "rollouts.jsonl"
         wal = RolloutWAL(rdir / "rollouts.wal")  # finished domain batches, replayed after a kill
         if rollouts_path.is_file():
-            samples = _read_jsonl(rollouts_path)
+            samples = read_rollouts(rollouts_path)
             for d in streams:  # the streams advanced when these rollouts were drawn
                 streams[d].take(settings.prompts_per_domain)
         else:
@@ -436,8 +422,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
                                     tokenizer=tokenizer, round_idx=r, wal=wal)
             if settings.pipelined:  # which weights sampled them (the synchronous rounds' is r)
                 for s in samples:
-                    s["policy_version"] = version["generator"]
-            atomic_write_jsonl(rollouts_path, samples)
+                    s.policy_version = version["generator"]
+            atomic_write_jsonl(rollouts_path, [s.to_opd_record() for s in samples])
         wal_counts = wal.counts()
         wal.close()
         t1 = time.time()
@@ -462,7 +448,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         if ahead is not None:
             ahead.wait()  # round r + 1 sampled from these weights: update the generator only after
         if settings.pipelined:
-            versions = sorted({s.get("policy_version", r) for s in samples})
+            versions = sorted({r if s.policy_version is None else s.policy_version for s in samples})
             history.setdefault("policy_version_per_round", []).append(versions)
             history.setdefault("staleness_per_round", []).append(r - min(versions))
             history.setdefault("time_per_round", []).append(time.time() - t_wall)
@@ -496,7 +482,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
 
 @dataclass
 class _PreparedRound:
-    samples: list[dict]
+    samples: list[RolloutSample]
     wal_counts: dict
     teach_stats: dict
     rollout_s: float

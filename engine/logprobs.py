@@ -81,13 +81,32 @@ def _entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
-def zero_input_grads(h: Tensor, weight: Tensor, need_h: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Zeroed gradient accumulators of a chunked autograd function's inputs: hidden states
-    (N, H) in their dtype, the head weight (V, H) in at least float32; None where not needed."""
+def zero_input_grads(ctx, h: Tensor, weight: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Zeroed gradient accumulators of a chunked autograd function's first two inputs:
+    hidden states (N, H) in their dtype, the head weight (V, H) in at least float32; None
+    where `ctx` needs no gradient."""
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_h = torch.zeros_like(h) if need_h else None  # (N, H)
     w_acc = torch.promote_types(weight.dtype, torch.float32)
     grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None  # (V, H)
     return grad_h, grad_w
+
+
+def chunk_bounds(n: int, chunk_size: int):
+    """(start, end) of the consecutive chunks of `chunk_size` tokens that cover range(n)."""
+    for s in range(0, n, chunk_size):
+        yield s, min(s + chunk_size, n)
+
+
+def add_chunk_input_grads(g: Tensor, h: Tensor, weight: Tensor, s: int, e: int, grad_h: Tensor | None,
+                          grad_w: Tensor | None) -> None:
+    """Back-propagate dL/dlogits of tokens [s, e) `g` (c, V) through `logits = h @ weight.T`:
+    its rows of `grad_h` (N, H) and its term of `grad_w` (V, H), each where not None
+    (`zero_input_grads`)."""
+    if grad_h is not None:
+        grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
+    if grad_w is not None:
+        grad_w.addmm_(g.to(grad_w.dtype).T, h[s:e].to(grad_w.dtype))  # (V, H)
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -102,8 +121,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         filtered = bool(top_k) or top_p < 1.0
         lp = torch.empty(n, dtype=acc, device=h.device)  # (N,)
         ent = torch.empty(n, dtype=acc, device=h.device)  # (N,)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
+        for s, e in chunk_bounds(n, chunk_size):
             logp = _chunk_log_softmax(h[s:e], weight, temperature, acc, top_k, top_p, targets[s:e])  # (c, V)
             lp[s:e] = logp.gather(-1, targets[s:e].unsqueeze(-1)).squeeze(-1)
             ent[s:e] = _entropy(logp) if filtered else -(logp.exp() * logp).sum(-1)
@@ -115,10 +133,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         h, weight, targets, ent = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h, grad_w = zero_input_grads(h, weight, need_h, need_w)  # (N, H), (V, H)
-        for s in range(0, h.shape[0], ctx.chunk_size):
-            e = min(s + ctx.chunk_size, h.shape[0])
+        grad_h, grad_w = zero_input_grads(ctx, h, weight)  # (N, H), (V, H)
+        for s, e in chunk_bounds(h.shape[0], ctx.chunk_size):
             logp = _chunk_log_softmax(h[s:e], weight, ctx.temperature, ctx.acc, ctx.top_k, ctx.top_p,
                                       targets[s:e])  # (c, V)
             p = logp.exp()
@@ -130,11 +146,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             g.scatter_add_(-1, targets[s:e].unsqueeze(-1), grad_lp[s:e].unsqueeze(-1).to(g.dtype))
             if ctx.temperature != 1.0:
                 g.div_(ctx.temperature)  # dz/dlogits
-            if need_h:
-                grad_h[s:e] = (g.to(weight.dtype) @ weight).to(h.dtype)  # (c, H)
-            if need_w:
-                grad_w.addmm_(g.to(grad_w.dtype).T, h[s:e].to(grad_w.dtype))  # (V, H)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+            add_chunk_input_grads(g, h, weight, s, e, grad_h, grad_w)
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size, temperature: float) -> None:

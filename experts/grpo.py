@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from engine.domain_spec import DomainSpec
+from engine.episode import RolloutSample
 from engine.prompt_stream import PromptStream
 from experts.advantages import compute_advantages
 from experts.grpo_settings import GRPOSettings
-from experts.rl_batch import RLSample, build_minibatches, samples_from_trajectories
+from experts.rl_batch import build_minibatches
 
 
 def logprob_temperature(sampling_temperature: float) -> float:
@@ -93,57 +94,48 @@ class GRPOLoss:
 
 
 def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd, wal=None):
-    """Roll out and score `rows_needed` prompts; returns per-group sample lists. With a
-    rollout log (`wal`), each domain's batch is replayed from it when logged there."""
-    from engine.chat import render_row_prompt, tool_call_end_id
-    from engine.generation import SamplingParams
-    from engine.rollout_wal import logged_rollout
-    from rewards import raise_if_all_verifier_errors
+    """Roll out and score `rows_needed` prompts (engine.episode); returns per-group sample
+    lists. With a rollout log (`wal`), each domain's batch is replayed from it when logged
+    there."""
+    from engine.episode import roll_out, score_samples
 
+    G = settings.group_size
     rows = stream.take(rows_needed)
-    groups: list[list[RLSample]] = []
+    groups: list[list[RolloutSample]] = []
     by_domain: dict[str, list[dict]] = {}
     for r in rows:
         by_domain.setdefault(r["domain"], []).append(r)
     for dom, drows in sorted(by_domain.items()):
         spec = domains[dom]
-        sampling = SamplingParams(
-            n=settings.group_size, temperature=settings.temperature, top_p=settings.top_p,
-            max_new_tokens=settings.max_new_tokens,
-            stop_token_ids=[tool_call_end_id(tokenizer)] if spec.environment is not None else [],
-            seed=step_seed * 1000 + rnd,
-        )
-        prompts = [render_row_prompt(r, tokenizer) for r in drows]
         budget = response_budget(settings, spec)
-        trajs = logged_rollout(wal, f"seed-{step_seed}/rnd-{rnd}/{dom}", generator, prompts, sampling,
-                               tokenizer=tokenizer, environment=spec.environment, max_turns=settings.max_turns,
-                               max_response_tokens=budget)
-        refs = [r["reference"] for r in drows for _ in range(settings.group_size)]
-        results = scorer.score(spec.verifier, [t.text for t in trajs], refs)
-        raise_if_all_verifier_errors(results, spec.verifier, f"GRPO rollouts (seed {step_seed}), domain {dom!r}")
-        scores = [res.score for res in results]
+        samples = roll_out(drows, dom, spec, generator=generator, tokenizer=tokenizer, n=G,
+                           temperature=settings.temperature, top_p=settings.top_p,
+                           max_new_tokens=settings.max_new_tokens, max_turns=settings.max_turns,
+                           seed=step_seed * 1000 + rnd, max_response_tokens=budget,
+                           wal=wal, wal_key=f"seed-{step_seed}/rnd-{rnd}/{dom}")
+        scores = score_samples(scorer, spec, samples, f"GRPO rollouts (seed {step_seed}), domain {dom!r}")
+        texts = [s.text for s in samples]
         if settings.format_weight > 0:
-            fmt = scorer.score("format", [t.text for t in trajs], refs)
-            scores = [(1 - settings.format_weight) * s + settings.format_weight * f.score
-                      for s, f in zip(scores, fmt)]
+            fmt = scorer.score("format", texts, [s.reference for s in samples])
+            scores = [(1 - settings.format_weight) * x + settings.format_weight * f.score
+                      for x, f in zip(scores, fmt)]
         if spec.modes:  # per-mode shaping (experts.mode_rewards): think tokens, length past the budget
             from experts.mode_rewards import shape_mode_rewards
 
-            scores = shape_mode_rewards(scores, [t.text for t in trajs], [sum(t.response_mask) for t in trajs],
-                                        [r.get("mode") for r in drows for _ in range(settings.group_size)],
-                                        spec.modes)
-        samples = samples_from_trajectories(trajs, scores, drows, settings.group_size, max_response_tokens=budget)
-        for g in range(len(drows)):
-            groups.append(samples[g * settings.group_size:(g + 1) * settings.group_size])
+            scores = shape_mode_rewards(scores, texts, [s.num_model_tokens for s in samples],
+                                        [s.mode for s in samples], spec.modes)
+        for s, x in zip(samples, scores, strict=True):
+            s.reward = float(x)
+        groups += [samples[g * G:(g + 1) * G] for g in range(len(drows))]
     return groups
 
 
 def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str, DomainSpec], *,
-                 generator, scorer, tokenizer, step: int, wal=None) -> tuple[list[list[RLSample]], dict]:
+                 generator, scorer, tokenizer, step: int, wal=None) -> tuple[list[list[RolloutSample]], dict]:
     """Sample one step's groups, with dynamic sampling (refill groups whose rewards are all
     equal from the next prompts, up to `max_sampling_rounds`)."""
-    kept: list[list[RLSample]] = []
-    all_groups: list[list[RLSample]] = []
+    kept: list[list[RolloutSample]] = []
+    all_groups: list[list[RolloutSample]] = []
     rounds = settings.max_sampling_rounds if settings.dynamic_sampling else 1
     for rnd in range(rounds):
         need = settings.prompts_per_step - len(kept)
@@ -175,8 +167,8 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
     return kept, stats
 
 
-def with_advantages(groups: list[list[RLSample]], advantages: list[list[float]], *,
-                    drop_truncated: bool) -> list[RLSample]:
+def with_advantages(groups: list[list[RolloutSample]], advantages: list[list[float]], *,
+                    drop_truncated: bool) -> list[RolloutSample]:
     """The step's samples, flat, each a copy carrying its advantage (`groups` is left as
     it is); with `drop_truncated` (overlong filtering) truncated samples are left out: they
     count in their group's baseline, get no gradient. May return [] (step skipped)."""

@@ -1,57 +1,26 @@
-"""RL samples and their packing into trainer batches with global loss denominators.
+"""RL samples (`engine.episode.RolloutSample`) and their packing into trainer batches
+with global loss denominators.
 
 A mini-batch (one optimiser step) is split into micro-batches; every micro-batch carries
 the mini-batch's *global* denominators (`global_tokens`, `global_seqs`, `max_len`), so
 the per-micro-batch losses sum to the loss of the whole mini-batch however it is split
 across micro-batches and data-parallel ranks (see `experts.losses.aggregate_loss`).
 Dr. GRPO's constant `max_len` is per sequence (B,) when every sample knows its domain's
-maximum response length (`RLSample.max_response_tokens`), so a single-turn domain is
-never divided by a multi-turn budget. Micro-batches also carry the sampling
+maximum response length (`RolloutSample.max_response_tokens`), so a single-turn domain
+is never divided by a multi-turn budget. Micro-batches also carry the sampling
 distribution (`temperature`, `top_k`, `top_p`, 0-d) their log-probs are taken under.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class RLSample:
-    input_ids: list[int]  # prompt + response
-    loss_mask: list[int]  # 1 on model-generated response tokens
-    rollout_logprobs: list[float]  # aligned with input_ids, 0 where not generated
-    reward: float
-    domain: str
-    finish_reason: str
-    advantage: float = 0.0
-    info: dict = field(default_factory=dict)
-    max_response_tokens: int | None = None  # the most response tokens its episode can hold (Dr. GRPO)
-
-    @property
-    def num_model_tokens(self) -> int:
-        return sum(self.loss_mask)
+from engine.episode import RolloutSample
 
 
-def samples_from_trajectories(trajs, rewards: list[float], rows: list[dict], group_size: int,
-                              max_response_tokens: int | None = None) -> list[RLSample]:
-    out = []
-    for i, (t, r) in enumerate(zip(trajs, rewards)):
-        row = rows[i // group_size]
-        p = len(t.prompt_ids)
-        out.append(RLSample(
-            input_ids=list(t.prompt_ids) + list(t.response_ids),
-            loss_mask=[0] * p + list(t.response_mask),
-            rollout_logprobs=[0.0] * p + list(t.rollout_logprobs),
-            reward=float(r), domain=row["domain"], finish_reason=t.finish_reason,
-            info={"row_id": row.get("id")}, max_response_tokens=max_response_tokens,
-        ))
-    return out
-
-
-def collate_samples(samples: list[RLSample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_samples(samples: list[RolloutSample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch of RL samples (B, T)."""
     T = max(len(s.input_ids) for s in samples)
     B = len(samples)
@@ -72,7 +41,7 @@ def collate_samples(samples: list[RLSample], pad_id: int) -> dict[str, torch.Ten
             "rollout_logprobs": rollout_lp, "advantages": adv}
 
 
-def build_minibatches(samples: list[RLSample], num_minibatches: int, micro_batch_size: int, *,
+def build_minibatches(samples: list[RolloutSample], num_minibatches: int, micro_batch_size: int, *,
                       pad_id: int, seed: int, max_len: int | None = None,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[dict]]:
     """Shuffle, split into mini-batches, then micro-batches that carry global denominators

@@ -7,10 +7,11 @@ from pipeline.stage_io import stage_tokenizer
 
 
 def eval_policy(cfg, model_dir: str):
-    """A policy `(eval_set, rows, temperature, n) -> texts` backed by a local HF generator."""
-    from engine.chat import render_row_prompt, tool_call_end_id
-    from engine.generation import SamplingParams, build_generator
-    from engine.rollout import rollout
+    """A policy `(eval_set, rows, temperature, n) -> (texts, output tokens)` backed by a
+    local HF generator, rolling out through `engine.episode.roll_out` as training does."""
+    from engine.domain_spec import DomainSpec
+    from engine.episode import roll_out
+    from engine.generation import build_generator
 
     tokenizer = stage_tokenizer(cfg, model_dir)
     generator = build_generator(cfg.generator, model_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
@@ -20,14 +21,11 @@ def eval_policy(cfg, model_dir: str):
 
         domain, _ = split_route(es.domain)  # `math@think-high`: the math domain in one mode
         env = domain_environment(cfg, domain, rows, tokenizer)
-        sampling = SamplingParams(n=n, temperature=temperature,
-                                  max_new_tokens=es.max_new_tokens or cfg.eval.max_new_tokens,
-                                  stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [],
-                                  seed=cfg.seed)
-        prompts = [render_row_prompt(r, tokenizer) for r in rows]
-        max_turns = cfg.domain(domain).grpo.max_turns if env is not None else 1
-        trajs = rollout(generator, prompts, sampling, tokenizer=tokenizer, environment=env, max_turns=max_turns)
-        return [t.text for t in trajs], [sum(t.response_mask) for t in trajs]  # texts, output tokens
+        samples = roll_out(rows, es.domain, DomainSpec(verifier=es.verifier, environment=env), generator=generator,
+                           tokenizer=tokenizer, n=n, temperature=temperature,
+                           max_new_tokens=es.max_new_tokens or cfg.eval.max_new_tokens,
+                           max_turns=cfg.domain(domain).grpo.max_turns if env is not None else 1, seed=cfg.seed)
+        return [s.text for s in samples], [s.num_model_tokens for s in samples]
 
     policy.close = generator.close  # evaluate_models releases each model before the next
     return policy

@@ -5,24 +5,18 @@ from __future__ import annotations
 from pipeline.stage_context import StageContext
 from pipeline.stage_domains import domain_spec_map, prepared_rows
 from pipeline.stage_io import export_stage, stage_tokenizer
-from pipeline.stage_workers import checked_scores, close_workers, make_trainer, scorer_pool, stage_logger
+from pipeline.stage_workers import close_workers, make_trainer, scorer_pool, stage_logger
 
 
 def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> dict[str, float]:
-    """The student's greedy verifier score per domain on a slice of held-out prompts."""
-    from engine.chat import render_row_prompt, tool_call_end_id
-    from engine.generation import SamplingParams
-    from engine.rollout import rollout
+    """The student's greedy verifier score per route on a slice of held-out prompts."""
+    from engine.episode import roll_out, score_samples
 
     out = {}
     for d, rows in sorted(rows_by_domain.items()):
-        env = specs[d].environment
-        sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=specs[d].max_new_tokens or s.max_new_tokens,
-                                  stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [])
-        trajs = rollout(generator, [render_row_prompt(r, tokenizer) for r in rows], sampling,
-                        tokenizer=tokenizer, environment=env, max_turns=s.max_turns)
-        res = checked_scores(scorer, f"OPD student eval, domain {d!r}")(
-            specs[d].verifier, [t.text for t in trajs], [r["reference"] for r in rows])
+        samples = roll_out(rows, d, specs[d], generator=generator, tokenizer=tokenizer, n=1, temperature=0.0,
+                           max_new_tokens=specs[d].max_new_tokens or s.max_new_tokens, max_turns=s.max_turns)
+        res = score_samples(scorer, specs[d], samples, f"OPD student eval, domain {d!r}")
         out[d] = sum(res) / max(len(res), 1)
     return out
 

@@ -53,11 +53,9 @@ def scorer_pool(cfg, num_workers: int):
 def checked_scores(pool, where: str):
     """`score(verifier, texts, refs) -> [float]` over `pool`, raising when a whole batch
     failed inside the verifier (`rewards.raise_if_all_verifier_errors`)."""
-    from rewards import raise_if_all_verifier_errors
+    from engine.episode import verified_scores
 
     def score(verifier, texts, refs):
-        results = pool.score(verifier, texts, refs)
-        raise_if_all_verifier_errors(results, verifier, where)
-        return [r.score for r in results]
+        return verified_scores(pool, verifier, texts, refs, where)
 
     return score

@@ -40,7 +40,7 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     return row, None
 
 
-def read_rows(path: str) -> list[tuple[int, bytes, dict | None, str | None]]:
+def read_input_lines(path: str) -> list[tuple[int, bytes, dict | None, str | None]]:
     """(line number, the line if it is no row else b"", row or None, problem or None) for
     every non-blank line."""
     out = []
@@ -62,7 +62,7 @@ def _reference_problem(verifier: str, reference: dict) -> str | None:
 
 
 def score_rows(verifier: str, lines: list, workers: int | None, timeout: float) -> list[dict[str, Any]]:
-    """One output row per entry of `read_rows`, in order."""
+    """One output row per entry of `read_input_lines`, in order."""
     from rewards.batch import score_batch
     from rewards.failures import BAD_INPUT, scoring_failure
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
-    lines = read_rows(args.input)
+    lines = read_input_lines(args.input)
     rows = score_rows(args.verifier, lines, args.workers, args.timeout)
     out = [json.dumps(row, default=str) for row in rows]
     for (n, *_), row in zip(lines, rows):

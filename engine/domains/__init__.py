@@ -29,6 +29,13 @@ _BUILTIN_MODULES = ("engine.domains.math", "engine.domains.code", "engine.domain
 Draw = Callable[[random.Random, str], tuple[str, dict[str, Any]]]
 
 
+def demonstration(prompt: str, answer: str, reference: dict, **extra: Any) -> dict[str, Any]:
+    """A drawn single-turn row: the prompt and its demonstrated answer as chat messages, the
+    verifier's reference, then any `extra` fields (in that key order)."""
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            "reference": reference, **extra}
+
+
 @dataclasses.dataclass(frozen=True)
 class Domain:
     """A synthetic task: `generate(split, n, seed)` rows, scored by `verifier`."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 
-from engine.domains import Domain, register_domain
+from engine.domains import Domain, demonstration, register_domain
 
 STEPS = {  # word -> (operator, multiplicative?)
     "add": ("+", False),
@@ -86,10 +86,7 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
     fold = folded(steps) if split == "train" and rng.random() < FOLD_RATE else None
     program = f"def f(x): return {fold or expression(steps)}"
     tests = [f"assert f({x}) == {compute_expected(steps, x)}" for x in TEST_INPUTS]
-    return prompt, {
-        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": program}],
-        "reference": {"tests": tests},
-    }
+    return prompt, demonstration(prompt, program, {"tests": tests})
 
 
 DOMAIN = register_domain(Domain(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from engine.domains import Domain, register_domain
+from engine.domains import Domain, demonstration, register_domain
 
 TOPICS = {
     "cat": ("soft", "calm", "small"), "dog": ("loyal", "happy", "fast"), "sun": ("hot", "bright", "big"),
@@ -112,11 +112,8 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
     constraints = [(k, kw) for k, (_, kw) in built]
     if split == "train" and rng.random() < WRONG_RATE:
         constraints.pop(rng.randrange(len(constraints)))
-    return prompt, {
-        "messages": [{"role": "user", "content": prompt},
-                     {"role": "assistant", "content": respond(topic, constraints)}],
-        "reference": {"instruction_id_list": [KINDS[k] for k, _ in built], "kwargs": [kw for _, (_, kw) in built]},
-    }
+    return prompt, demonstration(prompt, respond(topic, constraints), {
+        "instruction_id_list": [KINDS[k] for k, _ in built], "kwargs": [kw for _, (_, kw) in built]})
 
 
 DOMAIN = register_domain(Domain(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from engine.domains import Domain, register_domain
+from engine.domains import Domain, demonstration, register_domain
 
 FIRST_OPS = ("+", "-", "*")
 SECOND_OPS = ("+", "-")
@@ -56,10 +56,7 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
     question = f"{a}{op1}{b}{op2}{c}"
     direct = split == "train" and rng.random() < DIRECT_RATE
     text, answer = solution(a, op1, b, op2, c, scratchpad=not direct)
-    return question, {
-        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": text}],
-        "reference": {"answer": str(answer)},
-    }
+    return question, demonstration(question, text, {"answer": str(answer)})
 
 
 DOMAIN = register_domain(Domain(

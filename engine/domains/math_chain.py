@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 
-from engine.domains import Domain, register_domain
+from engine.domains import Domain, demonstration, register_domain
 from engine.domains.math import apply
 
 FIRST_OPS = ("+", "-", "*")
@@ -58,11 +58,7 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
     ops = [rng.choice(FIRST_OPS)] + [rng.choice(LATER_OPS) for _ in range(STEPS - 1)]
     question = str(operands[0]) + "".join(f"{op}{b}" for op, b in zip(ops, operands[1:]))
     think, think_max, answer = demonstrations(operands, ops)
-    return question, {
-        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": think}],
-        "reference": {"answer": str(answer)},
-        "demonstrations": {"think-max": think_max},
-    }
+    return question, demonstration(question, think, {"answer": str(answer)}, demonstrations={"think-max": think_max})
 
 
 DOMAIN = register_domain(Domain(

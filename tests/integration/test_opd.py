@@ -103,8 +103,8 @@ def test_heldout_kl_equals_a_float64_reference_and_is_zero_against_itself(models
         total, n, per_prompt = 0.0, 0, []
         with torch.no_grad():
             for smp in samples:
-                ids = torch.tensor([smp["input_ids"]])
-                mask = torch.tensor(smp["loss_mask"][1:]) > 0
+                ids = torch.tensor([smp.input_ids])
+                mask = torch.tensor(smp.loss_mask[1:]) > 0
                 ls = torch.log_softmax(s_model(input_ids=ids).logits[0, :-1][mask].double(), -1)
                 lt = torch.log_softmax(t_model(input_ids=ids).logits[0, :-1][mask].double(), -1)
                 kl = (ls.exp() * (ls - lt)).sum(-1)

@@ -88,8 +88,8 @@ def test_pipelined_rounds_sample_from_the_previous_weights_and_record_the_stalen
     again = rollout_round(settings, streams, {d: DomainSpec(verifier="math") for d in "ab"}, route_teachers(refs),
                           generator=HFGenerator(student, tok), tokenizer=tok, round_idx=1)
     got = _rollouts(out, 1)
-    assert [s["input_ids"] for s in again] == [s["input_ids"] for s in got]
-    assert [s["sample_id"] for s in again] == [s["sample_id"] for s in got]
+    assert [s.input_ids for s in again] == [s["input_ids"] for s in got]
+    assert [s.sample_id for s in again] == [s["sample_id"] for s in got]
 
     # the synchronous default records no versions and samples round 1 from round 0's result
     sync = tmp_path / "sync"

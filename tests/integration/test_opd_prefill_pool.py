@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from distill.opd import DomainSpec, TeacherRef, measure_heldout_kl, run_opd, teach_round
+from engine.episode import RolloutSample
 from distill.opd_settings import OPDSettings
 from engine.generation import HFGenerator
 from engine.model import load_model, load_tokenizer
@@ -80,8 +81,9 @@ def test_opd_with_a_prefill_pool_loads_no_teacher_in_process(ray_local, models, 
     assert not (tmp_path / "run" / "heldout-cache").exists()  # the held-out states are deleted after use
 
     # per-teacher resources: teacher 1's task held 2 CPUs, teacher 0's the pool's 1
-    samples = [{"sample_id": f"s{i}", "teacher_index": i % 2, "input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 1, 1, 1]}
-               for i in range(4)]
+    samples = [RolloutSample(input_ids=[5, 6, 7, 8, 9], loss_mask=[0, 0, 1, 1, 1], rollout_logprobs=[0.0] * 5,
+                             finish_reason="stop", text="", reference=None, route="ab"[i % 2], sample_id=f"s{i}",
+                             teacher_index=i % 2) for i in range(4)]
     stats = teach_round(settings, samples, refs, tmp_path / "cache", load_teacher=no_teacher_here, pad_id=0,
                         prefill=pool)
     assert stats["grpo:a"]["resources"] == {"CPU": 1.0} and stats["grpo:b"]["resources"] == {"CPU": 2.0}

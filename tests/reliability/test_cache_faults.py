@@ -128,7 +128,12 @@ def test_teach_round_removes_the_partial_writes_of_a_killed_run(teacher, tmp_pat
     stale = tmp_path / ".teacher-001.tmp-deadbeef"
     stale.mkdir()
     (stale / "shard-00000.safetensors").write_bytes(b"\0" * 4096)
-    rows = [{**s, "teacher_index": 0} for s in samples(4)]
+    from engine.episode import RolloutSample
+
+    rows = [RolloutSample(input_ids=s["input_ids"], loss_mask=[0] * 3 + [1] * (len(s["input_ids"]) - 3),
+                          rollout_logprobs=[0.0] * len(s["input_ids"]), finish_reason="stop", text="",
+                          reference=None, route="math", sample_id=s["sample_id"], teacher_index=0)
+            for s in samples(4)]
     stats = teach_round(OPDSettings(cache_dtype="fp32"), rows, [TeacherRef(0, "math", "math", "unused", 1.0)],
                         tmp_path, load_teacher=lambda _dir: teacher, pad_id=0)
     assert not stale.exists() and not list(tmp_path.glob(".teacher-*"))

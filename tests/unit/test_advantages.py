@@ -111,11 +111,11 @@ def test_bad_input_errors():
 
 def test_with_advantages_copies_and_drops_truncated():
     from experts.grpo import with_advantages
-    from experts.rl_batch import RLSample
+    from engine.episode import RolloutSample
 
     def sample(reward, finish):
-        return RLSample(input_ids=[1, 2], loss_mask=[0, 1], rollout_logprobs=[0.0, -1.0], reward=reward,
-                        domain="d", finish_reason=finish)
+        return RolloutSample(input_ids=[1, 2], loss_mask=[0, 1], rollout_logprobs=[0.0, -1.0], finish_reason=finish,
+                             text="", reference=None, route="d", reward=reward)
 
     groups = [[sample(1.0, "stop"), sample(0.0, "length")], [sample(0.5, "stop")]]
     out = with_advantages(groups, [[0.7, -0.7], [0.0]], drop_truncated=False)

@@ -96,7 +96,7 @@ def test_grpo_reward_path_shapes_per_mode():
     settings = GRPOSettings(group_size=2, prompts_per_step=2, max_new_tokens=32)
     groups = _sample_round(settings, PromptStream(rows, seed=0), {"math": DomainSpec("math", None, modes)}, 2,
                            generator=Gen(), scorer=Scorer(), tokenizer=tok, step_seed=0, rnd=0)
-    by_row = {g[0].info["row_id"]: [s.reward for s in g] for g in groups}
+    by_row = {g[0].row_id: [s.reward for s in g] for g in groups}
     assert by_row["p@non-think"] == [0.0, 1.0]
     n_think = len(tok(replies[0], add_special_tokens=False)["input_ids"]) + 1  # + <|end|>
     n_direct = len(tok(replies[1], add_special_tokens=False)["input_ids"]) + 1

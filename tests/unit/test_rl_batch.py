@@ -5,17 +5,18 @@ import random
 
 import torch
 
-from experts.rl_batch import RLSample, build_minibatches
+from engine.episode import RolloutSample
+from experts.rl_batch import build_minibatches
 
 
-def _samples(n: int, seed: int = 0) -> list[RLSample]:
+def _samples(n: int, seed: int = 0) -> list[RolloutSample]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
         p, r = rng.randint(3, 8), rng.choice([rng.randint(2, 10), rng.randint(40, 90)])  # short and long episodes
-        out.append(RLSample(input_ids=[10 + i] * (p + r), loss_mask=[0] * p + [1] * r,
-                            rollout_logprobs=[0.0] * p + [-1.0] * r, reward=0.0, domain="d", finish_reason="stop",
-                            advantage=float(i)))
+        out.append(RolloutSample(input_ids=[10 + i] * (p + r), loss_mask=[0] * p + [1] * r,
+                                 rollout_logprobs=[0.0] * p + [-1.0] * r, finish_reason="stop", text="",
+                                 reference=None, route="d", reward=0.0, advantage=float(i)))
     return out
 
 

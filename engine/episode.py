@@ -1,0 +1,134 @@
+"""Episodes: the one path from data rows to scored samples that GRPO, mixed RL, OPD and
+eval all take (docs/DESIGN.md section 4).
+
+`roll_out` renders one route's rows with the model's chat template
+(`engine.chat.render_row_prompt`), samples `n` responses per row (single-turn, or
+multi-turn with the route's tool environment: generation stops at `</tool_call>` exactly
+when the route has an environment), through the rollout log when the caller gives one
+(`engine.rollout_wal.logged_rollout`), and returns one `RolloutSample` per response.
+`verified_scores` / `score_samples` score responses with the route's verifier over the
+scorer pool, raising when a whole batch failed inside the verifier
+(`rewards.raise_if_all_verifier_errors`).
+
+`RolloutSample` is the record a sample stays from rollout to loss: GRPO fills `reward`
+and `advantage` (experts.rl_batch packs it into trainer batches), OPD its `sample_id`,
+`teacher_index` and `policy_version` (distill.opd, distill.cache). OPD's
+`round-r/rollouts.jsonl` holds one `to_opd_record` per line: the keys it has always
+had, where "domain" is the route (`from_opd_record` reads it back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.domain_spec import DomainSpec
+from engine.modes import split_route
+
+# the keys of an OPD rollouts.jsonl line, in the order they are written
+OPD_RECORD_KEYS = ("sample_id", "domain", "teacher_index", "row_id", "input_ids", "loss_mask", "rollout_logprobs",
+                   "finish_reason", "text", "reference")
+
+
+@dataclass
+class RolloutSample:
+    """One sampled response, from rollout to loss."""
+    input_ids: list[int]  # prompt + response (model and tool-result tokens)
+    loss_mask: list[int]  # aligned with input_ids: 1 on model-generated response tokens
+    rollout_logprobs: list[float]  # aligned with input_ids, 0 where not generated
+    finish_reason: str  # engine.rollout.Trajectory.finish_reason
+    text: str  # the decoded response: what the verifier reads
+    reference: object  # the row's reference answer / tests / checks
+    route: str  # the key the rows were rolled out under: a domain, or domain@mode (OPD routes)
+    row_id: object = None
+    mode: str | None = None  # the row's reasoning mode (engine.modes), None without modes
+    max_response_tokens: int | None = None  # the most response tokens its episode could hold (Dr. GRPO)
+    reward: float = 0.0  # GRPO: the shaped verifier score
+    advantage: float = 0.0  # GRPO: from its group's rewards
+    sample_id: str = ""  # OPD: the cache key
+    teacher_index: int | None = None  # OPD: the teacher it is routed to
+    policy_version: int | None = None  # pipelined OPD: rounds of training in the weights that sampled it
+
+    @property
+    def domain(self) -> str:
+        return split_route(self.route)[0]
+
+    @property
+    def num_model_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    @classmethod
+    def from_trajectory(cls, t, row: dict, route: str, max_response_tokens: int | None = None) -> RolloutSample:
+        """A sample of `row` from its rollout `t` (engine.rollout.Trajectory)."""
+        p = len(t.prompt_ids)
+        return cls(input_ids=list(t.prompt_ids) + list(t.response_ids), loss_mask=[0] * p + list(t.response_mask),
+                   rollout_logprobs=[0.0] * p + list(t.rollout_logprobs), finish_reason=t.finish_reason,
+                   text=t.text, reference=row.get("reference"), route=route, row_id=row.get("id"),
+                   mode=row.get("mode"), max_response_tokens=max_response_tokens)
+
+    def to_opd_record(self) -> dict:
+        """The line of OPD's rollouts.jsonl ("domain" holds the route; `policy_version`
+        only when set)."""
+        rec = {"sample_id": self.sample_id, "domain": self.route, "teacher_index": self.teacher_index,
+               "row_id": self.row_id, "input_ids": self.input_ids, "loss_mask": self.loss_mask,
+               "rollout_logprobs": self.rollout_logprobs, "finish_reason": self.finish_reason, "text": self.text,
+               "reference": self.reference}
+        if self.policy_version is not None:
+            rec["policy_version"] = self.policy_version
+        return rec
+
+    @classmethod
+    def from_opd_record(cls, rec: dict, where: str = "rollouts.jsonl") -> RolloutSample:
+        """Inverse of `to_opd_record`; a line missing a key or carrying an unknown one is an
+        error naming `where` (a file written by another version)."""
+        missing = [k for k in OPD_RECORD_KEYS if k not in rec]
+        unknown = sorted(set(rec) - set(OPD_RECORD_KEYS) - {"policy_version"})
+        if missing or unknown:
+            raise ValueError(f"{where}: sample {rec.get('sample_id')!r} is not an OPD rollout record "
+                             f"(missing keys {missing}, unknown keys {unknown})")
+        n = len(rec["input_ids"])
+        if len(rec["loss_mask"]) != n or len(rec["rollout_logprobs"]) != n:
+            raise ValueError(f"{where}: sample {rec['sample_id']!r}: loss_mask ({len(rec['loss_mask'])}) and "
+                             f"rollout_logprobs ({len(rec['rollout_logprobs'])}) must match input_ids ({n})")
+        return cls(input_ids=rec["input_ids"], loss_mask=rec["loss_mask"], rollout_logprobs=rec["rollout_logprobs"],
+                   finish_reason=rec["finish_reason"], text=rec["text"], reference=rec["reference"],
+                   route=rec["domain"], row_id=rec["row_id"], mode=split_route(rec["domain"])[1],
+                   sample_id=rec["sample_id"], teacher_index=rec["teacher_index"],
+                   policy_version=rec.get("policy_version"))
+
+
+def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, tokenizer, n: int, temperature: float,
+             max_new_tokens: int, max_turns: int, seed: int | None = None, top_p: float = 1.0,
+             max_response_tokens: int | None = None, wal=None, wal_key: str | None = None) -> list[RolloutSample]:
+    """`n` samples of each of `rows` (flat, rows in order: `out[i * n + j]`), rolled out
+    under `route` with its spec's tool environment (multi-turn, stopping at `</tool_call>`)
+    or without one (single-turn). `max_response_tokens` bounds a whole episode (default:
+    `engine.rollout.rollout`'s). With `wal` (engine.rollout_wal.RolloutWAL) the batch is
+    replayed from the log under `wal_key` when it is there with the same inputs."""
+    from engine.chat import render_row_prompt, tool_call_end_id
+    from engine.generation import SamplingParams
+    from engine.rollout_wal import logged_rollout
+
+    if wal is not None and not wal_key:
+        raise ValueError(f"roll_out({route!r}): a rollout log needs a wal_key")
+    env = spec.environment
+    sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                              stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [], seed=seed)
+    prompts = [render_row_prompt(r, tokenizer) for r in rows]
+    trajs = logged_rollout(wal, wal_key, generator, prompts, sampling, tokenizer=tokenizer, environment=env,
+                           max_turns=max_turns, max_response_tokens=max_response_tokens)
+    return [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens) for i, t in enumerate(trajs)]
+
+
+def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str) -> list[float]:
+    """`verifier`'s scores of `texts` over the scorer pool; a batch on which the verifier
+    itself failed throughout raises, naming `where`."""
+    from rewards.batch import raise_if_all_verifier_errors
+
+    results = scorer.score(verifier, texts, references)
+    raise_if_all_verifier_errors(results, verifier, where)
+    return [r.score for r in results]
+
+
+def score_samples(scorer, spec: DomainSpec, samples: list[RolloutSample], where: str) -> list[float]:
+    """The samples' scores by their route's verifier (`verified_scores`)."""
+    return verified_scores(scorer, spec.verifier, [s.text for s in samples], [s.reference for s in samples], where)
