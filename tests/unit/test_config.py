@@ -114,19 +114,21 @@ def test_fields_added_later_keep_old_hashes_at_their_default(tmp_path):
     exactly the stages downstream of that SFT."""
     from pipeline.graph import _dump
 
-    cfg = load_config(_write(tmp_path, _tiny_raw()))
+    raw = _tiny_raw()
+    for key in ("pack_length", "loss_aggregation"):
+        raw["student_sft"].pop(key, None)
+    cfg = load_config(_write(tmp_path, raw))
     dumped = _dump(cfg.student_sft)
     full = cfg.student_sft.model_dump(mode="json")
     assert set(full) - set(dumped) == {"pack_length", "loss_aggregation"}
     base = input_hashes(build_graph(cfg))
-    explicit = input_hashes(build_graph(load_config(_write(tmp_path, _tiny_raw()),
-                                                    ["student_sft.loss_aggregation=token_mean"])))
+    explicit = input_hashes(build_graph(load_config(_write(tmp_path, raw), ["student_sft.loss_aggregation=token_mean"])))
     assert explicit == base
-    changed = input_hashes(build_graph(load_config(_write(tmp_path, _tiny_raw()),
+    changed = input_hashes(build_graph(load_config(_write(tmp_path, raw),
                                                    ["student_sft.loss_aggregation=domain_token_mean"])))
     assert {k for k in base if base[k] != changed[k]} == {"sft:all", "mixed_rl", "opd", "eval", "report"}
     with pytest.raises(ConfigError, match="pack_length"):
-        load_config(_write(tmp_path, _tiny_raw()), ["student_sft.pack_length=8"])
+        load_config(_write(tmp_path, raw), ["student_sft.pack_length=8"])
 
 
 def test_plan_lists_stages_with_submit_lines():
