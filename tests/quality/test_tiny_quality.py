@@ -1,7 +1,7 @@
 """The quality bars of the tiny experiment, on the run `make demo` makes (configs/tiny.yaml).
 
 Runs `python -m pipeline run configs/tiny.yaml` as the README's demo command does: on a
-fresh checkout that is the whole experiment (~17 minutes on 2 idle cores); after
+fresh checkout that is the whole experiment (~25 minutes on 2 idle cores); after
 `make demo` every stage is done for its input hash and the run takes seconds. Then it
 checks the figures the issues ask for, on held-out eval prompts with the config's fixed
 seed:
@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUN = ROOT / "runs" / "tiny"
 MARGIN_SE = 2.0
 HELDOUT_MARGIN_SE = 2.0
-STUDENT_FRACTION = 0.25  # measured (make demo): code 0.90, ifeval 1.03, math 0.27, tool 1.31
+STUDENT_FRACTION = 0.9  # issue 21's bar; measured (make demo, 2026-11-30): code 1.02, ifeval 1.03, math 0.93, tool 1.52
 DOMAINS = ("code", "ifeval", "math", "tool")
 
 pytestmark = [pytest.mark.slow, pytest.mark.quality]
