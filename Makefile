@@ -29,7 +29,8 @@ demo: $(STAMP)
 	$(BIN)/python -m pipeline run configs/tiny.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25
+	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25 \
+		-n 2 --dist loadfile --no-loadscope-reorder  # one worker runs the experiment (tests/quality, first), the other the rest
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q

@@ -175,6 +175,17 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(d))
 
 
+def paired_difference_of_domain_means(a: dict[str, list[float]], b: dict[str, list[float]]) -> tuple[float, float]:
+    """Mean over domains of each domain's paired `b - a`, and its standard error.
+
+    Each domain has its own held-out prompts, so the per-domain differences are independent
+    and the SE of their mean is sqrt(sum of the squared per-domain SEs) / the domain count."""
+    if not a or set(a) != set(b):
+        raise ValueError(f"paired_difference_of_domain_means needs the same domains, got {sorted(a)} and {sorted(b)}")
+    parts = [paired_difference(a[d], b[d]) for d in sorted(a)]
+    return sum(m for m, _ in parts) / len(parts), math.sqrt(sum(se * se for _, se in parts)) / len(parts)
+
+
 def model_label(stage: str) -> str:
     """The results-table name of a model stage: 'prepare' -> 'base', 'opd' -> 'student'."""
     return {"prepare": "base", "opd": "student"}.get(stage, stage)

@@ -53,11 +53,23 @@ def _dump_modes(d) -> dict:
     return {name: _dump(m) for name, m in d.modes.items()}
 
 
+def _data_versions(cfg: ExperimentConfig) -> dict:
+    """`{"data_versions": {domain: version}}` for the synthetic generators whose rows changed
+    since version 1 (engine.domains.Domain.data_version); empty when none did."""
+    from engine.domains import get_domain
+
+    versions = {d.name: get_domain(d.data.synthetic.generator).data_version
+                for d in cfg.domains if d.data.synthetic is not None}
+    changed = {name: v for name, v in versions.items() if v != 1}
+    return {"data_versions": changed} if changed else {}
+
+
 def build_graph(cfg: ExperimentConfig) -> list[Stage]:
     """Stages in a valid execution order."""
     stages: list[Stage] = [
         Stage("prepare", (), {"seed": cfg.seed, "model": _dump(cfg.model),
                               "data": {d.name: _dump(d.data) for d in cfg.domains},
+                              **_data_versions(cfg),
                               # only where a domain has modes, so configs without keep their hash
                               **({"modes": {d.name: _dump_modes(d) for d in cfg.domains if d.modes}}
                                  if any(d.modes for d in cfg.domains) else {})}),

@@ -195,6 +195,16 @@ def paired_comparisons(res: dict) -> list[str]:
             ratio = f"{mb / ma:.2f}" if ma > 0 else "-"
             rows.append(f"| {d} | {b} vs {a} | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
                         f"{mean / se if se > 0 else float('nan'):+.1f} | {ratio} |")
+    domains = sorted(res.get("n_eval", {}))
+    student, mixed = per.get("student", {}), per.get("mixed_rl", {})
+    if domains and all(len(student.get(d) or []) >= 2 and len(student[d]) == len(mixed.get(d) or []) for d in domains):
+        from pipeline.evaluate import paired_difference_of_domain_means
+
+        ma, mb = (sum(sum(m[d]) / len(m[d]) for d in domains) / len(domains) for m in (mixed, student))
+        mean, se = paired_difference_of_domain_means({d: mixed[d] for d in domains}, {d: student[d] for d in domains})
+        ratio = f"{mb / ma:.2f}" if ma > 0 else "-"
+        rows.append(f"| mean of {len(domains)} | student vs mixed_rl | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
+                    f"{mean / se if se > 0 else float('nan'):+.1f} | {ratio} |")
     if not rows:
         return []
     return ["Paired comparisons on each domain's held-out prompts (greedy; SE = standard error of the "

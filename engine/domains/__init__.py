@@ -46,6 +46,9 @@ class Domain:
     eval_fraction: float = 0.2
     make_environment: Callable[[], Any] | None = None
     description: str = ""
+    # Bumped whenever the rows a seed draws change; `prepare`'s input hash carries it (from 2
+    # on, so runs made before the field existed keep their hashes) and reruns the data.
+    data_version: int = 1
 
     def generate(self, split: str, n: int, seed: int) -> list[dict]:
         if split not in SPLITS:

@@ -16,9 +16,18 @@ the result. The `day` argument is there so that the values cannot be memorised p
 city (measured: without it the model recited the training value of a city instead of
 reading the result). Eval questions are held out whole (hash of the question).
 
-Imperfect on purpose: in `WRONG_RATE` of the training demonstrations the final answer
-reads the other field of a weather result (temp for wind, wind for temp): a well-formed
-episode whose call is right and whose answer is not, which the reward separates.
+Imperfect on purpose, two ways:
+- In `DIRECT_RATE` of the training `add` questions the demonstration answers at once,
+  without calling `add`: `What is 27 plus 38?` -> `65`. The answer is right, but the model
+  must now do two-digit addition itself, which it gets wrong on unseen pairs, and an
+  answer without the call earns at most the answer's half of the score. SFT copies the
+  majority, so its greedy policy answers `add` questions from its head: a systematic,
+  verifiable error, and sampling still calls the tool in about a third of the episodes,
+  which is the better mode GRPO's reward finds (as the code domain's literal form).
+  Eval references always expect the call.
+- In `WRONG_RATE` of the training demonstrations the final answer reads the other field
+  of a weather result (temp for wind, wind for temp): a well-formed episode whose call is
+  right and whose answer is not, which the reward separates.
 
 Measured figures for this setting and the ones it replaced: docs/tiny_experiment.md.
 
@@ -44,6 +53,7 @@ CITIES = (
 MAX_ADDEND = 50
 MAX_DAY = 30
 WRONG_RATE = 0.15
+DIRECT_RATE = 0.7
 MAX_OUTPUT_CHARS = 200
 MAX_CALLS = 4
 
@@ -153,6 +163,8 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
         {"role": "tool", "content": result},
         {"role": "assistant", "content": answer},
     ]
+    if name == "add" and split == "train" and rng.random() < DIRECT_RATE:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     reference_answer = fields[field] if field is not None else result
     return question, {"messages": messages, "reference": {
         "calls": [{"name": name, "arguments": args}], "answer": reference_answer, "tools": SCHEMAS}}
@@ -164,4 +176,5 @@ DOMAIN = register_domain(Domain(
     draw=draw,
     make_environment=ToolEnvironment,
     description="questions answered by one XML tool call (weather, time, add) and its result",
+    data_version=2,
 ))

@@ -131,6 +131,26 @@ def test_fields_added_later_keep_old_hashes_at_their_default(tmp_path):
         load_config(_write(tmp_path, raw), ["student_sft.pack_length=8"])
 
 
+def test_a_domain_data_version_reruns_prepare_and_everything_after_it(tmp_path, monkeypatch):
+    """Domain.data_version enters prepare's input hash from 2 on (version 1 leaves the hash
+    as it was before the field existed), so changed synthetic rows are regenerated."""
+    import dataclasses
+
+    import engine.domains
+    from pipeline.graph import _data_versions
+
+    cfg = load_config(_write(tmp_path, _tiny_raw()))
+    real = engine.domains.get_domain
+
+    def hashes(version):
+        monkeypatch.setattr(engine.domains, "get_domain", lambda n: dataclasses.replace(real(n), data_version=version))
+        return _data_versions(cfg), input_hashes(build_graph(cfg))
+
+    (v1, one), (v7, seven) = hashes(1), hashes(7)
+    assert v1 == {} and v7 == {"data_versions": {d.name: 7 for d in cfg.domains}}
+    assert all(one[k] != seven[k] for k in one)  # prepare changed, and every stage depends on it
+
+
 def test_plan_lists_stages_with_submit_lines():
     out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "configs/tiny.yaml"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -139,6 +139,23 @@ def test_paired_difference_matches_float64_reference_and_hand_worked():
         paired_difference([1.0], [1.0, 0.0])
 
 
+def test_paired_difference_of_domain_means_matches_float64_reference():
+    import numpy as np
+
+    from pipeline.evaluate import paired_difference_of_domain_means
+
+    rng = random.Random(1)
+    a = {d: [float(rng.random() < 0.4) for _ in range(n)] for d, n in (("x", 128), ("y", 64), ("z", 100))}
+    b = {d: [float(rng.random() < 0.6) for _ in v] for d, v in a.items()}
+    diffs = [np.array(b[d], dtype=np.float64) - np.array(a[d], dtype=np.float64) for d in sorted(a)]
+    ref_mean = np.mean([x.mean() for x in diffs])
+    ref_se = np.sqrt(sum(x.var(ddof=1) / len(x) for x in diffs)) / len(diffs)
+    mean, se = paired_difference_of_domain_means(a, b)
+    assert mean == pytest.approx(ref_mean, abs=1e-12) and se == pytest.approx(ref_se, abs=1e-12)
+    with pytest.raises(ValueError, match="same domains"):
+        paired_difference_of_domain_means({"x": [0.0, 1.0]}, {"y": [0.0, 1.0]})
+
+
 def test_report_lists_paired_comparisons():
     from pipeline.report import paired_comparisons
 
@@ -147,3 +164,6 @@ def test_report_lists_paired_comparisons():
     (line,) = [x for x in paired_comparisons(res) if x.startswith("| math")]
     assert line == "| math | grpo:math vs sft:math | 0.500 | 0.750 | +0.250 | 0.250 | +1.0 | 1.50 |"
     assert paired_comparisons({"n_eval": {"math": 4}}) == []
+    res["greedy_per_prompt"].update({"mixed_rl": {"math": [0, 0, 0, 1]}, "student": {"math": [1, 1, 0, 1]}})
+    (mean_line,) = [x for x in paired_comparisons(res) if x.startswith("| mean")]
+    assert mean_line == "| mean of 1 | student vs mixed_rl | 0.250 | 0.750 | +0.500 | 0.289 | +1.7 | 3.00 |"
