@@ -17,14 +17,16 @@ city (measured: without it the model recited the training value of a city instea
 reading the result). Eval questions are held out whole (hash of the question).
 
 Imperfect on purpose, two ways:
-- In `DIRECT_RATE` of the training `add` questions the demonstration answers at once,
-  without calling `add`: `What is 27 plus 38?` -> `65`. The answer is right, but the model
-  must now do two-digit addition itself, which it gets wrong on unseen pairs, and an
-  answer without the call earns at most the answer's half of the score. SFT copies the
-  majority, so its greedy policy answers `add` questions from its head: a systematic,
-  verifiable error, and sampling still calls the tool in about a third of the episodes,
-  which is the better mode GRPO's reward finds (as the code domain's literal form).
-  Eval references always expect the call.
+- In `DIRECT_RATE` of the training sunrise questions the demonstration answers at once,
+  without calling `get_time`: `Sunrise in Oslo on day 4?` -> `07:12`. The demonstrator
+  knew the value; the model cannot (values are hashes of the arguments), so what SFT
+  learns from the majority is to answer sunrise questions from memory, as a model that
+  skips its tools does: a systematic error, verifiable (no call, and a wrong time), while
+  sampling still calls the tool in about a third of the episodes, the better mode GRPO's
+  reward finds (as the code domain's literal form). Eval references always expect the
+  call. (Tried first on `add` questions: answered directly, the mixed SFT also learned to
+  answer the math domain's sums without working, and the student's math fell:
+  docs/tiny_experiment.md.)
 - In `WRONG_RATE` of the training demonstrations the final answer reads the other field
   of a weather result (temp for wind, wind for temp): a well-formed episode whose call is
   right and whose answer is not, which the reward separates.
@@ -163,7 +165,7 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
         {"role": "tool", "content": result},
         {"role": "assistant", "content": answer},
     ]
-    if name == "add" and split == "train" and rng.random() < DIRECT_RATE:
+    if name == "get_time" and split == "train" and rng.random() < DIRECT_RATE:
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     reference_answer = fields[field] if field is not None else result
     return question, {"messages": messages, "reference": {
