@@ -9,13 +9,17 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import time
 
 import psutil
 import pytest
 
 from rewards import score_batch
-from rewards.sandbox_isolation import UID_BASE, probe
+from rewards.sandbox_isolation import probe
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from sandbox_procs import leftover_sandbox_processes  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REF = {"tests": ["assert sq(2) == 4", "assert sq(3) == 9"]}
@@ -43,17 +47,6 @@ def hostile(victim_dir: str, repo_victim_dir: str) -> dict[str, str]:
         "sleep_past_limit": "import time\ntime.sleep(60)" + OK,
         "escape_and_linger": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nraise SystemExit(0)" + OK,
     }
-
-
-def _sandbox_processes() -> list[psutil.Process]:
-    alive = []
-    for p in psutil.process_iter(["uids", "status"]):
-        try:
-            if p.info["uids"].real >= UID_BASE and p.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except (psutil.Error, TypeError):
-            continue
-    return alive
 
 
 @pytest.fixture
@@ -106,7 +99,7 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
                      by_name["write_into_repo"].info["reason"])
     leaked = set(os.listdir(workers_tmp))
     assert not leaked, f"sandbox dirs left behind: {leaked}"
-    assert _sandbox_processes() == [], "sandboxed processes survived"
+    assert leftover_sandbox_processes() == [], "sandboxed processes survived"
     assert psutil.Process().children(recursive=True) == []
     assert elapsed < 60
 

@@ -14,12 +14,16 @@ import os
 import pathlib
 import re
 import stat
+import sys
 
 import psutil
 import pytest
 
 from rewards import ScorerPool
-from rewards.sandbox_isolation import UID_BASE, probe
+from rewards.sandbox_isolation import probe
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from sandbox_procs import leftover_sandbox_processes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not probe()["available"], reason=f"code sandbox unavailable: {probe()['error']}")
 
@@ -191,18 +195,7 @@ def _sysv_keys() -> set[int]:
 
 
 def _leftover_processes() -> list[str]:
-    left = []
-    for p in psutil.process_iter(["uids", "status", "cmdline"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            uids = p.info["uids"]
-            cmd = " ".join(p.info["cmdline"] or [])
-            if (uids and (uids.real >= UID_BASE or uids.effective >= UID_BASE)) or f"sleep {SLEEP_S}" in cmd:
-                left.append(f"{p.pid} {uids} {cmd[:80]}")
-        except (psutil.Error, TypeError):
-            continue
-    return left
+    return leftover_sandbox_processes(marker=f"sleep {SLEEP_S}")
 
 
 def test_reward_hacks_score_zero_and_leave_nothing_behind(fault_log):
