@@ -5,21 +5,15 @@ Prompt `7*5-3+8` (three operations, left to right: the first one of `+ - *`, the
 `+ -`). Each row's demonstration carries the worked trace inside `<think>`:
 `<think>7*5=35 35-3=32 32+8=40</think>\\boxed{40}`. With `modes`, `prepare` makes one row
 per mode: non-think drops the `<think>` block (the direct answer, `\\boxed{40}`),
-think-high keeps it, think-max gets the longer demonstration in `demonstrations`: every
-step on a two-digit number is worked by place value, tens and units apart, with the carry
-or the borrow written out (`35-3=30+5-3=30+2=32 32+8=30+2+8=30+10=40`; a borrow:
-`32-8=30+2-8=20+12-8=20+4=24`), so the modes differ in output tokens as V4's do and each
-written step is a single-digit fact or a copy.
+think-high keeps it, think-max gets the longer demonstration in `demonstrations` (the
+trace, then a check that redoes the chain backwards: `... check 40-8=32 32+3=35 35/5=7 ok`),
+so the modes differ in output tokens as V4's do. Reference: `{"answer": "40"}`.
 
 Why thinking helps a small model here: the answer to a three-operation chain is a
 composition of three lookups; written out, each step is one single-fact lookup on the
 previous result (as in the `math` domain's scratchpad, which lifted greedy accuracy from
 0.67 to 0.86 at two steps); answered directly the model must compose them in one
-forward pass, and a third step makes that harder. Think-max goes one level further: a
-two-digit step (`32-8`) is itself a composition (units, borrow, tens), and the place-value
-trace writes each part. (The earlier think-max, the think-high trace plus a backward
-check, added tokens but nothing the answer used, and scored below think-high:
-docs/modes.md.) Eval problems are held out as whole
+forward pass, and a third step makes that harder. Eval problems are held out as whole
 expressions (the hash of `7*5-3+8`).
 """
 
@@ -34,6 +28,7 @@ FIRST_OPS = ("+", "-", "*")
 LATER_OPS = ("+", "-")
 MAX_OPERAND = 9
 STEPS = 3
+INVERSE = {"+": "-", "-": "+", "*": "/"}
 
 
 def chain_steps(operands: list[int], ops: list[str]) -> list[tuple[int, str, int, int]]:
@@ -46,30 +41,16 @@ def chain_steps(operands: list[int], ops: list[str]) -> list[tuple[int, str, int
     return steps
 
 
-def place_value_step(a: int, op: str, b: int) -> str:
-    """One step written for think-max: `a op b = ... = result`, with a two-digit `a` split into
-    tens and units (`35-3=30+5-3=30+2=32`), the carry (`35+8=30+5+8=30+13=43`) or the borrow
-    (`32-8=30+2-8=20+12-8=20+4=24`) written out; a step on a single-digit or negative `a`, and
-    a product, stay as in think-high (`7*5=35`)."""
-    r = apply(a, op, b)
-    if op == "*" or not 10 <= a <= 99:
-        return f"{a}{op}{b}={r}"
-    tens, units = a - a % 10, a % 10
-    if op == "+":
-        return f"{a}+{b}={tens}+{units}+{b}={tens}+{units + b}={r}"
-    if units >= b:
-        return f"{a}-{b}={tens}+{units}-{b}={tens}+{units - b}={r}"
-    return f"{a}-{b}={tens}+{units}-{b}={tens - 10}+{units + 10}-{b}={tens - 10}+{units + 10 - b}={r}"
-
-
 def demonstrations(operands: list[int], ops: list[str]) -> tuple[str, str, int]:
     """(think demonstration, think-max demonstration, answer)."""
     steps = chain_steps(operands, ops)
     answer = steps[-1][3]
     trace = " ".join(f"{a}{op}{b}={r}" for a, op, b, r in steps)
-    worked = " ".join(place_value_step(a, op, b) for a, op, b, _ in steps)
+    # the check: undo each step from the answer back to the first operand
+    check = " ".join(f"{r}{INVERSE[op]}{b}={a}" for a, op, b, r in reversed(steps)
+                     if not (op == "*" and b == 0))
     boxed = f"\\boxed{{{answer}}}"
-    return f"<think>{trace}</think>{boxed}", f"<think>{worked}</think>{boxed}", answer
+    return f"<think>{trace}</think>{boxed}", f"<think>{trace} check {check} ok</think>{boxed}", answer
 
 
 def draw(rng: random.Random, split: str) -> tuple[str, dict]:
@@ -85,5 +66,4 @@ DOMAIN = register_domain(Domain(
     verifier="math",
     draw=draw,
     description="three chained single-digit operations; the worked trace in <think> (reasoning modes)",
-    data_version=2,
 ))

@@ -1,13 +1,9 @@
 """The `math_chain` domain (reasoning modes): correct traces and answers, held-out eval
 problems, one demonstration per mode (direct for non-think, the trace in <think> for
-think-high, the place-value trace for think-max), each scored 1 by the verifier; every
-think-max step's equalities hold."""
+think-high, the longer traced-and-checked one for think-max), each scored 1 by the verifier."""
 
 from engine.domains import get_domain, split_of
-import random
-import re
-
-from engine.domains.math_chain import demonstrations, place_value_step
+from engine.domains.math_chain import demonstrations
 from engine.modes import ModeSettings, expand_modes
 from rewards import score_batch
 
@@ -19,21 +15,7 @@ def test_hand_worked_chain():
     think, think_max, answer = demonstrations([7, 5, 3, 8], ["*", "-", "+"])
     assert answer == 40
     assert think == "<think>7*5=35 35-3=32 32+8=40</think>\\boxed{40}"
-    assert think_max == "<think>7*5=35 35-3=30+5-3=30+2=32 32+8=30+2+8=30+10=40</think>\\boxed{40}"
-    assert place_value_step(32, "-", 8) == "32-8=30+2-8=20+12-8=20+4=24"
-    assert place_value_step(35, "+", 8) == "35+8=30+5+8=30+13=43"
-    assert place_value_step(-4, "+", 8) == "-4+8=4" and place_value_step(6, "-", 9) == "6-9=-3"
-
-
-def test_every_place_value_step_is_a_chain_of_true_equalities():
-    rng = random.Random(0)
-    for a in list(range(-18, 100)):
-        for op in "+-":
-            b = rng.randint(0, 9)
-            parts = place_value_step(a, op, b).split("=")
-            assert len(parts) == (2 if not 10 <= a <= 99 else 4 if op == "+" or a % 10 >= b else 5), (a, op, b)
-            assert all(eval(p) == eval(parts[0]) for p in parts), (a, op, b, parts)
-            assert re.fullmatch(r"-?\d+", parts[-1])
+    assert think_max == "<think>7*5=35 35-3=32 32+8=40 check 40-8=32 32+3=35 35/5=7 ok</think>\\boxed{40}"
 
 
 def test_rows_are_correct_held_out_and_per_mode():
@@ -47,12 +29,9 @@ def test_rows_are_correct_held_out_and_per_mode():
     rows = expand_modes(evals, MODES)
     by_mode = {m: [r for r in rows if r["mode"] == m] for m in MODES}
     assert all(r["messages"][-1]["content"].startswith("\\boxed{") for r in by_mode["non-think"])
-    def steps(r):
-        return r["messages"][-1]["content"].split("<think>")[1].split("</think>")[0].split(" ")
-
-    assert all(s.count("=") == 1 for r in by_mode["think-high"] for s in steps(r))
-    assert all(len(steps(r)) == 3 for r in by_mode["think-max"])
-    assert any(s.count("=") > 1 for r in by_mode["think-max"] for s in steps(r))
+    assert all("<think>" in r["messages"][-1]["content"] and " check " not in r["messages"][-1]["content"]
+               for r in by_mode["think-high"])
+    assert all(" check " in r["messages"][-1]["content"] for r in by_mode["think-max"])
     assert all("demonstrations" not in r for r in rows)
     for m, rs in by_mode.items():
         scores = score_batch("math", [r["messages"][-1]["content"] for r in rs], [r["reference"] for r in rs])
