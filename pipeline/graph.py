@@ -58,9 +58,16 @@ def _data_versions(cfg: ExperimentConfig) -> dict:
     since version 1 (engine.domains.Domain.data_version); empty when none did."""
     from engine.domains import get_domain
 
-    versions = {d.name: get_domain(d.data.synthetic.generator).data_version
-                for d in cfg.domains if d.data.synthetic is not None}
-    changed = {name: v for name, v in versions.items() if v != 1}
+    changed = {}
+    for d in cfg.domains:
+        if d.data.synthetic is None:
+            continue
+        try:
+            version = get_domain(d.data.synthetic.generator).data_version
+        except KeyError:  # an unknown generator: `validate` names it with its YAML path
+            continue
+        if version != 1:
+            changed[d.name] = version
     return {"data_versions": changed} if changed else {}
 
 
