@@ -178,6 +178,12 @@ def _results_section(run_dir: Path) -> list[str]:
     return out
 
 
+def _comparison_row(where: str, comparison: str, ma: float, mb: float, mean: float, se: float) -> str:
+    ratio = f"{mb / ma:.2f}" if ma > 0 else "-"
+    return (f"| {where} | {comparison} | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
+            f"{mean / se if se > 0 else float('nan'):+.1f} | {ratio} |")
+
+
 def paired_comparisons(res: dict) -> list[str]:
     """grpo:<d> - sft:<d> and student - grpo:<d> on each domain's own prompts, greedy, with
     the paired standard error (a gap under ~2 SE is not distinguishable from noise)."""
@@ -190,21 +196,17 @@ def paired_comparisons(res: dict) -> list[str]:
             sa, sb = per.get(a, {}).get(d), per.get(b, {}).get(d)
             if not sa or not sb or len(sa) != len(sb) or len(sa) < 2:
                 continue
-            mean, se = paired_difference(sa, sb)
-            ma, mb = sum(sa) / len(sa), sum(sb) / len(sb)
-            ratio = f"{mb / ma:.2f}" if ma > 0 else "-"
-            rows.append(f"| {d} | {b} vs {a} | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
-                        f"{mean / se if se > 0 else float('nan'):+.1f} | {ratio} |")
+            rows.append(_comparison_row(d, f"{b} vs {a}", sum(sa) / len(sa), sum(sb) / len(sb),
+                                        *paired_difference(sa, sb)))
     domains = sorted(res.get("n_eval", {}))
     student, mixed = per.get("student", {}), per.get("mixed_rl", {})
     if domains and all(len(student.get(d) or []) >= 2 and len(student[d]) == len(mixed.get(d) or []) for d in domains):
         from pipeline.evaluate import paired_difference_of_domain_means
 
         ma, mb = (sum(sum(m[d]) / len(m[d]) for d in domains) / len(domains) for m in (mixed, student))
-        mean, se = paired_difference_of_domain_means({d: mixed[d] for d in domains}, {d: student[d] for d in domains})
-        ratio = f"{mb / ma:.2f}" if ma > 0 else "-"
-        rows.append(f"| mean of {len(domains)} | student vs mixed_rl | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
-                    f"{mean / se if se > 0 else float('nan'):+.1f} | {ratio} |")
+        rows.append(_comparison_row(f"mean of {len(domains)}", "student vs mixed_rl", ma, mb,
+                                    *paired_difference_of_domain_means({d: mixed[d] for d in domains},
+                                                                       {d: student[d] for d in domains})))
     if not rows:
         return []
     return ["Paired comparisons on each domain's held-out prompts (greedy; SE = standard error of the "
