@@ -245,7 +245,8 @@ def teach_round(settings: OPDSettings, samples: list[RolloutSample], teachers: l
             for t, routed in todo}
 
 
-def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, global_tokens: int, step: int) -> dict:
+def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, global_tokens: float, step: int,
+                 row_weights: bool = False) -> dict:
     from engine.batching import Sample, pad_rows
 
     chosen = [samples[i] for i in plan.sample_indices]
@@ -258,7 +259,14 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
     batch["teacher_index"] = torch.tensor(plan.teacher_index)
     batch["opt_step"] = torch.tensor(step)
     batch["global_tokens"] = torch.tensor(float(global_tokens))
+    if row_weights:  # sample_mean: each row's targets weigh 1 / its response tokens
+        batch["row_token_weights"] = torch.tensor([1.0 / max(response_tokens(s), 1) for s in chosen])
     return batch
+
+
+def response_tokens(sample: RolloutSample) -> int:
+    """The targets the OPD loss takes from `sample` (loss-mask positions after the first)."""
+    return sum(sample.loss_mask[1:])
 
 
 def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: Path, *, trainer, loss_fn, pad_id: int,
@@ -278,10 +286,11 @@ def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: 
                 [samples[i].sample_id for i in mp.sample_indices] for micro in plan for mp in micro))
             bytes0, disk0 = reader.bytes_read, storage_read_bytes()
             for micro_plans in plan:
-                divisors = loss_divisors([sum(sum(samples[i].loss_mask[1:]) for i in mp.sample_indices)
+                divisors = loss_divisors([sum(response_tokens(samples[i]) for i in mp.sample_indices)
                                           for mp in micro_plans], [mp.teacher_index for mp in micro_plans],
-                                         settings.loss_aggregation)
-                mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step)
+                                         settings.loss_aggregation, [len(mp.sample_indices) for mp in micro_plans])
+                mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step,
+                                    row_weights=settings.loss_aggregation == "sample_mean")
                        for mp, d in zip(micro_plans, divisors)]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
@@ -432,6 +441,10 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         return _PreparedRound(samples, wal_counts, teach_stats, t1 - t0, time.time() - t1)
 
     ahead: _Background | None = None  # pipelined: round r + 1's preparation, running during round r's training
+    # while both run, the training thread and the preparing one each take half of torch's
+    # intra-op threads (a per-thread setting with OpenMP), so they do not oversubscribe the cores
+    threads = torch.get_num_threads()
+    ahead_threads = threads // 2
     for r in range(start_round, settings.rounds):
         rdir = out_dir / f"round-{r}"
         t_wall = time.time()
@@ -440,10 +453,16 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         # the checkpoint's stream positions: through this round's prompts (a resumed stage
         # re-takes the next round's when it finds that round's rollouts on disk)
         stream_state = {d: st.state_dict() for d, st in streams.items()}
-        ahead = _Background(prepare, r + 1) if settings.pipelined and r + 1 < settings.rounds else None
+        ahead = _Background(prepare, r + 1, threads=ahead_threads) \
+            if settings.pipelined and r + 1 < settings.rounds else None
+        if ahead is not None:
+            torch.set_num_threads(threads - ahead_threads)
         t2 = time.time()
-        records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
-                                    pad_id=pad_id, round_idx=r, step0=step, logger=logger)
+        try:
+            records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
+                                        pad_id=pad_id, round_idx=r, step0=step, logger=logger)
+        finally:
+            torch.set_num_threads(threads)
         t3 = time.time()
         if ahead is not None:
             ahead.wait()  # round r + 1 sampled from these weights: update the generator only after
@@ -490,16 +509,19 @@ class _PreparedRound:
 
 
 class _Background:
-    """`fn(*args)` on a daemon thread (a failing stage exits without waiting for it);
-    `result()` joins and re-raises its error in the caller."""
+    """`fn(*args)` on a daemon thread (a failing stage exits without waiting for it), with
+    `threads` intra-op threads (0: torch's default); `result()` joins and re-raises its
+    error in the caller."""
 
-    def __init__(self, fn, *args):
+    def __init__(self, fn, *args, threads: int = 0):
         import threading
 
         self._box: dict = {}
 
         def target():
             try:
+                if threads:  # torch's intra-op threads, for this thread only
+                    torch.set_num_threads(threads)
                 self._box["value"] = fn(*args)
             except BaseException as exc:  # noqa: BLE001 -- re-raised by result()
                 self._box["error"] = exc

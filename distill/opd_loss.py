@@ -20,18 +20,27 @@ from __future__ import annotations
 import torch
 
 
-def loss_divisors(tokens: list[int], teachers: list[int], aggregation: str) -> list[float]:
+def loss_divisors(tokens: list[int], teachers: list[int], aggregation: str,
+                  samples: list[int] | None = None) -> list[float]:
     """The divisor of each micro-batch's summed divergence in one optimiser step.
 
-    `tokens[i]`, `teachers[i]`: response tokens and teacher of micro-batch i (one teacher
-    per micro-batch). The step's loss is sum_i loss_sum_i / divisor_i:
+    `tokens[i]`, `teachers[i]`, `samples[i]`: response tokens, teacher and sample count of
+    micro-batch i (one teacher per micro-batch). The step's loss is sum_i loss_sum_i / divisor_i:
     - token_mean: every divisor is the step's token count (one mean over all tokens, so a
       teacher whose answers are long dominates the gradient);
     - teacher_token_mean: divisor_i = (tokens of teacher_i in the step) x (teachers in the
-      step), i.e. the mean of the teachers' own token means.
+      step), i.e. the mean of the teachers' own token means;
+    - sample_mean: every divisor is the step's sample count; each token's divergence is
+      also weighted by 1 / its sample's response tokens (`row_token_weights`, in the
+      loss), so the step's loss is the mean over samples of each sample's token mean
+      (verl's seq-mean-token-mean): a 5-token answer counts as much as a 70-token episode.
     """
     if len(tokens) != len(teachers):
         raise ValueError(f"loss_divisors: {len(tokens)} token counts for {len(teachers)} teachers")
+    if aggregation == "sample_mean":
+        if samples is None or len(samples) != len(tokens):
+            raise ValueError(f"loss_divisors: sample_mean needs one sample count per micro-batch, got {samples!r}")
+        return [float(max(sum(samples), 1))] * len(tokens)
     if aggregation == "token_mean":
         return [float(max(sum(tokens), 1))] * len(tokens)
     if aggregation == "teacher_token_mean":
@@ -39,7 +48,8 @@ def loss_divisors(tokens: list[int], teachers: list[int], aggregation: str) -> l
         for n, t in zip(tokens, teachers):
             per[t] = per.get(t, 0) + n
         return [float(max(per[t], 1) * len(per)) for t in teachers]
-    raise ValueError(f"loss_divisors: unknown aggregation {aggregation!r} (token_mean, teacher_token_mean)")
+    raise ValueError(f"loss_divisors: unknown aggregation {aggregation!r} "
+                     "(token_mean, teacher_token_mean, sample_mean)")
 
 
 class OPDLoss:
@@ -95,6 +105,9 @@ class OPDLoss:
         if h_s.shape[0] != h_t.shape[0]:
             raise RuntimeError(f"teacher {t}: {h_t.shape[0]} cached positions for {h_s.shape[0]} targets")
         w = torch.full((h_s.shape[0],), self.teacher_weights[t], dtype=torch.float32, device=h_s.device)  # (N,)
+        if "row_token_weights" in batch:  # sample_mean: 1 / the row's response tokens, at each of its targets
+            rw = batch["row_token_weights"].to(device=h_s.device, dtype=torch.float32)  # (B,)
+            w = w * rw[:, None].expand(mask.shape)[mask]
         loss_sum, per_token = compute_chunked_divergence(
             h_s, weight, h_t.to(device=h_s.device, dtype=h_s.dtype), head, w, kind=self.divergence,
             chunk_size=self.chunk_size, beta=self.jsd_beta)

@@ -30,10 +30,12 @@ class OPDSettings(Settings):
     temperature: float = Field(1.0, ge=0.0)
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
-    loss_aggregation: Literal["token_mean", "teacher_token_mean"] = Field(
+    loss_aggregation: Literal["token_mean", "teacher_token_mean", "sample_mean"] = Field(
         "token_mean", description="token_mean: the step's summed divergence over all its response tokens "
         "(a teacher's share of the gradient grows with its answers' length); teacher_token_mean: each "
-        "teacher's tokens averaged on their own, then the teachers in the step averaged (each counts the same)")
+        "teacher's tokens averaged on their own, then the teachers in the step averaged (each counts the same); "
+        "sample_mean: each sample's tokens averaged, then the step's samples (a short answer counts as much "
+        "as a long episode)")
     chunk_size: PositiveInt = 1024
     cache_dtype: Literal["fp32", "bf16"] = "fp32"
     shard_tokens: PositiveInt = 65536

@@ -112,3 +112,16 @@ def test_pipelined_stage_interrupted_mid_round_resumes_to_the_same_student(model
     assert hist["staleness_per_round"] == [0, 1, 1]
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_preparing_thread_takes_its_own_share_of_torch_threads():
+    """Pipelined rounds split torch's intra-op threads between the training thread and the
+    preparing one (a per-thread setting under OpenMP): the background thread sees its own
+    count and the caller's is untouched."""
+    import torch
+
+    from distill.opd import _Background
+
+    before = torch.get_num_threads()
+    assert _Background(torch.get_num_threads, threads=1).result() == 1
+    assert torch.get_num_threads() == before
