@@ -87,17 +87,21 @@ def plan_packing(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def weight_groups_equally(samples: list[Sample]) -> list[Sample]:
+def weight_groups_equally(samples: list[Sample], shares: dict[str, float] | None = None) -> list[Sample]:
     """The same samples with target weights that give every group (domain) the same share of
     the step's loss: a target of group g weighs N / (G * n_g), where N is the step's target
     count, n_g group g's and G the number of groups. The weights sum to N, so the trainers'
     `global_tokens` divisor turns the token mean into the mean of the groups' token means
-    (a short-answer domain is not drowned by long ones)."""
+    (a short-answer domain is not drowned by long ones). With `shares` (group -> a positive
+    weight, 1 for a group not named) group g's share is w_g / (sum of the step's groups' w)
+    instead of 1 / G: a target weighs N w_g / (n_g sum w), the weights still sum to N."""
     counts: dict[str, float] = {}
     for s in samples:
         counts[s.group] = counts.get(s.group, 0.0) + float(sum(s.loss_mask[1:]))  # a first token is never a target
     total = sum(counts.values())
-    scale = {g: total / (len(counts) * n) if n > 0 else 0.0 for g, n in counts.items()}
+    w = {g: float((shares or {}).get(g, 1.0)) for g in counts}
+    norm = sum(w[g] for g, n in counts.items() if n > 0) or 1.0
+    scale = {g: total * w[g] / (norm * n) if n > 0 else 0.0 for g, n in counts.items()}
     return [Sample(s.input_ids, [m * scale[s.group] for m in s.loss_mask], s.group) for s in samples]
 
 
@@ -142,11 +146,13 @@ def with_global_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> list[dic
 
 
 def build_step_batches(samples: list[Sample], *, micro_batch_size: int, pad_id: int,
-                       pack_length: int | None = None, balance_groups: bool = False) -> list[dict[str, torch.Tensor]]:
+                       pack_length: int | None = None, balance_groups: bool = False,
+                       group_shares: dict[str, float] | None = None) -> list[dict[str, torch.Tensor]]:
     """One optimiser step's micro-batches (packed when `pack_length` is set, else padded);
-    `balance_groups`: every group the same share of the loss (`weight_groups_equally`)."""
+    `balance_groups`: every group the same share of the loss, or shares in proportion to
+    `group_shares` (`weight_groups_equally`)."""
     if balance_groups:
-        samples = weight_groups_equally(samples)
+        samples = weight_groups_equally(samples, group_shares)
     if pack_length:
         rows = pack_rows(samples, pack_length, pad_id)
         return with_global_tokens(split_into_micro_batches(rows, micro_batch_size))

@@ -107,7 +107,8 @@ def run_sft(settings: SFTSettings, *, trainer, tokenizer, train_rows: list[dict]
         picked = [train[i] for i in cursor.take(settings.batch_size)]
         micro = build_step_batches(picked, micro_batch_size=settings.micro_batch_size, pad_id=pad_id,
                                    pack_length=(settings.pack_length or settings.max_length) if settings.pack else None,
-                                   balance_groups=settings.loss_aggregation == "domain_token_mean")
+                                   balance_groups=settings.loss_aggregation == "domain_token_mean",
+                                   group_shares=settings.domain_shares)
         t0 = time.perf_counter()
         metrics = trainer.train_step(micro, loss_fn)
         last = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],

@@ -11,7 +11,8 @@ from engine.settings import Settings
 
 class SFTSettings(Settings):
     # added after runs existed: out of the stage hash while at these values (pipeline.graph._dump)
-    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"pack_length": None, "loss_aggregation": "token_mean"}
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"pack_length": None, "loss_aggregation": "token_mean",
+                                             "domain_shares": None}
 
     steps: PositiveInt = 200
     batch_size: PositiveInt = Field(64, description="samples per optimiser step")
@@ -22,6 +23,9 @@ class SFTSettings(Settings):
     loss_aggregation: Literal["token_mean", "domain_token_mean"] = Field(
         "token_mean", description="token_mean: one mean over the step's targets; domain_token_mean: the mean of "
                                   "the domains' own token means (short answers are not drowned by long ones)")
+    domain_shares: dict[str, float] | None = Field(
+        None, description="with domain_token_mean: domain -> its weight in the step's loss (1 for a domain "
+                          "not named); a domain's share is its weight over the sum of the step's domains' weights")
     shuffle: bool = True
     # optimisation (passed to the trainer through `trainer_overrides`)
     lr: float = Field(3e-3, gt=0.0)
@@ -36,6 +40,17 @@ class SFTSettings(Settings):
     save_every: PositiveInt = 50
     keep_last: PositiveInt = 2
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _domain_shares_apply(self):
+        if self.domain_shares is not None:
+            if self.loss_aggregation != "domain_token_mean":
+                raise ValueError("domain_shares needs loss_aggregation: domain_token_mean "
+                                 f"(got {self.loss_aggregation!r}, which weighs tokens, not domains)")
+            bad = {d: w for d, w in self.domain_shares.items() if not w > 0}
+            if bad:
+                raise ValueError(f"domain_shares must be positive, got {bad}")
+        return self
 
     @model_validator(mode="after")
     def _pack_length_fits(self):

@@ -306,6 +306,9 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
             errors.append((f"opd.teachers[{i}].mode", f"{t.mode!r} is not one of domain {t.domain!r}'s modes "
                                                       f"{list(cfg.domain(t.domain).modes or {})}"))
     errors += _teacher_route_errors(cfg.opd.teachers or [])
+    shares = cfg.student_sft.domain_shares or {}
+    errors += [(f"student_sft.domain_shares.{d}", f"{d!r} is not one of the domains {names}")
+               for d in shares if d not in names]
     init = cfg.opd.student_init
     if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
         errors.append(("opd.student_init", f"{init!r}: no such domain; domains: {names}"))

@@ -84,6 +84,42 @@ def test_weight_groups_equally_is_the_mean_of_group_token_means():
     assert [s.loss_mask for s in same] == [[0, 1, 1], [0, 1]]
 
 
+def test_group_shares_weight_each_groups_token_mean():
+    """Against a float64 reference: with shares {tool: 2, code: 0.5} (math unnamed: 1), the
+    weighted token mean equals sum_g w_g * mean_g / sum_g w_g, the weights still sum to the
+    target count, and shares that are all equal give the equal-share weights exactly."""
+    g = torch.Generator().manual_seed(1)
+    samples = [Sample(list(range(n)), [0] + torch.randint(0, 2, (n - 1,), generator=g).tolist(), grp)
+               for n, grp in [(6, "math"), (30, "tool"), (25, "tool"), (4, "math"), (12, "code")]]
+    values = [torch.randn(len(s.input_ids), generator=g, dtype=torch.float64) for s in samples]
+    shares = {"tool": 2.0, "code": 0.5}
+    weighted = weight_groups_equally(samples, shares)
+    targets = sum(sum(s.loss_mask[1:]) for s in samples)
+    assert sum(sum(w.loss_mask[1:]) for w in weighted) == pytest.approx(targets)
+    got = sum(float((torch.tensor(w.loss_mask[1:], dtype=torch.float64) * v[1:]).sum())
+              for w, v in zip(weighted, values)) / targets
+    ref, norm = 0.0, 0.0
+    for grp in ("math", "tool", "code"):
+        vals = [float(v[1:][torch.tensor(s.loss_mask[1:]) > 0].sum()) for s, v in zip(samples, values) if s.group == grp]
+        n = sum(sum(s.loss_mask[1:]) for s in samples if s.group == grp)
+        w = shares.get(grp, 1.0)
+        ref += w * sum(vals) / n
+        norm += w
+    assert got == pytest.approx(ref / norm, rel=1e-12)
+    equal = weight_groups_equally(samples, {"math": 3.0, "tool": 3.0, "code": 3.0})
+    assert [s.loss_mask for s in equal] == [s.loss_mask for s in weight_groups_equally(samples)]
+
+
+def test_domain_shares_need_the_domain_mean_and_positive_weights():
+    from experts.sft_settings import SFTSettings
+
+    assert SFTSettings(loss_aggregation="domain_token_mean", domain_shares={"tool": 2}).domain_shares == {"tool": 2.0}
+    with pytest.raises(ValueError, match="domain_shares needs loss_aggregation: domain_token_mean"):
+        SFTSettings(domain_shares={"tool": 2})
+    with pytest.raises(ValueError, match="domain_shares must be positive"):
+        SFTSettings(loss_aggregation="domain_token_mean", domain_shares={"tool": 0})
+
+
 def test_global_tokens_and_split():
     b = pad_rows(_samples([5, 7, 4]), pad_id=0)
     parts = with_global_tokens(split_into_micro_batches(b, 2))
