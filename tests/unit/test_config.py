@@ -109,7 +109,7 @@ def test_a_change_invalidates_exactly_the_downstream_stages(tmp_path):
 
 
 def test_fields_added_later_keep_old_hashes_at_their_default(tmp_path):
-    """SFT's pack_length and loss_aggregation joined after runs existed: at their defaults
+    """SFT's pack_length, loss_aggregation and domain_shares joined after runs existed: at their defaults
     they leave every stage hash as it was (the dump without them); set, they invalidate
     exactly the stages downstream of that SFT."""
     from pipeline.graph import _dump
@@ -120,13 +120,16 @@ def test_fields_added_later_keep_old_hashes_at_their_default(tmp_path):
     cfg = load_config(_write(tmp_path, raw))
     dumped = _dump(cfg.student_sft)
     full = cfg.student_sft.model_dump(mode="json")
-    assert set(full) - set(dumped) == {"pack_length", "loss_aggregation"}
+    assert set(full) - set(dumped) == {"pack_length", "loss_aggregation", "domain_shares"}
     base = input_hashes(build_graph(cfg))
     explicit = input_hashes(build_graph(load_config(_write(tmp_path, raw), ["student_sft.loss_aggregation=token_mean"])))
     assert explicit == base
     changed = input_hashes(build_graph(load_config(_write(tmp_path, raw),
                                                    ["student_sft.loss_aggregation=domain_token_mean"])))
     assert {k for k in base if base[k] != changed[k]} == {"sft:all", "mixed_rl", "opd", "eval", "report"}
+    shared = input_hashes(build_graph(load_config(_write(tmp_path, raw), [
+        "student_sft.loss_aggregation=domain_token_mean", "student_sft.domain_shares={tool: 2}"])))
+    assert {k for k in base if shared[k] != changed[k]} == {"sft:all", "mixed_rl", "opd", "eval", "report"}
     with pytest.raises(ConfigError, match="pack_length"):
         load_config(_write(tmp_path, raw), ["student_sft.pack_length=8"])
 
