@@ -103,6 +103,20 @@ def _summary(source: Path, arms: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _split_overrides(text: str) -> list[str]:
+    """`a=1,b={x: 1, y: 2}` -> ['a=1', 'b={x: 1, y: 2}']: commas inside brackets stay."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
@@ -116,7 +130,7 @@ def main(argv=None) -> int:
     arms = {}
     for spec in args.arm:
         name, _, ov = spec.partition("=")
-        overrides = [o for o in ov.split(",") if o]
+        overrides = [o for o in _split_overrides(ov) if o]
         arm_dir = out / name
         _link_source(source, arm_dir, args.rerun)
         for stage in [*args.rerun, "opd"]:
