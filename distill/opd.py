@@ -462,7 +462,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
                                         pad_id=pad_id, round_idx=r, step0=step, logger=logger)
         finally:
-            torch.set_num_threads(threads)
+            if ahead is not None:
+                torch.set_num_threads(threads)
         t3 = time.time()
         if ahead is not None:
             ahead.wait()  # round r + 1 sampled from these weights: update the generator only after
