@@ -16,9 +16,20 @@ the result. The `day` argument is there so that the values cannot be memorised p
 city (measured: without it the model recited the training value of a city instead of
 reading the result). Eval questions are held out whole (hash of the question).
 
-Imperfect on purpose: in `WRONG_RATE` of the training demonstrations the final answer
-reads the other field of a weather result (temp for wind, wind for temp): a well-formed
-episode whose call is right and whose answer is not, which the reward separates.
+Imperfect on purpose, two ways:
+- In `DIRECT_RATE` of the training sunrise questions the demonstration answers at once,
+  without calling `get_time`: `Sunrise in Oslo on day 4?` -> `07:12`. The demonstrator
+  knew the value; the model cannot (values are hashes of the arguments), so what SFT
+  learns from the majority is to answer sunrise questions from memory, as a model that
+  skips its tools does: a systematic error, verifiable (no call, and a wrong time), while
+  sampling still calls the tool in about a third of the episodes, the better mode GRPO's
+  reward finds (as the code domain's literal form). Eval references always expect the
+  call. (Tried first on `add` questions: answered directly, the mixed SFT also learned to
+  answer the math domain's sums without working, and the student's math fell:
+  docs/tiny_experiment.md.)
+- In `WRONG_RATE` of the training demonstrations the final answer reads the other field
+  of a weather result (temp for wind, wind for temp): a well-formed episode whose call is
+  right and whose answer is not, which the reward separates.
 
 Measured figures for this setting and the ones it replaced: docs/tiny_experiment.md.
 
@@ -44,6 +55,7 @@ CITIES = (
 MAX_ADDEND = 50
 MAX_DAY = 30
 WRONG_RATE = 0.15
+DIRECT_RATE = 0.7
 MAX_OUTPUT_CHARS = 200
 MAX_CALLS = 4
 
@@ -153,6 +165,8 @@ def draw(rng: random.Random, split: str) -> tuple[str, dict]:
         {"role": "tool", "content": result},
         {"role": "assistant", "content": answer},
     ]
+    if name == "get_time" and split == "train" and rng.random() < DIRECT_RATE:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     reference_answer = fields[field] if field is not None else result
     return question, {"messages": messages, "reference": {
         "calls": [{"name": name, "arguments": args}], "answer": reference_answer, "tools": SCHEMAS}}
@@ -164,4 +178,5 @@ DOMAIN = register_domain(Domain(
     draw=draw,
     make_environment=ToolEnvironment,
     description="questions answered by one XML tool call (weather, time, add) and its result",
+    data_version=2,
 ))

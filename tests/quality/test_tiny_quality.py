@@ -1,13 +1,13 @@
 """The quality bars of the tiny experiment, on the run `make demo` makes (configs/tiny.yaml).
 
 Runs `python -m pipeline run configs/tiny.yaml` as the README's demo command does: on a
-fresh checkout that is the whole experiment (~25 minutes on 2 idle cores); after
+fresh checkout that is the whole experiment (~34 minutes on 2 idle cores); after
 `make demo` every stage is done for its input hash and the run takes seconds. Then it
 checks the figures the issues ask for, on held-out eval prompts with the config's fixed
 seed:
 
-- GRPO (issue 5): `grpo:<d>` beats `sft:<d>` by more than MARGIN_SE paired standard errors
-  on at least three of the four domains. The difference is paired per prompt (the same
+- GRPO (issues 5, 21): `grpo:<d>` beats `sft:<d>` by more than MARGIN_SE paired standard
+  errors on every domain. The difference is paired per prompt (the same
   128 held-out prompts, greedy), so its standard error is that of the per-prompt
   differences; a one-sided 2-SE margin is a 2.3% chance for a true difference of zero,
   and the run is deterministic (fixed seeds, one thread per stage), so it does not move
@@ -21,6 +21,9 @@ seed:
   position in the response, and a student that learns its teacher's longer answers gains
   tail positions, which raises the all-token mean while the KL at every position falls
   (measured on ifeval, issue-6 note).
+- Not asserted: issue 21's "the student's mean above mixed RL's by 2 paired SE" (the
+  report's `mean of 4 | student vs mixed_rl` row): measured -0.045 +- 0.016 with this
+  config's experts (docs/tiny_experiment.md).
 """
 
 import json
@@ -39,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUN = ROOT / "runs" / "tiny"
 MARGIN_SE = 2.0
 HELDOUT_MARGIN_SE = 2.0
-STUDENT_FRACTION = 0.9  # issue 21's bar; measured (make demo, 2026-11-30): code 1.02, ifeval 1.03, math 0.93, tool 1.52
+STUDENT_FRACTION = 0.9  # issue 21's bar; measured (E3 experts, sft:all 1200 steps): code 0.92, ifeval 1.12, math 1.27, tool 0.92
 DOMAINS = ("code", "ifeval", "math", "tool")
 
 pytestmark = [pytest.mark.slow, pytest.mark.quality]
@@ -49,7 +52,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.quality]
 def run():
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=3600)
+                          capture_output=True, text=True, timeout=5400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((RUN / "eval" / "results.json").read_text())
     opd = json.loads((RUN / "opd" / "manifest.json").read_text())["metrics"]
@@ -62,7 +65,7 @@ def _rerun():
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(5400)
 def test_every_stage_done_every_model_scored_and_a_rerun_skips_everything(run):
     """The end-to-end checks (formerly a separate shortened run of the same graph): the eval
     table covers every model and domain, the report is written and named on stdout, and a
@@ -85,8 +88,8 @@ def test_every_stage_done_every_model_scored_and_a_rerun_skips_everything(run):
     assert "running" not in second.stdout.lower().replace("not running", ""), second.stdout[-3000:]
 
 
-@pytest.mark.timeout(3600)
-def test_grpo_beats_sft_by_two_paired_standard_errors_on_three_domains(run):
+@pytest.mark.timeout(5400)
+def test_grpo_beats_sft_by_two_paired_standard_errors_on_every_domain(run):
     results, _, _ = run
     per = results["greedy_per_prompt"]
     rows = {}
@@ -96,10 +99,10 @@ def test_grpo_beats_sft_by_two_paired_standard_errors_on_three_domains(run):
         rows[d] = paired_difference(sft, grpo)
     clear = [d for d, (diff, se) in rows.items() if diff > MARGIN_SE * se]
     table = {d: f"{diff:+.3f} +- {se:.3f}" for d, (diff, se) in rows.items()}
-    assert len(clear) >= 3, f"grpo - sft above {MARGIN_SE} SE on {clear} only: {table}"
+    assert len(clear) == len(DOMAINS), f"grpo - sft above {MARGIN_SE} SE on {clear} only: {table}"
 
 
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(5400)
 def test_opd_heads_heldout_kl_and_student_fraction(run):
     results, opd, _ = run
     assert opd["max_resident_heads"] == 1

@@ -187,10 +187,19 @@ def test_imperfect_train_demonstrations_fraction():
     imperfect = sum(ifv(episode_text(r), r["reference"]).score < 1.0 for r in rows) / len(rows)
     assert abs(imperfect - ifeval_domain.WRONG_RATE) < 0.06
     rows = get_domain("tool").generate("train", 800, seed=0)
-    scores = [tv(episode_text(r), r["reference"]).score for r in rows]
-    assert set(scores) <= {0.5, 1.0}  # the call is always right; only weather answers are swapped
-    weather = sum(r["reference"]["calls"][0]["name"] == "get_weather" for r in rows)
+    called = [r for r in rows if any(m["role"] == "tool" for m in r["messages"])]
+    scores = [tv(episode_text(r), r["reference"]).score for r in called]
+    assert set(scores) <= {0.5, 1.0}  # a call made is always right; only weather answers are swapped
+    weather = sum(r["reference"]["calls"][0]["name"] == "get_weather" for r in called)
     assert abs(scores.count(0.5) / weather - tool_domain.WRONG_RATE) < 0.06
+    # sunrise questions answered from memory (no call): the right time, half the reward
+    sunrise = [r for r in rows if r["reference"]["calls"][0]["name"] == "get_time"]
+    direct = [r for r in sunrise if r not in called]
+    assert abs(len(direct) / len(sunrise) - tool_domain.DIRECT_RATE) < 0.06
+    assert {tv(episode_text(r), r["reference"]).score for r in direct} == {0.5}
+    assert all(r in called for r in rows if r["reference"]["calls"][0]["name"] != "get_time")
+    held_out = get_domain("tool").generate("eval", 200, seed=0)  # eval references always make the call
+    assert all(any(m["role"] == "tool" for m in r["messages"]) for r in held_out)
 
 
 def test_tool_environment_executes_and_reports_errors():
