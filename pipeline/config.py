@@ -167,6 +167,10 @@ class ExperimentConfig(Frozen):
     generator: GeneratorConfig = GeneratorConfig()
     domains: list[DomainConfig] = Field(min_length=1)
     student_sft: SFTSettings = Field(SFTSettings(), description="SFT of the OPD student / mixed-RL start on every domain's data (stage sft:all)")
+    expert_init: Literal["sft:domain", "sft:all"] = Field(
+        "sft:domain", description="where each domain's GRPO expert starts: 'sft:domain' (its own SFT stage, "
+                                  "`domains[].sft`) or 'sft:all' (the shared SFT on every domain's data, "
+                                  "`student_sft`, as the student and mixed RL do; no per-domain SFT stages)")
     opd: OPDSettings = OPDSettings()
     mixed_rl: MixedRLConfig = MixedRLConfig()
     eval: EvalConfig = EvalConfig()
@@ -190,6 +194,10 @@ class ExperimentConfig(Frozen):
             if d.name == name:
                 return d
         raise KeyError(f"no domain {name!r}; known: {self.domain_names}")
+
+    def expert_start(self, domain: str) -> str:
+        """The stage whose model `grpo:<domain>` starts from (and is compared against)."""
+        return "sft:all" if self.expert_init == "sft:all" else f"sft:{domain}"
 
     def teachers(self):
         from distill.opd_settings import TeacherSpec
@@ -312,6 +320,13 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     init = cfg.opd.student_init
     if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
         errors.append(("opd.student_init", f"{init!r}: no such domain; domains: {names}"))
+    elif init.startswith("sft:") and init != "sft:all" and cfg.expert_init == "sft:all":
+        errors.append(("opd.student_init", f"{init!r}: there are no per-domain SFT stages with expert_init "
+                                           "'sft:all'; use 'sft:all' or 'base'"))
+    if cfg.expert_init == "sft:all":
+        errors += [(f"domains[{i}].sft", "not used: with expert_init 'sft:all' every expert starts from the "
+                                         "shared SFT (student_sft); remove it or set expert_init 'sft:domain'")
+                   for i, d in enumerate(cfg.domains) if "sft" in d.model_fields_set]
     if cfg.generator.backend == "vllm" and cfg.resources.num_gpus == 0:
         errors.append(("generator.backend", "'vllm' needs resources.num_gpus > 0 (vLLM is GPU only)"))
     if cfg.trainer.device == "cuda" and cfg.resources.num_gpus == 0:

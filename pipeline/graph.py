@@ -83,16 +83,17 @@ def build_graph(cfg: ExperimentConfig) -> list[Stage]:
     ]
     common = {"trainer": _dump(cfg.trainer), "seed": cfg.seed}
     rl_common = {**common, "generator": _dump(cfg.generator)}
+    # sft:all first: the runner launches ready stages in this order, and it is the longest one
+    if cfg.opd.student_init == "sft:all" or cfg.mixed_rl.enabled or cfg.expert_init == "sft:all":
+        stages.append(Stage("sft:all", ("prepare",), {**common, "sft": _dump(cfg.student_sft)}))
     for d in cfg.domains:
-        stages.append(Stage(f"sft:{d.name}", ("prepare",), {**common, "sft": _dump(d.sft)}))
+        if cfg.expert_init == "sft:domain":
+            stages.append(Stage(f"sft:{d.name}", ("prepare",), {**common, "sft": _dump(d.sft)}))
         for mode in d.mode_names:  # one expert per (domain, mode): docs/modes.md
             inputs = {**rl_common, "grpo": _dump(d.grpo), "verifier": d.verifier}
             if mode is not None:
                 inputs["mode"] = {mode: _dump(d.modes[mode])}
-            stages.append(Stage(grpo_stage(d.name, mode), (f"sft:{d.name}",), inputs))
-    needs_student_sft = cfg.opd.student_init == "sft:all" or cfg.mixed_rl.enabled
-    if needs_student_sft:
-        stages.append(Stage("sft:all", ("prepare",), {**common, "sft": _dump(cfg.student_sft)}))
+            stages.append(Stage(grpo_stage(d.name, mode), (cfg.expert_start(d.name),), inputs))
     if cfg.mixed_rl.enabled:
         stages.append(Stage("mixed_rl", ("sft:all",),
                             {**rl_common, "grpo": _dump(cfg.mixed_rl.grpo),

@@ -185,14 +185,16 @@ def _comparison_row(where: str, comparison: str, ma: float, mb: float, mean: flo
 
 
 def paired_comparisons(res: dict) -> list[str]:
-    """grpo:<d> - sft:<d> and student - grpo:<d> on each domain's own prompts, greedy, with
+    """grpo:<d> - its SFT start (sft:<d>, or sft:all with expert_init 'sft:all') and student - grpo:<d>
+    on each domain's own prompts, greedy, with
     the paired standard error (a gap under ~2 SE is not distinguishable from noise)."""
     from pipeline.evaluate import paired_difference
 
     per = res.get("greedy_per_prompt") or {}
     rows = []
     for d in sorted(res.get("n_eval", {})):
-        for a, b in ((f"sft:{d}", f"grpo:{d}"), (f"grpo:{d}", "student"), ("sft:all", "student")):
+        start = f"sft:{d}" if f"sft:{d}" in per else "sft:all"  # the expert's start (expert_init)
+        for a, b in dict.fromkeys(((start, f"grpo:{d}"), (f"grpo:{d}", "student"), ("sft:all", "student"))):
             sa, sb = per.get(a, {}).get(d), per.get(b, {}).get(d)
             if not sa or not sb or len(sa) != len(sb) or len(sa) < 2:
                 continue

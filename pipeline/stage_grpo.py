@@ -55,7 +55,7 @@ def grpo(ctx: StageContext) -> dict:
     settings = ctx.cfg.domain(d).grpo
     if mode is not None:
         settings = settings.model_copy(update={"max_new_tokens": ctx.cfg.domain(d).modes[mode].max_new_tokens})
-    return _run_grpo_stage(ctx, settings, ctx.model_dir(f"sft:{d}"), [d], mode=mode)
+    return _run_grpo_stage(ctx, settings, ctx.model_dir(ctx.cfg.expert_start(d)), [d], mode=mode)
 
 
 def mixed_rl(ctx: StageContext) -> dict:

@@ -108,6 +108,18 @@ def _both_sources(raw, tmp):
     raw["domains"][0]["data"]["eval"] = str(tmp / "t.jsonl")
 
 
+def _shared_start_with_domain_sft(raw, _tmp):
+    raw["expert_init"] = "sft:all"
+    raw["domains"][1]["sft"] = {"steps": 10}
+
+
+def _shared_start_student_from_domain(raw, _tmp):
+    raw["expert_init"] = "sft:all"
+    for d in raw["domains"]:
+        d.pop("sft", None)
+    raw["opd"]["student_init"] = "sft:math"
+
+
 # (case id, mutation, overrides, YAML path the message must name)
 CASES = [
     ("unknown_top_level_key", _set("tranier", {}), [], "tranier"),
@@ -147,6 +159,9 @@ CASES = [
     ("domain_share_unknown_domain", _set("student_sft.domain_shares", {"chess": 2.0}), [],
      "student_sft.domain_shares.chess"),
     ("domain_share_not_positive", _set("student_sft.domain_shares", {"tool": -1.0}), [], "student_sft"),
+    ("expert_init_typo", _set("expert_init", "sft:each"), [], "expert_init"),
+    ("expert_init_shared_with_domain_sft", _shared_start_with_domain_sft, [], "domains[1].sft"),
+    ("expert_init_shared_student_from_domain_sft", _shared_start_student_from_domain, [], "opd.student_init"),
     ("missing_base_model_dir", _set("model.base", "/no/such/model"), [], "model.base"),
     ("teacher_path_missing", _external_teacher("missing"), [], "opd.teachers[0].path"),
     ("teacher_other_vocab_hf_student", _external_teacher("same_size_other_tokens_hf_base"), [],
@@ -236,7 +251,7 @@ def _duplicate(key_line: str, after: str) -> Callable[[str], str]:
 # Raw YAML text the dict mutations above cannot express: (case, edit of the YAML text or bytes, YAML path)
 TEXT_CASES = [
     ("duplicate_top_level_key", _duplicate("seed: 1", "seed:"), "seed"),
-    ("duplicate_nested_key", _duplicate("    lr: 0.5", "    lr:"), "domains[0].sft.lr"),
+    ("duplicate_nested_key", _duplicate("    lr: 0.5", "    lr:"), "domains[0].grpo.lr"),
     ("invalid_utf8", lambda text: text.encode() + b"# caf\xe9\n", "bad.yaml"),
     ("nested_50k_deep", lambda text: text + "extra: " + "[" * 50_000 + "]" * 50_000 + "\n", "bad.yaml"),
     ("nested_50k_deep_block", lambda text: text + "".join(" " * i + "k:\n" for i in range(3000)), "bad.yaml"),

@@ -1,6 +1,7 @@
 """The experiment schema, overrides, CLI validate/plan, and every shipped YAML."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -126,12 +127,38 @@ def test_fields_added_later_keep_old_hashes_at_their_default(tmp_path):
     assert explicit == base
     changed = input_hashes(build_graph(load_config(_write(tmp_path, raw),
                                                    ["student_sft.loss_aggregation=domain_token_mean"])))
-    assert {k for k in base if base[k] != changed[k]} == {"sft:all", "mixed_rl", "opd", "eval", "report"}
+    downstream = {"sft:all", "mixed_rl", "opd", "eval", "report"} | {
+        f"grpo:{d}" for d in cfg.domain_names if cfg.expert_start(d) == "sft:all"}  # experts started from it
+    assert {k for k in base if base[k] != changed[k]} == downstream
     shared = input_hashes(build_graph(load_config(_write(tmp_path, raw), [
         "student_sft.loss_aggregation=domain_token_mean", "student_sft.domain_shares={tool: 2}"])))
-    assert {k for k in base if shared[k] != changed[k]} == {"sft:all", "mixed_rl", "opd", "eval", "report"}
+    assert {k for k in base if shared[k] != changed[k]} == downstream
     with pytest.raises(ConfigError, match="pack_length"):
         load_config(_write(tmp_path, raw), ["student_sft.pack_length=8"])
+
+
+def test_experts_from_the_shared_sft(tmp_path):
+    """expert_init 'sft:all': no per-domain SFT stages, every grpo:<d> after sft:all (which the
+    runner launches first), and a change to the shared SFT reruns every expert; the default
+    keeps the per-domain SFT stages and their hashes."""
+    raw = _tiny_raw()
+    raw.pop("expert_init", None)
+    for d in raw["domains"]:
+        d.setdefault("sft", {"steps": 10})
+    per_domain = build_graph(load_config(_write(tmp_path, raw)))
+    assert [s.name for s in per_domain][:2] == ["prepare", "sft:all"]
+    assert {s.name: s.deps for s in per_domain}["grpo:math"] == ("sft:math",)
+    for d in raw["domains"]:
+        d.pop("sft")
+    raw["expert_init"] = "sft:all"
+    cfg = load_config(_write(tmp_path, raw))
+    stages = {s.name: s.deps for s in build_graph(cfg)}
+    assert not [n for n in stages if n.startswith("sft:") and n != "sft:all"]
+    assert all(stages[f"grpo:{d}"] == ("sft:all",) for d in cfg.domain_names)
+    assert cfg.expert_start("math") == "sft:all"
+    base = input_hashes(build_graph(cfg))
+    changed = input_hashes(build_graph(load_config(_write(tmp_path, raw), ["student_sft.lr=1e-3"])))
+    assert {k for k in base if base[k] != changed[k]} == set(base) - {"prepare"}
 
 
 def test_a_domain_data_version_reruns_prepare_and_everything_after_it(tmp_path, monkeypatch):
@@ -157,8 +184,9 @@ def test_a_domain_data_version_reruns_prepare_and_everything_after_it(tmp_path, 
 def test_plan_lists_stages_with_submit_lines():
     out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "configs/tiny.yaml"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for d in ("math", "code", "ifeval", "tool"):
-        assert f"sft:{d}" in out and f"grpo:{d}" in out
+    for d in ("math", "code", "ifeval", "tool"):  # the experts start from sft:all (expert_init)
+        assert re.search(rf"\. grpo:{d} +after: sft:all ", out), out[:3000]
+    assert "sft:all" in out and "sft:math" not in out
     for s in ("opd", "eval", "report"):
         assert f" {s} " in out
     # the job `pipeline run --address` submits: one rank's CPUs, the upload excludes, the run dir

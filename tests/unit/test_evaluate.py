@@ -167,3 +167,13 @@ def test_report_lists_paired_comparisons():
     res["greedy_per_prompt"].update({"mixed_rl": {"math": [0, 0, 0, 1]}, "student": {"math": [1, 1, 0, 1]}})
     (mean_line,) = [x for x in paired_comparisons(res) if x.startswith("| mean")]
     assert mean_line == "| mean of 1 | student vs mixed_rl | 0.250 | 0.750 | +0.500 | 0.289 | +1.7 | 3.00 |"
+
+
+def test_report_compares_experts_with_the_shared_sft_they_start_from():
+    """With expert_init 'sft:all' there is no sft:<d>: grpo:<d> is compared with sft:all, and
+    student vs sft:all is listed once."""
+    from pipeline.report import paired_comparisons
+
+    per = {"sft:all": {"math": [0, 0, 1, 1]}, "grpo:math": {"math": [1, 0, 1, 1]}, "student": {"math": [1, 1, 1, 1]}}
+    lines = [x for x in paired_comparisons({"n_eval": {"math": 4}, "greedy_per_prompt": per}) if x.startswith("| math")]
+    assert [x.split(" | ")[1] for x in lines] == ["grpo:math vs sft:all", "student vs grpo:math", "student vs sft:all"]

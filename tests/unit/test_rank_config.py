@@ -16,8 +16,8 @@ def _load(tmp_path, overrides):
 
 
 def test_two_ranks_on_a_trainer_stage_validate(tmp_path):
-    cfg = _load(tmp_path, ["resources.stages.sft:math={trainer_ranks: 2}", "trainer.backend=torch"])
-    assert cfg.resources_for("sft:math").trainer_ranks == 2
+    cfg = _load(tmp_path, ["resources.stages.grpo:math={trainer_ranks: 2}", "trainer.backend=torch"])
+    assert cfg.resources_for("grpo:math").trainer_ranks == 2
     cfg = _load(tmp_path, ["resources.stages.opd={trainer_ranks: 2}", "trainer.backend=deepspeed"])
     assert cfg.resources_for("opd").trainer_ranks == 2
 
