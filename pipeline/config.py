@@ -318,11 +318,12 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     errors += [(f"student_sft.domain_shares.{d}", f"{d!r} is not one of the domains {names}")
                for d in shares if d not in names]
     init = cfg.opd.student_init
-    if init.startswith("sft:") and init != "sft:all" and init[4:] not in names:
-        errors.append(("opd.student_init", f"{init!r}: no such domain; domains: {names}"))
-    elif init.startswith("sft:") and init != "sft:all" and cfg.expert_init == "sft:all":
-        errors.append(("opd.student_init", f"{init!r}: there are no per-domain SFT stages with expert_init "
-                                           "'sft:all'; use 'sft:all' or 'base'"))
+    if init.startswith("sft:") and init != "sft:all":
+        if init[4:] not in names:
+            errors.append(("opd.student_init", f"{init!r}: no such domain; domains: {names}"))
+        elif cfg.expert_init == "sft:all":
+            errors.append(("opd.student_init", f"{init!r}: there are no per-domain SFT stages with expert_init "
+                                               "'sft:all'; use 'sft:all' or 'base'"))
     if cfg.expert_init == "sft:all":
         errors += [(f"domains[{i}].sft", "not used: with expert_init 'sft:all' every expert starts from the "
                                          "shared SFT (student_sft); remove it or set expert_init 'sft:domain'")

@@ -57,7 +57,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.quality]
 # 1 s). Resources are outside the stage hashes, and one or two threads give sft:all the same
 # weights (docs/tiny_experiment.md), so this is the demo's experiment and a later
 # `make demo` reuses it.
-RESOURCES = ["resources.stages={sft:all: {num_cpus: 1}, eval: {num_cpus: 2}}"]
+RESOURCES = ["resources.stages.sft:all.num_cpus=1"]
 
 
 @pytest.fixture(scope="module")
