@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from distill.allocation import round_allocation
 from distill.opd_loss import OPDLoss, loss_divisors  # noqa: F401  (OPDLoss re-exported: the loss the trainer runs)
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
@@ -78,6 +79,7 @@ class TeacherRef:
     model_dir: str
     weight: float
     mode: str | None = None  # the reasoning mode it teaches (engine.modes); None: the whole domain
+    share: float = 1.0  # its relative share of a round's prompts (distill.allocation)
 
     @property
     def route(self) -> str:
@@ -89,12 +91,15 @@ class TeacherRef:
 
 
 def rollout_round(settings: OPDSettings, streams: dict[str, PromptStream], domains: dict[str, DomainSpec],
-                  teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int, wal=None) -> list[RolloutSample]:
+                  teacher_of_domain: dict[str, int], *, generator, tokenizer, round_idx: int, wal=None,
+                  counts: dict[str, int] | None = None) -> list[RolloutSample]:
     """The student's samples for one round, each routed to its domain's teacher (each
-    domain's batch replayed from the rollout log `wal` when it is logged there)."""
+    domain's batch replayed from the rollout log `wal` when it is logged there); `counts`:
+    prompts per route (distill.allocation; default prompts_per_domain each)."""
     samples = []
     for d in sorted(streams):
-        samples += _domain_rollouts(settings, streams[d].take(settings.prompts_per_domain), d, domains[d],
+        n = settings.prompts_per_domain if counts is None else counts[d]
+        samples += _domain_rollouts(settings, streams[d].take(n), d, domains[d],
                                     teacher_of_domain[d], generator=generator, tokenizer=tokenizer,
                                     n=settings.samples_per_prompt, seed=settings.seed * 1000 + round_idx,
                                     id_prefix=f"r{round_idx}", wal=wal)
@@ -422,13 +427,14 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         t0 = time.time()
         rollouts_path = rdir / "rollouts.jsonl"
         wal = RolloutWAL(rdir / "rollouts.wal")  # finished domain batches, replayed after a kill
+        counts = round_allocation(settings, teachers, history, r)  # from the rounds finished before r's rule
         if rollouts_path.is_file():
             samples = read_rollouts(rollouts_path)
             for d in streams:  # the streams advanced when these rollouts were drawn
-                streams[d].take(settings.prompts_per_domain)
+                streams[d].take(counts[d])
         else:
             samples = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
-                                    tokenizer=tokenizer, round_idx=r, wal=wal)
+                                    tokenizer=tokenizer, round_idx=r, wal=wal, counts=counts)
             if settings.pipelined:  # which weights sampled them (the synchronous rounds' is r)
                 for s in samples:
                     s.policy_version = version["generator"]
@@ -438,7 +444,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         t1 = time.time()
         teach_stats = teach_round(settings, samples, teachers, rdir / "cache", load_teacher=load_teacher,
                                   pad_id=pad_id, prefill=prefill)
-        return _PreparedRound(samples, wal_counts, teach_stats, t1 - t0, time.time() - t1)
+        return _PreparedRound(samples, wal_counts, teach_stats, t1 - t0, time.time() - t1, counts)
 
     ahead: _Background | None = None  # pipelined: round r + 1's preparation, running during round r's training
     # while both run, the training thread and the preparing one each take half of torch's
@@ -475,6 +481,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         version["generator"] = r + 1
         generator.load_weights(trainer.state_dict())
         _update_history(history, records, teachers, teach_stats, samples, (prep.rollout_s, prep.teach_s, t3 - t2))
+        history.setdefault("prompts_per_round", []).append(prep.counts)
         if evaluate_student is not None:
             history["student_scores"].append(evaluate_student(generator))
         if logger is not None:
@@ -507,6 +514,7 @@ class _PreparedRound:
     teach_stats: dict
     rollout_s: float
     teach_s: float
+    counts: dict[str, int]  # prompts per route (distill.allocation)
 
 
 class _Background:

@@ -14,6 +14,7 @@ class TeacherSpec(Settings):
 
     domain: str
     weight: float = Field(1.0, gt=0.0)
+    share: float = Field(1.0, gt=0.0, description="its relative share of each round's prompts (distill.allocation)")
     path: str | None = Field(None, description="HF checkpoint; default: the domain's GRPO expert")
     mode: str | None = Field(None, description="the reasoning mode this teacher serves (route domain@mode); "
                                                "default: none (the domain's route)")
@@ -25,6 +26,12 @@ class OPDSettings(Settings):
     rounds: PositiveInt = 3
     prompts_per_domain: PositiveInt = 32
     samples_per_prompt: PositiveInt = 1
+    allocation: Literal["fixed", "kl"] = Field(
+        "fixed", description="how a round's prompts (prompts_per_domain x teachers) are split among the teachers: "
+        "fixed: by each teacher's share (1 each by default); kl: share x the teacher's training KL of the last "
+        "round known when the rollouts are drawn (distill.allocation)")
+    allocation_floor: float = Field(0.5, ge=0.0, le=1.0, description="the fewest prompts a teacher gets in a "
+                                    "round under allocation kl, as a fraction of prompts_per_domain (at least one)")
     max_new_tokens: PositiveInt = 64
     max_turns: PositiveInt = 3
     temperature: float = Field(1.0, ge=0.0)

@@ -37,7 +37,7 @@ def opd(ctx: StageContext) -> dict:
     from pipeline.graph import grpo_stage
 
     teachers = [TeacherRef(i, t.path or grpo_stage(t.domain, t.mode), t.domain,
-                           t.path or ctx.model_dir(grpo_stage(t.domain, t.mode)), t.weight, t.mode)
+                           t.path or ctx.model_dir(grpo_stage(t.domain, t.mode)), t.weight, t.mode, t.share)
                 for i, t in enumerate(cfg.teachers())]
     assert_same_vocab(student_dir, [t.model_dir for t in teachers])
     head_paths = []

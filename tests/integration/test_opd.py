@@ -45,8 +45,9 @@ class _Checkpoints:
         self.saved.append(path)
 
 
-def _run(models, out, rounds, checkpoints=None, heldout=None, **kw):
-    root, student, teachers, heads = models
+def _run(models, out, rounds, checkpoints=None, heldout=None, teachers=None, heads=None, **kw):
+    root, student, default_teachers, default_heads = models
+    teachers, heads = teachers or default_teachers, heads or default_heads
     torch.set_num_threads(1)
     tok = load_tokenizer(student)
     settings = OPDSettings(rounds=rounds, prompts_per_domain=8, samples_per_prompt=2, max_new_tokens=10,
@@ -154,3 +155,26 @@ def test_round_caches_removed_after_their_checkpoint_and_disk_reported(models, t
     assert max(hist["cache_bytes"]) <= hist["disk_peak_bytes"] < sum(hist["cache_bytes"])
     assert all(1.0 <= a <= 1.1 for a in hist["cache_read_amplification"])
     assert hist["rollout_wal"] == {"generated": 6, "regenerated": 0, "completed": 6, "replayed": 0}
+
+
+def test_kl_allocation_moves_prompts_to_the_larger_gap_and_resumes_to_the_same_student(models, tmp_path):
+    root, student, teachers, heads = models
+    # teacher b is the student's own start: a far smaller gap than teacher a's
+    kw = dict(allocation="kl", allocation_floor=0.25, teachers=[teachers[0], student],
+              heads=[heads[0], str(extract_head(student, tmp_path / "head-b.safetensors"))])
+    hist, full = _run(models, tmp_path / "full", rounds=3, **kw)
+    counts = hist["prompts_per_round"]
+    assert counts[0] == {"a": 8, "b": 8}  # no KL before round 0: the plain split
+    for r in (1, 2):  # then the teacher further from the student (round r - 1's KL) gets more
+        kl = hist["kl_per_teacher"][r - 1]
+        assert kl["grpo:a"] > 2 * kl["grpo:b"], kl
+        assert counts[r]["a"] > counts[r]["b"] >= 2 and counts[r]["a"] + counts[r]["b"] == 16, (counts, kl)
+        rollouts = [json.loads(x) for x in (tmp_path / f"full/round-{r}/rollouts.jsonl").read_text().splitlines()]
+        assert {d: sum(1 for x in rollouts if x["domain"] == d) for d in "ab"} == {d: 2 * counts[r][d] for d in "ab"}
+    assert all(n == 2 for n in hist["teachers_per_step"])  # every step still mixes both teachers
+    ck = _Checkpoints(tmp_path / "ck")
+    _run(models, tmp_path / "part", rounds=2, checkpoints=ck, **kw)  # killed after round 1
+    resumed_hist, resumed = _run(models, tmp_path / "part", rounds=3, checkpoints=ck, **kw)
+    assert resumed_hist["prompts_per_round"] == counts
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
