@@ -14,6 +14,12 @@ shares are split in exact proportion).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distill.opd import TeacherRef
+    from distill.opd_settings import OPDSettings
+
 
 def allocate_prompts(total: int, weights: dict[str, float], minimum: int) -> dict[str, int]:
     """Integer prompt counts per route that sum to `total`: each route gets `minimum`, and
@@ -37,7 +43,8 @@ def allocate_prompts(total: int, weights: dict[str, float], minimum: int) -> dic
     return {k: minimum + counts[k] for k in names}
 
 
-def round_allocation(settings, teachers, history: dict, round_idx: int) -> dict[str, int]:
+def round_allocation(settings: OPDSettings, teachers: list[TeacherRef], history: dict,
+                     round_idx: int) -> dict[str, int]:
     """Route -> prompts for round `round_idx` (see the module doc). `history` is the stage's
     (`kl_per_teacher`: one {teacher name: KL} per finished round); the result depends only on
     the rounds finished before the allocation's rule allows, so a resumed stage recomputes it."""
