@@ -21,6 +21,7 @@ Everything here is plain Python (no torch): `validate` imports it.
 from __future__ import annotations
 
 import re
+from typing import Any, ClassVar
 
 from pydantic import Field, PositiveInt
 
@@ -35,7 +36,10 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 class ModeSettings(Settings):
-    """One reasoning mode of a domain: its output budget and its GRPO reward shaping."""
+    """One reasoning mode of a domain: its output budget, its GRPO reward shaping and any GRPO
+    settings of its own."""
+
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"grpo": {}}
 
     max_new_tokens: PositiveInt = Field(description="the mode's output budget: generation cap in GRPO, OPD and eval")
     length_budget: PositiveInt | None = Field(
@@ -44,6 +48,8 @@ class ModeSettings(Settings):
     think_penalty: float = Field(1.0, ge=0.0, le=1.0, description="non-think: fraction of the reward lost when the "
                                                                   "response writes reasoning (<think> tokens)")
     instruction: str | None = Field(None, description="think-max: the system instruction (default: a built-in one)")
+    grpo: dict[str, Any] = Field(default_factory=dict, description="this mode's expert's GRPO settings where they "
+                                 "differ from the domain's `grpo` (e.g. lr, steps); checked by pipeline.config")
 
 
 def check_modes(modes: dict[str, ModeSettings]) -> list[tuple[str, str]]:

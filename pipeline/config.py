@@ -111,7 +111,23 @@ class DomainConfig(Frozen):
             raise ValueError("; ".join(f"modes.{p}: {r}" for p, r in problems))
         if self.modes is not None and not self.modes:
             raise ValueError("modes: empty; list at least one mode or leave `modes` out")
+        for name, m in (self.modes or {}).items():
+            if "max_new_tokens" in m.grpo:
+                raise ValueError(f"modes.{name}.grpo.max_new_tokens: the mode's own max_new_tokens is its budget")
+            try:
+                self.expert_grpo(name)
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"modes.{name}.grpo.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                           for e in exc.errors())) from None
         return self
+
+    def expert_grpo(self, mode: str | None) -> GRPOSettings:
+        """The GRPO settings of this domain's expert for `mode`: the domain's `grpo`, with the
+        mode's budget as max_new_tokens and its own `grpo` entries on top."""
+        if mode is None:
+            return self.grpo
+        m = self.modes[mode]
+        return GRPOSettings.model_validate({**self.grpo.model_dump(), **m.grpo, "max_new_tokens": m.max_new_tokens})
 
     @property
     def mode_names(self) -> list[str | None]:

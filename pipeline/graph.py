@@ -50,7 +50,8 @@ def grpo_stage(domain: str, mode: str | None = None) -> str:
 
 
 def _dump_modes(d) -> dict:
-    return {name: _dump(m) for name, m in d.modes.items()}
+    """The modes as `prepare` reads them (their GRPO settings are the experts' business)."""
+    return {name: {k: v for k, v in _dump(m).items() if k != "grpo"} for name, m in d.modes.items()}
 
 
 def _data_versions(cfg: ExperimentConfig) -> dict:

@@ -52,9 +52,7 @@ def grpo(ctx: StageContext) -> dict:
     from engine.modes import split_route
 
     d, mode = split_route(ctx.stage.name.split(":", 1)[1])
-    settings = ctx.cfg.domain(d).grpo
-    if mode is not None:
-        settings = settings.model_copy(update={"max_new_tokens": ctx.cfg.domain(d).modes[mode].max_new_tokens})
+    settings = ctx.cfg.domain(d).expert_grpo(mode)
     return _run_grpo_stage(ctx, settings, ctx.model_dir(ctx.cfg.expert_start(d)), [d], mode=mode)
 
 

@@ -133,6 +133,10 @@ def test_modes_config_and_graph(tmp_path):
     ({"think-high": {}}, "domains[0].modes.think-high.max_new_tokens", "Field required"),
     ({"non-think": {"max_new_tokens": 8, "budget": 3}}, "domains[0].modes.non-think.budget", "Extra inputs"),
     ({}, "domains[0]", "modes: empty"),
+    ({"think-max": {"max_new_tokens": 8, "grpo": {"lr": -1.0}}}, "domains[0]", "modes.think-max.grpo.lr: Input should"),
+    ({"think-max": {"max_new_tokens": 8, "grpo": {"stepz": 3}}}, "domains[0]", "modes.think-max.grpo.stepz: Extra"),
+    ({"think-max": {"max_new_tokens": 8, "grpo": {"max_new_tokens": 9}}}, "domains[0]",
+     "modes.think-max.grpo.max_new_tokens: the mode's own max_new_tokens is its budget"),
 ])
 def test_bad_modes_name_their_yaml_path(tmp_path, modes, path, reason):
     raw = _tiny_raw()
@@ -152,3 +156,19 @@ def test_teacher_modes_are_checked(tmp_path):
     errors = dict(exc.value.errors)
     assert "'think-max' is not one of domain 'math'" in errors["opd.teachers[0].mode"]
     assert "second teacher for route 'math@non-think'" in errors["opd.teachers[2].domain"]
+
+
+def test_a_mode_s_own_grpo_settings_reach_its_expert_alone(tmp_path):
+    raw = _tiny_raw()
+    raw["domains"][0]["modes"] = {"think-high": {"max_new_tokens": 48}, "think-max": {"max_new_tokens": 96}}
+    before = input_hashes(build_graph(_load(tmp_path, raw)))
+    raw["domains"][0]["modes"]["think-max"]["grpo"] = {"lr": 6.0e-5, "steps": 48}
+    cfg = _load(tmp_path, raw)
+    math = cfg.domain("math")
+    high, top = math.expert_grpo("think-high"), math.expert_grpo("think-max")
+    assert (high.lr, high.steps, high.max_new_tokens) == (math.grpo.lr, math.grpo.steps, 48)
+    assert (top.lr, top.steps, top.max_new_tokens) == (6.0e-5, 48, 96)
+    assert top.group_size == math.grpo.group_size  # the rest is the domain's
+    after = input_hashes(build_graph(cfg))
+    # only the think-max expert and what reads it rerun: not prepare, not the other experts
+    assert {k for k in before if before[k] != after[k]} == {"grpo:math@think-max", "opd", "eval", "report"}
