@@ -24,7 +24,9 @@ seed:
   (measured on ifeval, issue-6 note).
 - Not asserted: issue 21's "the student's mean above mixed RL's by 2 paired SE" (the
   report's `mean of 4 | student vs mixed_rl` row): measured +0.021 +- 0.013 (1.6 SE) with
-  experts started from sft:all (docs/tiny_experiment.md).
+  experts started from sft:all; the experts themselves are only +0.029 +- 0.013 (2.1 SE)
+  above mixed RL, and prompt allocation, longer or faster expert GRPO did not lift it
+  (docs/tiny_experiment.md).
 """
 
 import json
