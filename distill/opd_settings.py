@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
@@ -11,6 +11,8 @@ from engine.settings import Settings
 
 class TeacherSpec(Settings):
     """A teacher: a domain's expert (default) or an external HF checkpoint."""
+
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"share": 1.0}
 
     domain: str
     weight: float = Field(1.0, gt=0.0)
@@ -21,6 +23,8 @@ class TeacherSpec(Settings):
 
 
 class OPDSettings(Settings):
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"allocation": "fixed", "allocation_floor": 0.5}
+
     student_init: str = Field("sft:all", description="'base', 'sft:all', 'sft:<domain>' or a path")
     teachers: list[TeacherSpec] | None = Field(None, description="default: every domain's expert, weight 1")
     rounds: PositiveInt = 3

@@ -41,6 +41,12 @@ def _dump(model) -> object:
     for key, default in getattr(model, "HASH_NEUTRAL_DEFAULTS", {}).items():
         if out.get(key, object()) == default:
             del out[key]
+    for key in out:  # nested settings (opd.teachers[i]) drop theirs too
+        value = getattr(model, key, None)
+        if hasattr(value, "model_dump"):
+            out[key] = _dump(value)
+        elif isinstance(value, (list, tuple)) and any(hasattr(v, "model_dump") for v in value):
+            out[key] = [_dump(v) for v in value]
     return out
 
 

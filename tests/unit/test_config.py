@@ -298,3 +298,20 @@ def test_real_model_and_data_errors_name_their_keys(tmp_path):
     raw["domains"][0]["grpo"]["max_turns"] = 1
     cfg = load_config(_write(tmp_path, raw))
     assert cfg.domains[3].data.train.hf.split == "train[:2]"
+
+
+def test_opd_allocation_defaults_leave_the_hashes_and_other_values_move_them(tmp_path):
+    def opd_hash(mutate):
+        raw = _tiny_raw()
+        raw["opd"]["teachers"] = [{"domain": d} for d in ("math", "code", "ifeval", "tool")]
+        mutate(raw["opd"])
+        return input_hashes(build_graph(load_config(_write(tmp_path, raw))))["opd"]
+
+    plain = opd_hash(lambda o: None)
+    # spelled-out defaults hash as omitted ones (the runs made before these options keep their stages)
+    assert opd_hash(lambda o: o.update(allocation="fixed", allocation_floor=0.5)) == plain
+    assert opd_hash(lambda o: o["teachers"][0].update(share=1.0)) == plain
+    assert opd_hash(lambda o: o["teachers"][0].update(share=2.0)) != plain
+    assert opd_hash(lambda o: o.update(allocation="kl")) != plain
+    assert opd_hash(lambda o: o.update(allocation="kl", allocation_floor=0.25)) != opd_hash(
+        lambda o: o.update(allocation="kl"))
