@@ -2,7 +2,7 @@
 
 For each round:
   1. rollout: the student samples answers to prompts of every domain (tool episodes are
-     multi-turn); each sample is routed to its route's teacher: the domain's, or with
+     multi-turn; how many per route: distill.allocation); each sample is routed to its route's teacher: the domain's, or with
      reasoning modes the (domain, mode)'s (`TeacherRef.route`; prompts, domains and
      held-out rows are keyed by route). Saved to
      `round-r/rollouts.jsonl`.
