@@ -59,7 +59,5 @@ def round_allocation(settings: OPDSettings, teachers: list[TeacherRef], history:
                                    f"the history holds {len(kls)} rounds")
             kl = kls[known]
             weights = {t.route: t.share * max(float(kl.get(t.name, 0.0)), 0.0) for t in teachers}
-    if all(w == 1.0 for w in weights.values()):
-        return {r: n for r in weights}  # the plain split (bit for bit the one before allocations existed)
     minimum = max(1, int(settings.allocation_floor * n)) if settings.allocation == "kl" else 1
     return allocate_prompts(n * len(teachers), weights, minimum)
