@@ -14,7 +14,10 @@
    verifies every shard) on files evicted before each run with `posix_fadvise(DONTNEED)`
    per file (no root needed, touches no other process's pages), checked with `fincore`
    when it is installed; warm = a further epoch through the same reader (shards verified,
-   files in the page cache), and for readinto/dd a read of files in the page cache.
+   files in the page cache), and for readinto/dd a read of files in the page cache. The
+   methods are interleaved round by round (the virtual disk's rate drifts by 2x over
+   seconds), and the ratios are given both from the medians and as the median of each
+   round's ratio.
 3. Read amplification of one OPD epoch: bytes of shards the reader maps during an epoch of
    `distill.plan` mini-batches (random, teacher-mixed, as OPD trains) over the same cache,
    divided by the cache's bytes, with the LRU sized from the plan (`CacheReader.plan`) and,
@@ -131,18 +134,29 @@ def measure_reads(cache: dict, cache_dir: Path, repeats: int) -> list[dict]:
     if shutil.which("dd"):
         methods["dd bs=1M"] = {"cold": lambda: read_dd(files), "warm": lambda: read_dd(files)}
     for state in ("warm", "cold"):  # warm first: the warm reader is closed before any eviction
-        for name, fns in methods.items():
-            rates, resident = [], []
-            for _ in range(repeats):
-                resident.append(evict(files) if state == "cold" else (read_plain(files) and resident_fraction(files)))
+        rates: dict[str, list[float]] = {name: [] for name in methods}
+        resident: dict[str, list[str]] = {name: [] for name in methods}
+        for _ in range(repeats):  # methods interleaved in each round: the disk's rate drifts over seconds
+            for name, fns in methods.items():
+                resident[name].append(evict(files) if state == "cold" else (read_plain(files) and resident_fraction(files)))
                 t0 = time.perf_counter()
                 fns[state]()
-                rates.append(cache["bytes"] / MIB / (time.perf_counter() - t0))
-            if state == "warm" and name == "CacheReader.iter_samples":
-                warm_reader.close()  # a mapped page cannot be evicted: unmap before the cold runs
-            rows.append({"state": state, "method": name, "mib_per_s": summarize(rates),
-                         "resident_fraction_before": resident})
+                rates[name].append(cache["bytes"] / MIB / (time.perf_counter() - t0))
+        if state == "warm":
+            warm_reader.close()  # a mapped page cannot be evicted: unmap before the cold runs
+        rows += [{"state": state, "method": name, "mib_per_s": summarize(rates[name]), "rates": rates[name],
+                  "resident_fraction_before": resident[name]} for name in methods]
     return rows
+
+
+def paired_ratio(reads: list[dict], state: str, method: str, base: str) -> float | None:
+    """Median over rounds of method's rate / base's rate in the same round (None if base is absent)."""
+    rates = {r["method"]: r["rates"] for r in reads if r["state"] == state}
+    if base not in rates:
+        return None
+    ratios = sorted(a / b for a, b in zip(rates[method], rates[base]))
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 def _fresh_epoch(cache_dir: Path) -> int:
@@ -189,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--inprocess", action="store_true", help="accepted for symmetry; this benchmark has no children")
     opts = p.parse_args(argv)
     set_threads(1)
-    repeats = opts.repeats or (1 if opts.quick else 3)
+    repeats = opts.repeats or (1 if opts.quick else 5)
     mib = opts.mib or (8 if opts.quick else 256)
     shapes = [{"model": name, "hidden_size": h, "vocab": v, "dtype": d, **compute_bytes_per_token(h, v, b)}
               for name, (h, v) in SHAPES.items() for d, b in DTYPE_BYTES.items()]
@@ -205,7 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
            "measured_cache": {"hidden": cache["hidden"], "dtype": "bf16", "tokens": cache["tokens"],
                               "bytes": cache["bytes"], "bytes_per_token": cache["bytes_per_token"],
                               "files": len(cache["files"])},
-           "reads": reads, "amplification": amp, "eviction": "posix_fadvise(POSIX_FADV_DONTNEED) per shard file"}
+           "reads": reads, "amplification": amp,
+           "ratios": {"cold_reader_over_dd": paired_ratio(reads, "cold", "CacheReader.iter_samples", "dd bs=1M"),
+                      "warm_reader_over_readinto": paired_ratio(reads, "warm", "CacheReader.iter_samples",
+                                                                "plain readinto 1 MiB")}, "eviction": "posix_fadvise(POSIX_FADV_DONTNEED) per shard file"}
     write_results("cache", res, opts.out)
     print_table("Bytes per cached token", ["model", "H", "V", "dtype", "hidden", "full logits", "top-64", "full/hidden",
                                            "top64/hidden"],
@@ -220,8 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
                  for r in reads])
     rate = {(r["state"], r["method"]): r["mib_per_s"]["median"] for r in reads}
     if ("cold", "dd bs=1M") in rate:
-        print(f"  cold reader / dd: {rate['cold', 'CacheReader.iter_samples'] / rate['cold', 'dd bs=1M']:.2f}")
-    print(f"  warm reader / readinto: {rate['warm', 'CacheReader.iter_samples'] / rate['warm', 'plain readinto 1 MiB']:.2f}")
+        print(f"  cold reader / dd: {rate['cold', 'CacheReader.iter_samples'] / rate['cold', 'dd bs=1M']:.2f} "
+              f"(medians), {res['ratios']['cold_reader_over_dd']:.2f} (median of the rounds' ratios)")
+    print(f"  warm reader / readinto: {rate['warm', 'CacheReader.iter_samples'] / rate['warm', 'plain readinto 1 MiB']:.2f} "
+          f"(medians), {res['ratios']['warm_reader_over_readinto']:.2f} (median of the rounds' ratios)")
     print(f"  one OPD epoch ({amp['mini_batches']} random mini-batches, {amp['shards']} shards): bytes mapped / cache "
           f"bytes = {amp['planned_amplification']:.2f} with the planned LRU ({amp['planned_capacity']} shards), "
           f"{amp['two_shard_lru_amplification']:.2f} with a two-shard LRU")

@@ -25,8 +25,11 @@ has it (about 8 GB/s, so a cold read runs at the disk's speed; sha256 runs at ~1
 core, slower than an NVMe disk), sha256 for caches written before it. It fails with a
 `CacheError` naming the file on a missing, truncated or corrupt shard or a bad index.
 Mapped shards sit in an LRU whose capacity the caller sizes from its access plan
-(`size_shard_cache`), so a shard is mapped (read) about once per epoch; the next shard of
-the plan is verified and mapped on a background thread.
+(`size_shard_cache`), so a shard is mapped (read) about once per epoch. The shard being
+waited for and the plan's next `prefetch_depth` shards are verified and mapped on a pool of
+`prefetch_depth` threads, so the disk keeps `prefetch_depth` reads in flight however long the
+consumer takes over the current shard (with one read ahead started only when the consumer
+moved on, a cold epoch ran at 0.67-0.71 of `dd`; see BENCHMARKS.md section 3).
 """
 
 from __future__ import annotations
@@ -297,7 +300,8 @@ class CacheReader:
     A mapped shard costs address space, not memory: its pages are the kernel's page cache.
     """
 
-    def __init__(self, cache_dir: str | Path, *, prefetch: bool = True, max_cached_shards: int = 2):
+    def __init__(self, cache_dir: str | Path, *, prefetch: bool = True, max_cached_shards: int = 2,
+                 prefetch_depth: int = 2):
         self.cache_dir = Path(cache_dir)
         self.manifests: dict[int, dict] = {}
         self._where: dict[str, tuple[int, str | None, int, int]] = {}  # id -> (teacher, shard, offset, length)
@@ -310,8 +314,12 @@ class CacheReader:
         self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
         self._max_cached = max(1, max_cached_shards)
         self._verified: set[tuple[int, str]] = set()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") if prefetch else None
-        self._pending: tuple[tuple[int, str], Future] | None = None
+        if prefetch_depth < 1:
+            raise ValueError(f"CacheReader: prefetch_depth must be >= 1, got {prefetch_depth}")
+        self._depth = prefetch_depth
+        self._pool = (ThreadPoolExecutor(max_workers=prefetch_depth, thread_name_prefix="shard-prefetch")
+                      if prefetch else None)
+        self._pending: OrderedDict[tuple[int, str], Future] = OrderedDict()  # mapping now, in need order
         self._order: list[tuple[int, str]] = []  # first-touch order of the planned accesses (prefetch)
         self._order_pos: dict[tuple[int, str], int] = {}
         self.shard_loads = 0
@@ -439,14 +447,20 @@ class CacheReader:
         hidden = torch.frombuffer(mm, dtype=dtype, count=want[0] * want[1], offset=8 + n + begin).view(want)
         return hidden, checked
 
-    def _shard(self, key: tuple[int, str], next_key: tuple[int, str] | None = None) -> torch.Tensor:
-        """The verified shard (tokens, H); starts mapping the next planned shard in the background."""
+    def _shard(self, key: tuple[int, str], upcoming: list[tuple[int, str]] = ()) -> torch.Tensor:
+        """The verified shard (tokens, H). Keeps the next `prefetch_depth` shards to be needed
+        (the plan's first touches after `key` where the reader has a plan, else `upcoming`)
+        mapping and verifying on the pool's threads, so the disk never waits on the consumer."""
+        if key in self._order_pos:  # planned: the plan's next shards not yet mapped
+            upcoming = self._order[self._order_pos[key] + 1:]
         if key in self._cache:
             self._cache.move_to_end(key)
             hidden = self._cache[key]
+            self._prefetch(upcoming)
         else:
-            pending, self._pending = self._pending, None
-            hidden, checked = pending[1].result() if pending and pending[0] == key else self._map_shard(*key)
+            self._prefetch([key, *upcoming])  # before waiting: the next shards' reads start now
+            pending = self._pending.pop(key, None)
+            hidden, checked = pending.result() if pending is not None else self._map_shard(*key)
             self._verified.add(key)
             self.verified_bytes += checked
             self.shard_loads += 1
@@ -454,15 +468,24 @@ class CacheReader:
             self._cache[key] = hidden
             while len(self._cache) > self._max_cached:
                 self._cache.popitem(last=False)
-        if key in self._order_pos:  # planned: the next shard of the plan not yet mapped
-            nxt = (k for k in self._order[self._order_pos[key] + 1:] if k not in self._cache)
-            next_key = next(nxt, None)
-        if (next_key is not None and self._pool is not None and next_key not in self._cache
-                and (self._pending is None or self._pending[0] != next_key)):
-            if self._pending is not None:
-                self._pending[1].cancel()
-            self._pending = (next_key, self._pool.submit(self._map_shard, *next_key))
         return hidden
+
+    def _prefetch(self, upcoming: Iterable[tuple[int, str]]) -> None:
+        """Map the next `prefetch_depth` not-yet-mapped shards of `upcoming` in the background;
+        cancels prefetches no longer among them."""
+        if self._pool is None:
+            return
+        want: list[tuple[int, str]] = []
+        for k in upcoming:
+            if len(want) == self._depth + 1:  # the needed shard and `depth` more: one queued behind the pool
+                break
+            if k not in self._cache and k not in want:
+                want.append(k)
+        for k in [k for k in self._pending if k not in want]:
+            self._pending.pop(k).cancel()  # a running one finishes and is dropped
+        for k in want:
+            if k not in self._pending:
+                self._pending[k] = self._pool.submit(self._map_shard, *k)
 
     def get(self, sample_id: str) -> torch.Tensor:
         """One sample's states, (L, H): a view of the mapped shard (copy it before writing)."""
@@ -483,12 +506,12 @@ class CacheReader:
             by_shard.setdefault((t, shard), []).append(sid)
         plan = sorted(by_shard, key=lambda k: (k[0], k[1] or ""))
         loaded = [k for k in plan if k[1] is not None]
-        nxt = {k: (loaded[i + 1] if i + 1 < len(loaded) else None) for i, k in enumerate(loaded)}
+        after = {k: loaded[i + 1:i + 1 + self._depth] for i, k in enumerate(loaded)}
         for key in plan:
             if key[1] is None:
                 yield from ((sid, self._empty(key[0])) for sid in by_shard[key])
                 continue
-            hidden = self._shard(key, nxt[key])  # (tokens, H), a view of the mapping
+            hidden = self._shard(key, after[key])  # (tokens, H), a view of the mapping
             for sid in by_shard[key]:
                 _, _, off, n = self._where[sid]
                 yield sid, hidden[off:off + n]
@@ -498,7 +521,7 @@ class CacheReader:
         """One TeacherBatch per teacher present, in ascending teacher order.
 
         Inside a teacher the caller's order is kept. Shards are visited in order, the next
-        one mapped on a background thread while the current one is sliced; the states are
+        ones mapped on the prefetch pool while the current one is sliced; the states are
         views of the mapped shards (`TeacherBatch.cat` makes the one copy).
         """
         ids = list(sample_ids)
@@ -525,5 +548,5 @@ class CacheReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        self._pending = None
+        self._pending.clear()
         self._cache.clear()

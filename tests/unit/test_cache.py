@@ -271,3 +271,52 @@ def test_reader_maps_views_verifies_once_and_a_planned_epoch_reads_each_shard_on
     assert (reader.bytes_read - before) / reader.total_bytes <= 1.1
     assert reader.verified_bytes == reader.total_bytes  # ... and never again by this reader
     reader.close()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_prefetch_keeps_depth_reads_in_flight_in_plan_order_and_changes_no_state(teacher, tmp_path, depth, monkeypatch):
+    """The pool reads the next `prefetch_depth` shards of the plan while the consumer works
+    (so the disk never waits for it), never more at once, in the plan's first-touch order;
+    the states equal an unprefetched reader's and each shard is verified once."""
+    import threading
+    import time
+
+    from distill.plan import plan_minibatches
+
+    cache_dir = tmp_path
+    write_teacher_cache(teacher[0], 0, "math", make_samples("d", 8, seed=3), cache_dir, batch_size=4, shard_tokens=5)
+    plain = CacheReader(cache_dir, prefetch=False)
+    ids = plain.sample_ids()
+    steps = plan_minibatches([0] * len(ids), 4, 2, seed=2)
+    batches = [[ids[i] for i in mp.sample_indices] for step in steps for mp in step]
+    want = {s: plain.get(s).clone() for s in ids}
+    reader = CacheReader(cache_dir, prefetch_depth=depth)
+    seq = reader.access_sequence(batches)
+    reader.plan(seq)
+    assert len(set(seq)) >= 5
+    lock, state, started = threading.Lock(), {"now": 0, "max": 0}, []
+    orig = CacheReader._map_shard
+
+    def slow_map(self, t, shard):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+            started.append((t, shard))
+        time.sleep(0.02)  # a disk read: long enough for the others to start if they may
+        try:
+            return orig(self, t, shard)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(CacheReader, "_map_shard", slow_map)
+    for batch in batches:
+        for tb in reader.iter_minibatch(batch):
+            for s, h in zip(tb.sample_ids, tb.hidden):
+                assert torch.equal(h, want[s])
+    assert state["max"] == min(depth, len(set(seq)))  # parallel reads, bounded by the depth
+    assert started[:len(set(seq))] == list(dict.fromkeys(seq))  # in the order training needs them
+    assert reader.verified_bytes == reader.total_bytes
+    reader.close()
+    with pytest.raises(ValueError, match="prefetch_depth"):
+        CacheReader(cache_dir, prefetch_depth=0)
