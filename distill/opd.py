@@ -251,7 +251,7 @@ def teach_round(settings: OPDSettings, samples: list[RolloutSample], teachers: l
 
 
 def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, global_tokens: float, step: int,
-                 row_weights: bool = False) -> dict:
+                 row_weights: bool = False, advantages: bool = False) -> dict:
     from engine.batching import Sample, pad_rows
 
     chosen = [samples[i] for i in plan.sample_indices]
@@ -266,12 +266,32 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
     batch["global_tokens"] = torch.tensor(float(global_tokens))
     if row_weights:  # sample_mean: each row's targets weigh 1 / its response tokens
         batch["row_token_weights"] = torch.tensor([1.0 / max(response_tokens(s), 1) for s in chosen])
+    if advantages:  # the reward term (OPDSettings.reward_weight): each row's group advantage
+        batch["advantages"] = torch.tensor([s.advantage for s in chosen], dtype=torch.float32)
     return batch
 
 
 def response_tokens(sample: RolloutSample) -> int:
     """The targets the OPD loss takes from `sample` (loss-mask positions after the first)."""
     return sum(sample.loss_mask[1:])
+
+
+def set_reward_advantages(samples: list[RolloutSample], rewards: list[float], group_size: int) -> None:
+    """Each sample's `reward`, and its `advantage`: the reward z-scored within its prompt's
+    group (`experts.advantages`' `grpo` estimator; a group of equal rewards gets 0). A
+    round's samples are its prompts' groups back to back (`roll_out`: `out[i * n + j]`)."""
+    from experts.advantages import compute_advantages
+
+    if len(rewards) != len(samples) or len(samples) % group_size:
+        raise ValueError(f"OPD rewards: {len(rewards)} rewards for {len(samples)} samples in groups of {group_size}")
+    groups = [list(range(g, g + group_size)) for g in range(0, len(samples), group_size)]
+    for idx in groups:
+        if len({(samples[i].route, str(samples[i].row_id)) for i in idx}) != 1:
+            raise ValueError(f"OPD rewards: samples {[samples[i].sample_id for i in idx]} are not one prompt's group")
+    advantages = compute_advantages([[rewards[i] for i in idx] for idx in groups], "grpo")
+    for idx, adv in zip(groups, advantages):
+        for i, a in zip(idx, adv):
+            samples[i].reward, samples[i].advantage = float(rewards[i]), float(a)
 
 
 def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: Path, *, trainer, loss_fn, pad_id: int,
@@ -295,7 +315,8 @@ def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: 
                                           for mp in micro_plans], [mp.teacher_index for mp in micro_plans],
                                          settings.loss_aggregation, [len(mp.sample_indices) for mp in micro_plans])
                 mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step,
-                                    row_weights=settings.loss_aggregation == "sample_mean")
+                                    row_weights=settings.loss_aggregation == "sample_mean",
+                                    advantages=settings.reward_weight > 0)
                        for mp, d in zip(micro_plans, divisors)]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
@@ -365,13 +386,16 @@ def read_rollouts(path: Path) -> list[RolloutSample]:
 def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: dict[str, list[dict]],
             teachers: list[TeacherRef], domains: dict[str, DomainSpec], out_dir: str | Path, head_paths: list[str],
             load_teacher, checkpoints=None, logger=None, evaluate_student=None,
-            heldout: dict[str, list[dict]] | None = None, load_student=None, prefill=None) -> dict:
+            heldout: dict[str, list[dict]] | None = None, load_student=None, prefill=None, score_rollouts=None) -> dict:
     """All rounds; resumes after the last completed round. Returns the stage metrics.
 
     With `heldout` (domain -> held-out prompt rows) and `load_student` (() -> a model of
     the student's architecture), the held-out KL is measured before round 0 and after
     every `settings.heldout_every`-th round and the last (`kl_heldout_per_teacher`).
-    `prefill`: where the teach phase runs (`teach_round`); None = in this process."""
+    `prefill`: where the teach phase runs (`teach_round`); None = in this process.
+    `score_rollouts` (samples -> verifier scores) is needed with `settings.reward_weight`:
+    each round's samples are scored when drawn, and their rewards and advantages kept in
+    its rollouts.jsonl."""
     from engine.atomic import atomic_write_jsonl
 
     out_dir = Path(out_dir)
@@ -388,8 +412,10 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         for d, st in extra["streams"].items():
             streams[d].load_state_dict(st)
         generator.load_weights(trainer.state_dict())
+    if settings.reward_weight > 0 and score_rollouts is None:
+        raise ValueError("run_opd: opd.reward_weight > 0 needs score_rollouts (the routes' verifiers)")
     loss_fn = OPDLoss(head_paths, [t.weight for t in teachers], settings.divergence, settings.chunk_size,
-                      settings.jsd_beta)
+                      settings.jsd_beta, reward_weight=settings.reward_weight)
     pad_id = tokenizer.pad_token_id
     measure = bool(heldout) and load_student is not None
 
@@ -438,7 +464,10 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             if settings.pipelined:  # which weights sampled them (the synchronous rounds' is r)
                 for s in samples:
                     s.policy_version = version["generator"]
-            atomic_write_jsonl(rollouts_path, [s.to_opd_record() for s in samples])
+            if settings.reward_weight > 0:
+                set_reward_advantages(samples, score_rollouts(samples), settings.samples_per_prompt)
+            atomic_write_jsonl(rollouts_path, [s.to_opd_record(with_rewards=settings.reward_weight > 0)
+                                               for s in samples])
         wal_counts = wal.counts()
         wal.close()
         t1 = time.time()
@@ -482,6 +511,11 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         generator.load_weights(trainer.state_dict())
         _update_history(history, records, teachers, teach_stats, samples, (prep.rollout_s, prep.teach_s, t3 - t2))
         history.setdefault("prompts_per_round", []).append(prep.counts)
+        if settings.reward_weight > 0:  # the student's mean training reward per route this round
+            by_route: dict[str, list[float]] = {}
+            for smp in samples:
+                by_route.setdefault(smp.route, []).append(smp.reward)
+            history.setdefault("reward_per_round", []).append({d: sum(v) / len(v) for d, v in sorted(by_route.items())})
         if evaluate_student is not None:
             history["student_scores"].append(evaluate_student(generator))
         if logger is not None:

@@ -52,17 +52,38 @@ def loss_divisors(tokens: list[int], teachers: list[int], aggregation: str,
                      "(token_mean, teacher_token_mean, sample_mean)")
 
 
+def compute_policy_gradient_term(h_s: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 advantages: torch.Tensor, token_weights: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """`-sum_i token_weights_i * advantages_i * log p_s(targets_i | h_s_i)`: REINFORCE on the
+    sampled tokens with a per-sample advantage (the rollouts are the student's own, at
+    temperature 1, so the ratio to the sampler is 1 in a round's first step). h_s (N, H)
+    post-norm, weight (V, H), targets (N,), advantages and token_weights (N,). Chunked over
+    tokens (`engine.logprobs.compute_chunked_token_logprobs`), so no (N, V) tensor is built."""
+    from engine.logprobs import compute_chunked_token_logprobs
+
+    n = h_s.shape[0]
+    if n == 0:
+        return h_s.sum() * 0.0
+    # one "sequence" per target: position 0 holds its state, position 1 its token
+    hidden = torch.stack([h_s, torch.zeros_like(h_s)], dim=1)  # (N, 2, H)
+    ids = torch.stack([targets, targets], dim=1)  # (N, 2)
+    logp = compute_chunked_token_logprobs(hidden, weight, ids, chunk_size)[:, 1]  # (N,)
+    coef = (token_weights.to(logp.dtype) * advantages.to(logp.dtype)).detach()  # (N,)
+    return -(coef * logp).sum()
+
+
 class OPDLoss:
     """Picklable loss sent to the trainer: teacher head resident one at a time."""
 
     def __init__(self, head_paths: list[str], teacher_weights: list[float], divergence: str,
-                 chunk_size: int, jsd_beta: float, head_dtype: torch.dtype | None = None):
+                 chunk_size: int, jsd_beta: float, head_dtype: torch.dtype | None = None, reward_weight: float = 0.0):
         self.head_paths = list(head_paths)
         self.teacher_weights = list(teacher_weights)
         self.divergence = divergence
         self.chunk_size = chunk_size
         self.jsd_beta = jsd_beta
         self.head_dtype = head_dtype
+        self.reward_weight = float(reward_weight)
         self._heads = None
         self._step = None
 
@@ -111,11 +132,19 @@ class OPDLoss:
         loss_sum, per_token = compute_chunked_divergence(
             h_s, weight, h_t.to(device=h_s.device, dtype=h_s.dtype), head, w, kind=self.divergence,
             chunk_size=self.chunk_size, beta=self.jsd_beta)
+        metrics = {}
+        if self.reward_weight > 0 and "advantages" in batch:  # MOPD: plus the reward's policy gradient
+            adv = batch["advantages"].to(device=h_s.device, dtype=torch.float32)  # (B,)
+            targets = batch["input_ids"][:, 1:][mask].to(h_s.device)  # (N,), the tokens h_s predicted
+            pg_sum = compute_policy_gradient_term(h_s, weight, targets, adv[:, None].expand(mask.shape)[mask],
+                                                  w * self.reward_weight, self.chunk_size)
+            loss_sum = loss_sum + pg_sum
+            metrics[f"pg_sum/teacher{t}"] = float(pg_sum.detach())
         loss = loss_sum / batch["global_tokens"].to(loss_sum.device)
         n = per_token.numel()
         return loss, {"head_load_events": float(loaded),
                       "resident_heads": float(heads.max_resident_heads),
-                      f"kl_sum/teacher{t}": float(per_token.sum()), f"kl_tokens/teacher{t}": float(n)}
+                      f"kl_sum/teacher{t}": float(per_token.sum()), f"kl_tokens/teacher{t}": float(n), **metrics}
 
     def finish(self) -> dict:
         if self._heads is None:

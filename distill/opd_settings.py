@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from engine.settings import Settings
 
@@ -23,7 +23,7 @@ class TeacherSpec(Settings):
 
 
 class OPDSettings(Settings):
-    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"allocation": "fixed", "allocation_floor": 0.5}
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"allocation": "fixed", "allocation_floor": 0.5, "reward_weight": 0.0}
 
     student_init: str = Field("sft:all", description="'base', 'sft:all', 'sft:<domain>' or a path")
     teachers: list[TeacherSpec] | None = Field(None, description="default: every domain's expert, weight 1")
@@ -47,6 +47,10 @@ class OPDSettings(Settings):
         "teacher's tokens averaged on their own, then the teachers in the step averaged (each counts the same); "
         "sample_mean: each sample's tokens averaged, then the step's samples (a short answer counts as much "
         "as a long episode)")
+    reward_weight: float = Field(0.0, ge=0.0, description="weight of a policy-gradient term on the domain's "
+                                 "verifier reward added to the divergence (MiMo's MOPD): -weight x A x log p of "
+                                 "each sampled token, A the sample's reward z-scored within its prompt's "
+                                 "samples_per_prompt samples (needs >= 2); 0: distillation alone")
     chunk_size: PositiveInt = 1024
     cache_dtype: Literal["fp32", "bf16"] = "fp32"
     shard_tokens: PositiveInt = 65536
@@ -68,3 +72,10 @@ class OPDSettings(Settings):
     heldout_every: PositiveInt = Field(1, description="rounds between held-out KL measurements (also before round 0 and after the last)")
     eval_prompts_per_round: int = Field(16, ge=0, description="held-out prompts per domain scored greedily after each round (0: off)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _reward_needs_groups(self) -> "OPDSettings":
+        if self.reward_weight > 0 and self.samples_per_prompt < 2:
+            raise ValueError(f"reward_weight {self.reward_weight} needs samples_per_prompt >= 2 (the reward's "
+                             f"baseline is the prompt's other samples), got {self.samples_per_prompt}")
+        return self

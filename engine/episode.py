@@ -65,15 +65,17 @@ class RolloutSample:
                    text=t.text, reference=row.get("reference"), route=route, row_id=row.get("id"),
                    mode=row.get("mode"), max_response_tokens=max_response_tokens)
 
-    def to_opd_record(self) -> dict:
+    def to_opd_record(self, with_rewards: bool = False) -> dict:
         """The line of OPD's rollouts.jsonl ("domain" holds the route; `policy_version`
-        only when set)."""
+        only when set; `reward` and `advantage` with `with_rewards`)."""
         rec = {"sample_id": self.sample_id, "domain": self.route, "teacher_index": self.teacher_index,
                "row_id": self.row_id, "input_ids": self.input_ids, "loss_mask": self.loss_mask,
                "rollout_logprobs": self.rollout_logprobs, "finish_reason": self.finish_reason, "text": self.text,
                "reference": self.reference}
         if self.policy_version is not None:
             rec["policy_version"] = self.policy_version
+        if with_rewards:  # OPD with a reward term: the verifier's score and the group advantage
+            rec["reward"], rec["advantage"] = self.reward, self.advantage
         return rec
 
     @classmethod
@@ -81,7 +83,7 @@ class RolloutSample:
         """Inverse of `to_opd_record`; a line missing a key or carrying an unknown one is an
         error naming `where` (a file written by another version)."""
         missing = [k for k in OPD_RECORD_KEYS if k not in rec]
-        unknown = sorted(set(rec) - set(OPD_RECORD_KEYS) - {"policy_version"})
+        unknown = sorted(set(rec) - set(OPD_RECORD_KEYS) - {"policy_version", "reward", "advantage"})
         if missing or unknown:
             raise ValueError(f"{where}: sample {rec.get('sample_id')!r} is not an OPD rollout record "
                              f"(missing keys {missing}, unknown keys {unknown})")
@@ -93,7 +95,8 @@ class RolloutSample:
                    finish_reason=rec["finish_reason"], text=rec["text"], reference=rec["reference"],
                    route=rec["domain"], row_id=rec["row_id"], mode=split_route(rec["domain"])[1],
                    sample_id=rec["sample_id"], teacher_index=rec["teacher_index"],
-                   policy_version=rec.get("policy_version"))
+                   policy_version=rec.get("policy_version"), reward=float(rec.get("reward", 0.0)),
+                   advantage=float(rec.get("advantage", 0.0)))
 
 
 def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, tokenizer, n: int, temperature: float,

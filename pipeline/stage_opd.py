@@ -21,6 +21,20 @@ def _greedy_scores(generator, tokenizer, scorer, specs, rows_by_domain, s) -> di
     return out
 
 
+def _rollout_scores(scorer, specs, samples) -> list[float]:
+    """Each OPD rollout's verifier score, by its route's verifier (the reward term)."""
+    from engine.episode import score_samples
+
+    by_route: dict[str, list[int]] = {}
+    for i, smp in enumerate(samples):
+        by_route.setdefault(smp.route, []).append(i)
+    out = [0.0] * len(samples)
+    for d, idx in sorted(by_route.items()):
+        for i, x in zip(idx, score_samples(scorer, specs[d], [samples[i] for i in idx], f"OPD rollouts, route {d!r}")):
+            out[i] = float(x)
+    return out
+
+
 def opd(ctx: StageContext) -> dict:
     from distill.heads import assert_same_vocab, extract_head
     from distill.opd import TeacherRef, run_opd
@@ -89,7 +103,8 @@ def opd(ctx: StageContext) -> dict:
                           if s.eval_prompts_per_round else None,
                           heldout=heldout if s.heldout_prompts_per_domain else None,
                           load_student=lambda: load_model(student_dir, dtype=cfg.model.dtype, device=device),
-                          prefill=prefill)
+                          prefill=prefill,
+                          score_rollouts=(lambda smp: _rollout_scores(scorer, specs, smp)) if s.reward_weight else None)
     finally:
         scorer.close()
         generator.close()

@@ -45,7 +45,7 @@ class _Checkpoints:
         self.saved.append(path)
 
 
-def _run(models, out, rounds, checkpoints=None, heldout=None, teachers=None, heads=None, **kw):
+def _run(models, out, rounds, checkpoints=None, heldout=None, teachers=None, heads=None, score_rollouts=None, **kw):
     root, student, default_teachers, default_heads = models
     teachers, heads = teachers or default_teachers, heads or default_heads
     torch.set_num_threads(1)
@@ -59,7 +59,7 @@ def _run(models, out, rounds, checkpoints=None, heldout=None, teachers=None, hea
     hist = run_opd(settings, trainer=trainer, generator=gen, tokenizer=tok,
                    prompts={d: _rows(d, 40) for d in "ab"}, teachers=refs, domains=domains, out_dir=out,
                    head_paths=heads, load_teacher=lambda p: load_model(p), checkpoints=checkpoints,
-                   heldout=heldout, load_student=lambda: load_model(student))
+                   heldout=heldout, load_student=lambda: load_model(student), score_rollouts=score_rollouts)
     return hist, trainer
 
 
@@ -178,3 +178,53 @@ def test_kl_allocation_moves_prompts_to_the_larger_gap_and_resumes_to_the_same_s
     assert resumed_hist["prompts_per_round"] == counts
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _even_first_token(samples):
+    """A stand-in verifier: 1 where the response starts with an even token id."""
+    return [float(s.input_ids[s.loss_mask.index(1)] % 2 == 0) for s in samples]
+
+
+def _even_mass(model_dir, trainer, prompts):
+    """The student's probability of an even first response token, mean over `prompts`."""
+    from engine.chat import render_row_prompt
+
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    model.load_state_dict(trainer.state_dict())
+    with torch.no_grad():
+        p = [torch.softmax(model(torch.tensor([render_row_prompt(r, tok)])).logits[0, -1], -1) for r in prompts]
+    return float(sum(pi[0::2].sum() for pi in p) / len(p))
+
+
+def test_reward_term_moves_the_student_toward_the_reward_and_resumes_from_logged_rewards(models, tmp_path):
+    """MOPD: with `reward_weight` the student's rollouts are scored, each sample's advantage
+    is its reward z-scored within its prompt's group and kept in rollouts.jsonl, and the
+    policy-gradient term moves the student toward the reward, beyond distillation alone; a
+    stage that finds a round's scored rollouts on disk trains on their logged advantages."""
+    _, student, _, _ = models
+    _, base = _run(models, tmp_path / "kl", rounds=3)
+    hist, full = _run(models, tmp_path / "full", rounds=3, score_rollouts=_even_first_token, reward_weight=10.0)
+    prompts = _rows("a", 40)[:16] + _rows("b", 40)[:16]
+    assert _even_mass(student, full, prompts) > _even_mass(student, base, prompts) + 0.02  # 0.531 against 0.499
+    assert len(hist["reward_per_round"]) == 3 and set(hist["reward_per_round"][0]) == {"a", "b"}
+    recs = [json.loads(x) for x in (tmp_path / "full/round-0/rollouts.jsonl").read_text().splitlines()]
+    assert any(r["advantage"] != 0 for r in recs)
+    for g in range(0, len(recs), 2):  # z-scored within each prompt's two samples: 0 or +-1/sqrt(2)
+        first, second = recs[g], recs[g + 1]
+        assert first["row_id"] == second["row_id"] and first["domain"] == second["domain"]
+        want = 0.0 if first["reward"] == second["reward"] else (1 if first["reward"] > second["reward"] else -1) * 0.5 ** 0.5
+        assert first["advantage"] == pytest.approx(want, abs=1e-3) and second["advantage"] == pytest.approx(-want, abs=1e-3)
+    ck = _Checkpoints(tmp_path / "ck")
+    _run(models, tmp_path / "part", rounds=2, checkpoints=ck, score_rollouts=_even_first_token, reward_weight=10.0)
+    # killed after round 1's checkpoint with round 2's rollouts already written
+    (tmp_path / "part/round-2").mkdir()
+    (tmp_path / "part/round-2/rollouts.jsonl").write_bytes((tmp_path / "full/round-2/rollouts.jsonl").read_bytes())
+    calls = []
+    _, resumed = _run(models, tmp_path / "part", rounds=3, checkpoints=ck, reward_weight=10.0,
+                      score_rollouts=lambda smp: calls.append(len(smp)) or _even_first_token(smp))
+    assert calls == []  # round 2's rewards came from its rollouts.jsonl, not a new scoring
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="score_rollouts"):
+        _run(models, tmp_path / "none", rounds=1, reward_weight=10.0)

@@ -313,5 +313,7 @@ def test_opd_allocation_defaults_leave_the_hashes_and_other_values_move_them(tmp
     assert opd_hash(lambda o: o["teachers"][0].update(share=1.0)) == plain
     assert opd_hash(lambda o: o["teachers"][0].update(share=2.0)) != plain
     assert opd_hash(lambda o: o.update(allocation="kl")) != plain
+    assert opd_hash(lambda o: o.update(reward_weight=0.0)) == plain
+    assert opd_hash(lambda o: o.update(reward_weight=0.1)) != plain
     assert opd_hash(lambda o: o.update(allocation="kl", allocation_floor=0.25)) != opd_hash(
         lambda o: o.update(allocation="kl"))
