@@ -42,7 +42,7 @@ def episode_text(row):
 
 def test_registry_lists_and_rejects():
     assert set(DOMAINS) <= set(known_domains())
-    with pytest.raises(KeyError, match="unknown domain .*; known: code, ifeval, math, math_chain, math_chain_redo, tool"):
+    with pytest.raises(KeyError, match="unknown domain .*; known: code, ifeval, math, math_chain, tool"):
         get_domain("chess")
     with pytest.raises(ValueError, match="already registered"):
         register_domain(Domain(name="math", verifier="math", draw=math_domain.draw))
