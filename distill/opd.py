@@ -52,6 +52,8 @@ the epoch's plan to keep it <= 1.1); mapped shards live in the page cache, so
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import gc
 import math
 import json
@@ -455,24 +457,28 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         wal = RolloutWAL(rdir / "rollouts.wal")  # finished domain batches, replayed after a kill
         counts = round_allocation(settings, teachers, history, r)  # from the rounds finished before r's rule
         if rollouts_path.is_file():
-            samples = read_rollouts(rollouts_path)
+            samples, fresh = read_rollouts(rollouts_path), False
             for d in streams:  # the streams advanced when these rollouts were drawn
                 streams[d].take(counts[d])
         else:
-            samples = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
-                                    tokenizer=tokenizer, round_idx=r, wal=wal, counts=counts)
+            samples, fresh = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
+                                           tokenizer=tokenizer, round_idx=r, wal=wal, counts=counts), True
             if settings.pipelined:  # which weights sampled them (the synchronous rounds' is r)
                 for s in samples:
                     s.policy_version = version["generator"]
-            if settings.reward_weight > 0:
-                set_reward_advantages(samples, score_rollouts(samples), settings.samples_per_prompt)
-            atomic_write_jsonl(rollouts_path, [s.to_opd_record(with_rewards=settings.reward_weight > 0)
-                                               for s in samples])
         wal_counts = wal.counts()
         wal.close()
         t1 = time.time()
-        teach_stats = teach_round(settings, samples, teachers, rdir / "cache", load_teacher=load_teacher,
-                                  pad_id=pad_id, prefill=prefill)
+        with ThreadPoolExecutor(1, thread_name_prefix="opd-score") as pool:
+            # the verifiers (mostly sandboxed processes) score while the teachers prefill
+            scoring = pool.submit(score_rollouts, samples) if fresh and settings.reward_weight > 0 else None
+            teach_stats = teach_round(settings, samples, teachers, rdir / "cache", load_teacher=load_teacher,
+                                      pad_id=pad_id, prefill=prefill)
+            if scoring is not None:
+                set_reward_advantages(samples, scoring.result(), settings.samples_per_prompt)
+        if fresh:  # with the rewards: a resumed stage trains on the same advantages
+            atomic_write_jsonl(rollouts_path, [s.to_opd_record(with_rewards=settings.reward_weight > 0)
+                                               for s in samples])
         return _PreparedRound(samples, wal_counts, teach_stats, t1 - t0, time.time() - t1, counts)
 
     ahead: _Background | None = None  # pipelined: round r + 1's preparation, running during round r's training

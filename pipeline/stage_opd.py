@@ -79,7 +79,8 @@ def opd(ctx: StageContext) -> dict:
     generator = build_generator(cfg.generator, student_dir, tokenizer=tokenizer, dtype=cfg.model.dtype)
     logger = stage_logger(ctx, total, s.model_dump())
     checkpoints = CheckpointManager(ctx.out_dir / "checkpoints", keep_last=2)
-    scorer = scorer_pool(cfg, max(1, int(cfg.resources_for(ctx.stage.name).num_cpus)))
+    # verifiers mostly wait on sandboxed subprocesses (code): at least two workers, as in eval
+    scorer = scorer_pool(cfg, max(2, int(cfg.resources_for(ctx.stage.name).num_cpus)))
     prefill = None
     from pipeline.config import teach_resources
 
