@@ -48,7 +48,8 @@ def _config(tmp_path: Path, name: str, backend: str, ranks: int, micro: int, tea
                                                      {"domain": "arith", "path": teachers[1]}],
                 "rounds": 1, "prompts_per_domain": 3, "samples_per_prompt": 2, "max_new_tokens": 8,
                 "mini_batch_size": 12, "micro_batch_size": micro, "cache_dtype": "fp32", "lr": 1e-2,
-                "heldout_prompts_per_domain": 0, "eval_prompts_per_round": 0},
+                "heldout_prompts_per_domain": 0, "eval_prompts_per_round": 0,
+                "reward_weight": 0.5},  # the reward term's path too: scored rollouts, advantages dealt to ranks
         # 4 logical CPUs: the two ranks' bundles, and the two teachers' prefill tasks beside them
         "resources": {"num_cpus": 4, "default": {"num_cpus": 1}, "concurrent_stages": 1,
                       "stages": {"sft": rank_res, "grpo": rank_res, "opd": rank_res, "teach": {"num_cpus": 1}}},
@@ -98,6 +99,7 @@ def test_two_ranks_run_sft_grpo_opd_and_match_one_rank(tmp_path, teachers, backe
     assert log.count("tokens prefilled in Ray worker") == 2, log[-3000:]
     opd = _manifest(run2, "opd")["metrics"]
     assert opd["max_resident_heads"] == 1
+    assert set(opd["reward_per_round"][0]) == {"math", "arith"}  # every rollout scored by its route's verifier
     loads, shares = opd["head_loads_per_rank"], opd["teachers_per_rank"]
     assert loads and all(len(step) == 2 for step in loads)
     for step_loads, step_teachers in zip(loads, shares):

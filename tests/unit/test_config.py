@@ -304,6 +304,7 @@ def test_opd_allocation_defaults_leave_the_hashes_and_other_values_move_them(tmp
     def opd_hash(mutate):
         raw = _tiny_raw()
         raw["opd"]["teachers"] = [{"domain": d} for d in ("math", "code", "ifeval", "tool")]
+        raw["opd"].pop("reward_weight", None)  # from its default
         mutate(raw["opd"])
         return input_hashes(build_graph(load_config(_write(tmp_path, raw))))["opd"]
 
