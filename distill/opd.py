@@ -15,6 +15,11 @@ For each round:
      full-vocabulary divergence (distill.kl); the HeadManager keeps at most one head
      resident and refuses micro-batches out of teacher order.
 The loss is `sum_t w_teacher(sample) * D_t / (response tokens of the mini-batch)`.
+With `reward_weight` α > 0 (MOPD) the round's samples are also scored by their route's
+verifier (on a thread while the teachers prefill), each gets its reward z-scored within
+its prompt's group as advantage A (kept in rollouts.jsonl, which is then written after
+the teach phase), and the loss adds `-α · w_teacher · A · log p(token)` on the same tokens
+(distill.opd_loss.compute_policy_gradient_term, under the sampler's temperature).
 
 Held-out KL (`heldout_prompts_per_domain` > 0): before round 0 and every `heldout_every`
 rounds after, the student samples answers to the same held-out prompts with the same
@@ -417,7 +422,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
     if settings.reward_weight > 0 and score_rollouts is None:
         raise ValueError("run_opd: opd.reward_weight > 0 needs score_rollouts (the routes' verifiers)")
     loss_fn = OPDLoss(head_paths, [t.weight for t in teachers], settings.divergence, settings.chunk_size,
-                      settings.jsd_beta, reward_weight=settings.reward_weight)
+                      settings.jsd_beta, reward_weight=settings.reward_weight,
+                      reward_temperature=settings.temperature if settings.temperature > 0 else 1.0)
     pad_id = tokenizer.pad_token_id
     measure = bool(heldout) and load_student is not None
 

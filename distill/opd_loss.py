@@ -53,12 +53,14 @@ def loss_divisors(tokens: list[int], teachers: list[int], aggregation: str,
 
 
 def compute_policy_gradient_term(h_s: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 advantages: torch.Tensor, token_weights: torch.Tensor, chunk_size: int) -> torch.Tensor:
+                                 advantages: torch.Tensor, token_weights: torch.Tensor, chunk_size: int,
+                                 temperature: float = 1.0) -> torch.Tensor:
     """`-sum_i token_weights_i * advantages_i * log p_s(targets_i | h_s_i)`: REINFORCE on the
-    sampled tokens with a per-sample advantage (the rollouts are the student's own, at
-    temperature 1, so the ratio to the sampler is 1 in a round's first step). h_s (N, H)
-    post-norm, weight (V, H), targets (N,), advantages and token_weights (N,). Chunked over
-    tokens (`engine.logprobs.compute_chunked_token_logprobs`), so no (N, V) tensor is built."""
+    sampled tokens with a per-sample advantage, the log-probabilities under the sampler's
+    `temperature` as in GRPO (the rollouts are the student's own, so the ratio to the
+    sampler is 1 in a round's first step). h_s (N, H) post-norm, weight (V, H), targets
+    (N,), advantages and token_weights (N,). Chunked over tokens
+    (`engine.logprobs.compute_chunked_token_logprobs`), so no (N, V) tensor is built."""
     from engine.logprobs import compute_chunked_token_logprobs
 
     n = h_s.shape[0]
@@ -67,7 +69,7 @@ def compute_policy_gradient_term(h_s: torch.Tensor, weight: torch.Tensor, target
     # one "sequence" per target: position 0 holds its state, position 1 its token
     hidden = torch.stack([h_s, torch.zeros_like(h_s)], dim=1)  # (N, 2, H)
     ids = torch.stack([targets, targets], dim=1)  # (N, 2)
-    logp = compute_chunked_token_logprobs(hidden, weight, ids, chunk_size)[:, 1]  # (N,)
+    logp = compute_chunked_token_logprobs(hidden, weight, ids, chunk_size, temperature=temperature)[:, 1]  # (N,)
     coef = (token_weights.to(logp.dtype) * advantages.to(logp.dtype)).detach()  # (N,)
     return -(coef * logp).sum()
 
@@ -76,7 +78,8 @@ class OPDLoss:
     """Picklable loss sent to the trainer: teacher head resident one at a time."""
 
     def __init__(self, head_paths: list[str], teacher_weights: list[float], divergence: str,
-                 chunk_size: int, jsd_beta: float, head_dtype: torch.dtype | None = None, reward_weight: float = 0.0):
+                 chunk_size: int, jsd_beta: float, head_dtype: torch.dtype | None = None, reward_weight: float = 0.0,
+                 reward_temperature: float = 1.0):
         self.head_paths = list(head_paths)
         self.teacher_weights = list(teacher_weights)
         self.divergence = divergence
@@ -84,6 +87,7 @@ class OPDLoss:
         self.jsd_beta = jsd_beta
         self.head_dtype = head_dtype
         self.reward_weight = float(reward_weight)
+        self.reward_temperature = float(reward_temperature)  # the rollouts' sampling temperature
         self._heads = None
         self._step = None
 
@@ -137,7 +141,7 @@ class OPDLoss:
             adv = batch["advantages"].to(device=h_s.device, dtype=torch.float32)  # (B,)
             targets = batch["input_ids"][:, 1:][mask].to(h_s.device)  # (N,), the tokens h_s predicted
             pg_sum = compute_policy_gradient_term(h_s, weight, targets, adv[:, None].expand(mask.shape)[mask],
-                                                  w * self.reward_weight, self.chunk_size)
+                                                  w * self.reward_weight, self.chunk_size, self.reward_temperature)
             loss_sum = loss_sum + pg_sum
             metrics[f"pg_sum/teacher{t}"] = float(pg_sum.detach())
         loss = loss_sum / batch["global_tokens"].to(loss_sum.device)
