@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,9 +155,7 @@ def paired_ratio(reads: list[dict], state: str, method: str, base: str) -> float
     rates = {r["method"]: r["rates"] for r in reads if r["state"] == state}
     if base not in rates:
         return None
-    ratios = sorted(a / b for a, b in zip(rates[method], rates[base]))
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return statistics.median(a / b for a, b in zip(rates[method], rates[base]))
 
 
 def _fresh_epoch(cache_dir: Path) -> int:

@@ -60,16 +60,12 @@ def compute_policy_gradient_term(h_s: torch.Tensor, weight: torch.Tensor, target
     `temperature` as in GRPO (the rollouts are the student's own, so the ratio to the
     sampler is 1 in a round's first step). h_s (N, H) post-norm, weight (V, H), targets
     (N,), advantages and token_weights (N,). Chunked over tokens
-    (`engine.logprobs.compute_chunked_token_logprobs`), so no (N, V) tensor is built."""
-    from engine.logprobs import compute_chunked_token_logprobs
+    (`engine.logprobs.compute_target_logprobs`), so no (N, V) tensor is built."""
+    from engine.logprobs import compute_target_logprobs
 
-    n = h_s.shape[0]
-    if n == 0:
+    if h_s.shape[0] == 0:
         return h_s.sum() * 0.0
-    # one "sequence" per target: position 0 holds its state, position 1 its token
-    hidden = torch.stack([h_s, torch.zeros_like(h_s)], dim=1)  # (N, 2, H)
-    ids = torch.stack([targets, targets], dim=1)  # (N, 2)
-    logp = compute_chunked_token_logprobs(hidden, weight, ids, chunk_size, temperature=temperature)[:, 1]  # (N,)
+    logp, _ = compute_target_logprobs(h_s, weight, targets.to(h_s.device), chunk_size, temperature=temperature)  # (N,)
     coef = (token_weights.to(logp.dtype) * advantages.to(logp.dtype)).detach()  # (N,)
     return -(coef * logp).sum()
 

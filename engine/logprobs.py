@@ -171,6 +171,20 @@ def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size,
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def compute_target_logprobs(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = DEFAULT_CHUNK_SIZE, *,
+                            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(log p(targets_i | h_i), entropy_i), each (N,), for states h (N, H) that each predict
+    one target (N,): the flat core of `compute_chunked_token_logprobs` (same numerics, same
+    chunked backward), for callers whose states are already gathered (OPD's reward term)."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    if chunk_size is None:  # plain autograd over all tokens at once
+        logp = _chunk_log_softmax(h, weight, float(temperature), acc, int(top_k), float(top_p), targets)  # (N, V)
+        lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+        ent = _entropy(logp) if (top_k or top_p < 1.0) else -(logp.exp() * logp).sum(-1)  # (N,)
+        return lp, ent
+    return _ChunkedTokenLogprobs.apply(h, weight, targets, float(temperature), int(chunk_size), int(top_k), float(top_p))
+
+
 def compute_chunked_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
                            chunk_size: int | None = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0,
                            top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
@@ -187,13 +201,7 @@ def compute_chunked_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Te
     acc = torch.promote_types(hidden.dtype, torch.float32)
     h = hidden[:, :-1].reshape(-1, H)  # (N, H), N = B * (T - 1)
     targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # (N,)
-    if chunk_size is None:  # plain autograd over all tokens at once
-        logp = _chunk_log_softmax(h, weight, float(temperature), acc, int(top_k), float(top_p), targets)  # (N, V)
-        lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-        ent = _entropy(logp) if (top_k or top_p < 1.0) else -(logp.exp() * logp).sum(-1)  # (N,)
-    else:
-        lp, ent = _ChunkedTokenLogprobs.apply(h, weight, targets, float(temperature), int(chunk_size),
-                                              int(top_k), float(top_p))
+    lp, ent = compute_target_logprobs(h, weight, targets, chunk_size, temperature=temperature, top_k=top_k, top_p=top_p)
     zeros = torch.zeros(B, 1, dtype=acc, device=hidden.device)  # (B, 1)
     logprobs = torch.cat([zeros, lp.view(B, T - 1)], dim=1)  # (B, T)
     if not return_entropy:
