@@ -28,7 +28,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
-    # The tiny experiment (tests/quality, ~25 min on 2 cores) goes first: under `make test`'s
-    # `-n 2 --dist loadfile --no-loadscope-reorder` one worker starts it at once while the
-    # other runs every other file. Stable sort: the rest keeps its collection order.
+    # The experiments (tests/quality: the tiny one, ~25 min on 2 cores, and the modes one,
+    # ~13 min) go first: under `make test`'s `-n 2 --dist loadfile --no-loadscope-reorder`
+    # each worker starts with one file, so each starts one experiment at once, and the
+    # worker that finishes its experiment first runs the other files. Stable sort: the rest
+    # keeps its collection order.
     items.sort(key=lambda item: 0 if item.get_closest_marker("quality") else 1)
