@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
     # The experiments (tests/quality: the tiny one, ~25 min on 2 cores, and the modes one,
-    # ~13 min) go first: under `make test`'s `-n 2 --dist loadfile --no-loadscope-reorder`
+    # ~17 min) go first: under `make test`'s `-n 2 --dist loadfile --no-loadscope-reorder`
     # each worker starts with one file, so each starts one experiment at once, and the
     # worker that finishes its experiment first runs the other files. Stable sort: the rest
     # keeps its collection order.

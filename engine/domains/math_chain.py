@@ -9,7 +9,8 @@ think-high keeps it, think-max gets the longer demonstration in `demonstrations`
 chain worked in columns, so that every value it writes is one single-digit fact, a carry or
 borrow, or a copy (`7*5=35 35-3=5-3=2 32 32+8=2+8=10 3+1=4 40`; `column_step`). The modes
 then differ in output tokens as V4's do, and think-max's extra tokens are the ones that
-make each step easier, so more thinking scores higher (docs/modes.md has the measurements).
+make each step easier: think-max scores above think-high while the model is short of the
+task and at or above it at the ceiling (docs/modes.md has the measurements).
 Reference: `{"answer": "40"}`.
 
 Why thinking helps a small model here: the answer to a three-operation chain is a
@@ -17,7 +18,8 @@ composition of three lookups; written out, each step is one lookup on the previo
 (as in the `math` domain's scratchpad, which lifted greedy accuracy from 0.67 to 0.86 at two
 steps); answered directly the model must compose them in one forward pass, and a third step
 makes that harder. A think-high step such as `32+8=40` is still one of about 900
-two-digit facts, which the tiny model gets off by one in about one step in six (docs/modes.md);
+two-digit facts, which the tiny model after 600 SFT steps gets off by one in about one step
+in six (docs/modes.md);
 worked in columns it is one of the 100 single-digit facts, each seen far more often in
 training, plus a carry. Eval problems are held out as whole expressions (the hash of
 `7*5-3+8`).

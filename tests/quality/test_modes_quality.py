@@ -1,6 +1,6 @@
 """Issue 18's bars on the reasoning-modes experiment (configs/modes.yaml, docs/modes.md).
 
-Runs `python -m pipeline run configs/modes.yaml` (~17 minutes on 2 idle cores: one SFT on
+Runs `python -m pipeline run configs/modes.yaml` (17.5 minutes of stages beside another run: one SFT on
 every mode's demonstrations of the `math_chain` domain, one GRPO expert per mode, an OPD
 student taught by the three, greedy eval of every model in every mode on the same 128
 held-out problems), then checks, paired per problem (the same problems in every mode):
