@@ -30,7 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25 \
-		-n 2 --dist loadfile --no-loadscope-reorder  # one worker runs the experiment (tests/quality, first), the other the rest
+		-n 2 --dist loadfile --no-loadscope-reorder  # each worker starts one experiment (tests/quality: tiny, modes), then the rest
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q
