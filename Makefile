@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-reliability test-quality test-vllm bench clean
+.PHONY: setup demo test test-unit test-reliability test-quality test-vllm bench experiment clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25 \
 		-n 2 --dist loadfile --no-loadscope-reorder  # each worker starts one experiment (tests/quality: tiny, modes), then the rest
+
+# The quality study over seeds (docs/seeds.md): the tiny and modes experiments with seeds 0, 1
+# and 2 (seed 0 is `make demo`'s run), then the reports over seeds in runs/{tiny,modes}-seeds/.
+# Not part of CI: ~2.5 hours on 2 idle cores.
+SEEDS ?= 0,1,2
+experiment: $(STAMP)
+	$(BIN)/python -m pipeline run configs/tiny.yaml --seeds $(SEEDS) resources.stages.sft:all.num_cpus=1
+	$(BIN)/python -m pipeline run configs/modes.yaml --seeds $(SEEDS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q

@@ -60,9 +60,15 @@ def _parser() -> argparse.ArgumentParser:
                         "or --only a --only b")
     s.add_argument("--from", dest="start", default=None, metavar="STAGE",
                    help="run this stage and every stage after it in graph order")
-    text = "(re)build the report of a run directory"
+    s.add_argument("--seeds", default=None, metavar="SEEDS",
+                   help="run the graph once per seed (0,1,2 or 0-2): the config's seed in its run_dir, every other "
+                        "in <run_dir>-seed<N>; then the report over the seeds in <run_dir>-seeds/")
+    text = "(re)build the report of a run directory; over several run directories (seeds), the figures over seeds"
     s = sub.add_parser("report", help=text, description=text)
-    s.add_argument("run_dir", help="the run directory, e.g. runs/tiny")
+    s.add_argument("run_dir", nargs="+", help="the run directory, e.g. runs/tiny; or several, e.g. runs/tiny "
+                                              "runs/tiny-seed1 runs/tiny-seed2")
+    s.add_argument("-o", "--out", default=None, help="with several run directories: where the seeds report goes "
+                                                     "(default: <first run_dir>-seeds)")
     return p
 
 
@@ -75,12 +81,45 @@ def _load(args):
         return None
 
 
+def _run_seeds(cfg, args, seeds: list[int]) -> int:
+    """One run of the graph per seed, one after another, then the report over the seeds."""
+    from pipeline.runner import run_experiment
+    from pipeline.seeds import seed_run_dir, write_seeds_report
+
+    codes, dirs = [], []
+    for seed in seeds:
+        run_dir = seed_run_dir(cfg.run_path, cfg.seed, seed)
+        overrides = [*args.overrides, f"seed={seed}", f"run_dir={run_dir}"]
+        print(f"== seed {seed}: {run_dir}", flush=True)
+        seed_cfg = load_config(args.config, overrides)
+        codes.append(run_experiment(seed_cfg, args.config, overrides, address=args.address,
+                                    only=args.only, start=args.start))
+        dirs.append(run_dir)
+    print("", *(f"seed {s}: {d}: {'ok' if c == 0 else f'exit {c}'}" for s, d, c in zip(seeds, dirs, codes)),
+          sep="\n")
+    if len(dirs) > 1 and all(c == 0 for c in codes):
+        try:
+            print(f"report over seeds: {write_seeds_report(dirs)}")
+        except (FileNotFoundError, RuntimeError) as exc:  # e.g. --only without eval
+            print(f"no report over seeds: {exc}")
+    return max(codes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
-        from pipeline.report import write_report
+        if len(args.run_dir) == 1:
+            from pipeline.report import write_report
 
-        print(write_report(args.run_dir))
+            print(write_report(args.run_dir[0]))
+            return 0
+        from pipeline.seeds import write_seeds_report
+
+        try:
+            print(write_seeds_report(args.run_dir, args.out))
+        except (FileNotFoundError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     cfg = _load(args)
     if cfg is None:
@@ -110,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         from pipeline.runner import run_experiment
 
-        return run_experiment(cfg, args.config, args.overrides, address=args.address,
-                              only=args.only, start=args.start)
+        seeds = cfg.seeds
+        if args.seeds is not None:
+            from pipeline.seeds import parse_seeds
+
+            try:
+                seeds = parse_seeds(args.seeds)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        if not seeds:
+            return run_experiment(cfg, args.config, args.overrides, address=args.address,
+                                  only=args.only, start=args.start)
+        return _run_seeds(cfg, args, seeds)
     return 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, model_validator
@@ -178,6 +178,9 @@ class ExperimentConfig(Frozen):
     experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     run_dir: str | None = Field(None, description="default: runs/<experiment>")
     seed: int = 0
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        [], description="run the graph once per seed (`run --seeds` overrides): the config's `seed` in `run_dir`, "
+                        "every other in `<run_dir>-seed<N>`; `report` aggregates them (pipeline/seeds.py)")
     model: ModelConfig = ModelConfig()
     trainer: TrainerSettings = TrainerSettings()
     generator: GeneratorConfig = GeneratorConfig()

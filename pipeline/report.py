@@ -178,17 +178,19 @@ def _results_section(run_dir: Path) -> list[str]:
     return out
 
 
-def _comparison_row(where: str, comparison: str, ma: float, mb: float, mean: float, se: float) -> str:
+def _comparison_row(row: dict) -> str:
+    ma, mb, mean, se = row["mean_first"], row["mean_second"], row["diff"], row["se"]
     ratio = f"{mb / ma:.2f}" if ma > 0 else "-"
-    return (f"| {where} | {comparison} | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
+    return (f"| {row['where']} | {row['second']} vs {row['first']} | {ma:.3f} | {mb:.3f} | {mean:+.3f} | {se:.3f} | "
             f"{mean / se if se > 0 else float('nan'):+.1f} | {ratio} |")
 
 
-def paired_comparisons(res: dict) -> list[str]:
-    """grpo:<d> - its SFT start (sft:<d>, or sft:all with expert_init 'sft:all') and student - grpo:<d>
-    on each domain's own prompts, greedy, with
-    the paired standard error (a gap under ~2 SE is not distinguishable from noise)."""
-    from pipeline.evaluate import paired_difference
+def comparison_rows(res: dict) -> list[dict]:
+    """grpo:<d> - its SFT start (sft:<d>, or sft:all with expert_init 'sft:all'), student - grpo:<d>
+    and student - sft:all on each domain's own prompts, and student - mixed_rl over the mean of
+    the domains, greedy: {where, first, second, mean_first, mean_second, diff (second - first),
+    se (paired)}."""
+    from pipeline.evaluate import paired_difference, paired_difference_of_domain_means
 
     per = res.get("greedy_per_prompt") or {}
     rows = []
@@ -198,17 +200,23 @@ def paired_comparisons(res: dict) -> list[str]:
             sa, sb = per.get(a, {}).get(d), per.get(b, {}).get(d)
             if not sa or not sb or len(sa) != len(sb) or len(sa) < 2:
                 continue
-            rows.append(_comparison_row(d, f"{b} vs {a}", sum(sa) / len(sa), sum(sb) / len(sb),
-                                        *paired_difference(sa, sb)))
+            diff, se = paired_difference(sa, sb)
+            rows.append({"where": d, "first": a, "second": b, "mean_first": sum(sa) / len(sa),
+                         "mean_second": sum(sb) / len(sb), "diff": diff, "se": se})
     domains = sorted(res.get("n_eval", {}))
     student, mixed = per.get("student", {}), per.get("mixed_rl", {})
     if domains and all(len(student.get(d) or []) >= 2 and len(student[d]) == len(mixed.get(d) or []) for d in domains):
-        from pipeline.evaluate import paired_difference_of_domain_means
-
         ma, mb = (sum(sum(m[d]) / len(m[d]) for d in domains) / len(domains) for m in (mixed, student))
-        rows.append(_comparison_row(f"mean of {len(domains)}", "student vs mixed_rl", ma, mb,
-                                    *paired_difference_of_domain_means({d: mixed[d] for d in domains},
-                                                                       {d: student[d] for d in domains})))
+        diff, se = paired_difference_of_domain_means({d: mixed[d] for d in domains}, {d: student[d] for d in domains})
+        rows.append({"where": f"mean of {len(domains)}", "first": "mixed_rl", "second": "student",
+                     "mean_first": ma, "mean_second": mb, "diff": diff, "se": se})
+    return rows
+
+
+def paired_comparisons(res: dict) -> list[str]:
+    """The report's lines for `comparison_rows`, with the paired standard error (a gap under
+    ~2 SE is not distinguishable from noise)."""
+    rows = [_comparison_row(r) for r in comparison_rows(res)]
     if not rows:
         return []
     return ["Paired comparisons on each domain's held-out prompts (greedy; SE = standard error of the "

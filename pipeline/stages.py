@@ -34,6 +34,40 @@ def setup_environment(run_root: Path) -> None:
     os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
 
 
+def environment_facts(seed: int) -> dict:
+    """What makes a stage's numbers reproducible, recorded in its manifest: floating-point
+    results differ between CPUs (vector width, BLAS kernels), so a run reproduces bitwise on
+    the same machine and software only (docs/DESIGN.md section 14)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    config = torch.__config__.show()
+    blas = next((part.split("=", 1)[1] for part in config.replace(",", " ").split() if part.startswith("BLAS_INFO=")), "?")
+    facts = {"seed": seed, "cpu_model": cpu, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+             "python": platform.python_version(), "torch": torch.__version__, "blas": blas,
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+             "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
+    if torch.cuda.is_available():
+        facts["cuda"] = {"device": torch.cuda.get_device_name(0), "version": torch.version.cuda}
+    try:
+        import transformers
+
+        facts["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return facts
+
+
 def _stage_functions():
     """Stage kind -> the function that runs it, one module per stage (imported only here,
     when a stage runs: `python -m pipeline stage` loads just what its stage needs)."""
@@ -88,4 +122,5 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
         raise
     ended = time.time()
     return run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
-                              outputs=result.get("outputs", {}), metrics=result.get("metrics", {}))
+                              outputs=result.get("outputs", {}), metrics=result.get("metrics", {}),
+                              environment=environment_facts(cfg.seed))

@@ -29,10 +29,16 @@ import sys
 import pytest
 
 from pipeline.evaluate import paired_difference
+from pipeline.config import load_config
 from pipeline.report import heldout_kl_change
+from pipeline.seeds import seed_run_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RUN = ROOT / "runs" / "modes"
+CFG_SEED = load_config(ROOT / "configs" / "modes.yaml", check_files=False).seed
+# POLYMATH_QUALITY_SEED=N checks the run of another seed (runs/modes-seedN, as `run --seeds` names it)
+SEED = int(os.environ.get("POLYMATH_QUALITY_SEED", CFG_SEED))
+RUN = ROOT / seed_run_dir("runs/modes", CFG_SEED, SEED)
+SEED_ARGS = [] if SEED == CFG_SEED else [f"seed={SEED}", f"run_dir={seed_run_dir('runs/modes', CFG_SEED, SEED)}"]
 MARGIN_SE = 2.0
 MODES = ("non-think", "think-high", "think-max")
 
@@ -42,7 +48,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.quality]
 @pytest.fixture(scope="module")
 def run():
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/modes.yaml"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/modes.yaml", *SEED_ARGS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((RUN / "eval" / "results.json").read_text())

@@ -41,9 +41,14 @@ import yaml
 from pipeline.config import load_config
 from pipeline.evaluate import paired_difference, paired_difference_of_domain_means
 from pipeline.report import heldout_kl_change
+from pipeline.seeds import seed_run_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RUN = ROOT / "runs" / "tiny"
+CFG_SEED = load_config(ROOT / "configs" / "tiny.yaml", check_files=False).seed
+# POLYMATH_QUALITY_SEED=N checks the run of another seed (runs/tiny-seedN, as `run --seeds` names it)
+SEED = int(os.environ.get("POLYMATH_QUALITY_SEED", CFG_SEED))
+RUN = ROOT / seed_run_dir("runs/tiny", CFG_SEED, SEED)
+SEED_ARGS = [] if SEED == CFG_SEED else [f"seed={SEED}", f"run_dir={seed_run_dir('runs/tiny', CFG_SEED, SEED)}"]
 MARGIN_SE = 2.0
 HELDOUT_MARGIN_SE = 2.0
 STUDENT_FRACTION = 0.9  # issue 21's bar; measured (experts from sft:all, OPD with reward_weight 1): code 1.03, ifeval 0.99, math 1.00, tool 1.02
@@ -65,7 +70,7 @@ RESOURCES = ["resources.stages.sft:all.num_cpus=1"]
 @pytest.fixture(scope="module")
 def run():
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml", *RESOURCES], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml", *RESOURCES, *SEED_ARGS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=5400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((RUN / "eval" / "results.json").read_text())
@@ -75,7 +80,7 @@ def run():
 
 def _rerun():
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml", *RESOURCES], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml", *RESOURCES, *SEED_ARGS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

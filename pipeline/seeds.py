@@ -1,0 +1,254 @@
+"""Seeds as an axis of an experiment: one run directory per seed, and figures over seeds.
+
+`polymath run CONFIG --seeds 0,1,2` (or `seeds: [0, 1, 2]` in the config) runs the graph
+once per seed. The config's own `seed` keeps the config's `run_dir`, so the one-seed run
+that `make demo` and `tests/quality` make is one of the study's seeds; every other seed
+runs in `<run_dir>-seed<N>`. The seed reaches every stage (the tiny base model's init, the
+synthetic data draw, data order, sampling), so no stage output is shared between seeds.
+
+`polymath report RUN_DIR RUN_DIR ...` aggregates finished runs: `figures(run)` reads the
+figures one run reports (greedy scores, paired differences with their per-prompt standard
+errors, student / expert ratios, the held-out KL change, mode comparisons) and
+`aggregate` gives each figure per seed and its mean over seeds with standard errors:
+
+- `se_seeds`: the sample standard deviation of the per-seed values / sqrt(n). Each seed
+  draws a new trajectory *and* new eval prompts, so this holds both sources of variation.
+- `se_prompts`: sqrt(sum of the per-seed paired SEs squared) / n, what the mean's SE would
+  be if only the choice of prompts varied.
+- `se`: the larger of the two. With three seeds the between-seed standard deviation rests
+  on two degrees of freedom and can come out small by chance; the prompt-level SE is a
+  floor that is known from 128 prompts per seed.
+
+A claim "b above a" holds over seeds when the mean is above 2 `se` and no seed is below
+its own -2 paired SE (no seed contradicts it significantly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+MARGIN_SE = 2.0
+
+
+def seed_run_dir(run_dir: str | os.PathLike, config_seed: int, seed: int) -> str:
+    """The run directory of `seed` in an experiment whose config says `run_dir` and `seed`."""
+    return str(run_dir) if seed == config_seed else f"{run_dir}-seed{seed}"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2`, `0 1 2` or `0-2` -> [0, 1, 2]; a clear ValueError for anything else."""
+    seeds: list[int] = []
+    for part in text.replace(",", " ").split():
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            values = range(int(lo), int(hi) + 1) if sep else [int(part)]
+        except ValueError:
+            raise ValueError(f"--seeds: {part!r} is not a seed (use e.g. 0,1,2 or 0-2)") from None
+        if sep and int(hi) < int(lo):
+            raise ValueError(f"--seeds: empty range {part!r}")
+        seeds += [s for s in values if s not in seeds]
+    if not seeds:
+        raise ValueError("--seeds: no seed given")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds: seeds are non-negative integers, got {seeds}")
+    return seeds
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _se_of_mean(xs: list[float]) -> float:
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+
+
+def figures(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """name -> {"value", "se" (paired per-prompt SE, or None), "kind"} for one finished run.
+
+    kinds: `score` (greedy mean), `diff` (paired difference, b - a), `ratio` (b / a),
+    `kl` (held-out KL after - before, paired), `tokens` (an output-token ratio)."""
+    from pipeline.evaluate import paired_difference, paired_difference_of_domain_means
+    from pipeline.report import comparison_rows, heldout_kl_change, load_results
+
+    run = Path(run_dir)
+    results = load_results(run / "eval" / "results.json")
+    per = results.get("greedy_per_prompt") or {}
+    out: dict[str, dict] = {}
+    for model, table in results["models"].items():
+        for s, v in table.items():
+            xs = (per.get(model) or {}).get(s)
+            out[f"score | {model} | {s}"] = {"value": v, "se": _se_of_mean(xs) if xs and len(xs) > 1 else None,
+                                             "kind": "score"}
+    for row in comparison_rows(results):
+        out[f"diff | {row['where']} | {row['second']} - {row['first']}"] = {
+            "value": row["diff"], "se": row["se"], "kind": "diff"}
+        if row["first"].startswith("grpo:") and row["second"] == "student" and row["mean_first"] > 0:
+            out[f"ratio | {row['where']} | student / {row['first']}"] = {
+                "value": row["mean_second"] / row["mean_first"], "se": None, "kind": "ratio"}
+    # modes: every model's mode comparisons, and the student in each mode against that mode's expert
+    from pipeline.report_modes import mode_comparisons, mode_sets
+
+    for d, sets in mode_sets(results).items():
+        for c in mode_comparisons(results, d):
+            for key in ("think-high - non-think", "think-max - think-high"):
+                if key in c:
+                    out[f"diff | {d} | {c['model']} {key}"] = {"value": c[key][0], "se": c[key][1], "kind": "diff"}
+            if "token_ratio" in c:
+                out[f"tokens | {d} | {c['model']} think-max / think-high"] = {
+                    "value": c["token_ratio"], "se": None, "kind": "tokens"}
+        for s in sets:
+            a, b = (per.get(f"grpo:{s}") or {}).get(s), (per.get("student") or {}).get(s)
+            if a and b and len(a) == len(b) > 1:
+                diff, se = paired_difference(a, b)
+                out[f"diff | {s} | student - grpo:{s}"] = {"value": diff, "se": se, "kind": "diff"}
+                if _mean(a) > 0:
+                    out[f"ratio | {s} | student / grpo:{s}"] = {"value": _mean(b) / _mean(a), "se": None,
+                                                                "kind": "ratio"}
+    # experts (each in its own mode) against mixed RL, where the experiment has one (tiny): the ceiling of OPD
+    domains = sorted(results.get("n_eval", {}))
+    if domains and all((per.get(f"grpo:{d}") or {}).get(d) and (per.get("mixed_rl") or {}).get(d) for d in domains):
+        diff, se = paired_difference_of_domain_means({d: per["mixed_rl"][d] for d in domains},
+                                                     {d: per[f"grpo:{d}"][d] for d in domains})
+        out[f"diff | mean of {len(domains)} | experts - mixed_rl"] = {"value": diff, "se": se, "kind": "diff"}
+    for teacher, (before, after, diff, se) in heldout_kl_change(run / "opd" / "heldout_kl.jsonl").items():
+        out[f"kl | {teacher} | after - before"] = {"value": diff, "se": se, "kind": "kl"}
+        out[f"kl | {teacher} | before"] = {"value": before, "se": None, "kind": "kl_level"}
+    return out
+
+
+def run_facts(run_dir: str | os.PathLike) -> dict:
+    """The seed and the machine a run's stages ran on (from the eval or prepare manifest)."""
+    run = Path(run_dir)
+    facts: dict = {}
+    for stage in ("eval", "opd", "prepare"):
+        p = run / stage / "manifest.json"
+        if p.is_file():
+            try:
+                env = json.loads(p.read_text()).get("environment") or {}
+            except json.JSONDecodeError:
+                continue
+            if env:
+                facts = env
+                break
+    cfg = run / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        try:
+            facts = {**facts, "seed": (yaml.safe_load(cfg.read_text()) or {}).get("seed")}
+        except yaml.YAMLError:
+            pass
+    return facts
+
+
+# ------------------------------------------------------------------------------ over seeds
+
+
+def aggregate(runs: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """{run label: figures(run)} -> {figure: per-seed values, mean, SEs, verdict}; only the
+    figures every run has."""
+    labels = list(runs)
+    common = [k for k in runs[labels[0]] if all(k in runs[r] for r in labels[1:])]
+    out = {}
+    for name in common:
+        vals = [runs[r][name]["value"] for r in labels]
+        ses = [runs[r][name]["se"] for r in labels]
+        n = len(vals)
+        mean = _mean(vals)
+        se_seeds = statistics.stdev(vals) / math.sqrt(n) if n > 1 else float("nan")
+        se_prompts = math.sqrt(sum(s * s for s in ses)) / n if all(s is not None for s in ses) else None
+        se = max(x for x in (se_seeds, se_prompts) if x is not None and not math.isnan(x)) if n > 1 or se_prompts \
+            else float("nan")
+        row = {"kind": runs[labels[0]][name]["kind"], "per_seed": dict(zip(labels, vals)),
+               "per_seed_se": dict(zip(labels, ses)), "mean": mean, "se_seeds": se_seeds,
+               "se_prompts": se_prompts, "se": se, "sd_seeds": statistics.stdev(vals) if n > 1 else float("nan"),
+               "min": min(vals), "max": max(vals)}
+        if row["kind"] in ("diff", "kl"):
+            sign = -1.0 if row["kind"] == "kl" else 1.0  # a KL change is claimed negative
+            contradicted = [r for r, v, s in zip(labels, vals, ses) if s and sign * v < -MARGIN_SE * s]
+            row["z"] = mean / se if se and se > 0 else float("nan")
+            row["holds"] = sign * mean > MARGIN_SE * se and not contradicted
+            row["contradicted_by"] = contradicted
+        out[name] = row
+    return out
+
+
+def _cell(v, se=None, digits=3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}" if se is None else f"{v:+.{digits}f} ± {se:.{digits}f}"
+
+
+def format_aggregate(agg: dict[str, dict], labels: list[str], facts: dict[str, dict]) -> str:
+    """The seeds report (markdown): the machine, then one table per figure kind."""
+    lines = [f"# Polymath over {len(labels)} seeds", ""]
+    machines = {json.dumps({k: f.get(k) for k in ("cpu_model", "torch", "blas", "torch_threads")}, sort_keys=True)
+                for f in facts.values()}
+    lines += ["| run | seed | CPU | torch | BLAS | torch threads |", "|---|---:|---|---|---|---:|"]
+    for label in labels:
+        f = facts.get(label, {})
+        lines.append(f"| {label} | {f.get('seed', '-')} | {f.get('cpu_model', '-')} | {f.get('torch', '-')} | "
+                     f"{f.get('blas', '-')} | {f.get('torch_threads', '-')} |")
+    if len(machines) > 1:
+        lines += ["", "The runs did not all run on the same machine and software (above)."]
+    lines += ["", "Mean over seeds ± SE, where SE = max(SE over seeds, per-prompt SE of the mean) (pipeline/seeds.py); "
+              "a difference holds when the mean is beyond 2 SE and no seed is significantly (2 of its own paired SE) "
+              "on the other side.", ""]
+    head = " | ".join(labels)
+    groups = (("score", "Greedy scores (per seed, mean ± SE)"),
+              ("diff", "Paired differences (b - a, greedy, per-prompt paired within a seed)"),
+              ("ratio", "Ratios (student / expert)"),
+              ("kl", "Held-out KL per prompt, after - before OPD"),
+              ("kl_level", "Held-out KL before OPD"),
+              ("tokens", "Output-token ratios"))
+    for kind, title in groups:
+        rows = {k: v for k, v in agg.items() if v["kind"] == kind}
+        if not rows:
+            continue
+        verdict = kind in ("diff", "kl")
+        lines += [f"## {title}", "", f"| figure | {head} | mean ± SE | SE seeds | SE prompts |"
+                  + (" z | holds |" if verdict else ""),
+                  "|---|" + "---:|" * (len(labels) + 3) + ("---:|---|" if verdict else "")]
+        for name, r in rows.items():
+            label = name.split(" | ", 1)[1]
+            seeds = " | ".join(_cell(r["per_seed"][x]) if r["per_seed_se"][x] is None or kind == "score"
+                               else f"{r['per_seed'][x]:+.3f} ({r['per_seed_se'][x]:.3f})" for x in labels)
+            line = (f"| {label} | {seeds} | {_cell(r['mean'], r['se'])} | {_cell(r['se_seeds'])} | "
+                    f"{_cell(r['se_prompts'])} |")
+            if verdict:
+                line += f" {r['z']:+.1f} | {'yes' if r['holds'] else 'no'}" + \
+                    (f" (contradicted by {', '.join(r['contradicted_by'])})" if r["contradicted_by"] else "") + " |"
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_seeds_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> Path:
+    """Aggregate finished runs into `<out_dir>/report.md` and `seeds.json` (default: the first
+    run directory with `-seeds` appended, its `-seed<N>` suffix removed)."""
+    from engine.atomic import atomic_write_json, atomic_write_text
+
+    paths = [Path(p) for p in run_dirs]
+    missing = [str(p) for p in paths if not (p / "eval" / "results.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no eval/results.json in {', '.join(missing)}: those runs have not finished")
+    labels = [p.name for p in paths]
+    if len(set(labels)) != len(labels):
+        labels = [str(p) for p in paths]
+    per_run = {label: figures(p) for label, p in zip(labels, paths)}
+    facts = {label: run_facts(p) for label, p in zip(labels, paths)}
+    agg = aggregate(per_run)
+    base = paths[0].name.split("-seed")[0]
+    out = Path(out_dir) if out_dir else paths[0].parent / f"{base}-seeds"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "seeds.json", {"runs": {label: str(p) for label, p in zip(labels, paths)},
+                                           "facts": facts, "figures": agg})
+    atomic_write_text(out / "report.md", format_aggregate(agg, labels, facts))
+    return out / "report.md"

@@ -1,0 +1,141 @@
+"""Seeds as an axis (pipeline/seeds.py): run directories per seed, figures of one run, and
+their aggregation over seeds against a float64 reference."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from pipeline import seeds as S
+
+
+def test_seed_run_dirs_keep_the_config_seed_in_place():
+    assert S.seed_run_dir("runs/tiny", 0, 0) == "runs/tiny"
+    assert S.seed_run_dir("runs/tiny", 0, 2) == "runs/tiny-seed2"
+    assert S.seed_run_dir("runs/tiny", 3, 0) == "runs/tiny-seed0"
+
+
+@pytest.mark.parametrize("text,seeds", [("0,1,2", [0, 1, 2]), ("0 1 2", [0, 1, 2]), ("0-3", [0, 1, 2, 3]),
+                                        ("5,1,5", [5, 1]), ("0-1,4", [0, 1, 4])])
+def test_parse_seeds(text, seeds):
+    assert S.parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "a", "3-1", "1.5", "-1"])
+def test_parse_seeds_rejects(text):
+    with pytest.raises(ValueError, match="--seeds"):
+        S.parse_seeds(text)
+
+
+def _results(rng: random.Random, n: int = 40) -> dict:
+    """An eval results.json shaped like the tiny experiment's (expert_init sft:all)."""
+    domains = ("code", "math")
+    models = ["sft:all", "grpo:code", "grpo:math", "mixed_rl", "student"]
+    per = {m: {d: [float(rng.random() < 0.3 + 0.1 * i) for _ in range(n)] for d in domains}
+           for i, m in enumerate(models)}
+    return {"models": {m: {d: sum(v) / n for d, v in t.items()} for m, t in per.items()},
+            "greedy_per_prompt": per, "n_eval": {d: n for d in domains}}
+
+
+def _write_run(tmp_path, name: str, rng: random.Random) -> tuple:
+    run = tmp_path / name
+    (run / "eval").mkdir(parents=True)
+    res = _results(rng)
+    (run / "eval" / "results.json").write_text(json.dumps(res))
+    (run / "opd").mkdir()
+    rows = [{"after_round": r, "grpo:math": [rng.random() for _ in range(20)]} for r in (0, 6)]
+    (run / "opd" / "heldout_kl.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (run / "config.yaml").write_text(f"experiment: t\nseed: {len(name)}\n")
+    return run, res, rows
+
+
+def test_figures_of_one_run_match_a_float64_reference(tmp_path):
+    run, res, rows = _write_run(tmp_path, "r", random.Random(0))
+    f = S.figures(run)
+    per = res["greedy_per_prompt"]
+    d = np.array(per["grpo:math"]["math"], np.float64) - np.array(per["sft:all"]["math"], np.float64)
+    got = f["diff | math | grpo:math - sft:all"]
+    assert got["value"] == pytest.approx(d.mean(), abs=1e-12)
+    assert got["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)), abs=1e-12)
+    ratio = f["ratio | code | student / grpo:code"]["value"]
+    assert ratio == pytest.approx(np.mean(per["student"]["code"]) / np.mean(per["grpo:code"]["code"]), abs=1e-12)
+    assert "diff | mean of 2 | student - mixed_rl" in f and "diff | mean of 2 | experts - mixed_rl" in f
+    kl = np.array(rows[1]["grpo:math"]) - np.array(rows[0]["grpo:math"])
+    assert f["kl | grpo:math | after - before"]["value"] == pytest.approx(kl.mean(), abs=1e-12)
+    assert f["score | student | math"] == {"value": res["models"]["student"]["math"], "kind": "score",
+                                           "se": pytest.approx(np.std(per["student"]["math"], ddof=1) / math.sqrt(40))}
+
+
+def test_aggregate_over_seeds_matches_a_float64_reference():
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 5):
+        vals, ses = rng.normal(0.05, 0.03, n), rng.uniform(0.005, 0.04, n)
+        runs = {f"s{i}": {"diff | x | b - a": {"value": float(v), "se": float(s), "kind": "diff"}}
+                for i, (v, s) in enumerate(zip(vals, ses))}
+        row = S.aggregate(runs)["diff | x | b - a"]
+        se_seeds = np.std(vals, ddof=1) / np.sqrt(n)
+        se_prompts = np.sqrt(np.sum(ses ** 2)) / n
+        assert row["mean"] == pytest.approx(vals.mean(), abs=1e-12)
+        assert row["se_seeds"] == pytest.approx(se_seeds, abs=1e-12)
+        assert row["se_prompts"] == pytest.approx(se_prompts, abs=1e-12)
+        assert row["se"] == pytest.approx(max(se_seeds, se_prompts), abs=1e-12)
+        contradicted = [f"s{i}" for i, (v, s) in enumerate(zip(vals, ses)) if v < -2 * s]
+        assert row["holds"] == (vals.mean() > 2 * max(se_seeds, se_prompts) and not contradicted)
+
+
+def test_a_seed_that_contradicts_the_claim_fails_it():
+    runs = {"a": {"diff | x | b - a": {"value": 0.30, "se": 0.01, "kind": "diff"}},
+            "b": {"diff | x | b - a": {"value": 0.31, "se": 0.01, "kind": "diff"}},
+            "c": {"diff | x | b - a": {"value": 0.32, "se": 0.01, "kind": "diff"}},
+            "d": {"diff | x | b - a": {"value": -0.05, "se": 0.02, "kind": "diff"}}}
+    row = S.aggregate(runs)["diff | x | b - a"]
+    assert row["mean"] > 2 * row["se"] and not row["holds"] and row["contradicted_by"] == ["d"]
+    # a KL change is claimed downwards
+    kl = {k: {"kl | t | after - before": {"value": -0.2 + 0.01 * i, "se": 0.02, "kind": "kl"}} for i, k in
+          enumerate("abc")}
+    assert S.aggregate(kl)["kl | t | after - before"]["holds"]
+
+
+def test_seeds_report_over_runs_and_the_cli(tmp_path, capsys):
+    from pipeline.cli import main
+
+    rng = random.Random(3)
+    runs = [_write_run(tmp_path, name, rng)[0] for name in ("tiny", "tiny-seed1", "tiny-seed2")]
+    assert main(["report", *map(str, runs)]) == 0
+    out = tmp_path / "tiny-seeds"
+    text = (out / "report.md").read_text()
+    assert "| math | grpo:math - sft:all |" in text and "| mean of 2 | student - mixed_rl |" in text
+    data = json.loads((out / "seeds.json").read_text())
+    assert set(data["runs"]) == {"tiny", "tiny-seed1", "tiny-seed2"}
+    assert data["figures"]["diff | math | grpo:math - sft:all"]["per_seed"].keys() == {"tiny", "tiny-seed1",
+                                                                                       "tiny-seed2"}
+    (runs[2] / "eval" / "results.json").unlink()
+    assert main(["report", *map(str, runs)]) == 2
+    assert "tiny-seed2" in capsys.readouterr().err
+
+
+def test_run_with_seeds_runs_the_graph_once_per_seed(tmp_path, monkeypatch, capsys):
+    """`run CONFIG --seeds` calls the runner once per seed with the seed and its run directory
+    as overrides (so every stage process gets them), then aggregates."""
+    import pipeline.runner
+    from pipeline.cli import main
+
+    calls = []
+    rng = random.Random(4)
+
+    def fake_run(cfg, config_path, overrides, **kw):
+        calls.append((cfg.seed, str(cfg.run_path), list(overrides)))
+        run = cfg.run_path
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "results.json").write_text(json.dumps(_results(rng)))
+        return 0
+
+    monkeypatch.setattr(pipeline.runner, "run_experiment", fake_run)
+    rd = tmp_path / "runs" / "tiny"
+    assert main(["run", "configs/tiny.yaml", f"run_dir={rd}", "--seeds", "0,2"]) == 0
+    assert calls == [(0, str(rd), [f"run_dir={rd}", "seed=0", f"run_dir={rd}"]),
+                     (2, f"{rd}-seed2", [f"run_dir={rd}", "seed=2", f"run_dir={rd}-seed2"])]
+    assert (tmp_path / "runs" / "tiny-seeds" / "report.md").is_file()
+    assert main(["run", "configs/tiny.yaml", "--seeds", "x"]) == 2
