@@ -61,6 +61,9 @@ def test_figures_of_one_run_match_a_float64_reference(tmp_path):
     assert got["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)), abs=1e-12)
     ratio = f["ratio | code | student / grpo:code"]["value"]
     assert ratio == pytest.approx(np.mean(per["student"]["code"]) / np.mean(per["grpo:code"]["code"]), abs=1e-12)
+    frac = np.array(per["student"]["code"], np.float64) - 0.9 * np.array(per["grpo:code"]["code"], np.float64)
+    assert f["diff | code | student - 0.9 x grpo:code"]["value"] == pytest.approx(frac.mean(), abs=1e-12)
+    assert f["diff | code | student - 0.9 x grpo:code"]["se"] == pytest.approx(frac.std(ddof=1) / math.sqrt(40))
     assert "diff | mean of 2 | student - mixed_rl" in f and "diff | mean of 2 | experts - mixed_rl" in f
     kl = np.array(rows[1]["grpo:math"]) - np.array(rows[0]["grpo:math"])
     assert f["kl | grpo:math | after - before"]["value"] == pytest.approx(kl.mean(), abs=1e-12)
@@ -106,7 +109,7 @@ def test_seeds_report_over_runs_and_the_cli(tmp_path, capsys):
     assert main(["report", *map(str, runs)]) == 0
     out = tmp_path / "tiny-seeds"
     text = (out / "report.md").read_text()
-    assert "| math | grpo:math - sft:all |" in text and "| mean of 2 | student - mixed_rl |" in text
+    assert "| math: grpo:math - sft:all |" in text and "| mean of 2: student - mixed_rl |" in text
     data = json.loads((out / "seeds.json").read_text())
     assert set(data["runs"]) == {"tiny", "tiny-seed1", "tiny-seed2"}
     assert data["figures"]["diff | math | grpo:math - sft:all"]["per_seed"].keys() == {"tiny", "tiny-seed1",
@@ -139,3 +142,12 @@ def test_run_with_seeds_runs_the_graph_once_per_seed(tmp_path, monkeypatch, caps
                      (2, f"{rd}-seed2", [f"run_dir={rd}", "seed=2", f"run_dir={rd}-seed2"])]
     assert (tmp_path / "runs" / "tiny-seeds" / "report.md").is_file()
     assert main(["run", "configs/tiny.yaml", "--seeds", "x"]) == 2
+
+
+@pytest.mark.parametrize("zs,margin", [([5.0, 6.0, 7.0], 2.0), ([2.2, 2.3, 2.6], 0.0), ([4.0, 4.2], 2.0),
+                                      ([3.7, 4.1, 3.9], 1.5), ([1.0, 1.5], -1.0), ([3.0, 9.0], -2.5)])
+def test_single_run_margin_from_the_spread_of_z(zs, margin):
+    sd = max(np.std(zs, ddof=1), 1.0)
+    assert S.single_run_margin(zs) == margin == min(2.0, math.floor(2 * (np.mean(zs) - 2 * sd)) / 2)
+    with pytest.raises(ValueError):
+        S.single_run_margin([3.0])
