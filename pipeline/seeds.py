@@ -182,23 +182,37 @@ def aggregate(runs: dict[str, dict[str, dict]]) -> dict[str, dict]:
             row["z"] = mean / se if se and se > 0 else float("nan")
             row["holds"] = sign * mean > MARGIN_SE * se and not contradicted
             row["contradicted_by"] = contradicted
-            zs = [sign * v / s for v, s in zip(vals, ses) if s]
-            row["single_run_margin"] = single_run_margin(zs) if len(zs) == n and n > 1 else None
+            known = n > 1 and all(s is not None for s in ses)
+            row["single_run_margin"] = single_run_margin([sign * v for v in vals], ses) if known else None
         out[name] = row
     return out
 
 
-def single_run_margin(zs: list[float], cap: float = MARGIN_SE) -> float:
-    """The margin, in a run's own paired SEs, that one more run (another seed, another CPU)
-    clears with ~97.7% probability, from the z = diff / SE of the measured runs: the mean z
-    less 2 standard deviations, where the SD is at least 1 (a z-score's spread from the
-    choice of prompts alone), rounded down to a half and capped at `cap`. A bar that the
-    runs hold robustly keeps `cap` (2 SE); a weaker one is asserted with the margin the
-    spread supports, and its full claim is checked over seeds by `make experiment`."""
-    if len(zs) < 2:
-        raise ValueError("a margin from the spread needs at least two runs")
-    sd = max(statistics.stdev(zs), 1.0)
-    return min(cap, math.floor(2 * (statistics.mean(zs) - 2 * sd)) / 2)
+def single_run_margin(values: list[float], ses: list[float], cap: float = MARGIN_SE) -> float:
+    """The margin m, in a run's own paired SEs, such that one more run (another seed, another
+    CPU) has `diff > m * SE` with ~97.7% probability, from the measured runs (`values` signed
+    so that the claim is "positive"). Two models of how a run's figure spreads, the larger
+    margin of the two:
+
+    - additive: the difference spreads as sigma = max(SD of the per-seed values, RMS of their
+      paired SEs) around the mean, its SE is about the RMS SE: m = (mean - 2 sigma) / RMS SE;
+    - scaled (a KL change whose size and SE grow together): z = diff / SE spreads with
+      SD max(SD of the per-seed z, 1) around the mean z: m = mean z - 2 SD.
+
+    Rounded down to a half, capped at `cap`. A bar that the runs hold robustly keeps `cap`
+    (2 SE); a weaker one is asserted per run with the margin its spread supports, and its
+    full claim is made over seeds (`make experiment`)."""
+    if len(values) < 2 or len(ses) != len(values):
+        raise ValueError("a margin from the spread needs at least two runs, each with its SE")
+    se_rms = math.sqrt(sum(s * s for s in ses) / len(ses))
+    edge = statistics.mean(values) - 2 * max(statistics.stdev(values), se_rms)
+    if se_rms == 0:
+        return cap if edge > 0 else 0.0
+    margins = [edge / se_rms]
+    if all(s > 0 for s in ses):
+        zs = [v / s for v, s in zip(values, ses)]
+        margins.append(statistics.mean(zs) - 2 * max(statistics.stdev(zs), 1.0))
+    return min(cap, math.floor(2 * max(margins)) / 2)
 
 
 def _cell(v, se=None, digits=3, signed=True) -> str:
@@ -224,7 +238,9 @@ def format_aggregate(agg: dict[str, dict], labels: list[str], facts: dict[str, d
     lines += ["", "Mean over seeds ± SE, where SE = max(SE over seeds, per-prompt SE of the mean) (pipeline/seeds.py); "
               "a difference holds when the mean is beyond 2 SE and no seed is significantly (2 of its own paired SE) "
               "on the other side. One-run margin: the margin in a run's own paired SEs that another run clears with "
-              "~97.7% probability (mean z - 2 SD of z, SD at least 1, at most 2; `single_run_margin`); "
+              "~97.7% probability (the larger of (mean - 2 sigma) / RMS SE, sigma = max(SD over seeds, RMS SE), and mean z - 2 SD of z, "
+              "SD at least 1; at most 2; "
+              "`single_run_margin`); "
               "tests/quality asserts each bar with it on the one run it makes.", ""]
     head = " | ".join(labels)
     groups = (("score", "Greedy scores (per seed, mean ± SE)"),

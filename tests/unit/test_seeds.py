@@ -144,10 +144,27 @@ def test_run_with_seeds_runs_the_graph_once_per_seed(tmp_path, monkeypatch, caps
     assert main(["run", "configs/tiny.yaml", "--seeds", "x"]) == 2
 
 
-@pytest.mark.parametrize("zs,margin", [([5.0, 6.0, 7.0], 2.0), ([2.2, 2.3, 2.6], 0.0), ([4.0, 4.2], 2.0),
-                                      ([3.7, 4.1, 3.9], 1.5), ([1.0, 1.5], -1.0), ([3.0, 9.0], -2.5)])
-def test_single_run_margin_from_the_spread_of_z(zs, margin):
-    sd = max(np.std(zs, ddof=1), 1.0)
-    assert S.single_run_margin(zs) == margin == min(2.0, math.floor(2 * (np.mean(zs) - 2 * sd)) / 2)
+@pytest.mark.parametrize("vals,ses", [([0.17, 0.20, 0.18], [0.037, 0.037, 0.034]),
+                                      ([0.10, 0.08, 0.03], [0.046, 0.034, 0.033]),
+                                      ([0.12, 0.09, 0.09], [0.014, 0.002, 0.008]),
+                                      ([0.05, 0.06], [0.0, 0.0]), ([-0.01, 0.01], [0.0, 0.0]),
+                                      ([0.3, -0.2, 0.1], [0.05, 0.05, 0.05])])
+def test_single_run_margin_matches_a_float64_reference(vals, ses):
+    v, s = np.array(vals, np.float64), np.array(ses, np.float64)
+    rms = np.sqrt(np.mean(s ** 2))
+    edge = v.mean() - 2 * max(v.std(ddof=1), rms)
+    if rms == 0:
+        ref = 2.0 if edge > 0 else 0.0
+    else:
+        z = v / s if np.all(s > 0) else None
+        best = max(edge / rms, z.mean() - 2 * max(z.std(ddof=1), 1.0)) if z is not None else edge / rms
+        ref = min(2.0, np.floor(2 * best) / 2)
+    assert S.single_run_margin(vals, ses) == ref
     with pytest.raises(ValueError):
-        S.single_run_margin([3.0])
+        S.single_run_margin([3.0], [1.0])
+
+
+def test_single_run_margin_examples():
+    assert S.single_run_margin([0.17, 0.20, 0.18], [0.037, 0.037, 0.034]) == 2.0  # a robust bar keeps 2 SE
+    assert S.single_run_margin([0.10, 0.08, 0.03], [0.046, 0.034, 0.033]) == -0.5  # a gain of ~2 SE does not
+    assert S.single_run_margin([0.061, 0.020, 0.028], [0.010, 0.004, 0.005]) == 2.0  # z 6.1, 5.0, 5.6: scaled
