@@ -99,6 +99,7 @@ def figures(run_dir: str | os.PathLike) -> dict[str, dict]:
             out[f"diff | {row['where']} | student - {STUDENT_FRACTION} x {row['first']}"] = {
                 "value": diff, "se": se, "kind": "diff"}
     # modes: every model's mode comparisons, and the student in each mode against that mode's expert
+    from engine.modes import split_route
     from pipeline.report_modes import mode_comparisons, mode_sets
 
     for d, sets in mode_sets(results).items():
@@ -109,6 +110,12 @@ def figures(run_dir: str | os.PathLike) -> dict[str, dict]:
             if "token_ratio" in c:
                 out[f"tokens | {d} | {c['model']} think-max / think-high"] = {
                     "value": c["token_ratio"], "se": None, "kind": "tokens"}
+        experts = {split_route(s)[1]: (per.get(f"grpo:{s}") or {}).get(s) for s in sets}  # each in its own mode
+        for hi, lo in (("think-high", "non-think"), ("think-max", "think-high")):
+            a, b = experts.get(lo), experts.get(hi)
+            if a and b and len(a) == len(b) > 1:
+                diff, se = paired_difference(a, b)
+                out[f"diff | {d} | experts {hi} - {lo}"] = {"value": diff, "se": se, "kind": "diff"}
         for s in sets:
             a, b = (per.get(f"grpo:{s}") or {}).get(s), (per.get("student") or {}).get(s)
             if a and b and len(a) == len(b) > 1:

@@ -168,3 +168,22 @@ def test_single_run_margin_examples():
     assert S.single_run_margin([0.17, 0.20, 0.18], [0.037, 0.037, 0.034]) == 2.0  # a robust bar keeps 2 SE
     assert S.single_run_margin([0.10, 0.08, 0.03], [0.046, 0.034, 0.033]) == -0.5  # a gain of ~2 SE does not
     assert S.single_run_margin([0.061, 0.020, 0.028], [0.010, 0.004, 0.005]) == 2.0  # z 6.1, 5.0, 5.6: scaled
+
+
+def test_figures_of_a_modes_run(tmp_path):
+    """Each mode's expert in its own mode, paired over the same problems, and the student."""
+    rng = random.Random(5)
+    modes = ("non-think", "think-high", "think-max")
+    per = {f"grpo:math@{m}": {f"math@{k}": [float(rng.random() < 0.2 + 0.3 * j) for _ in range(30)]
+                              for j, k in enumerate(modes)} for m in modes}
+    per["student"] = {f"math@{k}": [float(rng.random() < 0.5) for _ in range(30)] for k in modes}
+    res = {"models": {m: {s: sum(v) / 30 for s, v in t.items()} for m, t in per.items()},
+           "greedy_per_prompt": per, "n_eval": {f"math@{k}": 30 for k in modes}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(res))
+    f = S.figures(tmp_path)
+    a = np.array(per["grpo:math@think-high"]["math@think-high"]) - np.array(per["grpo:math@non-think"]["math@non-think"])
+    assert f["diff | math | experts think-high - non-think"]["value"] == pytest.approx(a.mean(), abs=1e-12)
+    assert f["diff | math | experts think-high - non-think"]["se"] == pytest.approx(a.std(ddof=1) / math.sqrt(30))
+    b = np.array(per["student"]["math@think-max"]) - np.array(per["student"]["math@think-high"])
+    assert f["diff | math | student think-max - think-high"]["value"] == pytest.approx(b.mean(), abs=1e-12)
