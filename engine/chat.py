@@ -173,7 +173,10 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False,
         start = _reply_start(messages, i, tokenizer, text, add_generation_prompt, **template_kwargs)
         if not _has_reasoning(message):
             start += _empty_reasoning_len(text, start)  # a block the template inserted, not the reply
-        reply_end = _content_end(messages, i, tokenizer, add_generation_prompt, **template_kwargs)
+        # the reply's text must be rendered (a template that drops the turn has nothing to train);
+        # a tool-call turn's text may be left out by the template (Llama 3, Mistral)
+        reply_end = start if message.get("tool_calls") else _content_end(messages, i, tokenizer,
+                                                                          add_generation_prompt, **template_kwargs)
         first = next((k for k, (_, b) in enumerate(offsets) if b > start), len(ids))
         end = next((k for k in range(first, len(ids)) if ids[k] in stops and offsets[k][0] >= reply_end), None)
         if end is None:
