@@ -10,7 +10,10 @@ turn that hits `max_new_tokens`, when the response would exceed the total budget
 when the model calls a tool on its last allowed turn. Each turn batches all episodes
 still active into one `generator.generate` call. An environment with `bind(prompt_ids)`
 (real tool rows, `engine.row_tools`) gives each episode its own; a turn is a tool call
-when it stopped at a stop id that does not end the turn (`</tool_call>`).
+when it stopped at a stop id that does not end the turn (`</tool_call>`). A call written
+inside reasoning (its `<tool_call>` in a `<think>` block that is still open, the prompt's
+open block included: engine.reasoning) is not executed: the episode ends there ("stop"),
+and the reward sees unfinished reasoning.
 
 `Trajectory.finish_reason`: "stop" (end of turn, or a stop token when there is no environment),
 "length" (a turn hit `max_new_tokens` or the response hit the total budget; the budget
@@ -74,6 +77,17 @@ def tool_call_text(tokenizer, turn_ids: list[int]) -> str:
     return text[start:] if start >= 0 else text
 
 
+def call_in_reasoning(tokenizer, context_ids: list[int], turn_ids: list[int]) -> bool:
+    """Whether this turn's tool call lies inside a reasoning block that is still open
+    (opened in the turn, or by the context's generation prompt): it is not executed."""
+    from engine.reasoning import prompt_opens_reasoning, split_reasoning
+
+    text = tokenizer.decode(turn_ids, skip_special_tokens=True)
+    start = text.rfind(TOOL_CALL_OPEN)
+    opened = prompt_opens_reasoning(tokenizer.decode(context_ids, skip_special_tokens=False))
+    return split_reasoning(text[:max(start, 0)], opened=opened).unfinished
+
+
 def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], tokenizer, max_turns: int) -> None:
     """Apply one generated turn to an episode; execute its tool call if it made one."""
     room = budget - len(ep.response_ids)
@@ -88,6 +102,9 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
         return
     if ep.environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
         ep.finish_reason = "stop"
+        return
+    if call_in_reasoning(tokenizer, ep.prompt_ids + ep.response_ids[:-len(done.token_ids)], done.token_ids):
+        ep.finish_reason = "stop"  # a call inside the reasoning is not executed
         return
     if ep.num_turns >= max_turns:
         ep.finish_reason = "max_turns"
