@@ -53,14 +53,18 @@ class RolloutSample:
     teacher_index: int | None = None  # OPD: the teacher it is routed to
     policy_version: int | None = None  # pipelined OPD: rounds of training in the weights that sampled it
     reasoning_opened: bool = False  # the prompt ends inside a reasoning block (engine.reasoning)
+    tool_format: str | None = None  # a tool episode's native call format (engine.tool_formats)
 
     @property
     def scored_text(self) -> str:
         """The completion as rewards read it: with the reasoning-open marker the prompt
-        wrote in front where the prompt opened the block (engine.reasoning)."""
+        wrote in front where the prompt opened the block (engine.reasoning), native tool
+        calls in the XML form the tool verifier parses (engine.tool_formats)."""
         from engine.reasoning import DEFAULT_MARKERS
+        from engine.tool_formats import canonical_calls_in_text
 
-        return DEFAULT_MARKERS.open + self.text if self.reasoning_opened else self.text
+        text = canonical_calls_in_text(self.text, self.tool_format)
+        return DEFAULT_MARKERS.open + text if self.reasoning_opened else text
 
     @property
     def domain(self) -> str:
@@ -137,8 +141,15 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     trajs = logged_rollout(wal, wal_key, generator, prompts, sampling, tokenizer=tokenizer, environment=env,
                            max_turns=max_turns, max_response_tokens=max_response_tokens)
     opened = [prompt_opens_reasoning(tokenizer.decode(p, skip_special_tokens=False)) for p in prompts]
-    return [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
-            for i, t in enumerate(trajs)]
+    samples = [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
+               for i, t in enumerate(trajs)]
+    if env is not None:
+        from engine.tool_formats import tool_format_of
+
+        fmt = tool_format_of(tokenizer)
+        for s in samples:
+            s.tool_format = fmt
+    return samples
 
 
 def verified_results(scorer, verifier: str, texts: list[str], references: list, where: str) -> list:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,3 +183,37 @@ def canonical_episode(turns: list[tuple[str, str | None]], fmt: str, final_answe
             out.append(f"<tool_response>{result}</tool_response>")
     out.append(final_answer if final_answer is not None else split_reasoning(turns[-1][0]).answer)
     return "".join(out)
+
+
+def canonical_calls_in_text(text: str, fmt: str | None) -> str:
+    """`text` (a decoded turn or episode) with each `hermes` `<tool_call>` block rewritten in
+    the XML form the tool environment and verifier parse; a block that does not parse is
+    left as written (the environment / verifier then report it). Formats whose markers are
+    special tokens (llama3_json, deepseek, mistral) do not survive decoding without special
+    tokens and are not rewritten here; `xml` and None return `text` unchanged."""
+    if fmt != "hermes":
+        return text
+
+    def rewrite(m: re.Match) -> str:
+        try:
+            return canonical_call_text(_hermes(m.group(0)))
+        except ToolFormatError:
+            return m.group(0)
+
+    return re.sub(r"<tool_call>(.*?)</tool_call>", rewrite, text, flags=re.DOTALL)
+
+
+_FORMAT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tool_format_of(tokenizer) -> str | None:
+    """`detect_tool_format`, cached per tokenizer object; None where the template renders
+    no tool calls."""
+    from engine.chat import ChatTemplateError
+
+    if tokenizer not in _FORMAT_CACHE:
+        try:
+            _FORMAT_CACHE[tokenizer] = detect_tool_format(tokenizer)
+        except (ChatTemplateError, ValueError):
+            _FORMAT_CACHE[tokenizer] = None
+    return _FORMAT_CACHE[tokenizer]

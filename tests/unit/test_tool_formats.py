@@ -114,3 +114,45 @@ def test_calls_inside_reasoning_are_not_read_and_bad_markup_is_an_error():
         parse_calls("", "nope")
     assert parse_calls('{"name": "a", "parameters": {"k": 1}}; {"name": "b", "parameters": {}}<|eot_id|>',
                        "llama3_json") == [Call("a", {"k": 1}), Call("b", {})]
+
+
+def test_qwen3_native_calls_run_in_a_rollout_and_score(toks):
+    """A multi-turn rollout of a Qwen3-format student: its Hermes JSON call stops at
+    `</tool_call>`, is executed by the tool environment, the result comes back in the
+    template's `<tool_response>` user turn, and the tool verifier scores the episode."""
+    from engine.domain_spec import DomainSpec
+    from engine.domains.tool import ToolEnvironment
+    from engine.episode import roll_out, score_samples
+    from engine.generation import Completion
+
+    tok = toks["qwen3"]
+    env = ToolEnvironment({"get_weather": (WEATHER, lambda city: f"sunny in {city}")})
+    row = {"id": "w", "domain": "tool", "reference": {**REFERENCE, "answer": "It is sunny"},
+           "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    turns = {0: call, 1: "<think>\nthe tool said sunny\n</think>\n\nIt is sunny<|im_end|>"}
+
+    class Gen:
+        contexts = []
+
+        def generate(self, prompts, sampling):
+            out = []
+            for p in prompts:
+                self.contexts.append(tok.decode(p, skip_special_tokens=False))
+                ids = chat.encode(tok, turns[self.contexts[-1].count("<tool_response>")])
+                out += [Completion(ids, [-0.1] * len(ids), "stop")] * sampling.n
+            return out
+
+    gen = Gen()
+    samples = roll_out([row], "tool", DomainSpec("tool", env), generator=gen, tokenizer=tok, n=1, temperature=1.0,
+                       max_new_tokens=256, max_turns=2)  # byte-level: one token per byte
+    s = samples[0]
+    assert s.finish_reason == "stop" and s.tool_format == "hermes"
+    assert gen.contexts[1].endswith("</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny in Paris\n"
+                                    "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert score_samples(LocalScorer(), DomainSpec("tool", env), samples, "test") == [1.0]
+
+
+class LocalScorer:
+    def score(self, verifier, texts, refs):
+        return [get_verifier(verifier)(t, r) for t, r in zip(texts, refs)]
