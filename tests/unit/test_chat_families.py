@@ -227,3 +227,20 @@ def test_export_writes_the_end_of_turn_ids(name, toks, tmp_path):
     assert tok.convert_tokens_to_ids(fam.end_of_turn) in eos and tok.eos_token_id in eos
     assert chat.render_prompt(BASIC[:2], tok) == chat.render_prompt(
         BASIC[:2], __import__("transformers").AutoTokenizer.from_pretrained(str(out)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vllm_generator_stop_ids_hold_the_familys_end_of_turn(name, toks, tmp_path):
+    """The vLLM generator runs with `skip_tokenizer_init`: it stops only on the ids it is
+    given (`engine.generation_vllm._end_ids`). Checked here without vLLM (not installed on
+    CPU); a generation with vLLM itself is a GPU test."""
+    from engine.generation_vllm import _end_ids
+
+    tok, fam = toks[name], FAMILIES[name]
+    config = {"eos_token_id": tok.eos_token_id}
+    ids = _end_ids(config, tok, tmp_path)
+    assert tok.convert_tokens_to_ids(fam.end_of_turn) in ids and tok.eos_token_id in ids
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [tok.convert_tokens_to_ids(t) for t in fam.generation_eos]}))
+    ids = _end_ids(config, None, tmp_path)  # no tokenizer: a shipped generation_config alone must carry it
+    assert tok.convert_tokens_to_ids(fam.end_of_turn) in ids
