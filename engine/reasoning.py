@@ -2,11 +2,12 @@
 
 A completion is split by the model's reasoning markers (`<think>` / `</think>` by
 default, `ReasoningMarkers` otherwise): every closed block is reasoning, the rest is the
-answer. A close marker with no open marker before it closes a block that the generation
-prompt opened (DeepSeek-R1's prompt ends in `<think>\\n`): everything before it is
-reasoning. A block that never closes -- opened in the completion, or by the prompt
-(`opened=True`) -- makes the whole rest reasoning and the split `unfinished`: the answer
-is empty and rewards give it 0 ("unfinished reasoning").
+answer (stripped; a text with no reasoning block is its own answer, byte for byte). A
+close marker with no open marker before it closes a block that the generation prompt
+opened (DeepSeek-R1's prompt ends in `<think>\\n`): everything before it is reasoning.
+A block that never closes -- opened in the completion, or by the prompt (`opened=True`)
+-- makes the whole rest reasoning and the split `unfinished`: the answer is empty and
+rewards give it 0 ("unfinished reasoning").
 
 Verifiers score `answer` only, so a `\\boxed{}` draft, a last number or a broken
 constraint inside the reasoning does not count; tool calls written inside reasoning are
@@ -62,6 +63,8 @@ def split_reasoning(text: str, opened: bool = False, markers: ReasoningMarkers =
             continue
         i = text.find(o, pos)
         if i < 0:
+            if not reasoning:  # no reasoning at all: the answer is the text exactly as written
+                return Split("", text, False)
             answer.append(text[pos:])
             return Split("".join(reasoning), "".join(answer).strip(), False)
         answer.append(text[pos:i])

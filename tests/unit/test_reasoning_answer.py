@@ -32,8 +32,8 @@ DISAGREE = [
 
 def test_split_hand_cases():
     assert split_reasoning("plain 7") == split_reasoning("plain 7", opened=False)
-    s = split_reasoning("plain 7")
-    assert (s.reasoning, s.answer, s.unfinished) == ("", "plain 7", False)
+    s = split_reasoning(" plain 7\n")
+    assert (s.reasoning, s.answer, s.unfinished) == ("", " plain 7\n", False)  # no reasoning: unchanged
     s = split_reasoning("<think>a\n</think>\n\nb")
     assert (s.reasoning, s.answer, s.unfinished) == ("a\n", "b", False)
     s = split_reasoning("<think>a 7")
