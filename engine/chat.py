@@ -209,6 +209,20 @@ def render_row_prompt(row: dict, tokenizer) -> list[int]:
     return render_prompt(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
 
 
+def row_prompt_opens_reasoning(row: dict, tokenizer) -> bool:
+    """Whether the template's generation prompt for a data row opens a reasoning block
+    (DeepSeek-R1's ends in `<think>\\n`): judged on the generation prompt alone (what the
+    template adds after the conversation), not on the conversation's own text."""
+    from engine.modes import mode_template_kwargs
+    from engine.reasoning import prompt_opens_reasoning
+
+    prompt = prompt_messages(row["messages"])
+    kw = mode_template_kwargs(row.get("mode"))
+    with_prompt = render_text(prompt, tokenizer, True, **kw)
+    without = render_text(prompt, tokenizer, False, **kw)
+    return prompt_opens_reasoning(with_prompt[_common_prefix(with_prompt, without):])
+
+
 def render_row(row: dict, tokenizer) -> Rendered:
     """A data row's conversation and loss mask (SFT), in the row's mode where it has one."""
     from engine.modes import mode_template_kwargs

@@ -127,9 +127,8 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     or without one (single-turn). `max_response_tokens` bounds a whole episode (default:
     `engine.rollout.rollout`'s). With `wal` (engine.rollout_wal.RolloutWAL) the batch is
     replayed from the log under `wal_key` when it is there with the same inputs."""
-    from engine.chat import render_row_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, row_prompt_opens_reasoning, tool_call_end_id
     from engine.generation import SamplingParams
-    from engine.reasoning import prompt_opens_reasoning
     from engine.rollout_wal import logged_rollout
 
     if wal is not None and not wal_key:
@@ -140,7 +139,7 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     prompts = [render_row_prompt(r, tokenizer) for r in rows]
     trajs = logged_rollout(wal, wal_key, generator, prompts, sampling, tokenizer=tokenizer, environment=env,
                            max_turns=max_turns, max_response_tokens=max_response_tokens)
-    opened = [prompt_opens_reasoning(tokenizer.decode(p, skip_special_tokens=False)) for p in prompts]
+    opened = [row_prompt_opens_reasoning(r, tokenizer) for r in rows]
     samples = [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
                for i, t in enumerate(trajs)]
     if env is not None:

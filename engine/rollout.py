@@ -68,6 +68,7 @@ class _Episode:
     finish_reason: str | None = None
     environment: object = None
     pieces: list[str] = field(default_factory=list)  # the verifier's text, turn by turn
+    lead_ids: list[int] = field(default_factory=list)  # what came right before the current turn
 
     def add(self, ids: list[int], logprobs: list[float] | None) -> None:
         self.response_ids += ids
@@ -82,14 +83,15 @@ def tool_call_text(tokenizer, turn_ids: list[int]) -> str:
     return text[start:] if start >= 0 else text
 
 
-def call_in_reasoning(tokenizer, context_ids: list[int], turn_ids: list[int]) -> bool:
+def call_in_reasoning(tokenizer, lead_ids: list[int], turn_ids: list[int]) -> bool:
     """Whether this turn's tool call lies inside a reasoning block that is still open
-    (opened in the turn, or by the context's generation prompt): it is not executed."""
+    (opened in the turn, or by `lead_ids`, what came right before the turn: the prompt, or
+    the injected tool result ending in the generation prompt): it is not executed."""
     from engine.reasoning import prompt_opens_reasoning, split_reasoning
 
     text = tokenizer.decode(turn_ids, skip_special_tokens=True)
     start = text.rfind(TOOL_CALL_OPEN)
-    opened = prompt_opens_reasoning(tokenizer.decode(context_ids, skip_special_tokens=False))
+    opened = prompt_opens_reasoning(tokenizer.decode(lead_ids, skip_special_tokens=False))
     return split_reasoning(text[:max(start, 0)], opened=opened).unfinished
 
 
@@ -110,7 +112,7 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
     if ep.environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
         ep.finish_reason = "stop"
         return
-    if call_in_reasoning(tokenizer, ep.prompt_ids + ep.response_ids[:-len(done.token_ids)], done.token_ids):
+    if call_in_reasoning(tokenizer, ep.lead_ids, done.token_ids):
         ep.finish_reason = "stop"  # a call inside the reasoning is not executed
         return
     if ep.num_turns >= max_turns:
@@ -128,6 +130,7 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
         ep.finish_reason = "length"
         return
     ep.add(injected, None)
+    ep.lead_ids = injected
     ep.pieces.append(f"{TOOL_RESPONSE_OPEN}{result}{TOOL_RESPONSE_CLOSE}")
 
 
@@ -155,8 +158,8 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
     call_ids = set(sampling.stop_token_ids) - set(end_of_turn_ids(tokenizer))
     kw = dict(budget=budget, call_ids=call_ids, tokenizer=tokenizer, max_turns=turns)
 
-    episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None)
-                for p in prompt_ids_list for _ in range(sampling.n)]
+    episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None,
+                         lead_ids=list(p)) for p in prompt_ids_list for _ in range(sampling.n)]
     for ep, done in zip(episodes, generator.generate(prompt_ids_list, sampling), strict=True):
         _step(ep, done, **kw)
     turn = 1

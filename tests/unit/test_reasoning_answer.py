@@ -219,3 +219,18 @@ def test_rewards_cli_answer_only(tmp_path):
     answer = [json.loads(x) for x in (tmp_path / "answer.jsonl").read_text().splitlines()]
     assert [r["score"] for r in whole] == [1.0, 1.0, 1.0]
     assert [r["score"] for r in answer] == [0.0, 0.0, 1.0] and answer[1]["info"] == {"reason": UNFINISHED}
+
+
+def test_opened_is_judged_on_the_generation_prompt_alone():
+    """A system text that mentions `<think>` does not open the reasoning; DeepSeek-R1's
+    generation prompt does; Qwen3's non-think prompt closes its block."""
+    from engine.chat import row_prompt_opens_reasoning
+
+    mention = {"messages": [{"role": "system", "content": "Start your reply with <think>"},
+                            {"role": "user", "content": "3+4?"}]}
+    plain = build_tiny_tokenizer()
+    assert not row_prompt_opens_reasoning(mention, plain)
+    assert row_prompt_opens_reasoning(mention, build_family_tokenizer(FAMILIES["deepseek_r1"]))
+    qwen = build_family_tokenizer(FAMILIES["qwen3"])
+    assert not row_prompt_opens_reasoning({**mention, "mode": "non-think"}, qwen)
+    assert not row_prompt_opens_reasoning({**mention, "mode": "think-high"}, qwen)
