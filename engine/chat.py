@@ -2,17 +2,24 @@
 
 Every path (SFT data, GRPO / mixed-RL / OPD rollouts, multi-turn tool episodes, eval)
 renders conversations here, with `tokenizer.apply_chat_template`, so each model trains
-and samples in its own format; no format is special-cased.
+and samples in its own format; no format is special-cased. Nothing assumes that a reply
+is rendered as a verbatim continuation of the generation prompt: real templates rewrite
+turns (Qwen3 inserts an empty `<think>` block on the last assistant turn and drops
+reasoning from earlier ones, DeepSeek-R1 drops it from every turn and opens `<think>` in
+its generation prompt, Mistral moves the system text into the last user turn).
 
 - `render` gives the ids of a conversation and a loss mask that is 1 exactly on the
   assistant's tokens (its content and the end-of-turn token that closes it). Where the
   template marks assistant turns with `{% generation %}`, the mask is transformers'
-  `return_assistant_tokens_mask`; where it does not, each assistant turn is found by
-  rendering the conversation up to it (with the generation prompt) and up to its end,
-  and taking the difference, cut after the turn's end-of-turn token (so template
-  filler such as ChatML's newline after `<|im_end|>` is not trained on).
-- `tool_result_ids` are the tokens the template puts between an assistant turn that
-  ended in a tool call and the next generation prompt (end of turn, the tool message in
+  `return_assistant_tokens_mask`. Where it does not, each assistant turn is located in
+  the rendering of the whole conversation by diffing renders: the end of the message
+  before it is where a render with that message's content swapped for a sentinel stops
+  agreeing (from the end); the reply starts after the part of the template's generation
+  prompt (rendered for the conversation up to the turn) that the full rendering repeats
+  there, and ends at the first end-of-turn token. An empty reasoning block the template
+  inserted (the message has no reasoning of its own) is not trained on.
+- `tool_result_ids` are the tokens the template puts between an assistant turn and the
+  next generation prompt when a tool result follows (end of turn, the tool message in
   the template's tool role, the new assistant header): masked out of the loss.
 - `end_of_turn_ids` are the ids that end an assistant turn: the tokenizer's EOS, the
   token the template writes after an assistant message, and `generation_config`'s
@@ -22,12 +29,16 @@ and samples in its own format; no format is special-cased.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.reasoning import DEFAULT_MARKERS
 
 ROLES = ("system", "user", "assistant", "tool")
 _PROBE_USER = "hi"
 _PROBE_REPLY = "ok"  # plain words: templates may trim or rewrite content
+_SENTINEL = "\ue000"  # a private-use character: no template trims, splits or matches it
 
 
 class ChatTemplateError(ValueError):
@@ -49,8 +60,11 @@ def _check(messages: list[dict]) -> None:
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"messages[{j}]: role {role!r} is not one of {list(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{j}]: content must be a string, got {type(message.get('content')).__name__}")
+        content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            continue  # a tool-call turn may have no text
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{j}]: content must be a string, got {type(content).__name__}")
 
 
 def _template(tokenizer) -> str:
@@ -80,7 +94,7 @@ def has_generation_markers(tokenizer) -> bool:
 
 
 def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = False, **template_kwargs) -> str:
-    """`template_kwargs` (e.g. `enable_thinking`, engine.modes) go to the template as variables."""
+    """`template_kwargs` (e.g. `enable_thinking`, engine.modes; `tools`) go to the template."""
     _template(tokenizer)
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
                                          **template_kwargs)
@@ -90,33 +104,85 @@ def _ids(messages: list[dict], tokenizer, add_generation_prompt: bool = False, *
     return encode(tokenizer, render_text(messages, tokenizer, add_generation_prompt, **template_kwargs))
 
 
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _content_end(messages: list[dict], j: int, tokenizer, add_generation_prompt: bool, **template_kwargs) -> int:
+    """Where (a character offset) message `j`'s content ends in the rendering of
+    `messages`: the point from which a render with that content swapped for a sentinel
+    agrees with it to the end."""
+    text = render_text(messages, tokenizer, add_generation_prompt, **template_kwargs)
+    swapped = [dict(m) for m in messages]
+    swapped[j]["content"] = _SENTINEL
+    other = render_text(swapped, tokenizer, add_generation_prompt, **template_kwargs)
+    tail = _common_prefix(text[::-1], other[::-1])
+    head = _common_prefix(text, other)
+    if text == other:
+        raise ChatTemplateError(f"messages[{j}]: the chat template does not render this message's content in "
+                                "this conversation, so its tokens cannot be found; use a template with "
+                                "{% generation %} markers (model.chat_template)")
+    return max(len(text) - tail, head)
+
+
+def _reply_start(messages: list[dict], i: int, tokenizer, text: str, add_generation_prompt: bool,
+                 **template_kwargs) -> int:
+    """Where assistant message `i`'s reply starts in `text` (the whole conversation's rendering)."""
+    if i == 0:
+        raise ChatTemplateError("messages[0]: an assistant message needs a user (or system) message before it")
+    prompt = render_text(messages[:i], tokenizer, True, **template_kwargs)
+    header = prompt[_content_end(messages[:i], i - 1, tokenizer, True, **template_kwargs):]
+    at = _content_end(messages, i - 1, tokenizer, add_generation_prompt, **template_kwargs)
+    return at + _common_prefix(text[at:], header)
+
+
+def _has_reasoning(message: dict, markers=DEFAULT_MARKERS) -> bool:
+    content = message.get("content") or ""
+    return bool(message.get("reasoning_content")) or markers.open in content or markers.close in content
+
+
+def _empty_reasoning_len(text: str, at: int, markers=DEFAULT_MARKERS) -> int:
+    """Length of an empty reasoning block (`<think>\n\n</think>\n\n`) starting at `text[at]`, or 0."""
+    m = re.compile(rf"\s*{re.escape(markers.open)}\s*{re.escape(markers.close)}\s*").match(text, at)
+    return m.end() - at if m else 0
+
+
 def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False, **template_kwargs) -> Rendered:
-    """Token ids and assistant-only loss mask of a conversation."""
+    """Token ids and assistant-only loss mask of a conversation (see the module docstring)."""
     _check(messages)
     if has_generation_markers(tokenizer):
         out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
                                             add_generation_prompt=add_generation_prompt,
                                             return_assistant_tokens_mask=True, **template_kwargs)
         return Rendered(list(out["input_ids"]), [int(m) for m in out["assistant_masks"]])
-    ids = _ids(messages, tokenizer, add_generation_prompt, **template_kwargs)
+    text = render_text(messages, tokenizer, add_generation_prompt, **template_kwargs)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError("a template without {% generation %} markers needs a fast tokenizer (offsets)")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     mask = [0] * len(ids)
     stops = set(end_of_turn_ids(tokenizer))
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _ids(messages[:i], tokenizer, True, **template_kwargs)
-        upto = _ids(messages[:i + 1], tokenizer, **template_kwargs)
-        if upto[:len(before)] != before or ids[:len(upto)] != upto:
-            raise ChatTemplateError(
-                f"messages[{i}]: the chat template does not render this conversation as a sequence of "
-                "prefixes (it rewrites earlier turns), so the assistant tokens cannot be found; "
-                "use a template with {% generation %} markers (model.chat_template)")
-        end = len(upto)
-        for k in range(len(before), len(upto)):
-            if upto[k] in stops:
-                end = k + 1
-                break
-        mask[len(before):end] = [1] * (end - len(before))
+        start = _reply_start(messages, i, tokenizer, text, add_generation_prompt, **template_kwargs)
+        if not _has_reasoning(message):
+            start += _empty_reasoning_len(text, start)  # a block the template inserted, not the reply
+        # the reply's text must be rendered (a template that drops the turn has nothing to train);
+        # a tool-call turn's text may be left out by the template (Llama 3, Mistral)
+        reply_end = start if message.get("tool_calls") else _content_end(messages, i, tokenizer,
+                                                                          add_generation_prompt, **template_kwargs)
+        first = next((k for k, (_, b) in enumerate(offsets) if b > start), len(ids))
+        end = next((k for k in range(first, len(ids)) if ids[k] in stops and offsets[k][0] >= reply_end), None)
+        if end is None:
+            raise ChatTemplateError(f"messages[{i}]: no end-of-turn token {sorted(stops)} after the assistant "
+                                    "reply in the rendered conversation")
+        mask[first:end + 1] = [1] * (end + 1 - first)
     return Rendered(ids, mask)
 
 
@@ -143,6 +209,20 @@ def render_row_prompt(row: dict, tokenizer) -> list[int]:
     return render_prompt(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
 
 
+def row_prompt_opens_reasoning(row: dict, tokenizer) -> bool:
+    """Whether the template's generation prompt for a data row opens a reasoning block
+    (DeepSeek-R1's ends in `<think>\\n`): judged on the generation prompt alone (what the
+    template adds after the conversation), not on the conversation's own text."""
+    from engine.modes import mode_template_kwargs
+    from engine.reasoning import prompt_opens_reasoning
+
+    prompt = prompt_messages(row["messages"])
+    kw = mode_template_kwargs(row.get("mode"))
+    with_prompt = render_text(prompt, tokenizer, True, **kw)
+    without = render_text(prompt, tokenizer, False, **kw)
+    return prompt_opens_reasoning(with_prompt[_common_prefix(with_prompt, without):])
+
+
 def render_row(row: dict, tokenizer) -> Rendered:
     """A data row's conversation and loss mask (SFT), in the row's mode where it has one."""
     from engine.modes import mode_template_kwargs
@@ -150,27 +230,23 @@ def render_row(row: dict, tokenizer) -> Rendered:
     return render(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
 
 
-def _after_reply(tokenizer, then: list[dict], add_generation_prompt: bool) -> str:
+def _after_reply(tokenizer, then: list[dict], add_generation_prompt: bool, **template_kwargs) -> str:
     """The text the template writes after an assistant reply (followed by `then`)."""
-    user = [{"role": "user", "content": _PROBE_USER}]
-    head = render_text(user, tokenizer, add_generation_prompt=True) + _PROBE_REPLY
-    full = render_text(user + [{"role": "assistant", "content": _PROBE_REPLY}] + then, tokenizer,
-                       add_generation_prompt)
-    if not full.startswith(head):
-        raise ChatTemplateError("the chat template does not render an assistant reply right after its generation "
-                                f"prompt:\n  prompt+reply: {head!r}\n  rendered:     {full!r}")
-    return full[len(head):]
+    messages = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}] + then
+    text = render_text(messages, tokenizer, add_generation_prompt, **template_kwargs)
+    return text[_content_end(messages, 1, tokenizer, add_generation_prompt, **template_kwargs):]
 
 
-def tool_result_ids(tokenizer, result: str) -> list[int]:
+def tool_result_ids(tokenizer, result: str, **template_kwargs) -> list[int]:
     """Tokens appended after a tool call: close the assistant turn, the tool's result in
     the template's tool role, and reopen the assistant turn (all masked out of the loss)."""
-    return encode(tokenizer, _after_reply(tokenizer, [{"role": "tool", "content": result}], True))
+    return encode(tokenizer, _after_reply(tokenizer, [{"role": "tool", "content": result}], True, **template_kwargs))
 
 
 def end_of_turn_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:
-    """Ids that end an assistant turn: EOS, the template's end-of-turn token, and the
-    `eos_token_id`s of `model_dir/generation_config.json` (EOS first, no repeats)."""
+    """Ids that end an assistant turn: EOS, the template's end-of-turn token (the first
+    token it writes after an assistant message, where that is a special or added token),
+    and the `eos_token_id`s of `model_dir/generation_config.json` (EOS first, no repeats)."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))

@@ -6,9 +6,14 @@ eval all take (docs/DESIGN.md section 4).
 multi-turn with the route's tool environment: generation stops at `</tool_call>` exactly
 when the route has an environment), through the rollout log when the caller gives one
 (`engine.rollout_wal.logged_rollout`), and returns one `RolloutSample` per response.
-`verified_scores` / `score_samples` score responses with the route's verifier over the
-scorer pool, raising when a whole batch failed inside the verifier
-(`rewards.raise_if_all_verifier_errors`).
+`verified_results` / `verified_scores` / `score_samples` score responses with the route's
+verifier over the scorer pool, raising when a whole batch failed inside the verifier
+(`rewards.raise_if_all_verifier_errors`). The verifier reads the answer only: the
+completion split by `engine.reasoning.split_reasoning` (`<think>` blocks removed); a
+completion whose reasoning never closes scores 0 with the reason "unfinished reasoning"
+and is not sent to the verifier. A sample whose prompt opened the reasoning block
+(DeepSeek-R1's generation prompt ends in `<think>\n`) is split as starting inside it
+(`RolloutSample.scored_text`).
 
 `RolloutSample` is the record a sample stays from rollout to loss: GRPO fills `reward`
 and `advantage` (experts.rl_batch packs it into trainer batches), OPD its `sample_id`,
@@ -47,6 +52,19 @@ class RolloutSample:
     sample_id: str = ""  # OPD: the cache key
     teacher_index: int | None = None  # OPD: the teacher it is routed to
     policy_version: int | None = None  # pipelined OPD: rounds of training in the weights that sampled it
+    reasoning_opened: bool = False  # the prompt ends inside a reasoning block (engine.reasoning)
+    tool_format: str | None = None  # a tool episode's native call format (engine.tool_formats)
+
+    @property
+    def scored_text(self) -> str:
+        """The completion as rewards read it: with the reasoning-open marker the prompt
+        wrote in front where the prompt opened the block (engine.reasoning), native tool
+        calls in the XML form the tool verifier parses (engine.tool_formats)."""
+        from engine.reasoning import DEFAULT_MARKERS
+        from engine.tool_formats import canonical_calls_in_text
+
+        text = canonical_calls_in_text(self.text, self.tool_format)
+        return DEFAULT_MARKERS.open + text if self.reasoning_opened else text
 
     @property
     def domain(self) -> str:
@@ -57,13 +75,15 @@ class RolloutSample:
         return sum(self.loss_mask)
 
     @classmethod
-    def from_trajectory(cls, t, row: dict, route: str, max_response_tokens: int | None = None) -> RolloutSample:
+    def from_trajectory(cls, t, row: dict, route: str, max_response_tokens: int | None = None,
+                        reasoning_opened: bool = False) -> RolloutSample:
         """A sample of `row` from its rollout `t` (engine.rollout.Trajectory)."""
         p = len(t.prompt_ids)
         return cls(input_ids=list(t.prompt_ids) + list(t.response_ids), loss_mask=[0] * p + list(t.response_mask),
                    rollout_logprobs=[0.0] * p + list(t.rollout_logprobs), finish_reason=t.finish_reason,
                    text=t.text, reference=row.get("reference"), route=route, row_id=row.get("id"),
-                   mode=row.get("mode"), max_response_tokens=max_response_tokens)
+                   mode=row.get("mode"), max_response_tokens=max_response_tokens,
+                   reasoning_opened=reasoning_opened)
 
     def to_opd_record(self, with_rewards: bool = False) -> dict:
         """The line of OPD's rollouts.jsonl ("domain" holds the route; `policy_version`
@@ -107,7 +127,7 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     or without one (single-turn). `max_response_tokens` bounds a whole episode (default:
     `engine.rollout.rollout`'s). With `wal` (engine.rollout_wal.RolloutWAL) the batch is
     replayed from the log under `wal_key` when it is there with the same inputs."""
-    from engine.chat import render_row_prompt, tool_call_end_id
+    from engine.chat import render_row_prompt, row_prompt_opens_reasoning, tool_call_end_id
     from engine.generation import SamplingParams
     from engine.rollout_wal import logged_rollout
 
@@ -119,19 +139,51 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     prompts = [render_row_prompt(r, tokenizer) for r in rows]
     trajs = logged_rollout(wal, wal_key, generator, prompts, sampling, tokenizer=tokenizer, environment=env,
                            max_turns=max_turns, max_response_tokens=max_response_tokens)
-    return [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens) for i, t in enumerate(trajs)]
+    opened = [row_prompt_opens_reasoning(r, tokenizer) for r in rows]
+    samples = [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
+               for i, t in enumerate(trajs)]
+    if env is not None:
+        from engine.tool_formats import tool_format_of
+
+        fmt = tool_format_of(tokenizer)
+        for s in samples:
+            s.tool_format = fmt
+    return samples
+
+
+def verified_results(scorer, verifier: str, texts: list[str], references: list, where: str) -> list:
+    """`verifier`'s results (rewards.RewardResult) on the answers of `texts`
+    (engine.reasoning.split_reasoning) over the scorer pool; a text whose reasoning never
+    closes gets 0 with reason "unfinished reasoning" without being scored. A batch on
+    which the verifier itself failed throughout raises, naming `where`."""
+    from engine.reasoning import UNFINISHED, split_reasoning
+    from rewards.batch import raise_if_all_verifier_errors
+    from rewards.registry import RewardResult
+
+    splits = [split_reasoning(t) for t in texts]
+    todo = [i for i, sp in enumerate(splits) if not sp.unfinished]
+    results = [RewardResult(0.0, {"reason": UNFINISHED}) for _ in texts]
+    if todo:
+        got = scorer.score(verifier, [splits[i].answer for i in todo], [references[i] for i in todo])
+        raise_if_all_verifier_errors(got, verifier, where)
+        for i, r in zip(todo, got, strict=True):
+            results[i] = r
+    return results
 
 
 def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str) -> list[float]:
-    """`verifier`'s scores of `texts` over the scorer pool; a batch on which the verifier
-    itself failed throughout raises, naming `where`."""
-    from rewards.batch import raise_if_all_verifier_errors
-
-    results = scorer.score(verifier, texts, references)
-    raise_if_all_verifier_errors(results, verifier, where)
-    return [r.score for r in results]
+    """The scores of `verified_results`."""
+    return [r.score for r in verified_results(scorer, verifier, texts, references, where)]
 
 
 def score_samples(scorer, spec: DomainSpec, samples: list[RolloutSample], where: str) -> list[float]:
-    """The samples' scores by their route's verifier (`verified_scores`)."""
-    return verified_scores(scorer, spec.verifier, [s.text for s in samples], [s.reference for s in samples], where)
+    """The samples' scores by their route's verifier (`verified_scores`, on `scored_text`)."""
+    return verified_scores(scorer, spec.verifier, [s.scored_text for s in samples], [s.reference for s in samples],
+                           where)
+
+
+def unfinished_fraction(texts: list[str]) -> float:
+    """The fraction of `texts` whose reasoning never closes (engine.reasoning), 0 for none."""
+    from engine.reasoning import split_reasoning
+
+    return sum(split_reasoning(t).unfinished for t in texts) / len(texts) if texts else 0.0

@@ -10,7 +10,12 @@ turn that hits `max_new_tokens`, when the response would exceed the total budget
 when the model calls a tool on its last allowed turn. Each turn batches all episodes
 still active into one `generator.generate` call. An environment with `bind(prompt_ids)`
 (real tool rows, `engine.row_tools`) gives each episode its own; a turn is a tool call
-when it stopped at a stop id that does not end the turn (`</tool_call>`).
+when it stopped at a stop id that does not end the turn (`</tool_call>`); a call in the
+model's native Hermes JSON form (Qwen3, ChatML; engine.tool_formats) is rewritten in the
+XML form the environment parses. A call written
+inside reasoning (its `<tool_call>` in a `<think>` block that is still open, the prompt's
+open block included: engine.reasoning) is not executed: the episode ends there ("stop"),
+and the reward sees unfinished reasoning.
 
 `Trajectory.finish_reason`: "stop" (end of turn, or a stop token when there is no environment),
 "length" (a turn hit `max_new_tokens` or the response hit the total budget; the budget
@@ -27,6 +32,7 @@ from engine.chat import end_of_turn_ids, tool_result_ids
 from engine.generation import Completion, SamplingParams, row_seed
 
 TOOL_CALL_OPEN = "<tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 
 
 class Environment(Protocol):
@@ -48,7 +54,8 @@ class Trajectory:
     rollout_logprobs: list[float]  # aligned with response_ids; 0 where masked
     num_turns: int
     finish_reason: str  # "stop" | "length" | "max_turns"
-    text: str  # decoded response, special tokens skipped (what the verifier reads)
+    text: str  # what the verifier reads: each model turn decoded (special tokens skipped), each tool
+    # result as `<tool_response>result</tool_response>` (not the template's markup around it)
 
 
 @dataclass
@@ -60,6 +67,8 @@ class _Episode:
     num_turns: int = 0
     finish_reason: str | None = None
     environment: object = None
+    pieces: list[str] = field(default_factory=list)  # the verifier's text, turn by turn
+    lead_ids: list[int] = field(default_factory=list)  # what came right before the current turn
 
     def add(self, ids: list[int], logprobs: list[float] | None) -> None:
         self.response_ids += ids
@@ -74,25 +83,46 @@ def tool_call_text(tokenizer, turn_ids: list[int]) -> str:
     return text[start:] if start >= 0 else text
 
 
+def call_in_reasoning(tokenizer, lead_ids: list[int], turn_ids: list[int]) -> bool:
+    """Whether this turn's tool call lies inside a reasoning block that is still open
+    (opened in the turn, or by `lead_ids`, what came right before the turn: the prompt, or
+    the injected tool result ending in the generation prompt): it is not executed."""
+    from engine.reasoning import prompt_opens_reasoning, split_reasoning
+
+    text = tokenizer.decode(turn_ids, skip_special_tokens=True)
+    start = text.rfind(TOOL_CALL_OPEN)
+    opened = prompt_opens_reasoning(tokenizer.decode(lead_ids, skip_special_tokens=False))
+    return split_reasoning(text[:max(start, 0)], opened=opened).unfinished
+
+
 def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], tokenizer, max_turns: int) -> None:
     """Apply one generated turn to an episode; execute its tool call if it made one."""
     room = budget - len(ep.response_ids)
     ep.num_turns += 1
     if len(done.token_ids) > room:
         ep.add(done.token_ids[:room], done.logprobs[:room])
+        ep.pieces.append(tokenizer.decode(done.token_ids[:room], skip_special_tokens=True))
         ep.finish_reason = "length"
         return
     ep.add(done.token_ids, done.logprobs)
+    ep.pieces.append(tokenizer.decode(done.token_ids, skip_special_tokens=True))
     if done.finish_reason == "length":
         ep.finish_reason = "length"
         return
     if ep.environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
         ep.finish_reason = "stop"
         return
+    if call_in_reasoning(tokenizer, ep.lead_ids, done.token_ids):
+        ep.finish_reason = "stop"  # a call inside the reasoning is not executed
+        return
     if ep.num_turns >= max_turns:
         ep.finish_reason = "max_turns"
         return
-    result = ep.environment.execute(tool_call_text(tokenizer, done.token_ids))
+    from engine.tool_formats import canonical_calls_in_text, tool_format_of
+
+    # the model's native call (Qwen3 / Hermes JSON) in the form the environment parses
+    result = ep.environment.execute(canonical_calls_in_text(tool_call_text(tokenizer, done.token_ids),
+                                                            tool_format_of(tokenizer)))
     if not isinstance(result, str):
         raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
     injected = tool_result_ids(tokenizer, result)
@@ -100,6 +130,8 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
         ep.finish_reason = "length"
         return
     ep.add(injected, None)
+    ep.lead_ids = injected
+    ep.pieces.append(f"{TOOL_RESPONSE_OPEN}{result}{TOOL_RESPONSE_CLOSE}")
 
 
 def _turn_seed(seed: int | None, turn: int) -> int | None:
@@ -126,8 +158,8 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
     call_ids = set(sampling.stop_token_ids) - set(end_of_turn_ids(tokenizer))
     kw = dict(budget=budget, call_ids=call_ids, tokenizer=tokenizer, max_turns=turns)
 
-    episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None)
-                for p in prompt_ids_list for _ in range(sampling.n)]
+    episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None,
+                         lead_ids=list(p)) for p in prompt_ids_list for _ in range(sampling.n)]
     for ep, done in zip(episodes, generator.generate(prompt_ids_list, sampling), strict=True):
         _step(ep, done, **kw)
     turn = 1
@@ -138,5 +170,5 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
             _step(ep, done, **kw)
         turn += 1
     return [Trajectory(ep.prompt_ids, ep.response_ids, ep.response_mask, ep.logprobs, ep.num_turns,
-                       ep.finish_reason, tokenizer.decode(ep.response_ids, skip_special_tokens=True))
+                       ep.finish_reason, "".join(ep.pieces))
             for ep in episodes]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from engine.domain_spec import DomainSpec
-from engine.episode import RolloutSample
+from engine.episode import RolloutSample, unfinished_fraction
 from engine.prompt_stream import PromptStream
 from experts.advantages import compute_advantages
 from experts.grpo_settings import GRPOSettings
@@ -154,6 +154,7 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
         "reward_std": float(torch.tensor([s.reward for s in flat]).std()) if len(flat) > 1 else 0.0,
         "response_len": sum(s.num_model_tokens for s in flat) / len(flat),
         "truncated_frac": sum(s.finish_reason == "length" for s in flat) / len(flat),
+        "unfinished_reasoning_frac": unfinished_fraction([s.scored_text for s in flat]),
         "groups_kept": len(kept),
         "groups_sampled": len(all_groups),
         "groups_dropped": len(all_groups) - len(kept),  # all-equal rewards (dynamic sampling) or surplus

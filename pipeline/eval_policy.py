@@ -25,7 +25,8 @@ def eval_policy(cfg, model_dir: str):
                            tokenizer=tokenizer, n=n, temperature=temperature,
                            max_new_tokens=es.max_new_tokens or cfg.eval.max_new_tokens,
                            max_turns=cfg.domain(domain).grpo.max_turns if env is not None else 1, seed=cfg.seed)
-        return [s.text for s in samples], [s.num_model_tokens for s in samples]
+        # the completion as rewards read it (the prompt's open reasoning marker in front, where it wrote one)
+        return [s.scored_text for s in samples], [s.num_model_tokens for s in samples]
 
     policy.close = generator.close  # evaluate_models releases each model before the next
     return policy

@@ -75,15 +75,19 @@ def _checked(texts: list, expected: int, what: str) -> list:
 
 
 def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) -> dict:
-    """{'greedy', 'greedy_scores' (per prompt, in row order), 'pass@1', 'pass@k', 'n'} for one
-    model on one domain."""
+    """{'greedy', 'greedy_scores' (per prompt, in row order), 'unfinished_reasoning' (the
+    fraction of greedy completions whose reasoning never closed), 'pass@1', 'pass@k', 'n'}
+    for one model on one domain."""
+    from engine.episode import unfinished_fraction
+
     rows = es.rows[: settings.max_prompts] if settings.max_prompts else es.rows
     if not rows:
         raise ValueError(f"domain {es.domain!r} has no eval rows")
     refs = [r["reference"] for r in rows]
     greedy_texts, tokens = _texts_and_tokens(policy(es, rows, 0.0, 1))
     greedy = score(es.verifier, _checked(greedy_texts, len(rows), f"{es.domain} greedy"), refs)
-    out = {"greedy": sum(greedy) / len(greedy), "n": len(rows), "greedy_scores": [float(x) for x in greedy]}
+    out = {"greedy": sum(greedy) / len(greedy), "n": len(rows), "greedy_scores": [float(x) for x in greedy],
+           "unfinished_reasoning": unfinished_fraction(greedy_texts)}  # scored 0 (engine.episode)
     if tokens is not None:  # mean output tokens of the greedy answers (reasoning modes' cost)
         out["greedy_tokens"] = sum(tokens) / len(tokens)
     k = settings.samples
@@ -105,12 +109,14 @@ def evaluate_model(policy: Policy, sets: list[EvalSet], score, settings: EvalSet
         entry["greedy"][es.domain] = r["greedy"]
         entry["greedy_per_prompt"][es.domain] = r["greedy_scores"]
         entry["n_eval"][es.domain] = r["n"]
+        entry.setdefault("unfinished_reasoning", {})[es.domain] = r["unfinished_reasoning"]
         if "greedy_tokens" in r:
             entry.setdefault("output_tokens", {})[es.domain] = r["greedy_tokens"]
         if "pass@1" in r:
             entry["sampled"][es.domain] = r["pass@1"]
             entry["pass_at_k"][es.domain] = r["pass@k"]
         log(f"[eval] {name:<12} {es.domain:<8} greedy {r['greedy']:.3f}"
+            + (f"  unfinished reasoning {r['unfinished_reasoning']:.3f}" if r["unfinished_reasoning"] else "")
             + (f"  pass@1 {r['pass@1']:.3f}  pass@{settings.samples} {r['pass@k']:.3f}" if "pass@1" in r else ""))
     return entry
 
@@ -158,6 +164,8 @@ def assemble_results(entries: dict[str, dict], settings: EvalSettings) -> dict:
         results["n_eval"].update(e["n_eval"])
         if e.get("output_tokens"):
             results.setdefault("output_tokens", {})[name] = e["output_tokens"]
+        if e.get("unfinished_reasoning"):  # absent in entries written before it existed
+            results.setdefault("unfinished_reasoning", {})[name] = e["unfinished_reasoning"]
         results["seconds"][name] = e.get("seconds")
     return results
 

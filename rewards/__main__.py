@@ -8,6 +8,10 @@ worker that crashes or times out: that row scores 0 and carries an `error` field
 line is written as `{"line": N, "input": its first 200 characters, "score": 0, "info",
 "error"}`), and is counted on stderr. Only a verifier name that does not exist is a
 usage error (exit 2, nothing written). The output is written atomically.
+
+`--answer-only` scores what training and eval score: the completion's answer, its
+`<think>` reasoning removed (engine.reasoning); `--reasoning-opened` when the prompt
+already opened the block; a reasoning that never closes scores 0 ("unfinished reasoning").
 """
 
 from __future__ import annotations
@@ -61,8 +65,10 @@ def _reference_problem(verifier: str, reference: dict) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def score_rows(verifier: str, lines: list, workers: int | None, timeout: float) -> list[dict[str, Any]]:
-    """One output row per entry of `read_input_lines`, in order."""
+def score_rows(verifier: str, lines: list, workers: int | None, timeout: float, answer_only: bool = False,
+               reasoning_opened: bool = False) -> list[dict[str, Any]]:
+    """One output row per entry of `read_input_lines`, in order; with `answer_only` the
+    verifier reads each completion's answer (engine.reasoning.split_reasoning)."""
     from rewards.batch import score_batch
     from rewards.failures import BAD_INPUT, scoring_failure
 
@@ -80,7 +86,17 @@ def score_rows(verifier: str, lines: list, workers: int | None, timeout: float) 
             out[k] = {"line": n, "input": raw.decode("utf-8", "replace").strip()[:200], "score": 0.0}
         reason = f"{BAD_INPUT}: {problem}"
         out[k].update(info={"reason": reason}, error=reason)
-    results = score_batch(verifier, [lines[k][2]["completion"] for k in todo], [lines[k][2]["reference"] for k in todo],
+    if answer_only:
+        from engine.reasoning import UNFINISHED, split_reasoning
+
+        splits = {k: split_reasoning(lines[k][2]["completion"], opened=reasoning_opened) for k in todo}
+        for k in [k for k in todo if splits[k].unfinished]:
+            out[k] = {**lines[k][2], "score": 0.0, "info": {"reason": UNFINISHED}}
+        todo = [k for k in todo if not splits[k].unfinished]
+        answers = [splits[k].answer for k in todo]
+    else:
+        answers = [lines[k][2]["completion"] for k in todo]
+    results = score_batch(verifier, answers, [lines[k][2]["reference"] for k in todo],
                           num_workers=workers, timeout_s=timeout) if todo else []
     for k, res in zip(todo, results):
         out[k] = {**lines[k][2], "score": res.score, "info": res.info}
@@ -111,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("-o", "--output", help="output JSONL (default: stdout)")
     score.add_argument("--workers", type=int, default=None)
     score.add_argument("--timeout", type=float, default=30.0, help="per-item seconds")
+    score.add_argument("--answer-only", action="store_true",
+                       help="score the answer only (<think> reasoning removed), as training and eval do")
+    score.add_argument("--reasoning-opened", action="store_true",
+                       help="with --answer-only: the prompt opened the reasoning block (e.g. DeepSeek-R1)")
     args = parser.parse_args(argv)
 
     from rewards.registry import get_verifier
@@ -121,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     lines = read_input_lines(args.input)
-    rows = score_rows(args.verifier, lines, args.workers, args.timeout)
+    rows = score_rows(args.verifier, lines, args.workers, args.timeout, args.answer_only, args.reasoning_opened)
     out = [json.dumps(row, default=str) for row in rows]
     for (n, *_), row in zip(lines, rows):
         if "error" in row:

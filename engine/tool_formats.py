@@ -1,0 +1,219 @@
+"""Tool calls in each model family's native format: parse them back, per family.
+
+A family writes its calls the way its chat template renders an assistant message's
+`tool_calls` (tools go to the template through its `tools=` argument):
+- `hermes` (Qwen3, Qwen2.5 / ChatML): `<tool_call>\\n{"name": .., "arguments": {..}}\\n</tool_call>`;
+- `llama3_json` (Llama 3.1 / 3.2): the turn is one JSON object `{"name": .., "parameters": {..}}`
+  (optionally after `<|python_tag|>`; several joined by `;`);
+- `deepseek` (DeepSeek-R1 / V3): `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>`
+  inside `<｜tool▁calls▁begin｜>..<｜tool▁calls▁end｜>`;
+- `mistral` (v0.3): `[TOOL_CALLS] [{"name": .., "arguments": {..}, "id": ..}, ..]`;
+- `xml`: the project's `<tool_call><invoke name=..><parameter name=..>` (rewards.tool_calls),
+  for templates that render calls that way (the tiny model's).
+
+`detect_tool_format(tokenizer)` picks the parser by rendering a probe call through the
+template and keeping the format that parses it back; `parse_calls(text, fmt)` reads the
+calls of one assistant turn (text decoded with special tokens kept);
+`canonical_episode(turns)` writes an episode with its calls in the `xml` form, the form
+the `tool` verifier scores (rewards.tool_reward), so the verifier reads the parsed calls
+whatever the family.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("hermes", "llama3_json", "deepseek", "mistral", "xml")
+
+
+class ToolFormatError(ValueError):
+    """A turn's tool-call markup does not parse in its family's format."""
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    arguments: dict[str, Any]
+
+
+def _call(obj: Any, args_key: str, where: str) -> Call:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise ToolFormatError(f"{where}: a call must be a JSON object with a string 'name', got {str(obj)[:80]!r}")
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise ToolFormatError(f"{where}: arguments of {obj['name']!r} are not JSON: {args[:80]!r}") from None
+    if not isinstance(args, dict):
+        raise ToolFormatError(f"{where}: arguments of {obj['name']!r} must be an object, got {type(args).__name__}")
+    return Call(obj["name"], args)
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ToolFormatError(f"{where}: not JSON ({exc}): {text[:80]!r}") from None
+
+
+def _hermes(text: str) -> list[Call]:
+    bodies = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL)
+    if text.count("<tool_call>") != len(bodies):
+        raise ToolFormatError("hermes: a <tool_call> is not closed")
+    return [_call(_json(b.strip(), f"hermes call {i}"), "arguments", f"hermes call {i}") for i, b in enumerate(bodies)]
+
+
+def _llama3_json(text: str) -> list[Call]:
+    body = text.split("<|python_tag|>")[-1]
+    body = re.sub(r"<\|(eot_id|eom_id)\|>\s*$", "", body.strip()).strip()
+    if not body.startswith("{"):
+        return []  # a plain answer
+    calls, dec, pos = [], json.JSONDecoder(), 0
+    while pos < len(body):
+        try:
+            obj, end = dec.raw_decode(body, pos)
+        except ValueError as exc:
+            raise ToolFormatError(f"llama3_json: not JSON at {pos} ({exc})") from None
+        calls.append(_call(obj, "parameters", f"llama3_json call {len(calls)}"))
+        pos = end
+        while pos < len(body) and body[pos] in " ;\n":
+            pos += 1
+    return calls
+
+
+_DS_CALL = re.compile(r"<｜tool▁call▁begin｜>(\w+)<｜tool▁sep｜>(.*?)\n```json\n(.*?)\n```<｜tool▁call▁end｜>", re.DOTALL)
+
+
+def _deepseek(text: str) -> list[Call]:
+    if "<｜tool▁calls▁begin｜>" not in text:
+        return []
+    block = text.split("<｜tool▁calls▁begin｜>", 1)[1].split("<｜tool▁calls▁end｜>", 1)[0]
+    found = _DS_CALL.findall(block)
+    if len(found) != block.count("<｜tool▁call▁begin｜>"):
+        raise ToolFormatError("deepseek: a <｜tool▁call▁begin｜> does not parse as function<｜tool▁sep｜>NAME + ```json")
+    return [_call({"name": name.strip(), "arguments": _json(args, f"deepseek call {i}")}, "arguments",
+                  f"deepseek call {i}") for i, (_, name, args) in enumerate(found)]
+
+
+def _mistral(text: str) -> list[Call]:
+    if "[TOOL_CALLS]" not in text:
+        return []
+    body = text.split("[TOOL_CALLS]", 1)[1].strip()
+    body = body[:-len("</s>")] if body.endswith("</s>") else body
+    calls = _json(body.strip(), "mistral")
+    if not isinstance(calls, list):
+        raise ToolFormatError("mistral: [TOOL_CALLS] must be followed by a JSON list")
+    return [_call(c, "arguments", f"mistral call {i}") for i, c in enumerate(calls)]
+
+
+def _xml(text: str) -> list[Call]:
+    from rewards.tool_calls import ToolCallParseError, parse_tool_calls
+
+    try:
+        return [Call(c.name, dict(c.arguments)) for c in parse_tool_calls(text)]
+    except ToolCallParseError as exc:
+        raise ToolFormatError(f"xml: {exc}") from None
+
+
+_PARSERS = {"hermes": _hermes, "llama3_json": _llama3_json, "deepseek": _deepseek, "mistral": _mistral, "xml": _xml}
+
+
+def parse_calls(text: str, fmt: str) -> list[Call]:
+    """The calls one assistant turn makes, in `fmt` (`FORMATS`); [] for a plain answer."""
+    if fmt not in _PARSERS:
+        raise ValueError(f"unknown tool-call format {fmt!r}; known: {list(FORMATS)}")
+    return _PARSERS[fmt](text)
+
+
+_PROBE = Call("probe_tool", {"city": "Paris", "days": 3})
+
+
+def detect_tool_format(tokenizer) -> str:
+    """The format the tokenizer's chat template writes calls in: the one that parses a
+    probe call rendered as an assistant message's `tool_calls` back to itself."""
+    from engine.chat import ChatTemplateError, render
+
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": _PROBE.name, "arguments": dict(_PROBE.arguments)}}]}]
+    try:
+        r = render(messages, tokenizer)
+    except Exception as exc:  # a template without tool calls (Gemma)
+        raise ChatTemplateError(f"the chat template does not render tool calls: {exc}") from exc
+    text = tokenizer.decode([t for t, m in zip(r.input_ids, r.loss_mask) if m], skip_special_tokens=False)
+    for fmt in FORMATS:
+        try:
+            if parse_calls(text, fmt) == [_PROBE]:
+                return fmt
+        except ToolFormatError:
+            continue
+    if 'name="probe_tool"' in text:
+        return "xml"
+    raise ChatTemplateError(f"no known tool-call format parses the template's call: {text[-300:]!r}")
+
+
+def _xml_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def canonical_call_text(calls: list[Call]) -> str:
+    """`calls` in the project's XML form (what rewards.tool_calls parses)."""
+    return "".join("<tool_call>" + f'<invoke name="{c.name}">' + "".join(
+        f'<parameter name="{k}">{_xml_value(v)}</parameter>' for k, v in c.arguments.items())
+        + "</invoke></tool_call>" for c in calls)
+
+
+def canonical_episode(turns: list[tuple[str, str | None]], fmt: str, final_answer: str | None = None) -> str:
+    """An episode for the `tool` verifier: each `(assistant turn text, tool result or None)`
+    with the calls of the turn's answer (its reasoning left out: engine.reasoning) parsed in
+    `fmt` and written in the XML form, its result in `<tool_response>`, then the final
+    answer (`final_answer`, default the last turn's answer text)."""
+    from engine.reasoning import split_reasoning
+
+    out = []
+    for turn, result in turns:
+        calls = parse_calls(split_reasoning(turn).answer, fmt)
+        out.append(canonical_call_text(calls))
+        if result is not None:
+            out.append(f"<tool_response>{result}</tool_response>")
+    out.append(final_answer if final_answer is not None else split_reasoning(turns[-1][0]).answer)
+    return "".join(out)
+
+
+def canonical_calls_in_text(text: str, fmt: str | None) -> str:
+    """`text` (a decoded turn or episode) with each `hermes` `<tool_call>` block rewritten in
+    the XML form the tool environment and verifier parse; a block that does not parse is
+    left as written (the environment / verifier then report it). Formats whose markers are
+    special tokens (llama3_json, deepseek, mistral) do not survive decoding without special
+    tokens and are not rewritten here; `xml` and None return `text` unchanged."""
+    if fmt != "hermes":
+        return text
+
+    def rewrite(m: re.Match) -> str:
+        try:
+            return canonical_call_text(_hermes(m.group(0)))
+        except ToolFormatError:
+            return m.group(0)
+
+    return re.sub(r"<tool_call>(.*?)</tool_call>", rewrite, text, flags=re.DOTALL)
+
+
+_FORMAT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tool_format_of(tokenizer) -> str | None:
+    """`detect_tool_format`, cached per tokenizer object; None where the template renders
+    no tool calls."""
+    from engine.chat import ChatTemplateError
+
+    if tokenizer not in _FORMAT_CACHE:
+        try:
+            _FORMAT_CACHE[tokenizer] = detect_tool_format(tokenizer)
+        except (ChatTemplateError, ValueError):
+            _FORMAT_CACHE[tokenizer] = None
+    return _FORMAT_CACHE[tokenizer]
