@@ -230,6 +230,27 @@ def _cell(v, se=None, digits=3, signed=True) -> str:
     return f"{v:+.{digits}f} ± {se:.{digits}f}" if signed else f"{v:.{digits}f} ± {se:.{digits}f}"
 
 
+def score_table(agg: dict[str, dict]) -> list[str]:
+    """Models x eval sets, greedy, each cell the mean ± SE over seeds (markdown lines)."""
+    from pipeline.report import _model_rank
+
+    cells = {}
+    for name, r in agg.items():
+        if r["kind"] == "score":
+            _, model, s = name.split(" | ")
+            cells.setdefault(model, {})[s] = r
+    if not cells:
+        return []
+    sets = list(dict.fromkeys(s for t in cells.values() for s in t))
+    lines = ["## Models x domains (greedy, mean ± SE over seeds)", "",
+             "| model | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets)]
+    for model in sorted(cells, key=_model_rank):
+        lines.append(f"| {model} | " + " | ".join(
+            _cell(cells[model][s]["mean"], cells[model][s]["se"], signed=False) if s in cells[model] else "-"
+            for s in sets) + " |")
+    return lines
+
+
 def format_aggregate(agg: dict[str, dict], labels: list[str], facts: dict[str, dict]) -> str:
     """The seeds report (markdown): the machine, then one table per figure kind."""
     lines = [f"# Polymath over {len(labels)} seeds", ""]
@@ -249,6 +270,7 @@ def format_aggregate(agg: dict[str, dict], labels: list[str], facts: dict[str, d
               "SD at least 1; at most 2; "
               "`single_run_margin`); "
               "tests/quality asserts each bar with it on the one run it makes.", ""]
+    lines += score_table(agg) + [""]
     head = " | ".join(labels)
     groups = (("score", "Greedy scores (per seed, mean ± SE)"),
               ("diff", "Paired differences (b - a, greedy, per-prompt paired within a seed)"),

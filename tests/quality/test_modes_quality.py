@@ -16,8 +16,11 @@ held-out problems), then checks, paired per problem (the same problems in every 
 - OPD: one head resident, one head load per teacher in every step, and the held-out KL
   (per prompt, paired) lower after training than before for every teacher.
 
-The run is deterministic (fixed seeds, one thread per stage), so the figures do not move
-between reruns; a rerun after `make test` skips every stage.
+The run is deterministic on one machine (fixed seeds, one thread per stage), so the figures
+do not move between reruns there; a rerun after `make test` skips every stage. Across CPUs
+they do, so each bar is asserted with the margin, in the run's own paired SEs, that the
+spread over seeds supports (docs/seeds/modes/seeds.json, `single_run_margin`, at most 2 SE;
+docs/seeds.md); `POLYMATH_QUALITY_SEED=N` checks the run of seed N (`runs/modes-seedN`).
 """
 
 import json
@@ -39,8 +42,15 @@ CFG_SEED = load_config(ROOT / "configs" / "modes.yaml", check_files=False).seed
 SEED = int(os.environ.get("POLYMATH_QUALITY_SEED", CFG_SEED))
 RUN = ROOT / seed_run_dir("runs/modes", CFG_SEED, SEED)
 SEED_ARGS = [] if SEED == CFG_SEED else [f"seed={SEED}", f"run_dir={seed_run_dir('runs/modes', CFG_SEED, SEED)}"]
-MARGIN_SE = 2.0
 MODES = ("non-think", "think-high", "think-max")
+STUDY = json.loads((ROOT / "docs" / "seeds" / "modes" / "seeds.json").read_text())  # `make experiment`
+
+
+def margin(figure: str) -> float:
+    """The one-run margin (in this run's paired SEs) for a figure of the seeds study."""
+    row = STUDY["figures"][figure]
+    assert len(row["per_seed"]) >= 3, f"{figure}: the study has {len(row['per_seed'])} seeds"
+    return row["single_run_margin"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.quality]
 
@@ -71,16 +81,18 @@ def _student(results: dict) -> dict[str, list[float]]:
     return {m: _in_mode(results, "student", m) for m in MODES}
 
 
-def _clear(a: list[float], b: list[float]) -> tuple[bool, str]:
+def _clear(a: list[float], b: list[float], need: float) -> tuple[bool, str]:
     diff, se = paired_difference(a, b)
-    return diff > MARGIN_SE * se, f"{diff:+.3f} +- {se:.3f}"
+    return diff > need * se, f"{diff:+.3f} +- {se:.3f} (needs > {need:+.1f} SE)"
 
 
 @pytest.mark.timeout(3600)
 def test_think_high_above_non_think_by_two_paired_standard_errors(run):
     results, _ = run
     for who, s in (("experts", _experts(results)), ("student", _student(results))):
-        ok, figure = _clear(s["non-think"], s["think-high"])
+        need = margin(f"diff | math | {who} think-high - non-think")
+        assert need == 2.0, need  # the seeds hold it by far (docs/seeds.md)
+        ok, figure = _clear(s["non-think"], s["think-high"], need)
         assert ok, f"{who}: think-high - non-think {figure}"
 
 
@@ -88,8 +100,10 @@ def test_think_high_above_non_think_by_two_paired_standard_errors(run):
 def test_think_max_at_least_think_high_with_more_output_tokens(run):
     results, _ = run
     for who, s in (("experts", _experts(results)), ("student", _student(results))):
-        diff, se = paired_difference(s["think-high"], s["think-max"])
-        assert diff >= 0, f"{who}: think-max - think-high {diff:+.3f} +- {se:.3f}"
+        # at the ceiling (both ~0.98-1.00) think-max's lead is one or two problems: at least as high,
+        # within the margin the seeds' spread gives
+        ok, figure = _clear(s["think-high"], s["think-max"], min(0.0, margin(f"diff | math | {who} think-max - think-high")))
+        assert ok, f"{who}: think-max - think-high {figure}"
     tokens = results["output_tokens"]
     for model in ("grpo:math@think-high", "grpo:math@think-max", "student"):
         t = tokens[model]
@@ -107,7 +121,8 @@ def test_opd_one_head_resident_and_heldout_kl_lower_for_every_mode_teacher(run):
     change = heldout_kl_change(RUN / "opd" / "heldout_kl.jsonl")
     assert set(change) == {f"grpo:math@{m}" for m in MODES}
     table = {t: f"{a:.4f} -> {b:.4f} ({diff:+.4f} +- {se:.4f})" for t, (a, b, diff, se) in change.items()}
-    assert all(diff < 0 for _, _, diff, se in change.values()), table
+    need = {t: margin(f"kl | {t} | after - before") for t in change}
+    assert all(diff < -need[t] * se for t, (_, _, diff, se) in change.items()), (table, need)
 
 
 @pytest.mark.timeout(3600)
