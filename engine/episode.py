@@ -7,8 +7,9 @@ multi-turn with the route's tool environment: generation stops at `</tool_call>`
 when the route has an environment), through the rollout log when the caller gives one
 (`engine.rollout_wal.logged_rollout`), and returns one `RolloutSample` per response.
 `verified_scores` / `score_samples` score responses with the route's verifier over the
-scorer pool, raising when a whole batch failed inside the verifier
-(`rewards.raise_if_all_verifier_errors`).
+scorer pool, raising only when the verifier itself failed on at least the scorer's
+`max_error_rate` of a batch (`rewards.batch.check_verifier_errors`; default: all of it);
+below that a failure is its row's 0, and the sample's `scoring_failure` says why.
 
 `RolloutSample` is the record a sample stays from rollout to loss: GRPO fills `reward`
 and `advantage` (experts.rl_batch packs it into trainer batches), OPD its `sample_id`,
@@ -47,6 +48,7 @@ class RolloutSample:
     sample_id: str = ""  # OPD: the cache key
     teacher_index: int | None = None  # OPD: the teacher it is routed to
     policy_version: int | None = None  # pipelined OPD: rounds of training in the weights that sampled it
+    scoring_failure: str | None = None  # why its score is not the verifier's verdict (verifier error, timeout)
 
     @property
     def domain(self) -> str:
@@ -122,16 +124,28 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     return [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens) for i, t in enumerate(trajs)]
 
 
-def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str) -> list[float]:
-    """`verifier`'s scores of `texts` over the scorer pool; a batch on which the verifier
-    itself failed throughout raises, naming `where`."""
-    from rewards.batch import raise_if_all_verifier_errors
+def verified_results(scorer, verifier: str, texts: list[str], references: list, where: str) -> list:
+    """`verifier`'s results (`rewards.RewardResult`) for `texts` over the scorer pool; a
+    batch on which the verifier itself failed at the scorer's `max_error_rate` (default:
+    on every item) raises, naming `where`; below it a failure is its row's 0."""
+    from rewards.batch import DEFAULT_MAX_ERROR_RATE, check_verifier_errors
 
     results = scorer.score(verifier, texts, references)
-    raise_if_all_verifier_errors(results, verifier, where)
-    return [r.score for r in results]
+    check_verifier_errors(results, verifier, where, getattr(scorer, "max_error_rate", DEFAULT_MAX_ERROR_RATE))
+    return results
+
+
+def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str) -> list[float]:
+    """The scores of `verified_results`."""
+    return [r.score for r in verified_results(scorer, verifier, texts, references, where)]
 
 
 def score_samples(scorer, spec: DomainSpec, samples: list[RolloutSample], where: str) -> list[float]:
-    """The samples' scores by their route's verifier (`verified_scores`)."""
-    return verified_scores(scorer, spec.verifier, [s.text for s in samples], [s.reference for s in samples], where)
+    """The samples' scores by their route's verifier (`verified_results`); each sample's
+    `scoring_failure` is set to the reason its score is not a verdict (`rewards.failures`)."""
+    from rewards.failures import scoring_failure
+
+    results = verified_results(scorer, spec.verifier, [s.text for s in samples], [s.reference for s in samples], where)
+    for s, r in zip(samples, results, strict=True):
+        s.scoring_failure = scoring_failure(r.info)
+    return [r.score for r in results]

@@ -61,7 +61,7 @@ def _reference_problem(verifier: str, reference: dict) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def score_rows(verifier: str, lines: list, workers: int | None, timeout: float) -> list[dict[str, Any]]:
+def score_rows(verifier: str, lines: list, workers: int | None, timeout: float | None) -> list[dict[str, Any]]:
     """One output row per entry of `read_input_lines`, in order."""
     from rewards.batch import score_batch
     from rewards.failures import BAD_INPUT, scoring_failure
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("input")
     score.add_argument("-o", "--output", help="output JSONL (default: stdout)")
     score.add_argument("--workers", type=int, default=None)
-    score.add_argument("--timeout", type=float, default=30.0, help="per-item seconds")
+    score.add_argument("--timeout", type=float, default=None,
+                       help="per-item seconds (default: the verifier's own, rewards.batch.ITEM_TIMEOUT_S)")
     args = parser.parse_args(argv)
 
     from rewards.registry import get_verifier
