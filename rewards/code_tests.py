@@ -1,12 +1,14 @@
 """Code tests judged outside the untrusted interpreter: plans, a plain-value codec, verdicts.
 
-A test `assert <expr>` is split with `ast` into a *plan*: the verdict structure
+A test `assert <expr>` is split with `ast` into a *plan*: every sub-expression that names
+nothing of the program's (the expected side: `'abc'[::-1]`, `list(range(3))`, a
+comprehension) is evaluated here by `rewards.code_expected`; the verdict structure
 (comparisons, `and` / `or` / `not`, arithmetic, displays, a few pure builtins such as
 `abs`, `len`, `set`, `sorted`, `math.isclose`) and every constant stay in this process;
 only the maximal sub-expressions that need the program (`f(2)`, `sorted(f(x))[0]`,
 a name) become *calls*, whose source is all the sandboxed child receives. The child
 evaluates each call and sends back its value encoded by `encode` (JSON of plain values
-only: None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset;
+only: None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, range;
 anything else becomes an opaque marker that equals nothing and has no truth value).
 `decode` rebuilds the value here from this process's own types, so no object of the
 program (an `__eq__` that is always true, a patched builtin) survives, and `verdict`
@@ -28,6 +30,8 @@ import json
 import math
 import operator
 from typing import Any
+
+from rewards import code_expected
 
 MAX_DEPTH = 100  # nesting of a decoded value
 MAX_SEQ = 100_000  # elements a parent-side repetition (`[0] * n`) may build
@@ -116,9 +120,11 @@ def _parent_call(node: ast.Call) -> str | None:
 
 
 def _plan(node: ast.expr, calls: list[str]) -> tuple:
-    """('const', v) | ('call', i) | (kind, ...children) for the parts evaluated here."""
+    """('const', v) | ('pure', node) | ('call', i) | (kind, ...children) for the parts evaluated here."""
     if isinstance(node, ast.Constant):
         return ("const", node.value)
+    if code_expected.is_pure(node):  # the expected side: evaluated here, never in the child
+        return ("pure", node)
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "math" \
             and node.attr in _MATH_CONSTS:
         return ("const", _MATH_CONSTS[node.attr])
@@ -162,6 +168,8 @@ def evaluate_plan_node(node: tuple, values: list[Any]) -> Any:
     kind = node[0]
     if kind == "const":
         return node[1]
+    if kind == "pure":
+        return code_expected.evaluate(node[1])
     if kind == "call":
         v = values[node[1]]
         if isinstance(v, _Failed):
@@ -290,6 +298,8 @@ def _decode(o: Any, depth: int) -> Any:
                 return complex(float(v[0]), float(v[1]))
             if tag == "b" and isinstance(v, str):
                 return bytes.fromhex(v)
+            if tag == "r" and isinstance(v, list) and len(v) == 3 and all(type(x) is int for x in v) and v[2]:
+                return range(*v)
             if tag == "o":
                 name = _decode(v, depth + 1) if isinstance(v, dict) else v
                 return Opaque(name[:100] if isinstance(name, str) else "?")
@@ -335,5 +345,7 @@ def _encode(x, depth=0):
         return '{"c":[' + _f(x.real) + "," + _f(x.imag) + "]}"
     if t is bytes:
         return '{"b":"' + bytes.hex(x) + '"}'
+    if t is range:
+        return '{"r":[' + int.__repr__(x.start) + "," + int.__repr__(x.stop) + "," + int.__repr__(x.step) + "]}"
     return '{"o":' + _s(str(type.__getattribute__(t, "__qualname__"))[:100]) + "}"
 '''
