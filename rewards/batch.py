@@ -29,9 +29,10 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from rewards import sandbox_cgroup
 from rewards import sandbox_isolation as iso
 from rewards.failures import BAD_INPUT, ITEM_TIMEOUT, VERIFIER_ERROR, WORKER_FAILED, scoring_failure
-from rewards.sandbox import MODES as SANDBOX_MODES, SANDBOX_MODE_ENV
+from rewards.sandbox import MODES as SANDBOX_MODES, SANDBOX_MODE_ENV, WORK_ROOT_ENV
 from rewards.registry import RewardResult, get_verifier
 
 _STARTUP_TIMEOUT_S = 60.0
@@ -80,13 +81,18 @@ def _spawn(sandbox_mode: str | None = None) -> _Worker:
     if sandbox_mode is not None:
         env[SANDBOX_MODE_ENV] = sandbox_mode
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_PARENT, env.get("PYTHONPATH", "")) if p)
+    # the worker's directory for per-run dirs is made here, so that the pool deletes it
+    # also when it kills a worker that never said hello (it was left behind before)
+    work_root = tempfile.mkdtemp(prefix="polymath-sbxw-")
+    os.chmod(work_root, 0o711)
+    env[WORK_ROOT_ENV] = work_root
     errlog = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rewards._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=errlog, env=env, start_new_session=True, close_fds=True,
     )
     os.set_blocking(proc.stdout.fileno(), False)
-    return _Worker(proc=proc, errlog=errlog)
+    return _Worker(proc=proc, errlog=errlog, work_root=work_root)
 
 
 def _kill(worker: _Worker) -> None:
@@ -97,6 +103,7 @@ def _kill(worker: _Worker) -> None:
         pass
     if worker.uid is not None:
         iso.sweep_uid(worker.uid)
+    sandbox_cgroup.sweep_worker(worker.proc.pid)
     if worker.work_root:
         shutil.rmtree(worker.work_root, ignore_errors=True)
     for f in (worker.proc.stdin, worker.proc.stdout, worker.errlog):
@@ -233,7 +240,7 @@ class ScorerPool:
             try:
                 msg = json.loads(line)
                 if "hello" in msg:
-                    w.ready, w.uid, w.work_root, self._failed_starts = True, msg.get("uid"), msg.get("work_root"), 0
+                    w.ready, w.uid, self._failed_starts = True, msg.get("uid"), 0
                 elif w.task is not None and msg.get("id") in (w.task, None):
                     results[w.task] = RewardResult(msg["score"], msg["info"])
                     w.task = None
@@ -308,9 +315,10 @@ def check_verifier_errors(results: Sequence[RewardResult], verifier: str, where:
     reasons = [str((r.info or {}).get("reason", "")) for r in results]
     errors = [x for x in reasons if x.startswith(VERIFIER_ERROR)]
     if errors and len(errors) >= max_error_rate * len(results):
-        raise RuntimeError(f"{where}: the {verifier!r} verifier raised on {len(errors)} of {len(results)} items "
-                           f"(at least the configured max_verifier_error_rate {max_error_rate:g}; an environment "
-                           f"problem, not the model's output); first: {errors[0][:500]}")
+        share = f"all {len(results)}" if len(errors) == len(results) else f"{len(errors)} of {len(results)}"
+        raise RuntimeError(f"{where}: the {verifier!r} verifier raised on {share} items (max_verifier_error_rate "
+                           f"{max_error_rate:g}; an environment problem, not the model's output); "
+                           f"first: {errors[0][:500]}")
 
 
 def raise_if_all_verifier_errors(results: Sequence[RewardResult], verifier: str, where: str,

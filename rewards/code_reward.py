@@ -310,6 +310,8 @@ def _describe_exit(out: SandboxOutcome, limits: SandboxLimits) -> str:
     if rc is not None and rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
         hint = {"SIGXCPU": " (CPU limit)", "SIGXFSZ": " (file-size limit)"}.get(name, "")
+        if out.memory_exceeded:
+            hint = f" (memory limit of {limits.memory_bytes} bytes for the whole program)"
         return f"killed by {name}{hint}"
     return f"exited with code {rc}"
 

@@ -134,3 +134,14 @@ def test_scores_come_from_the_routes_verifier_and_a_batch_of_verifier_errors_rai
     broken = [RewardResult(0.0, {"reason": f"{VERIFIER_ERROR}: no interpreter"})] * 8
     with pytest.raises(RuntimeError, match="GRPO step 3.*'code' verifier raised on all 8"):
         verified_scores(_Pool(broken), "code", ["x"] * 8, [{}] * 8, "GRPO step 3")
+
+
+def test_verifier_errors_below_the_pools_rate_are_the_rows_zeros_and_marked_on_the_samples():
+    mixed = [RewardResult(0.0, {"reason": f"{VERIFIER_ERROR}: OverflowError"})] * 3 + [RewardResult(1.0)] * 5
+    samples = [_sample(text=f"t{i}", reference={"answer": str(i)}) for i in range(8)]
+    assert score_samples(_Pool(mixed), DomainSpec("tool"), samples, "here") == [0.0] * 3 + [1.0] * 5
+    assert [s.scoring_failure is not None for s in samples] == [True] * 3 + [False] * 5
+    strict = _Pool(mixed)
+    strict.max_error_rate = 0.25  # what ScorerPool(max_error_rate=...) carries from the config
+    with pytest.raises(RuntimeError, match="raised on 3 of 8 items"):
+        verified_scores(strict, "tool", ["x"] * 8, [{}] * 8, "GRPO step 1")
