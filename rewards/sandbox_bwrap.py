@@ -9,13 +9,15 @@ sockets and FIFOs stayed reachable). One run is
           --cap-drop ALL --cap-add CAP_SETUID --cap-add CAP_SETGID
           --ro-bind /usr /usr (+ /lib, /lib64, /bin, /sbin as the host has them: links or dirs)
           --ro-bind <the interpreter's installation> (its ancestors as empty 0755 dirs)
-          --ro-bind /etc/ld.so.cache --proc /proc --dev /dev --size N --tmpfs /tmp
+          --ro-bind /etc/ld.so.cache --proc /proc --size N --tmpfs /tmp
+          --tmpfs /dev (+ null, zero, full, random, urandom; /dev/shm and /var/tmp link to /tmp)
           --clearenv --setenv ... --chdir /tmp --
       setpriv --reuid U --regid U --clear-groups --no-new-privs --
       unshare --user --map-user 1000 --map-group 1000 -- python -I -S -B ...
 
 so the program sees only the system's programs and libraries, its interpreter and an
-empty private /tmp (size = the disk quota); no host data directory (/work, /home, /root,
+empty private /tmp (one tmpfs of the disk quota's size, also reached as /dev/shm and
+/var/tmp; its pages count in the program's memory cgroup); no host data directory (/work, /home, /root,
 /srv, /var, /etc), socket or FIFO exists in its file system. It runs as the worker's
 leased throwaway uid U on the host (`sandbox_uids`: RLIMIT_NPROC counts per uid, and the
 pool can sweep it) inside a user namespace of its own, which gives it a fresh user and
@@ -93,8 +95,15 @@ def bwrap_argv(argv: list[str], env: dict[str, str], uid: int, disk_bytes: int) 
         args += ["--ro-bind", inst, inst]
     if os.path.exists("/etc/ld.so.cache"):
         args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(disk_bytes), "--perms", "1777", "--tmpfs", "/tmp",
-             "--chdir", "/tmp", "--clearenv"]
+    args += ["--proc", "/proc", "--size", str(disk_bytes), "--perms", "1777", "--tmpfs", "/tmp",
+             "--size", "65536", "--perms", "0755", "--tmpfs", "/dev"]  # /dev: only the devices below
+    for dev in ("null", "zero", "full", "random", "urandom"):
+        args += ["--dev-bind", f"/dev/{dev}", f"/dev/{dev}"]
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        args += ["--symlink", f"/proc/self/fd/{i}", f"/dev/{name}"]
+    # one writable file system, one quota: /dev/shm (POSIX shared memory, semaphores) and /var/tmp are /tmp
+    args += ["--symlink", "/proc/self/fd", "/dev/fd", "--symlink", "/tmp", "/dev/shm", "--perms", "0755", "--dir", "/var",
+             "--symlink", "/tmp", "/var/tmp", "--chdir", "/tmp", "--clearenv"]
     for k, v in env.items():
         args += ["--setenv", k, v]
     args += ["--", t["setpriv"], f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--",
