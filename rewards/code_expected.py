@@ -68,6 +68,11 @@ class ExpectedValueError(ValueError):
     """A pure expression that this evaluator refuses (too large, too long)."""
 
 
+def comprehension_names(node: ast.AST) -> set[str]:
+    """Names bound by comprehension targets anywhere inside `node`."""
+    return _bound_names(node)
+
+
 def _bound_names(node: ast.AST) -> set[str]:
     """Names bound by comprehension targets anywhere inside `node`."""
     out: set[str] = set()

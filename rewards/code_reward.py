@@ -12,7 +12,11 @@ The program is the LAST fenced code block (```python, ```py or bare ```), else t
 completion. The verdict is decided here, never inside the program's interpreter
 (`rewards.code_tests`): each test is split into the parts that need the program
 ("calls", e.g. `f(2)`) and the rest (the comparison and the expected value, e.g.
-`== 4`), which never leave this process. A harness in the sandbox reads the setup, the
+`== 4`), which never leave this process: expected values are computed without the
+program, by a restricted evaluator here (`rewards.code_expected`: `'abc'[::-1]`,
+`list(range(3))`, comprehensions) or, when they are made of names the reference's
+`setup` binds (`assert f(2) == K`), by a sandboxed run of the setup alone before the
+program's (cached per worker). A harness in the sandbox reads the setup, the
 program and the calls' sources from stdin (a random nonce with them), compiles and runs
 the setup and the program, evaluates each call, and writes one line per call with its
 value encoded as plain data (or the exception) to a private pipe (fd 3). This process
@@ -359,15 +363,30 @@ def reference_problem(reference: Any) -> str | None:
     if not isinstance(reference.get("setup") or "", str):
         return f"code reference 'setup' must be a string, got {type(reference['setup']).__name__}"
     try:
-        _plans(tuple(tests))
+        _plans(tuple(tests), reference.get("setup") or "")
     except ValueError as exc:
         return str(exc)
     return None
 
 
 @functools.lru_cache(maxsize=256)
-def _plans(tests: tuple[str, ...]) -> tuple[code_tests.TestPlan, ...]:
-    return tuple(code_tests.parse_test(t) for t in tests)
+def _plans(tests: tuple[str, ...], setup: str = "") -> tuple[code_tests.TestPlan, ...]:
+    bound = code_tests.setup_names(setup)
+    return tuple(code_tests.parse_test(t, bound) for t in tests)
+
+
+@functools.lru_cache(maxsize=64)
+def _setup_values(setup: str, exprs: tuple[str, ...], limits: SandboxLimits, mode: str) -> tuple[Any, ...]:
+    """The expected values made of the setup's names, from a sandboxed run of the setup
+    ALONE (no program in that interpreter), decoded here; cached per worker, so a group
+    of completions of one prompt pays for it once."""
+    nonce = secrets.token_hex(16)
+    out = run_python(["-c", HARNESS], _frame(nonce, setup, "", *exprs), limits, mode)
+    values, state = _parse_channel(out.channel, nonce, len(exprs))
+    if not state["loaded"]:
+        why = next(iter(state["errors"].values()), None) or _describe_exit(out, limits)
+        values = [code_tests.failed(f"the setup alone did not run: {why}")] * len(exprs)
+    return tuple(values)
 
 
 @register("code")
@@ -390,15 +409,18 @@ def code_verifier(completion: str, reference: dict[str, Any], **options: Any) ->
     code, how = extract_code(completion)
     if "io" in reference:
         return _score_io(code, how, reference["io"], all_or_nothing, limits, mode)
-    plans = _plans(tuple(tests))
+    plans = _plans(tuple(tests), setup)
     calls = [c for p in plans for c in p.calls]
+    setup_exprs = tuple(e for p in plans for e in p.setup_exprs)
+    expected = list(_setup_values(setup, setup_exprs, limits, mode)) if setup_exprs else []
     nonce = secrets.token_hex(16)
     out = run_python(["-c", HARNESS], _frame(nonce, setup, code, *calls), limits, mode)
     replies, state = _parse_channel(out.channel, nonce, len(calls))
-    passed, errors, k = [], {}, 0
+    passed, errors, k, j = [], {}, 0, 0
     for t, plan in enumerate(plans):
         mine, k = replies[k:k + len(plan.calls)], k + len(plan.calls)
-        ok, why = code_tests.verdict(plan, mine) if state["loaded"] else (False, "program not loaded")
+        theirs, j = expected[j:j + len(plan.setup_exprs)], j + len(plan.setup_exprs)
+        ok, why = code_tests.verdict(plan, mine, theirs) if state["loaded"] else (False, "program not loaded")
         passed.append(ok)
         if not ok:
             errors[f"test {t}"] = why

@@ -184,5 +184,5 @@ def test_capital_word_count_matches_nltk_tokens_on_unicode_text():
         assert count_capital_words(text) == expected, text
     # the cases an ASCII-only word regex missed: fullwidth, Cyrillic, Greek, accented capitals
     assert count_capital_words("ＡＢＣ ПРИВЕТ ΑΒΓ ÉCOLE abc") == 4
-    assert CHECKERS["change_case:capital_word_frequency"]("ПРИВЕТ МИР ＯＫ", capital_frequency=3,
-                                                          capital_relation="at least")
+    assert CHECKERS.get("change_case:capital_word_frequency")("ПРИВЕТ МИР ＯＫ", capital_frequency=3,
+                                                              capital_relation="at least")
