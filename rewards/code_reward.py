@@ -185,7 +185,9 @@ def _score_io(code: str, how: str, cases: list[dict], all_or_nothing: bool, limi
             break
         if err.startswith("raised:"):
             why = f"raised {err[len('raised:'):]}"
-        elif out.timed_out or out.output_exceeded or (out.returncode or 0) < 0:
+        elif out.timed_out or out.output_exceeded or (out.returncode or 0) != 0:
+            # any non-zero exit fails the case: the harness exits 0 after the program's own
+            # `sys.exit`, and 1 when it raised, also if it closed the report channel first
             why = _describe_exit(out, limits)
         elif out.output_truncated:
             why = f"output longer than {limits.max_output_bytes} bytes"

@@ -332,3 +332,12 @@ def test_a_json_boolean_is_not_a_number_in_tool_arguments():
     no_schema = {"calls": [{"name": "pay", "arguments": {"flags": [True], "n": 1}}]}
     text = '<tool_call><invoke name="pay"><parameter name="flags">[1]</parameter><parameter name="n">true</parameter></invoke></tool_call>'
     assert tool_verifier(text, no_schema).score == 0.0
+
+
+@needs_sandbox
+def test_a_crash_hidden_by_closing_the_report_channel_fails_its_io_case():
+    ref = {"io": [{"stdin": "", "stdout": ""}]}
+    hidden, honest = score_batch("code", ["import os\nos.close(3)\nraise ValueError('crash')", "import sys\nsys.exit(0)"],
+                                 [ref, ref], num_workers=1)
+    assert hidden.score == 0.0 and "exited with code 1" in hidden.info["reason"], hidden.info
+    assert honest.score == 1.0, honest.info
