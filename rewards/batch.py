@@ -36,13 +36,15 @@ from rewards.sandbox import MODES as SANDBOX_MODES, SANDBOX_MODE_ENV, WORK_ROOT_
 from rewards.registry import RewardResult, get_verifier
 
 _STARTUP_TIMEOUT_S = 60.0
-# Per-item time limit by verifier, from their measured cost (docs/rewards_cost.md): code
+# Per-item time limit by verifier, from their measured cost (BENCHMARKS.md, "Rewards";
+# `python bench/bench_rewards.py --cost`): code
 # runs a sandboxed program (wall limit 10 s, plus interpreter start-up and set-up); the
-# others are in-process text work whose worst accepted input takes well under a second
-# once their imports are warm (math-verify/sympy: ~2 s the first time in a worker), so
-# an item that needs more is stuck on an input it should have refused.
+# others are in-process text work whose worst accepted input takes about a second or less
+# once their imports are done (a worker's first item of a verifier gets FIRST_ITEM_GRACE_S
+# more for them), so an item that needs more is stuck on an input it should have refused.
 ITEM_TIMEOUT_S = {"code": 30.0, "math": 8.0, "ifeval": 5.0, "tool": 5.0, "format": 5.0}
 DEFAULT_ITEM_TIMEOUT_S = 30.0  # a verifier not listed (e.g. a user's)
+FIRST_ITEM_GRACE_S = 30.0  # added to a worker's first item of each verifier: its imports
 
 
 def item_timeout_s(verifier: str) -> float:
@@ -65,6 +67,8 @@ class _Worker:
     started: float = dataclasses.field(default_factory=time.monotonic)
     task: int | None = None
     deadline: float = 0.0
+    limit_s: float = 0.0  # the current item's time limit
+    warm: set = dataclasses.field(default_factory=set)  # verifiers this worker has run (imports done)
 
     def stderr_tail(self, n: int = 800) -> str:
         try:
@@ -155,7 +159,7 @@ class ScorerPool:
         self.max_error_rate = validate_error_rate(max_error_rate)  # read by `engine.episode.verified_scores`
         self._workers: list[_Worker] = []
         self._failed_starts = 0
-        self._item_timeout_s = self.timeout_s or DEFAULT_ITEM_TIMEOUT_S
+        self._item_timeout_s, self._name = self.timeout_s or DEFAULT_ITEM_TIMEOUT_S, ""
 
     def __enter__(self) -> "ScorerPool":
         return self
@@ -181,7 +185,7 @@ class ScorerPool:
             tasks.append(task)
             if problem:
                 results[i] = RewardResult(0.0, {"reason": f"{BAD_INPUT}: {problem}"})
-        self._item_timeout_s = self.timeout_s or item_timeout_s(name)
+        self._item_timeout_s, self._name = self.timeout_s or item_timeout_s(name), name
         pending = collections.deque(i for i in range(len(tasks)) if results[i] is None)
         while pending or any(w.task is not None for w in self._workers):
             self._top_up(len(pending))
@@ -200,7 +204,13 @@ class ScorerPool:
         for w in self._workers:
             if w.ready and w.task is None and pending:
                 i = pending.popleft()
-                w.task, w.deadline = i, time.monotonic() + self._item_timeout_s
+                # a worker's first item of a verifier also pays its imports (math-verify +
+                # sympy: seconds on a loaded machine), outside the verifier's own limit
+                # (a limit the caller set is kept as it is)
+                cold = self.timeout_s is None and self._name not in w.warm
+                w.limit_s = self._item_timeout_s + (FIRST_ITEM_GRACE_S if cold else 0.0)
+                w.warm.add(self._name)
+                w.task, w.deadline = i, time.monotonic() + w.limit_s
                 try:
                     w.proc.stdin.write((tasks[i] + "\n").encode())
                     w.proc.stdin.flush()
@@ -219,7 +229,7 @@ class ScorerPool:
         now = time.monotonic()
         for w in list(self._workers):
             if w.task is not None and now > w.deadline:
-                self._retire(w, results, f"{ITEM_TIMEOUT} {self._item_timeout_s:g}s")
+                self._retire(w, results, f"{ITEM_TIMEOUT} {w.limit_s:g}s")
             elif not w.ready and now > w.started + _STARTUP_TIMEOUT_S:
                 self._retire(w, results, f"{WORKER_FAILED} did not start")
 
