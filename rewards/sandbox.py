@@ -214,7 +214,9 @@ def _run_bwrap(argv: list[str], stdin: bytes, limits: iso.SandboxLimits) -> Sand
         f"no cgroup here: RLIMIT_AS {limits.memory_bytes} bytes per process, RLIMIT_NPROC {limits.max_processes} "
         f"for the sandbox uid (a whole program may hold up to {limits.max_processes} x that)")
     report = {"mode": "isolated", "network": "namespace", "filesystem": "bubblewrap", "ipc": "namespace",
-              "pid": "namespace", "uid": str(uid), "keyring": "user namespace", "memory": memory}
+              "pid": "namespace", "uid": str(uid), "memory": memory,
+              "keyring": "user namespace" if sbw.own_user_namespace() else
+              "shared by this worker's items (the kernel refuses an unprivileged user namespace)"}
     try:
         out = _run(start, stdin, limits, report)
         out.memory_exceeded = cg is not None and cg.oom_killed()

@@ -27,7 +27,10 @@ nothing of the worker's keyring is possessed by the program. Its memory and proc
 count are limited for the whole program by a cgroup (`sandbox_cgroup`), joined before
 exec; where no cgroup can be made, by RLIMIT_AS per process and RLIMIT_NPROC per uid
 (said in the outcome's isolation report). bwrap exits with the program's status, or
-128 + N when a signal N killed it.
+128 + N when a signal N killed it. Where the kernel refuses a user namespace to an
+unprivileged uid (`probe_error` tries), programs run without the `unshare --user` step:
+all else holds, but kernel keys of the sandbox uid then persist across a worker's items,
+and the isolation report's `keyring` says so.
 """
 
 from __future__ import annotations
@@ -73,8 +76,20 @@ def _install_dirs() -> list[str]:
     return out
 
 
-def bwrap_argv(argv: list[str], env: dict[str, str], uid: int, disk_bytes: int) -> list[str]:
+_own_userns: dict[int, bool] = {}  # pid -> whether the program gets a user namespace (set by probe_error)
+
+
+def own_user_namespace() -> bool:
+    """Whether programs get a user namespace of their own here (fresh keyrings per item);
+    False where the kernel refuses one to an unprivileged uid (then keys of the sandbox uid
+    persist across that worker's items, and the isolation report says so)."""
+    return _own_userns.get(os.getpid(), True)
+
+
+def bwrap_argv(argv: list[str], env: dict[str, str], uid: int, disk_bytes: int,
+               userns: bool | None = None) -> list[str]:
     """The command line that runs `argv` sandboxed (see the module docstring)."""
+    userns = own_user_namespace() if userns is None else userns
     t = tools()
     args = [t["bwrap"], "--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID",
@@ -106,8 +121,9 @@ def bwrap_argv(argv: list[str], env: dict[str, str], uid: int, disk_bytes: int) 
              "--symlink", "/tmp", "/var/tmp", "--chdir", "/tmp", "--clearenv"]
     for k, v in env.items():
         args += ["--setenv", k, v]
-    args += ["--", t["setpriv"], f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--",
-             t["unshare"], "--user", f"--map-user={INNER_UID}", f"--map-group={INNER_UID}", "--"]
+    args += ["--", t["setpriv"], f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+    if userns:
+        args += [t["unshare"], "--user", f"--map-user={INNER_UID}", f"--map-group={INNER_UID}", "--"]
     return args + list(argv)
 
 
@@ -124,13 +140,26 @@ def status_from_bwrap(code: int | None) -> int | None:
 
 
 def probe_error(uid: int) -> str | None:
-    """Why a trivial program cannot run in this sandbox here, or None."""
+    """Why a trivial program cannot run in this sandbox here, or None. Tries the full
+    sandbox, then one without the program's own user namespace (a kernel that refuses
+    unprivileged user namespaces: everything else holds; `own_user_namespace()` says which)."""
+    first = _probe(uid, userns=True)
+    if first is None:
+        _own_userns[os.getpid()] = True
+        return None
+    if _probe(uid, userns=False) is None:
+        _own_userns[os.getpid()] = False
+        return None
+    return first
+
+
+def _probe(uid: int, userns: bool) -> str | None:
     import subprocess
 
     try:
         cmd = bwrap_argv([os.path.realpath(sys.executable), "-I", "-S", "-c",
                           "import os; open('/tmp/x', 'w').close(); assert not os.path.exists('/etc/passwd')"],
-                         {"PATH": "/usr/bin:/bin"}, uid, 1 << 20)
+                         {"PATH": "/usr/bin:/bin"}, uid, 1 << 20, userns)
     except BwrapMissing as exc:
         return str(exc)
     try:
