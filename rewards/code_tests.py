@@ -19,8 +19,10 @@ What a plan cannot protect: a test whose verdict is the truth value of a child c
 (`assert is_valid(f(x))` with `is_valid` from `setup`, or `assert f(3)`) is decided by
 the value the child returns, which the program controls; write such tests as
 comparisons (`assert is_valid(f(x)) == True` still evaluates `is_valid` in the child,
-`assert f(x) == 7` does not). Names bound by `setup` (`assert f(2) == K`) are
-evaluated in the child too, where the program may rebind them.
+`assert f(x) == 7` does not). An expected side made only of names bound by `setup`
+(`assert f(2) == K`, `== expected(3)`) is a *setup expression*: `code_reward` evaluates it
+in a sandboxed run of the setup alone (no program), so rebinding `K` changes nothing; a
+sub-expression mixing the setup's names with the program's (`is_valid(f(x))`) is a call.
 """
 
 from __future__ import annotations
@@ -97,10 +99,10 @@ class _SetupSide:
             return False
         names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - code_expected.comprehension_names(node)
         return bool(names & self.bound) and all(n in self.bound or code_expected.is_pure(ast.Name(n, ast.Load()))
-                                                for n in names) and _only_calls_of(node, self.bound)
+                                                for n in names) and _plain_expression(node)
 
 
-def _only_calls_of(node: ast.AST, bound: frozenset[str]) -> bool:
+def _plain_expression(node: ast.AST) -> bool:
     """No lambdas, walrus or the like: an expression, not a statement in disguise."""
     return not any(isinstance(n, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom))
                    for n in ast.walk(node))
