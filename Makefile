@@ -14,7 +14,16 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-reliability test-quality test-vllm bench experiment clean
+.PHONY: setup sandbox-deps demo test test-unit test-reliability test-quality test-vllm bench experiment clean
+
+# The code sandbox runs programs under bubblewrap when the scorer is root (rewards/sandbox_bwrap.py);
+# as root on Debian/Ubuntu this installs it (bubblewrap, util-linux for setpriv/unshare). Without
+# it, code items score 0 as a verifier error naming the missing tool (the sandbox fails closed).
+sandbox-deps:
+	@if command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v unshare >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux >/dev/null; \
+	else echo "note: bubblewrap not installed (the code sandbox needs it as root): apt-get install -y bubblewrap" >&2; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,12 +32,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) sandbox-deps
 
-demo: $(STAMP)
+demo: $(STAMP) sandbox-deps
 	$(BIN)/python -m pipeline run configs/tiny.yaml
 
-test: $(STAMP)
+test: $(STAMP) sandbox-deps
 	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25 \
 		-n 2 --dist loadfile --no-loadscope-reorder  # each worker starts one experiment (tests/quality: tiny, modes), then the rest
 
@@ -36,14 +45,14 @@ test: $(STAMP)
 # and 2 (seed 0 is `make demo`'s run), then the reports over seeds in runs/{tiny,modes}-seeds/.
 # Not part of CI: ~2.5 hours on 2 idle cores.
 SEEDS ?= 0,1,2
-experiment: $(STAMP)
+experiment: $(STAMP) sandbox-deps
 	$(BIN)/python -m pipeline run configs/tiny.yaml --seeds $(SEEDS) resources.stages.sft:all.num_cpus=1
 	$(BIN)/python -m pipeline run configs/modes.yaml --seeds $(SEEDS)
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) sandbox-deps
 	$(BIN)/python -m pytest tests/unit -q
 
-test-reliability: $(STAMP)
+test-reliability: $(STAMP) sandbox-deps
 	$(BIN)/python -m pytest tests/reliability -q -rA --timeout 900
 
 test-quality: $(STAMP)
@@ -52,7 +61,7 @@ test-quality: $(STAMP)
 test-vllm:
 	bash scripts/test_vllm.sh
 
-bench: $(STAMP)
+bench: $(STAMP) sandbox-deps
 	$(BIN)/python -m bench.run_all
 
 clean:

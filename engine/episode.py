@@ -7,8 +7,9 @@ multi-turn with the route's tool environment: generation stops at `</tool_call>`
 when the route has an environment), through the rollout log when the caller gives one
 (`engine.rollout_wal.logged_rollout`), and returns one `RolloutSample` per response.
 `verified_results` / `verified_scores` / `score_samples` score responses with the route's
-verifier over the scorer pool, raising when a whole batch failed inside the verifier
-(`rewards.raise_if_all_verifier_errors`). The verifier reads the answer only: the
+verifier over the scorer pool, raising only when the verifier itself failed on at least the
+scorer's `max_error_rate` of a batch (`rewards.batch.check_verifier_errors`; default: all of
+it); below that a failure is its row's 0, and the sample's `scoring_failure` says why. The verifier reads the answer only: the
 completion split by `engine.reasoning.split_reasoning` (`<think>` blocks removed); a
 completion whose reasoning never closes scores 0 with the reason "unfinished reasoning"
 and is not sent to the verifier. A sample whose prompt opened the reasoning block
@@ -54,6 +55,7 @@ class RolloutSample:
     policy_version: int | None = None  # pipelined OPD: rounds of training in the weights that sampled it
     reasoning_opened: bool = False  # the prompt ends inside a reasoning block (engine.reasoning)
     tool_format: str | None = None  # a tool episode's native call format (engine.tool_formats)
+    scoring_failure: str | None = None  # why its score is not the verifier's verdict (verifier error, timeout)
 
     @property
     def scored_text(self) -> str:
@@ -155,9 +157,10 @@ def verified_results(scorer, verifier: str, texts: list[str], references: list, 
     """`verifier`'s results (rewards.RewardResult) on the answers of `texts`
     (engine.reasoning.split_reasoning) over the scorer pool; a text whose reasoning never
     closes gets 0 with reason "unfinished reasoning" without being scored. A batch on
-    which the verifier itself failed throughout raises, naming `where`."""
+    which the verifier itself failed at the scorer's `max_error_rate` (default: on every
+    item) raises, naming `where`; below it a failure is its row's 0."""
     from engine.reasoning import UNFINISHED, split_reasoning
-    from rewards.batch import raise_if_all_verifier_errors
+    from rewards.batch import DEFAULT_MAX_ERROR_RATE, check_verifier_errors
     from rewards.registry import RewardResult
 
     splits = [split_reasoning(t) for t in texts]
@@ -165,7 +168,7 @@ def verified_results(scorer, verifier: str, texts: list[str], references: list, 
     results = [RewardResult(0.0, {"reason": UNFINISHED}) for _ in texts]
     if todo:
         got = scorer.score(verifier, [splits[i].answer for i in todo], [references[i] for i in todo])
-        raise_if_all_verifier_errors(got, verifier, where)
+        check_verifier_errors(got, verifier, where, getattr(scorer, "max_error_rate", DEFAULT_MAX_ERROR_RATE))
         for i, r in zip(todo, got, strict=True):
             results[i] = r
     return results
@@ -177,9 +180,15 @@ def verified_scores(scorer, verifier: str, texts: list[str], references: list, w
 
 
 def score_samples(scorer, spec: DomainSpec, samples: list[RolloutSample], where: str) -> list[float]:
-    """The samples' scores by their route's verifier (`verified_scores`, on `scored_text`)."""
-    return verified_scores(scorer, spec.verifier, [s.scored_text for s in samples], [s.reference for s in samples],
-                           where)
+    """The samples' scores by their route's verifier (`verified_results`, on `scored_text`); each
+    sample's `scoring_failure` is set to the reason its score is not a verdict (`rewards.failures`)."""
+    from rewards.failures import scoring_failure
+
+    results = verified_results(scorer, spec.verifier, [s.scored_text for s in samples],
+                               [s.reference for s in samples], where)
+    for s, r in zip(samples, results, strict=True):
+        s.scoring_failure = scoring_failure(r.info)
+    return [r.score for r in results]
 
 
 def unfinished_fraction(texts: list[str]) -> float:

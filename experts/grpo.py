@@ -134,6 +134,8 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
                  generator, scorer, tokenizer, step: int, wal=None) -> tuple[list[list[RolloutSample]], dict]:
     """Sample one step's groups, with dynamic sampling (refill groups whose rewards are all
     equal from the next prompts, up to `max_sampling_rounds`)."""
+    from rewards.failures import VERIFIER_ERROR
+
     kept: list[list[RolloutSample]] = []
     all_groups: list[list[RolloutSample]] = []
     rounds = settings.max_sampling_rounds if settings.dynamic_sampling else 1
@@ -159,6 +161,9 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
         "groups_sampled": len(all_groups),
         "groups_dropped": len(all_groups) - len(kept),  # all-equal rewards (dynamic sampling) or surplus
         "sampling_rounds": rnd + 1,
+        # rows scored 0 because the verifier raised / the item ran out of time (rewards.failures)
+        "verifier_errors": sum(1 for s in flat if (s.scoring_failure or "").startswith(VERIFIER_ERROR)),
+        "scoring_failures": sum(1 for s in flat if s.scoring_failure),
     }
     per_domain: dict[str, list[float]] = {}
     for s in flat:

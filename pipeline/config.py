@@ -198,6 +198,10 @@ class ExperimentConfig(Frozen):
     sandbox: Literal["isolated", "unsafe-local"] = Field(
         "isolated", description="code sandbox: 'isolated' (namespaces; where they cannot be set up code is not "
         "scored) or 'unsafe-local' (programs run unisolated on this machine: trusted code only)")
+    max_verifier_error_rate: float = Field(
+        1.0, gt=0.0, le=1.0, description="a stage stops when the verifier itself raised on at least this fraction "
+        "of a scoring batch (of 8 or more items): a broken environment, not the model's output; below it such a "
+        "row scores 0 and counts in the step's `verifier_errors`. 1.0: stop only when every item failed")
 
     # derived values
     @property

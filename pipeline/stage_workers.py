@@ -47,12 +47,12 @@ def scorer_pool(cfg, num_workers: int):
     if cfg.sandbox == "unsafe-local":
         print("WARNING: sandbox: unsafe-local: code completions run UNISOLATED on this machine "
               "(no namespaces, no throwaway uid)", flush=True)
-    return ScorerPool(num_workers=num_workers, sandbox=cfg.sandbox)
+    return ScorerPool(num_workers=num_workers, sandbox=cfg.sandbox, max_error_rate=cfg.max_verifier_error_rate)
 
 
 def checked_scores(pool, where: str):
-    """`score(verifier, texts, refs) -> [float]` over `pool`, raising when a whole batch
-    failed inside the verifier (`rewards.raise_if_all_verifier_errors`)."""
+    """`score(verifier, texts, refs) -> [float]` over `pool`, raising when the verifier
+    failed on the pool's `max_error_rate` of a batch (`rewards.batch.check_verifier_errors`)."""
     from engine.episode import verified_scores
 
     def score(verifier, texts, refs):

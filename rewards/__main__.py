@@ -65,7 +65,7 @@ def _reference_problem(verifier: str, reference: dict) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def score_rows(verifier: str, lines: list, workers: int | None, timeout: float, answer_only: bool = False,
+def score_rows(verifier: str, lines: list, workers: int | None, timeout: float | None, answer_only: bool = False,
                reasoning_opened: bool = False) -> list[dict[str, Any]]:
     """One output row per entry of `read_input_lines`, in order; with `answer_only` the
     verifier reads each completion's answer (engine.reasoning.split_reasoning)."""
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("input")
     score.add_argument("-o", "--output", help="output JSONL (default: stdout)")
     score.add_argument("--workers", type=int, default=None)
-    score.add_argument("--timeout", type=float, default=30.0, help="per-item seconds")
+    score.add_argument("--timeout", type=float, default=None,
+                       help="per-item seconds (default: the verifier's own, rewards.batch.ITEM_TIMEOUT_S)")
     score.add_argument("--answer-only", action="store_true",
                        help="score the answer only (<think> reasoning removed), as training and eval do")
     score.add_argument("--reasoning-opened", action="store_true",

@@ -62,7 +62,7 @@ def main() -> None:
     from rewards import sandbox, sandbox_isolation
 
     sandbox.IN_WORKER = True
-    sandbox.WORK_ROOT = tempfile.mkdtemp(prefix="polymath-sbxw-")
+    sandbox.WORK_ROOT = os.environ.get(sandbox.WORK_ROOT_ENV) or tempfile.mkdtemp(prefix="polymath-sbxw-")
     os.chmod(sandbox.WORK_ROOT, 0o711)
     sandbox.REAP_ALL_CHILDREN = sandbox_isolation.become_subreaper()
     uid = None
@@ -80,7 +80,10 @@ def main() -> None:
                 continue
             proto.write(_line(_result(task)) + "\n")
     finally:
-        os.rmdir(sandbox.WORK_ROOT)
+        try:
+            os.rmdir(sandbox.WORK_ROOT)
+        except OSError:
+            pass  # the pool deletes it (and whatever is in it) when it closes
 
 
 if __name__ == "__main__":

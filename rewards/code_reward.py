@@ -12,7 +12,11 @@ The program is the LAST fenced code block (```python, ```py or bare ```), else t
 completion. The verdict is decided here, never inside the program's interpreter
 (`rewards.code_tests`): each test is split into the parts that need the program
 ("calls", e.g. `f(2)`) and the rest (the comparison and the expected value, e.g.
-`== 4`), which never leave this process. A harness in the sandbox reads the setup, the
+`== 4`), which never leave this process: expected values are computed without the
+program, by a restricted evaluator here (`rewards.code_expected`: `'abc'[::-1]`,
+`list(range(3))`, comprehensions) or, when they are made of names the reference's
+`setup` binds (`assert f(2) == K`), by a sandboxed run of the setup alone before the
+program's (cached per worker). A harness in the sandbox reads the setup, the
 program and the calls' sources from stdin (a random nonce with them), compiles and runs
 the setup and the program, evaluates each call, and writes one line per call with its
 value encoded as plain data (or the exception) to a private pipe (fd 3). This process
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import secrets
 import signal
 from typing import Any
@@ -44,8 +47,7 @@ from rewards.registry import RewardResult, register, register_reference_check
 from rewards.sandbox import SandboxOutcome, run_python
 from rewards.sandbox_isolation import SandboxLimits
 
-_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_OPEN_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n", re.IGNORECASE)
+_FENCE_LANGS = ("python3", "python", "py")  # longest first, as the alternation `python3?|py` tries them
 _MAX_REPLY = 512 << 10  # bytes of one encoded call result
 
 HARNESS = r'''
@@ -183,7 +185,9 @@ def _score_io(code: str, how: str, cases: list[dict], all_or_nothing: bool, limi
             break
         if err.startswith("raised:"):
             why = f"raised {err[len('raised:'):]}"
-        elif out.timed_out or out.output_exceeded or (out.returncode or 0) < 0:
+        elif out.timed_out or out.output_exceeded or (out.returncode or 0) != 0:
+            # any non-zero exit fails the case: the harness exits 0 after the program's own
+            # `sys.exit`, and 1 when it raised, also if it closed the report channel first
             why = _describe_exit(out, limits)
         elif out.output_truncated:
             why = f"output longer than {limits.max_output_bytes} bytes"
@@ -212,14 +216,49 @@ def _frame(*fields: str) -> bytes:
     return bytes(out)
 
 
+def _fence_body_start(text: str, pos: int) -> int | None:
+    """Where the body of a fence opening at `pos` (```) starts: after "```", blanks, an
+    optional `python3` / `python` / `py` (any case), blanks and a newline; None if the
+    line is not such a header. Scans only the header's own characters (the regex
+    `[ \t]*(?:python3?|py)?[ \t]*\n` backtracked over every split of a run of blanks
+    between its two `[ \t]*`: a fence followed by 200k spaces took 156 s)."""
+    n, i = len(text), pos + 3
+    while i < n and text[i] in " \t":
+        i += 1
+    head = text[i:i + 7].lower()
+    for lang in _FENCE_LANGS:
+        if head.startswith(lang):
+            j = i + len(lang)
+            while j < n and text[j] in " \t":
+                j += 1
+            if j < n and text[j] == "\n":
+                return j + 1
+            break
+    return i + 1 if i < n and text[i] == "\n" else None
+
+
 def extract_code(completion: str) -> tuple[str, str]:
-    """(code, how): last closed fenced block, else text after an unclosed fence, else all."""
-    blocks = _FENCE_RE.findall(completion)
-    if blocks:
-        return blocks[-1], "fenced"
-    opens = list(_OPEN_FENCE_RE.finditer(completion))
-    if opens:
-        return completion[opens[-1].end() :], "unclosed_fence"
+    """(code, how): last closed fenced block, else text after an unclosed fence, else all.
+
+    One left-to-right pass over the "```" marks: a header opens a block that the next
+    "```" closes (the regex `(.*?)```` non-overlapping findall), a mark that is no
+    header is skipped one character on; the text after the last header with no close
+    is the unclosed block."""
+    last_block, last_open, pos = None, None, 0
+    while (start := completion.find("```", pos)) != -1:
+        body = _fence_body_start(completion, start)
+        if body is None:
+            pos = start + 1
+            continue
+        close = completion.find("```", body)
+        if close == -1:
+            last_open = body
+            break
+        last_block, pos = completion[body:close], close + 3
+    if last_block is not None:
+        return last_block, "fenced"
+    if last_open is not None:
+        return completion[last_open:], "unclosed_fence"
     return completion, "whole_text"
 
 
@@ -277,6 +316,8 @@ def _describe_exit(out: SandboxOutcome, limits: SandboxLimits) -> str:
     if rc is not None and rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
         hint = {"SIGXCPU": " (CPU limit)", "SIGXFSZ": " (file-size limit)"}.get(name, "")
+        if out.memory_exceeded:
+            hint = f" (memory limit of {limits.memory_bytes} bytes for the whole program)"
         return f"killed by {name}{hint}"
     return f"exited with code {rc}"
 
@@ -324,15 +365,30 @@ def reference_problem(reference: Any) -> str | None:
     if not isinstance(reference.get("setup") or "", str):
         return f"code reference 'setup' must be a string, got {type(reference['setup']).__name__}"
     try:
-        _plans(tuple(tests))
+        _plans(tuple(tests), reference.get("setup") or "")
     except ValueError as exc:
         return str(exc)
     return None
 
 
 @functools.lru_cache(maxsize=256)
-def _plans(tests: tuple[str, ...]) -> tuple[code_tests.TestPlan, ...]:
-    return tuple(code_tests.parse_test(t) for t in tests)
+def _plans(tests: tuple[str, ...], setup: str = "") -> tuple[code_tests.TestPlan, ...]:
+    bound = code_tests.setup_names(setup)
+    return tuple(code_tests.parse_test(t, bound) for t in tests)
+
+
+@functools.lru_cache(maxsize=64)
+def _setup_values(setup: str, exprs: tuple[str, ...], limits: SandboxLimits, mode: str) -> tuple[Any, ...]:
+    """The expected values made of the setup's names, from a sandboxed run of the setup
+    ALONE (no program in that interpreter), decoded here; cached per worker, so a group
+    of completions of one prompt pays for it once."""
+    nonce = secrets.token_hex(16)
+    out = run_python(["-c", HARNESS], _frame(nonce, setup, "", *exprs), limits, mode)
+    values, state = _parse_channel(out.channel, nonce, len(exprs))
+    if not state["loaded"]:
+        why = next(iter(state["errors"].values()), None) or _describe_exit(out, limits)
+        values = [code_tests.failed(f"the setup alone did not run: {why}")] * len(exprs)
+    return tuple(values)
 
 
 @register("code")
@@ -355,15 +411,18 @@ def code_verifier(completion: str, reference: dict[str, Any], **options: Any) ->
     code, how = extract_code(completion)
     if "io" in reference:
         return _score_io(code, how, reference["io"], all_or_nothing, limits, mode)
-    plans = _plans(tuple(tests))
+    plans = _plans(tuple(tests), setup)
     calls = [c for p in plans for c in p.calls]
+    setup_exprs = tuple(e for p in plans for e in p.setup_exprs)
+    expected = list(_setup_values(setup, setup_exprs, limits, mode)) if setup_exprs else []
     nonce = secrets.token_hex(16)
     out = run_python(["-c", HARNESS], _frame(nonce, setup, code, *calls), limits, mode)
     replies, state = _parse_channel(out.channel, nonce, len(calls))
-    passed, errors, k = [], {}, 0
+    passed, errors, k, j = [], {}, 0, 0
     for t, plan in enumerate(plans):
         mine, k = replies[k:k + len(plan.calls)], k + len(plan.calls)
-        ok, why = code_tests.verdict(plan, mine) if state["loaded"] else (False, "program not loaded")
+        theirs, j = expected[j:j + len(plan.setup_exprs)], j + len(plan.setup_exprs)
+        ok, why = code_tests.verdict(plan, mine, theirs) if state["loaded"] else (False, "program not loaded")
         passed.append(ok)
         if not ok:
             errors[f"test {t}"] = why

@@ -1,12 +1,14 @@
 """Code tests judged outside the untrusted interpreter: plans, a plain-value codec, verdicts.
 
-A test `assert <expr>` is split with `ast` into a *plan*: the verdict structure
+A test `assert <expr>` is split with `ast` into a *plan*: every sub-expression that names
+nothing of the program's (the expected side: `'abc'[::-1]`, `list(range(3))`, a
+comprehension) is evaluated here by `rewards.code_expected`; the verdict structure
 (comparisons, `and` / `or` / `not`, arithmetic, displays, a few pure builtins such as
 `abs`, `len`, `set`, `sorted`, `math.isclose`) and every constant stay in this process;
 only the maximal sub-expressions that need the program (`f(2)`, `sorted(f(x))[0]`,
 a name) become *calls*, whose source is all the sandboxed child receives. The child
 evaluates each call and sends back its value encoded by `encode` (JSON of plain values
-only: None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset;
+only: None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, range;
 anything else becomes an opaque marker that equals nothing and has no truth value).
 `decode` rebuilds the value here from this process's own types, so no object of the
 program (an `__eq__` that is always true, a patched builtin) survives, and `verdict`
@@ -17,8 +19,10 @@ What a plan cannot protect: a test whose verdict is the truth value of a child c
 (`assert is_valid(f(x))` with `is_valid` from `setup`, or `assert f(3)`) is decided by
 the value the child returns, which the program controls; write such tests as
 comparisons (`assert is_valid(f(x)) == True` still evaluates `is_valid` in the child,
-`assert f(x) == 7` does not). Names bound by `setup` (`assert f(2) == K`) are
-evaluated in the child too, where the program may rebind them.
+`assert f(x) == 7` does not). An expected side made only of names bound by `setup`
+(`assert f(2) == K`, `== expected(3)`) is a *setup expression*: `code_reward` evaluates it
+in a sandboxed run of the setup alone (no program), so rebinding `K` changes nothing; a
+sub-expression mixing the setup's names with the program's (`is_valid(f(x))`) is a call.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import json
 import math
 import operator
 from typing import Any
+
+from rewards import code_expected
 
 MAX_DEPTH = 100  # nesting of a decoded value
 MAX_SEQ = 100_000  # elements a parent-side repetition (`[0] * n`) may build
@@ -75,14 +81,65 @@ class Opaque:
 
 
 class TestPlan:
-    """One test: `calls` (sources the child evaluates) and `root` (the verdict, kept here)."""
+    """One test: `calls` (sources the child evaluates), `setup_exprs` (expected values a
+    run of the setup alone evaluates) and `root` (the verdict, kept here)."""
 
-    def __init__(self, source: str, root: tuple, calls: list[str]) -> None:
-        self.source, self.root, self.calls = source, root, calls
+    def __init__(self, source: str, root: tuple, calls: list[str], setup_exprs: list[str] | None = None) -> None:
+        self.source, self.root, self.calls, self.setup_exprs = source, root, calls, setup_exprs or []
 
 
-def parse_test(source: str) -> TestPlan:
-    """The plan of `assert <expr>[, msg]`; ValueError for anything else."""
+class _SetupSide:
+    """The names the setup binds, and the expected-side expressions made only of them."""
+
+    def __init__(self, bound: frozenset[str]) -> None:
+        self.bound, self.exprs = bound, []
+
+    def covers(self, node: ast.AST) -> bool:
+        if not self.bound:
+            return False
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - code_expected.comprehension_names(node)
+        return bool(names & self.bound) and all(n in self.bound or code_expected.is_pure(ast.Name(n, ast.Load()))
+                                                for n in names) and _plain_expression(node)
+
+
+def _plain_expression(node: ast.AST) -> bool:
+    """No lambdas, walrus or the like: an expression, not a statement in disguise."""
+    return not any(isinstance(n, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom))
+                   for n in ast.walk(node))
+
+
+def setup_names(setup: str) -> frozenset[str]:
+    """Names the setup code binds at its top level (assignments, defs, classes, imports,
+    loop and with targets); empty for no setup or one that does not parse."""
+    try:
+        tree = ast.parse(setup or "")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return frozenset()
+    out: set[str] = set()
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(stmt.name)
+        elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            out |= {(a.asname or a.name).split(".")[0] for a in stmt.names if a.name != "*"}
+        else:
+            targets = []
+            if isinstance(stmt, ast.Assign):
+                targets = stmt.targets
+            elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+                targets = [stmt.target]
+            elif isinstance(stmt, (ast.For, ast.AsyncFor)):
+                targets = [stmt.target]
+            elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+                targets = [i.optional_vars for i in stmt.items if i.optional_vars is not None]
+            for t in targets:
+                out |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return frozenset(out)
+
+
+def parse_test(source: str, setup_bound: frozenset[str] = frozenset()) -> TestPlan:
+    """The plan of `assert <expr>[, msg]`; ValueError for anything else. `setup_bound`:
+    the names the reference's setup binds (`setup_names`); an expected-side expression
+    made of them (and pure parts) is evaluated in a run of the setup alone."""
     try:
         tree = ast.parse(source, mode="exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
@@ -90,11 +147,27 @@ def parse_test(source: str) -> TestPlan:
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
         raise ValueError(f"code test must be one `assert <expression>` statement, got {source!r:.120}")
     calls: list[str] = []
+    env = _SetupSide(setup_bound)
     try:
-        root = _plan(tree.body[0].test, calls)
+        root = _plan(tree.body[0].test, calls, env)
     except RecursionError:
         raise ValueError(f"code test {source!r:.120} is nested too deeply") from None
-    return TestPlan(source, root, calls)
+    return TestPlan(source, _shift_setup(root, len(calls)), calls, env.exprs)
+
+
+def _shift_setup(node: Any, offset: int) -> Any:
+    """`node` with each ('setup', j) made ('setup', offset + j): setup values follow the calls' replies."""
+    if isinstance(node, tuple) and node and node[0] == "setup":
+        return ("setup", offset + node[1])
+    if isinstance(node, tuple) and node and node[0] in ("pure", "const"):
+        return node
+    if isinstance(node, tuple):
+        return tuple(_shift_setup(x, offset) for x in node)
+    if isinstance(node, list):
+        return [_shift_setup(x, offset) for x in node]
+    if isinstance(node, dict):
+        return {k: _shift_setup(v, offset) for k, v in node.items()}
+    return node
 
 
 def _func_name(node: ast.Call) -> str | None:
@@ -115,31 +188,36 @@ def _parent_call(node: ast.Call) -> str | None:
     return name
 
 
-def _plan(node: ast.expr, calls: list[str]) -> tuple:
-    """('const', v) | ('call', i) | (kind, ...children) for the parts evaluated here."""
+def _plan(node: ast.expr, calls: list[str], env: "_SetupSide") -> tuple:
+    """('const', v) | ('pure', node) | ('call', i) | (kind, ...children) for the parts evaluated here."""
     if isinstance(node, ast.Constant):
         return ("const", node.value)
+    if code_expected.is_pure(node):  # the expected side: evaluated here, never in the child
+        return ("pure", node)
+    if env.covers(node):  # the expected side built from the setup's names: a clean run of the setup alone
+        env.exprs.append(ast.unparse(node))
+        return ("setup", len(env.exprs) - 1)
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "math" \
             and node.attr in _MATH_CONSTS:
         return ("const", _MATH_CONSTS[node.attr])
     if isinstance(node, ast.Compare):
-        return ("cmp", _plan(node.left, calls), [(type(op), _plan(c, calls)) for op, c in zip(node.ops, node.comparators)])
+        return ("cmp", _plan(node.left, calls, env), [(type(op), _plan(c, calls, env)) for op, c in zip(node.ops, node.comparators)])
     if isinstance(node, ast.BoolOp):
-        return ("and" if isinstance(node.op, ast.And) else "or", [_plan(v, calls) for v in node.values])
+        return ("and" if isinstance(node.op, ast.And) else "or", [_plan(v, calls, env) for v in node.values])
     if isinstance(node, ast.UnaryOp):
-        return ("unary", type(node.op), _plan(node.operand, calls))
+        return ("unary", type(node.op), _plan(node.operand, calls, env))
     if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
-        return ("bin", type(node.op), _plan(node.left, calls), _plan(node.right, calls))
+        return ("bin", type(node.op), _plan(node.left, calls, env), _plan(node.right, calls, env))
     if isinstance(node, (ast.List, ast.Tuple, ast.Set)) and not any(isinstance(e, ast.Starred) for e in node.elts):
-        return (type(node).__name__.lower(), [_plan(e, calls) for e in node.elts])
+        return (type(node).__name__.lower(), [_plan(e, calls, env) for e in node.elts])
     if isinstance(node, ast.Dict) and None not in node.keys:
-        return ("dict", [(_plan(k, calls), _plan(v, calls)) for k, v in zip(node.keys, node.values)])
+        return ("dict", [(_plan(k, calls, env), _plan(v, calls, env)) for k, v in zip(node.keys, node.values)])
     if isinstance(node, ast.IfExp):
-        return ("if", _plan(node.test, calls), _plan(node.body, calls), _plan(node.orelse, calls))
+        return ("if", _plan(node.test, calls, env), _plan(node.body, calls, env), _plan(node.orelse, calls, env))
     if isinstance(node, ast.Call):
         name = _parent_call(node)
         if name is not None:
-            return ("func", name, [_plan(a, calls) for a in node.args], {k.arg: _plan(k.value, calls) for k in node.keywords})
+            return ("func", name, [_plan(a, calls, env) for a in node.args], {k.arg: _plan(k.value, calls, env) for k in node.keywords})
     calls.append(ast.unparse(node))
     return ("call", len(calls) - 1)
 
@@ -162,6 +240,13 @@ def evaluate_plan_node(node: tuple, values: list[Any]) -> Any:
     kind = node[0]
     if kind == "const":
         return node[1]
+    if kind == "pure":
+        return code_expected.evaluate(node[1])
+    if kind == "setup":
+        v = values[node[1]]  # after the calls' replies (`verdict`)
+        if isinstance(v, _Failed):
+            raise v.error
+        return v
     if kind == "call":
         v = values[node[1]]
         if isinstance(v, _Failed):
@@ -229,10 +314,11 @@ class ChildError(Exception):
     pass
 
 
-def verdict(plan: TestPlan, replies: list[Any]) -> tuple[bool, str | None]:
-    """(passed, why not) for a plan given one decoded reply per call (a `_Failed` or a value)."""
+def verdict(plan: TestPlan, replies: list[Any], setup_values: list[Any] = ()) -> tuple[bool, str | None]:
+    """(passed, why not) for a plan given one decoded reply per call (a `_Failed` or a
+    value) and one per `plan.setup_exprs` (from the run of the setup alone)."""
     try:
-        ok = _truth(evaluate_plan_node(plan.root, replies))
+        ok = _truth(evaluate_plan_node(plan.root, list(replies) + list(setup_values)))
     except ChildError as exc:
         return False, str(exc)
     except (Exception, RecursionError) as exc:  # a comparison of unusable values: a failed test
@@ -290,6 +376,8 @@ def _decode(o: Any, depth: int) -> Any:
                 return complex(float(v[0]), float(v[1]))
             if tag == "b" and isinstance(v, str):
                 return bytes.fromhex(v)
+            if tag == "r" and isinstance(v, list) and len(v) == 3 and all(type(x) is int for x in v) and v[2]:
+                return range(*v)
             if tag == "o":
                 name = _decode(v, depth + 1) if isinstance(v, dict) else v
                 return Opaque(name[:100] if isinstance(name, str) else "?")
@@ -335,5 +423,7 @@ def _encode(x, depth=0):
         return '{"c":[' + _f(x.real) + "," + _f(x.imag) + "]}"
     if t is bytes:
         return '{"b":"' + bytes.hex(x) + '"}'
+    if t is range:
+        return '{"r":[' + int.__repr__(x.start) + "," + int.__repr__(x.stop) + "," + int.__repr__(x.step) + "]}"
     return '{"o":' + _s(str(type.__getattribute__(t, "__qualname__"))[:100]) + "}"
 '''

@@ -4,7 +4,8 @@ A verifier scores bad model output 0 with its own reason and never raises on it.
 prefixes mark the other zeros: the verifier raised (a verifier bug, or a reference it
 cannot use), the row could not be handed to a verifier, or the scoring worker crashed or
 ran past the per-item timeout. `python -m rewards score` copies them to a row's `error`
-field; `raise_if_all_verifier_errors` stops a stage only on a batch of VERIFIER_ERROR.
+field; `batch.check_verifier_errors` stops a stage only when VERIFIER_ERROR reaches the
+configured rate of a batch (`max_verifier_error_rate`, default every item).
 """
 
 from __future__ import annotations

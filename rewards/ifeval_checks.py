@@ -5,8 +5,8 @@ implementation (google-research `instruction_following_eval/instructions.py`).
 Departures, all because nothing may be downloaded here (no nltk data, no langdetect):
 - `length_constraints:number_sentences` counts sentences with IFEval's own regex
   splitter (`split_into_sentences`) instead of nltk's punkt model;
-- `change_case:capital_word_frequency` tokenises with a regex (words, hyphenated words,
-  apostrophes) instead of `nltk.word_tokenize`;
+- `change_case:capital_word_frequency` tokenises with a Unicode regex (words, hyphenated
+  words, clitics split off as Treebank does) instead of `nltk.word_tokenize`;
 - `change_case:english_lowercase` / `english_capital` check the case only, not that the
   language is English; `language:response_language` is not implemented;
 - keywords are matched literally (`re.escape`), where IFEval passes them as regexes;
@@ -265,10 +265,32 @@ def english_capital(response: str) -> bool:
     return response.isupper()
 
 
+# nltk's Treebank tokenizer splits at spaces and at these marks; `-`, `.`, `=`, `/`, `'` inside a word do not split it
+_SPLIT_RE = re.compile(r"--+|[\s,;:@#$%&?!*()\[\]{}<>\"`\u201c\u201d\u2018\u2019\u00ab\u00bb\u2014\u2013\u2026]")
+_CLITIC_RE = re.compile(r"(?i)(?:n't|'s|'m|'d|'ll|'re|'ve)$")  # split off as a token of its own, as Treebank does
+
+
+def count_capital_words(text: str) -> int:
+    """Words in all capitals, as IFEval counts them: tokens of `nltk.word_tokenize` for
+    which `str.isupper()` holds (any script: Cyrillic, Greek, fullwidth, accented). Here
+    the tokens are the pieces between spaces and Treebank's splitting marks, with a
+    clitic such as `N'T` / `'S` a token of its own; an ASCII-only word regex missed
+    fullwidth and Cyrillic capitals. Checked against nltk's tokenizer in
+    tests/unit/test_ifeval_parity.py."""
+    count = 0
+    for word in _SPLIT_RE.split(text):
+        word = word.strip("'")
+        parts = []
+        while (m := _CLITIC_RE.search(word)) and m.start() > 0:
+            parts.append(word[m.start():])
+            word = word[:m.start()]
+        count += sum(1 for p in [word, *parts] if p.isupper())
+    return count
+
+
 @checker("change_case:capital_word_frequency")
 def capital_word_frequency(response: str, capital_frequency: int, capital_relation: str) -> bool:
-    words = re.findall(r"[A-Za-z0-9_]+(?:[-'][A-Za-z0-9_]+)*", response)
-    return _compare(sum(1 for w in words if w.isupper()), capital_frequency, capital_relation)
+    return _compare(count_capital_words(response), capital_frequency, capital_relation)
 
 
 @checker("startend:quotation")

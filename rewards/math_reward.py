@@ -17,6 +17,9 @@ An extracted answer longer than `max(MAX_ANSWER_CHARS, 2 * len(gold))` or nested
 than `MAX_ANSWER_DEPTH` brackets scores 0 without reaching sympy: a `\boxed{}` holding
 2,000 nested `\frac{1}{` or 50k nested braces otherwise runs until the pool's per-item
 timeout kills the worker, which a policy that learns to emit them would pay every step.
+Short answers whose evaluation would explode (`10^{10^{10}}`, `(10^{10})!`,
+`\\binom{10^9}{10^6}`, `(x+1)^{100000}`) score 0 the same way, with the reason
+(`rewards.math_cost.explosion`), unless the reference itself is as large.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import re
 from typing import Any
 
+from rewards.math_cost import explosion
 from rewards.registry import RewardResult, register, register_reference_check
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -56,6 +60,9 @@ def _too_complex(answer: str, gold: str) -> str | None:
     depth = _nesting_depth(answer)
     if depth > max(MAX_ANSWER_DEPTH, _nesting_depth(gold)):
         return f"extracted answer nested too deeply (depth {depth})"
+    exploding = explosion(answer)
+    if exploding and explosion(gold) is None:  # a reference that is itself huge is trusted
+        return f"extracted answer refused: {exploding}"
     return None
 
 

@@ -26,10 +26,13 @@ import fcntl
 import os
 import selectors
 import shutil
+import signal
 import sys
 import tempfile
 import time
 
+from rewards import sandbox_bwrap as sbw
+from rewards import sandbox_cgroup
 from rewards import sandbox_isolation as iso
 
 _CHANNEL_CAP = 4 << 20
@@ -46,6 +49,7 @@ WORK_ROOT: str | None = None
 
 
 SANDBOX_MODE_ENV = "POLYMATH_SANDBOX"
+WORK_ROOT_ENV = "POLYMATH_SANDBOX_WORK_ROOT"  # set by the pool for its workers (rewards.batch)
 MODES = ("isolated", "unsafe-local")
 
 
@@ -66,6 +70,7 @@ class SandboxOutcome:
     timed_out: bool
     wall_s: float
     isolation: dict[str, str]
+    memory_exceeded: bool = False  # the whole program's memory limit (its cgroup) killed a process
 
 
 def _minimal_env(home: str) -> dict[str, str]:
@@ -172,11 +177,54 @@ def run_python(args: list[str], stdin: bytes, limits: iso.SandboxLimits, mode: s
             raise iso.SandboxUnavailable(
                 f"code sandbox unavailable ({caps['error']}); programs are not run. To run them without "
                 f"isolation on this machine, set `sandbox: unsafe-local` (or {SANDBOX_MODE_ENV}=unsafe-local)")
-        uid = iso.LEASE.acquire() if os.geteuid() == 0 else None
-        plan = iso.IsolationPlan(uid=uid, masks=iso.python_masks() if uid is not None else (), limits=limits)
+        if os.geteuid() == 0:
+            return _run_bwrap(argv, stdin, limits)
+        plan = iso.IsolationPlan(uid=None, masks=(), limits=limits)
         report = {"mode": "isolated", "network": "namespace", "filesystem": "namespace", "ipc": "namespace",
-                  "pid": "namespace", "uid": str(uid) if uid is not None else "user-namespace"}
+                  "pid": "namespace", "uid": "user-namespace", "keyring": "user namespace",
+                  "memory": f"RLIMIT_AS {limits.memory_bytes} bytes per process, RLIMIT_NPROC {limits.max_processes}"}
         return _run(lambda fds: iso.spawn(argv, _minimal_env("/tmp"), plan, fds), stdin, limits, report)
+
+
+def _run_bwrap(argv: list[str], stdin: bytes, limits: iso.SandboxLimits) -> SandboxOutcome:
+    """As root: bubblewrap (`rewards.sandbox_bwrap`) under the leased uid, in a cgroup of its own."""
+    uid = iso.LEASE.acquire()
+    cmd = sbw.bwrap_argv(argv, _minimal_env("/tmp"), uid, limits.max_disk_bytes)
+    cg = sandbox_cgroup.ProgramCgroup.create(limits.memory_bytes, limits.max_processes)
+
+    def start(fds: list[int]) -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                os.setsid()
+                iso._libc.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if cg is not None:
+                    cg.join()
+                sbw.join_new_session_keyring()
+                for target, fd in enumerate([fcntl.fcntl(f, fcntl.F_DUPFD, 100) for f in fds]):
+                    os.dup2(fd, target, inheritable=True)
+                os.closerange(len(fds), 1 << 16)
+                iso._set_limits(limits)
+                os.execve(cmd[0], cmd, {})
+            finally:
+                os._exit(127)
+        return pid
+
+    memory = cg.describe() if cg is not None else (
+        f"no cgroup here: RLIMIT_AS {limits.memory_bytes} bytes per process, RLIMIT_NPROC {limits.max_processes} "
+        f"for the sandbox uid (a whole program may hold up to {limits.max_processes} x that)")
+    report = {"mode": "isolated", "network": "namespace", "filesystem": "bubblewrap", "ipc": "namespace",
+              "pid": "namespace", "uid": str(uid), "memory": memory,
+              "keyring": "user namespace" if sbw.own_user_namespace() else
+              "shared by this worker's items (the kernel refuses an unprivileged user namespace)"}
+    try:
+        out = _run(start, stdin, limits, report)
+        out.memory_exceeded = cg is not None and cg.oom_killed()
+    finally:
+        if cg is not None:
+            cg.remove()
+    out.returncode = sbw.status_from_bwrap(out.returncode)
+    return out
 
 
 def _run_unsafe_local(argv: list[str], stdin: bytes, limits: iso.SandboxLimits) -> SandboxOutcome:

@@ -366,8 +366,12 @@ def _probe_error() -> str | None:
         if exe.startswith(top.rstrip("/") + "/"):
             return (f"the Python interpreter {exe} lies under {top}, which the sandbox replaces with its own "
                     "empty tmpfs; use a Python installed elsewhere")
-    uid = LEASE.acquire() if os.geteuid() == 0 else None
-    plan = IsolationPlan(uid=uid, masks=python_masks() if uid is not None else (), limits=SandboxLimits())
+    if os.geteuid() == 0:  # as root the sandbox is bubblewrap (rewards.sandbox_bwrap)
+        from rewards.sandbox_bwrap import probe_error
+
+        return probe_error(LEASE.acquire())
+    uid = None
+    plan = IsolationPlan(uid=uid, masks=(), limits=SandboxLimits())
     null = os.open(os.devnull, os.O_RDWR)
     try:
         child = spawn([exe, "-I", "-S", "-c", "import os; os.listdir('/tmp'); open('/tmp/x', 'w').close()"],

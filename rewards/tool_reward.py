@@ -11,6 +11,10 @@ Reference: `{"calls": [{"name", "arguments"}], "answer": ..., "tools": [schemas]
 - answer score: the final text (after the last tool block) equals the reference after
   normalisation (case, whitespace, trailing period), or, for a numeric reference, the
   last number in it equals the reference (rel. tol. 1e-6).
+Argument values compare as JSON values (`values_equal`): `true` is not `1` (nor `[true]`
+`[1]`), two integers compare exactly at any size (an integer of a few hundred digits once
+made `math.isclose` raise OverflowError, and a batch of such calls stopped the stage),
+other numbers within rel. tol. 1e-9.
 - score = calls_weight * calls + (1 - calls_weight) * answer, calls_weight = 0.5;
   with no `answer` in the reference, score = calls.
 Malformed markup scores 0 with the parser's reason; nothing raises on any completion.
@@ -23,7 +27,7 @@ import re
 from typing import Any
 
 from rewards.registry import RewardResult, register, register_reference_check
-from rewards.tool_calls import ToolCall, final_answer, try_parse_tool_calls
+from rewards.tool_calls import MAX_VALUE_DEPTH, ToolCall, final_answer, try_parse_tool_calls
 
 _JSON_TYPES = {
     "string": lambda v: isinstance(v, str),
@@ -56,14 +60,42 @@ def schema_errors(call: ToolCall, tools: list[dict] | None) -> list[str]:
         types = [types] if isinstance(types, str) else (types or [])
         if types and not any(_JSON_TYPES.get(t, lambda v: True)(value) for t in types):
             errors.append(f"{call.name}.{arg}: expected {'/'.join(types)}, got {type(value).__name__}")
-        if "enum" in spec and value not in spec["enum"]:
+        if "enum" in spec and not any(values_equal(value, e) for e in spec["enum"]):
             errors.append(f"{call.name}.{arg}: {value!r} not in {spec['enum']}")
     return errors
 
 
-def _values_equal(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers_equal(a: int | float, b: int | float) -> bool:
+    """Exact for two ints (any size); floats within rel 1e-9. An int too large for a float
+    (a few hundred digits) compares exactly: `math.isclose` would raise OverflowError."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    except OverflowError:
+        return a == b  # int vs float comparison is exact in Python and never overflows
+
+
+def values_equal(a: Any, b: Any, depth: int = 0) -> bool:
+    """JSON values equal as JSON types: a boolean never equals a number (`true` vs `1`),
+    numbers compare with `_numbers_equal`, lists and objects element-wise (recursively,
+    so `[true]` is not `[1]` either). Never raises."""
+    if depth > 2 * MAX_VALUE_DEPTH:
+        return False
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if _is_number(a) and _is_number(b):
+        return _numbers_equal(a, b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(values_equal(x, y, depth + 1) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(values_equal(a[k], b[k], depth + 1) for k in a)
+    if type(a) is not type(b) and not (_is_number(a) and _is_number(b)):
+        return False
     return a == b
 
 
@@ -72,7 +104,7 @@ def call_credit(expected: dict, produced: ToolCall) -> float:
     if not keys:
         return 1.0
     exp_args = expected.get("arguments", {})
-    good = sum(1 for k in keys if k in exp_args and k in produced.arguments and _values_equal(exp_args[k], produced.arguments[k]))
+    good = sum(1 for k in keys if k in exp_args and k in produced.arguments and values_equal(exp_args[k], produced.arguments[k]))
     return good / len(keys)
 
 

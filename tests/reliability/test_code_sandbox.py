@@ -108,7 +108,8 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
 def test_network_is_a_namespace_and_reported():
     (res,) = score_batch("code", ["import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)"], [REF])
     assert res.info["network_isolation"] == "namespace"
-    assert "Network is unreachable" in res.info["reason"] or "OSError" in res.info["reason"]
+    # the namespace's own loopback (bubblewrap brings it up) has nothing listening on it
+    assert any(why in res.info["reason"] for why in ("Network is unreachable", "OSError", "ConnectionRefusedError"))
 
 
 @pytest.mark.skipif(not probe()["filesystem"], reason="kernel refuses mount namespaces here")

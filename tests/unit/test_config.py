@@ -72,6 +72,16 @@ def test_grpo_eval_every_is_refused(tmp_path):
     assert [p for p, _ in exc.value.errors] == ["domains[0].grpo.eval_every"]
 
 
+def test_max_verifier_error_rate_defaults_to_all_and_is_validated(tmp_path):
+    assert load_config(_write(tmp_path, _tiny_raw())).max_verifier_error_rate == 1.0
+    for bad in (0, 1.5, -1, "half"):
+        raw = _tiny_raw()
+        raw["max_verifier_error_rate"] = bad
+        with pytest.raises(ConfigError) as exc:
+            load_config(_write(tmp_path, raw))
+        assert [p for p, _ in exc.value.errors] == ["max_verifier_error_rate"], bad
+
+
 def test_validate_cli_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/tiny.yaml"],
                         cwd=ROOT, capture_output=True, text=True)

@@ -134,3 +134,28 @@ def test_scores_come_from_the_routes_verifier_and_a_batch_of_verifier_errors_rai
     broken = [RewardResult(0.0, {"reason": f"{VERIFIER_ERROR}: no interpreter"})] * 8
     with pytest.raises(RuntimeError, match="GRPO step 3.*'code' verifier raised on all 8"):
         verified_scores(_Pool(broken), "code", ["x"] * 8, [{}] * 8, "GRPO step 3")
+
+
+def test_verifier_errors_below_the_pools_rate_are_the_rows_zeros_and_marked_on_the_samples():
+    mixed = [RewardResult(0.0, {"reason": f"{VERIFIER_ERROR}: OverflowError"})] * 3 + [RewardResult(1.0)] * 5
+    samples = [_sample(text=f"t{i}", reference={"answer": str(i)}) for i in range(8)]
+    assert score_samples(_Pool(mixed), DomainSpec("tool"), samples, "here") == [0.0] * 3 + [1.0] * 5
+    assert [s.scoring_failure is not None for s in samples] == [True] * 3 + [False] * 5
+    strict = _Pool(mixed)
+    strict.max_error_rate = 0.25  # what ScorerPool(max_error_rate=...) carries from the config
+    with pytest.raises(RuntimeError, match="raised on 3 of 8 items"):
+        verified_scores(strict, "tool", ["x"] * 8, [{}] * 8, "GRPO step 1")
+
+
+def test_grpo_step_metrics_count_verifier_errors(monkeypatch):
+    from experts import grpo
+    from experts.grpo_settings import GRPOSettings
+
+    def fake_round(settings, stream, domains, need, **_):
+        failures = [f"{VERIFIER_ERROR}: OverflowError", "timeout: item took longer than 8s", None, None]
+        return [[_sample(route="tool", reward=float(i % 2), scoring_failure=f) for i, f in enumerate(failures)]]
+
+    monkeypatch.setattr(grpo, "_sample_round", fake_round)
+    settings = GRPOSettings(prompts_per_step=1, group_size=4, dynamic_sampling=False)
+    _, stats = grpo.collect_step(settings, None, {}, generator=None, scorer=None, tokenizer=None, step=0)
+    assert stats["verifier_errors"] == 1 and stats["scoring_failures"] == 2

@@ -159,3 +159,30 @@ def test_ifeval_agrees_with_the_official_checkers():
     assert compared >= 500 and len(types) == len(CHECKERS) - len(NEEDS_PUNKT)
     assert not unexplained, unexplained[:5]
     print(f"compared {compared} responses over {len(types)} instruction types; explained disagreements: {explained}")
+
+
+# ---- capital words on Unicode text: against nltk's own word tokenizer ----
+# `change_case:capital_word_frequency` counts the `nltk.word_tokenize` tokens for which
+# `str.isupper()` holds. word_tokenize needs the punkt model (not downloadable here) only
+# to split sentences first; its words come from nltk's Treebank tokenizer
+# (`NLTKWordTokenizer`), which needs no data, so the count is compared with that.
+UNICODE_WORDS = ["the", "SUN", "Cat", "DON'T", "IT'S", "o'neil", "O'NEIL", "WELL-KNOWN", "ПРИВЕТ", "привет", "Мир",
+                 "ＡＢＣ", "ａｂｃ", "ÉCOLE", "straße", "ΑΒΓ", "ABC's", "I'M", "YOU'LL", "WE'RE", "HE'D", "A1", "123",
+                 "x_Y", "OK.", "U.S.A.", "—", "«HI»", "(WOW)", '"QUOTE"', "HELLO!", "ONE,TWO", "CAN'T", "DON’T",
+                 "IT’S", "E=MC²", "A/B", "A+B", "X*Y", "<<TITLE>>", "[NAME]", "'QUOTED'", "A:B", "HI...", "--",
+                 "A--B", "#TAG", "@ME", "$5", "10%", "A&B", "Ⅻ", "'", "'S", "ÇA", "ĞÜŞ", "ＨＥＬＬＯ！"]
+
+
+def test_capital_word_count_matches_nltk_tokens_on_unicode_text():
+    tokenizer = pytest.importorskip("nltk.tokenize").NLTKWordTokenizer()
+    from rewards.ifeval_checks import count_capital_words
+
+    rng = random.Random(39)
+    for _ in range(2000):
+        text = " ".join(rng.choice(UNICODE_WORDS) for _ in range(rng.randint(1, 12)))
+        expected = sum(1 for t in tokenizer.tokenize(text) if t.isupper())
+        assert count_capital_words(text) == expected, text
+    # the cases an ASCII-only word regex missed: fullwidth, Cyrillic, Greek, accented capitals
+    assert count_capital_words("ＡＢＣ ПРИВЕТ ΑΒΓ ÉCOLE abc") == 4
+    assert CHECKERS.get("change_case:capital_word_frequency")("ПРИВЕТ МИР ＯＫ", capital_frequency=3,
+                                                              capital_relation="at least")
