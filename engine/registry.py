@@ -6,6 +6,8 @@ sandboxed verifier workers can use it.
 
 `builtins` are modules that register the built-in entries when imported; they are
 imported on the first look-up, so importing the module that owns a registry stays cheap.
+A name of the form `package.module:function` is not looked up but imported
+(engine.plugins): the user's own adapter, verifier or tool environment.
 """
 
 from __future__ import annotations
@@ -41,7 +43,13 @@ class Registry(Generic[T]):
         return lambda entry: self.add(name, entry)
 
     def get(self, name: str) -> T:
-        """The entry under `name`; an unknown name is a KeyError listing the known ones."""
+        """The entry under `name`; an unknown name is a KeyError listing the known ones.
+        An import path `package.module:function` is imported (a PluginError, also a
+        KeyError, says why it cannot be)."""
+        from engine.plugins import is_import_path, load_object
+
+        if is_import_path(name):
+            return load_object(name, self.kind)
         self._load_builtins()
         try:
             return self._entries[name]

@@ -97,7 +97,8 @@ def build_graph(cfg: ExperimentConfig) -> list[Stage]:
         if cfg.expert_init == "sft:domain":
             stages.append(Stage(f"sft:{d.name}", ("prepare",), {**common, "sft": _dump(d.sft)}))
         for mode in d.mode_names:  # one expert per (domain, mode): docs/modes.md
-            inputs = {**rl_common, "grpo": _dump(d.grpo), "verifier": d.verifier}
+            inputs = {**rl_common, "grpo": _dump(d.grpo), "verifier": d.verifier,
+                      **({"environment": d.environment} if d.environment else {})}
             if mode is not None:
                 inputs["mode"] = {mode: _dump(d.modes[mode])}
             stages.append(Stage(grpo_stage(d.name, mode), (cfg.expert_start(d.name),), inputs))

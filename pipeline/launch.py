@@ -203,7 +203,26 @@ def portable_config_path(config_path: str) -> str:
         return str(p)
 
 
-def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str]) -> dict:
+def plugin_modules(cfg: ExperimentConfig, config_dir: Path | str = ".") -> list[str]:
+    """The modules of `python_path` directories outside the working directory, for a job's
+    `py_modules` (Ray uploads each and puts it on the job's PYTHONPATH, so the stage
+    process and the scoring workers it starts import them); directories inside it travel
+    with the working directory and are found through the config's `python_path`."""
+    from pipeline.config import resolve_path
+
+    cwd = Path.cwd().resolve()
+    modules: list[str] = []
+    for entry in cfg.python_path:
+        d = resolve_path(entry, Path(config_dir)).resolve()
+        if not d.is_dir() or d == cwd or cwd in d.parents:
+            continue
+        modules += sorted(str(p) for p in d.iterdir()
+                          if (p.suffix == ".py" and p.is_file()) or (p / "__init__.py").is_file())
+    return modules
+
+
+def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str],
+                config_dir: Path | str = ".") -> dict:
     """What a stage's job asks of Ray's job API (`JobSubmissionClient.submit_job` keywords
     but the metadata's attempt): the upload (the checkout minus `UPLOAD_EXCLUDES` and the
     run directory), the stage's environment, and one rank's CPUs/GPUs for the stage process
@@ -215,10 +234,14 @@ def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str])
         excludes.append(str(root.relative_to(Path.cwd().resolve())))
     except ValueError:
         pass
+    runtime_env = {"working_dir": ".", "excludes": excludes,
+                   "env_vars": {"POLYMATH_STAGE_LOG": str(root / run.stage_dir(stage).name / "stage.log"),
+                                "PYTHONUNBUFFERED": "1"}}
+    modules = plugin_modules(cfg, config_dir)
+    if modules:
+        runtime_env["py_modules"] = modules
     return {"entrypoint": shlex.join(argv),
-            "runtime_env": {"working_dir": ".", "excludes": excludes,
-                            "env_vars": {"POLYMATH_STAGE_LOG": str(root / run.stage_dir(stage).name / "stage.log"),
-                                         "PYTHONUNBUFFERED": "1"}},
+            "runtime_env": runtime_env,
             "entrypoint_num_cpus": res.num_cpus, "entrypoint_num_gpus": res.num_gpus or None,
             "metadata": {"experiment": cfg.experiment, "stage": stage, "run_dir": str(root)}}
 
@@ -235,7 +258,7 @@ def submit_command(cfg: ExperimentConfig, config_path: str, stage: str, address:
 
     run = RunDir(cfg.run_path)
     req = job_request(cfg, run, stage, stage_argv(portable_config_path(config_path), stage,
-                                                  job_overrides(list(overrides), run)))
+                                                  job_overrides(list(overrides), run)), Path(config_path).parent)
     args = ["ray", "job", "submit", "--address", address, "--working-dir", "."]
     args += ["--entrypoint-num-cpus", f"{req['entrypoint_num_cpus']:g}"]
     if req["entrypoint_num_gpus"]:
@@ -290,7 +313,7 @@ class JobBackend:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(_header(stage.name, attempt, argv))
-        req = job_request(self.cfg, self.run, stage.name, argv)
+        req = job_request(self.cfg, self.run, stage.name, argv, Path(self.config_arg).parent)
         req["metadata"]["attempt"] = str(attempt)
         sid = self.client.submit_job(**req)
         print(f"[{stage.name}] submitted job {sid}", flush=True)

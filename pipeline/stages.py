@@ -88,4 +88,5 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
         raise
     ended = time.time()
     return run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
-                              outputs=result.get("outputs", {}), metrics=result.get("metrics", {}))
+                              outputs=result.get("outputs", {}), metrics=result.get("metrics", {}),
+                              note=result.get("note", ""))
