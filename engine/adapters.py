@@ -34,7 +34,7 @@ from typing import Any, Callable
 from engine.registry import Registry
 
 Adapter = Callable[..., dict]
-ADAPTERS: Registry[Adapter] = Registry("adapter")
+ADAPTERS: Registry[Adapter] = Registry("adapter", imports=True)
 register_adapter = ADAPTERS.register
 get_adapter = ADAPTERS.get
 known_adapters = ADAPTERS.names

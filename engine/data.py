@@ -244,14 +244,19 @@ def load_rows(path: str | os.PathLike | dict, *, on_bad_row: str = "skip", adapt
     result = read_rows(path, adapter=adapter, domain=domain, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer,
                        check_reference=check_reference)
     if result.bad:
-        listed = "\n  ".join(str(b) for b in result.bad[:max_listed])
-        more = f"\n  ... and {len(result.bad) - max_listed} more" if len(result.bad) > max_listed else ""
-        where = hf_label(path) if isinstance(path, dict) else path
-        message = f"{where}: {len(result.bad)} bad row(s) of {len(result.bad) + len(result.rows)}:\n  {listed}{more}"
+        message = bad_rows_message(path, result, max_listed)
         if on_bad_row == "error":
             raise DataError(message)
         log.warning("skipping %s", message)
     return result.rows
+
+
+def bad_rows_message(path: str | os.PathLike | dict, result: LoadResult, max_listed: int = 20) -> str:
+    """`<source>: <n> bad row(s) of <total>:` and the first `max_listed`, one per line."""
+    listed = "\n  ".join(str(b) for b in result.bad[:max_listed])
+    more = f"\n  ... and {len(result.bad) - max_listed} more" if len(result.bad) > max_listed else ""
+    where = hf_label(path) if isinstance(path, dict) else path
+    return f"{where}: {len(result.bad)} bad row(s) of {len(result.bad) + len(result.rows)}:\n  {listed}{more}"
 
 
 def as_dataset(rows: list[dict]):

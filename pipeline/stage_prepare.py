@@ -9,6 +9,7 @@ and summary) or its error."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pipeline.stage_context import StageContext
@@ -64,6 +65,7 @@ def prepare(ctx: StageContext) -> dict:
 
 
 BAD_ROWS_FILE = "bad_rows.jsonl"
+log = logging.getLogger("engine.data")  # where the row reader reports: one logger for bad rows
 
 
 def _write_bad_rows(out: Path, bad_rows: list[dict]) -> None:
@@ -83,10 +85,11 @@ def _real_split(ctx: StageContext, d, split: str, tokenizer, bad_rows: list[dict
     the run (engine.data.split_problem), after writing every bad row seen so far."""
     from functools import partial
 
-    from engine.data import DataError, bad_rows_summary, read_rows, split_problem
+    from engine.data import DataError, bad_rows_message, bad_rows_summary, read_rows, split_problem
     from rewards import check_reference
 
-    result = read_rows(data_source(getattr(d.data, split), Path(".")), adapter=d.data.adapter, domain=d.name,
+    source = data_source(getattr(d.data, split), Path("."))
+    result = read_rows(source, adapter=d.data.adapter, domain=d.name,
                        fields=d.data.fields, max_prompt_tokens=d.data.max_prompt_tokens, tokenizer=tokenizer,
                        check_reference=partial(check_reference, d.verifier))
     bad_rows += [{"domain": d.name, "split": split, **b.to_dict()} for b in result.bad]
@@ -96,15 +99,16 @@ def _real_split(ctx: StageContext, d, split: str, tokenizer, bad_rows: list[dict
     if problem is None and result.bad and d.data.on_bad_row == "error":
         problem = "bad rows with data.on_bad_row: error"
     if result.bad:
-        summary = f"{where}: {bad_rows_summary(result.bad, total)}"
-        print(f"[prepare] {summary}", flush=True)
+        log.warning("%s %s", "bad rows:" if problem else "skipping", bad_rows_message(source, result))
         if problem is None:
-            notes.append(f"{summary} (skipped; all in {ctx.out_dir / BAD_ROWS_FILE})")
+            notes.append(f"{where}: {bad_rows_summary(result.bad, total)} (skipped; all in "
+                         f"{ctx.out_dir / BAD_ROWS_FILE})")
     if problem is not None:
         _write_bad_rows(ctx.out_dir, bad_rows)
-        listed = f"; {bad_rows_summary(result.bad, total)}" if result.bad else ""
-        where_all = f"; every bad row: {ctx.out_dir / BAD_ROWS_FILE}" if result.bad else ""
-        raise DataError(f"{where}: {problem}{listed}{where_all}")
+        if not result.bad:
+            raise DataError(f"{where}: {problem}")
+        raise DataError(f"{where}: {problem}; every bad row with its reason: {ctx.out_dir / BAD_ROWS_FILE}\n"
+                        + bad_rows_message(source, result))
     return result.rows
 
 

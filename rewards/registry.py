@@ -46,7 +46,7 @@ class RewardResult:
 Verifier = Callable[..., RewardResult]
 ReferenceCheck = Callable[[Any], "str | None"]
 
-VERIFIERS: Registry[Verifier] = Registry("verifier", builtins=_BUILTIN_MODULES)
+VERIFIERS: Registry[Verifier] = Registry("verifier", builtins=_BUILTIN_MODULES, imports=True)
 REFERENCE_CHECKS: Registry[ReferenceCheck] = Registry("reference check for verifier")
 register = VERIFIERS.register  # @register("name") on `(completion, reference, **options) -> RewardResult`
 register_reference_check = REFERENCE_CHECKS.register  # @register_reference_check("name"), once per verifier
