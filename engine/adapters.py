@@ -40,7 +40,7 @@ get_adapter = ADAPTERS.get
 known_adapters = ADAPTERS.names
 
 
-def describe(required: tuple[str, ...], optional: tuple[str, ...] = (), demonstrations: bool | None = None):
+def declare_fields(required: tuple[str, ...], optional: tuple[str, ...] = (), demonstrations: bool | None = None):
     """Record what an adapter reads: its `required` and `optional` record fields, and
     whether its rows carry a demonstration (None: it depends on the record)."""
     def mark(fn: Adapter) -> Adapter:
@@ -122,13 +122,13 @@ def _row(record: dict, domain: str, default_id: str, messages: list[dict], refer
 
 
 @register_adapter("row")
-@describe(("id", "domain", "messages", "reference"), demonstrations=None)
+@declare_fields(("id", "domain", "messages", "reference"), demonstrations=None)
 def row(record: dict, *, domain: str = "", default_id: str = "") -> dict:
     return record
 
 
 @register_adapter("gsm8k")
-@describe(("question", "answer"), ("id",), demonstrations=True)
+@declare_fields(("question", "answer"), ("id",), demonstrations=True)
 def gsm8k(record: dict, *, domain: str = "math", default_id: str = "") -> dict:
     question, answer = _text(record, "question"), _text(record, "answer")
     if "####" not in answer:
@@ -144,7 +144,7 @@ def gsm8k(record: dict, *, domain: str = "math", default_id: str = "") -> dict:
 
 
 @register_adapter("math")
-@describe(("problem", "solution"), ("unique_id",), demonstrations=True)
+@declare_fields(("problem", "solution"), ("unique_id",), demonstrations=True)
 def hendrycks_math(record: dict, *, domain: str = "math", default_id: str = "") -> dict:
     from rewards.math_reward import extract_boxed
 
@@ -164,7 +164,7 @@ def _str_list(record: dict, field: str) -> list[str]:
 
 
 @register_adapter("mbpp")
-@describe(("text", "code", "test_list"), ("test_setup_code", "task_id"), demonstrations=True)
+@declare_fields(("text", "code", "test_list"), ("test_setup_code", "task_id"), demonstrations=True)
 def mbpp(record: dict, *, domain: str = "code", default_id: str = "") -> dict:
     text, code, tests = _text(record, "text"), _text(record, "code"), _str_list(record, "test_list")
     prompt = f"{text}\nYour code should pass this test:\n{tests[0]}"
@@ -178,7 +178,7 @@ def mbpp(record: dict, *, domain: str = "code", default_id: str = "") -> dict:
 
 
 @register_adapter("ifeval")
-@describe(("prompt", "instruction_id_list"), ("kwargs", "key"), demonstrations=False)
+@declare_fields(("prompt", "instruction_id_list"), ("kwargs", "key"), demonstrations=False)
 def ifeval(record: dict, *, domain: str = "ifeval", default_id: str = "") -> dict:
     prompt, ids = _text(record, "prompt"), _str_list(record, "instruction_id_list")
     kwargs = record.get("kwargs") or [{} for _ in ids]
@@ -245,7 +245,7 @@ def xml_calls(calls: list[dict]) -> str:
 
 
 @register_adapter("xlam")
-@describe(("query", "tools", "answers"), ("id",), demonstrations=True)
+@declare_fields(("query", "tools", "answers"), ("id",), demonstrations=True)
 def xlam(record: dict, *, domain: str = "tool", default_id: str = "") -> dict:
     query = _text(record, "query")
     tools = [xlam_schema(t) for t in _json_field(record, "tools")]

@@ -23,7 +23,7 @@ from pydantic import Field, PositiveInt, ValidationError, model_validator
 from distill.opd_settings import OPDSettings
 from engine.modes import ModeSettings, check_modes, route_key
 from engine.settings import Settings
-from pipeline.config_paths import adapter_errors, model_path_errors, run_dir_errors
+from pipeline.config_paths import adapter_errors, model_path_errors, plugin_errors, run_dir_errors
 from pipeline.config_yaml import YAMLProblem, parse_yaml
 from engine.tiny_spec import TinySpec
 from engine.toy_hf import ToyHFSpec
@@ -488,18 +488,6 @@ def _verifier_errors(name: str, where: str) -> list[tuple[str, str]]:
 
     known = known_verifiers()
     return [] if name in known else [(where, f"unknown verifier {name!r}; known: {sorted(known)}")]
-
-
-def plugin_errors(name: str, where: str, kind: str, args: tuple[str, ...], kwargs: tuple[str, ...] = ()):
-    """`name` (an import path) imports and takes `args`/`kwargs`; else one `(where, reason)`."""
-    from engine.plugins import PluginError, load_object, signature_problem
-
-    try:
-        fn = load_object(name, kind)
-    except PluginError as exc:
-        return [(where, str(exc))]
-    problem = signature_problem(fn, args, kwargs)
-    return [(where, f"{kind} {name!r} {problem}")] if problem else []
 
 
 ENVIRONMENTS = ("row_tools",)  # built-in tool environments a domain can name

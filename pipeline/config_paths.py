@@ -49,13 +49,25 @@ def model_path_errors(cfg: "ExperimentConfig", looks_like_hub_id) -> list[tuple[
     return errors
 
 
+def plugin_errors(name: str, where: str, kind: str, args: tuple[str, ...],
+                  kwargs: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """`name` (an import path) imports and takes `args`/`kwargs`; else one `(where, reason)`."""
+    from engine.plugins import PluginError, load_object, signature_problem
+
+    try:
+        fn = load_object(name, kind)
+    except PluginError as exc:
+        return [(where, str(exc))]
+    problem = signature_problem(fn, args, kwargs)
+    return [(where, f"{kind} {name!r} {problem}")] if problem else []
+
+
 def adapter_errors(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
     """Each `data.adapter` is registered or imports (`package.module:function`, called as
     `f(record, domain=..., default_id=...)`), and each `data.fields` key is a field that
     adapter reads."""
     from engine.adapters import adapter_fields, known_adapters
     from engine.plugins import is_import_path
-    from pipeline.config import plugin_errors
 
     errors = []
     for i, d in enumerate(cfg.domains):
