@@ -203,22 +203,26 @@ def portable_config_path(config_path: str) -> str:
         return str(p)
 
 
-def plugin_modules(cfg: ExperimentConfig, config_dir: Path | str = ".") -> list[str]:
-    """The modules of `python_path` directories outside the working directory, for a job's
-    `py_modules` (Ray uploads each and puts it on the job's PYTHONPATH, so the stage
-    process and the scoring workers it starts import them); directories inside it travel
-    with the working directory and are found through the config's `python_path`."""
+def plugin_env(cfg: ExperimentConfig, config_dir: Path | str = ".") -> tuple[list[str], list[str]]:
+    """What a job's runtime env needs for the config's `python_path` directories outside the
+    working directory (those inside travel with the uploaded working directory): (the
+    packages in them, for `py_modules`: Ray uploads each and puts it on the job's
+    PYTHONPATH, so the stage process and the scoring workers it starts import it; the
+    directories themselves, for PYTHONPATH: a single-file module in one is found where the
+    directory is on storage every node sees, as data files and the run directory must be;
+    Ray's job client uploads directories and wheels only)."""
     from pipeline.config import resolve_path
 
     cwd = Path.cwd().resolve()
-    modules: list[str] = []
+    packages: list[str] = []
+    dirs: list[str] = []
     for entry in cfg.python_path:
         d = resolve_path(entry, Path(config_dir)).resolve()
         if not d.is_dir() or d == cwd or cwd in d.parents:
             continue
-        modules += sorted(str(p) for p in d.iterdir()
-                          if (p.suffix == ".py" and p.is_file()) or (p / "__init__.py").is_file())
-    return modules
+        dirs.append(str(d))
+        packages += sorted(str(p) for p in d.iterdir() if (p / "__init__.py").is_file())
+    return packages, dirs
 
 
 def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str],
@@ -237,9 +241,11 @@ def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str],
     runtime_env = {"working_dir": ".", "excludes": excludes,
                    "env_vars": {"POLYMATH_STAGE_LOG": str(root / run.stage_dir(stage).name / "stage.log"),
                                 "PYTHONUNBUFFERED": "1"}}
-    modules = plugin_modules(cfg, config_dir)
-    if modules:
-        runtime_env["py_modules"] = modules
+    packages, dirs = plugin_env(cfg, config_dir)
+    if packages:
+        runtime_env["py_modules"] = packages
+    if dirs:
+        runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(dirs)
     return {"entrypoint": shlex.join(argv),
             "runtime_env": runtime_env,
             "entrypoint_num_cpus": res.num_cpus, "entrypoint_num_gpus": res.num_gpus or None,

@@ -151,12 +151,23 @@ def test_prepare_with_half_bad_rows_fails_listing_them(tmp_path):
 
 
 def test_prepare_with_one_bad_row_in_a_thousand_passes_and_reports_it(tmp_path):
+    from pipeline.graph import build_graph, input_hashes
+    from pipeline.launch import Outcome
+    from pipeline.runner import Scheduler, summarize
+
     path, cfg, run = _prepare(tmp_path, 999, 1)
+    stages = build_graph(cfg)
+    sched = Scheduler(stages, stages[:1], input_hashes(stages), run, retries=0, concurrency=1)
+    assert sched.next_actions() == [("launch", "prepare")]
     m = run_stage(cfg, str(path), "prepare")
     assert m["status"] == "done" and m["metrics"]["rows"]["math"] == {"train": 999, "eval": 4}
     assert m["metrics"]["bad_rows"] == 1
     assert m["note"].startswith(f"domain 'math' train: 1 bad of 1000; first: {tmp_path / 'train.jsonl'}:1: ")
     assert len((run.stage_dir("prepare") / "bad_rows.jsonl").read_text().splitlines()) == 1
+    # the runner's console line (`[prepare] done (..s): <note>`) and its closing summary say it
+    assert sched.complete(Outcome("prepare", 0)) == "done" and sched.states["prepare"].note == m["note"]
+    text, code = summarize(sched, run)
+    assert code == 0 and f"prepare        done" in text and "1 bad of 1000" in text
 
 
 def test_split_problem():
@@ -246,5 +257,6 @@ def test_job_runtime_env_carries_modules_outside_the_checkout(tmp_path):
                               python_path=[str(mod_dir), str(PLUGINS.relative_to(ROOT))]))
     req = job_request(cfg, RunDir(cfg.run_path), "prepare", ["python", "-m", "pipeline"], tmp_path)
     # inside the checkout (tests/fixtures/user_plugins) travels with the working dir
-    assert req["runtime_env"]["py_modules"] == [str(mod_dir / "pkg"), str(mod_dir / "scorer.py")]
+    assert req["runtime_env"]["py_modules"] == [str(mod_dir / "pkg")]
+    assert req["runtime_env"]["env_vars"]["PYTHONPATH"] == str(mod_dir)
     assert "scorer" in sys.modules or __import__("scorer")  # activated here by load_config
