@@ -252,9 +252,21 @@ def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str],
             "metadata": {"experiment": cfg.experiment, "stage": stage, "run_dir": str(root)}}
 
 
-def job_overrides(overrides: list[str], run: RunDir) -> list[str]:
-    """A job runs in an uploaded copy of the checkout: the run directory goes by absolute path."""
-    return [*overrides, f"run_dir={run.root.resolve()}"]
+def job_overrides(overrides: list[str], run: RunDir, cfg: ExperimentConfig | None = None,
+                  config_dir: Path | str = ".") -> list[str]:
+    """A job runs in an uploaded copy of the checkout: the run directory goes by absolute
+    path, and `python_path` keeps only the directories inside the checkout (those outside
+    reach the job through its runtime env, `plugin_env`, and need not exist on its node)."""
+    out = [*overrides, f"run_dir={run.root.resolve()}"]
+    if cfg is not None and plugin_env(cfg, config_dir)[1]:
+        import json
+
+        from pipeline.config import resolve_path
+
+        outside = set(plugin_env(cfg, config_dir)[1])
+        inside = [e for e in cfg.python_path if str(resolve_path(e, Path(config_dir)).resolve()) not in outside]
+        out.append(f"python_path={json.dumps(inside)}")
+    return out
 
 
 def submit_command(cfg: ExperimentConfig, config_path: str, stage: str, address: str,
@@ -264,7 +276,8 @@ def submit_command(cfg: ExperimentConfig, config_path: str, stage: str, address:
 
     run = RunDir(cfg.run_path)
     req = job_request(cfg, run, stage, stage_argv(portable_config_path(config_path), stage,
-                                                  job_overrides(list(overrides), run)), Path(config_path).parent)
+                                                  job_overrides(list(overrides), run, cfg, Path(config_path).parent)),
+                      Path(config_path).parent)
     args = ["ray", "job", "submit", "--address", address, "--working-dir", "."]
     args += ["--entrypoint-num-cpus", f"{req['entrypoint_num_cpus']:g}"]
     if req["entrypoint_num_gpus"]:
@@ -289,7 +302,7 @@ class JobBackend:
         self.cfg, self.run, self.entrypoint = cfg, run, entrypoint
         self.client = JobSubmissionClient(address)
         self.config_arg = portable_config_path(config_path)
-        self.overrides = job_overrides(overrides, run)
+        self.overrides = job_overrides(overrides, run, cfg, Path(config_path).parent)
         self.jobs: dict[str, tuple[str, int]] = {}  # stage -> (submission id, log chars seen)
         self.ready: list[Outcome] = []
 

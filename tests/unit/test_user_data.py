@@ -245,7 +245,7 @@ def test_user_verifier_that_raises_or_hangs_scores_its_item_zero(tmp_path):
 
 
 def test_job_runtime_env_carries_modules_outside_the_checkout(tmp_path):
-    from pipeline.launch import job_request
+    from pipeline.launch import job_overrides, job_request
 
     mod_dir = tmp_path / "mods"
     (mod_dir / "pkg").mkdir(parents=True)
@@ -259,4 +259,8 @@ def test_job_runtime_env_carries_modules_outside_the_checkout(tmp_path):
     # inside the checkout (tests/fixtures/user_plugins) travels with the working dir
     assert req["runtime_env"]["py_modules"] == [str(mod_dir / "pkg")]
     assert req["runtime_env"]["env_vars"]["PYTHONPATH"] == str(mod_dir)
+    # the job's stage process keeps the directory inside the checkout, not the one outside
+    over = job_overrides([], RunDir(cfg.run_path), cfg, tmp_path)
+    assert over[-1] == 'python_path=["tests/fixtures/user_plugins"]'
+    assert load_config(tmp_path / "cfg.yaml", over).python_path == ["tests/fixtures/user_plugins"]
     assert "scorer" in sys.modules or __import__("scorer")  # activated here by load_config
