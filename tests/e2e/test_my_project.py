@@ -5,7 +5,7 @@ directory, JSONL and parquet files whose fields have other names (mapped with
 process: prepare, SFT, GRPO (the calc domain multi-turn with the user's tool), OPD, eval.
 
 The model directory is a toy Qwen3 (engine/toy_hf.py), built offline here as a user's
-checkpoint would be on disk. Tiny steps: about 4 minutes on 2 shared cores (~1 min idle).
+checkpoint would be on disk. Tiny steps: 7-13 min measured on 2 cores shared with a running experiment (not measured idle).
 """
 
 import json
