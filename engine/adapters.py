@@ -16,6 +16,13 @@ that record with its file and line. Registered adapters:
   and `answers` may be JSON strings); tools are converted to JSON-schema functions and
   listed in a system message, the answers become the XML tool-call demonstration.
 Records already in our row format pass through `row` unchanged.
+
+Each built-in adapter lists the record fields it reads (`adapter_fields`): `required`,
+`optional`, and whether its rows carry a demonstration. `data.fields` renames a
+dataset's own columns to those names before the adapter sees the record
+(`map_fields`): `{question: problem, answer: solution}` reads a GSM8K-format file whose
+columns are `problem`/`solution`. An adapter may also be `package.module:function`, the
+user's own, with the same signature (engine.plugins).
 """
 
 from __future__ import annotations
@@ -27,10 +34,78 @@ from typing import Any, Callable
 from engine.registry import Registry
 
 Adapter = Callable[..., dict]
-ADAPTERS: Registry[Adapter] = Registry("adapter")
+ADAPTERS: Registry[Adapter] = Registry("adapter", imports=True)
 register_adapter = ADAPTERS.register
 get_adapter = ADAPTERS.get
 known_adapters = ADAPTERS.names
+
+
+def declare_fields(required: tuple[str, ...], optional: tuple[str, ...] = (), demonstrations: bool | None = None):
+    """Record what an adapter reads: its `required` and `optional` record fields, and
+    whether its rows carry a demonstration (None: it depends on the record)."""
+    def mark(fn: Adapter) -> Adapter:
+        fn.required_fields, fn.optional_fields, fn.demonstrations = tuple(required), tuple(optional), demonstrations
+        return fn
+
+    return mark
+
+
+def adapter_fields(adapter: str | None) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(required, optional) record fields of a built-in adapter (None: `row`); None for a
+    user adapter that does not declare them (`required_fields` / `optional_fields`)."""
+    fn = get_adapter(adapter or "row")
+    if not hasattr(fn, "required_fields"):
+        return None
+    return fn.required_fields, getattr(fn, "optional_fields", ())
+
+
+def adapter_demonstrations(adapter: str | None) -> bool | None:
+    """Whether `adapter`'s rows carry a demonstration: True, False, or None (unknown)."""
+    return getattr(get_adapter(adapter or "row"), "demonstrations", None)
+
+
+class MissingField(KeyError):
+    """A record without a field the adapter (or `data.fields`) needs."""
+
+    def __init__(self, field: str, record: dict, mapped_from: str | None = None):
+        super().__init__(field)
+        self.field, self.mapped_from = field, mapped_from
+        self.have = sorted(map(str, record)) if isinstance(record, dict) else []
+
+    def __str__(self) -> str:
+        have = ", ".join(self.have[:20]) + (", ..." if len(self.have) > 20 else "")
+        if self.mapped_from is not None:
+            return (f"missing field {self.field!r} (data.fields maps it to {self.mapped_from!r}); "
+                    f"the record has: {have}")
+        return (f"missing field {self.field!r}; the record has: {have} "
+                f"(map one of them with data.fields: {{{self.field}: <your field>}})")
+
+
+def map_fields(record: Any, fields: dict[str, str] | None) -> Any:
+    """`record` with `fields` ({adapter's field: the dataset's field}) renamed; a source
+    field the record lacks is a MissingField. Renamed source fields are dropped."""
+    if not fields or not isinstance(record, dict):
+        return record
+    out = {k: v for k, v in record.items() if k not in fields.values() or k in fields}
+    for target, source in fields.items():
+        if source not in record:
+            raise MissingField(source, record, mapped_from=target)
+        out[target] = record[source]
+    return out
+
+
+def convert(adapter: Adapter, record: Any, fields: dict[str, str] | None, **kw) -> dict:
+    """`adapter(map_fields(record, fields), **kw)`, a missing field as MissingField."""
+    record = map_fields(record, fields)
+    try:
+        return adapter(record, **kw)
+    except MissingField:
+        raise
+    except KeyError as exc:
+        field = exc.args[0] if exc.args else None
+        if isinstance(field, str) and isinstance(record, dict) and field not in record:
+            raise MissingField(field, record) from None
+        raise
 
 
 def _text(record: dict, field: str) -> str:
@@ -47,11 +122,13 @@ def _row(record: dict, domain: str, default_id: str, messages: list[dict], refer
 
 
 @register_adapter("row")
+@declare_fields(("id", "domain", "messages", "reference"), demonstrations=None)
 def row(record: dict, *, domain: str = "", default_id: str = "") -> dict:
     return record
 
 
 @register_adapter("gsm8k")
+@declare_fields(("question", "answer"), ("id",), demonstrations=True)
 def gsm8k(record: dict, *, domain: str = "math", default_id: str = "") -> dict:
     question, answer = _text(record, "question"), _text(record, "answer")
     if "####" not in answer:
@@ -67,6 +144,7 @@ def gsm8k(record: dict, *, domain: str = "math", default_id: str = "") -> dict:
 
 
 @register_adapter("math")
+@declare_fields(("problem", "solution"), ("unique_id",), demonstrations=True)
 def hendrycks_math(record: dict, *, domain: str = "math", default_id: str = "") -> dict:
     from rewards.math_reward import extract_boxed
 
@@ -86,6 +164,7 @@ def _str_list(record: dict, field: str) -> list[str]:
 
 
 @register_adapter("mbpp")
+@declare_fields(("text", "code", "test_list"), ("test_setup_code", "task_id"), demonstrations=True)
 def mbpp(record: dict, *, domain: str = "code", default_id: str = "") -> dict:
     text, code, tests = _text(record, "text"), _text(record, "code"), _str_list(record, "test_list")
     prompt = f"{text}\nYour code should pass this test:\n{tests[0]}"
@@ -99,6 +178,7 @@ def mbpp(record: dict, *, domain: str = "code", default_id: str = "") -> dict:
 
 
 @register_adapter("ifeval")
+@declare_fields(("prompt", "instruction_id_list"), ("kwargs", "key"), demonstrations=False)
 def ifeval(record: dict, *, domain: str = "ifeval", default_id: str = "") -> dict:
     prompt, ids = _text(record, "prompt"), _str_list(record, "instruction_id_list")
     kwargs = record.get("kwargs") or [{} for _ in ids]
@@ -165,6 +245,7 @@ def xml_calls(calls: list[dict]) -> str:
 
 
 @register_adapter("xlam")
+@declare_fields(("query", "tools", "answers"), ("id",), demonstrations=True)
 def xlam(record: dict, *, domain: str = "tool", default_id: str = "") -> dict:
     query = _text(record, "query")
     tools = [xlam_schema(t) for t in _json_field(record, "tools")]

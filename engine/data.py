@@ -44,9 +44,13 @@ class BadRow:
     file: str
     line: int  # 1-based line (JSONL) or row number (parquet)
     reason: str
+    record: Any = dataclasses.field(default=None, compare=False, repr=False)  # as read (None: unreadable)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "reason": self.reason, "record": self.record}
 
 
 @dataclasses.dataclass
@@ -180,10 +184,12 @@ def hf_label(source: dict) -> str:
 
 def read_rows(path: str | os.PathLike | dict, *, adapter: str | Callable[..., dict] | None = None,
               domain: str | None = None, max_prompt_tokens: int | None = None, tokenizer=None,
-              check_reference: Callable[[dict], str | None] | None = None) -> LoadResult:
-    """Every valid row of `path` (after `adapter`) and every bad one with its line.
-    `path` is a JSONL/parquet file or a `datasets` source `{path, name, split, data_files}`
-    (rows are then numbered from 1 within the split).
+              check_reference: Callable[[dict], str | None] | None = None,
+              fields: dict[str, str] | None = None, limit: int | None = None) -> LoadResult:
+    """Every valid row of `path` (after `fields` renames and `adapter`) and every bad one
+    with its line. `path` is a JSONL/parquet file or a `datasets` source `{path, name,
+    split, data_files}` (rows are then numbered from 1 within the split). `limit`: read
+    only the first `limit` records (what `validate` looks at).
     `check_reference(reference) -> reason | None` (the domain verifier's own check,
     `rewards.check_reference`) makes a reference the verifier cannot use a bad row."""
     if isinstance(path, dict):
@@ -195,16 +201,24 @@ def read_rows(path: str | os.PathLike | dict, *, adapter: str | Callable[..., di
         if not path.is_file():
             raise FileNotFoundError(f"row file not found: {path}")
         records, label, stem = _records(path), str(path), path.stem
-    convert = None
-    if adapter is not None:
-        from engine.adapters import get_adapter
+    from engine.adapters import MissingField, convert, get_adapter, map_fields
 
-        convert = get_adapter(adapter) if isinstance(adapter, str) else adapter
+    fn = None
+    if adapter is not None:
+        fn = get_adapter(adapter) if isinstance(adapter, str) else adapter
     rows, bad, ids = [], [], set()
-    for lineno, record, problem in records:
-        if problem is None and convert is not None:
+    for n, (lineno, record, problem) in enumerate(records):
+        if limit is not None and n >= limit:
+            break
+        raw = record
+        if problem is None:
             try:
-                record = convert(record, domain=domain or "", default_id=f"{stem}-{lineno}")
+                if fn is not None:
+                    record = convert(fn, record, fields, domain=domain or "", default_id=f"{stem}-{lineno}")
+                else:
+                    record = map_fields(record, fields)
+            except MissingField as exc:
+                problem = str(exc)
             except (ValueError, KeyError, TypeError) as exc:
                 problem = f"adapter rejected the record: {type(exc).__name__}: {exc}"
         if problem is None:
@@ -214,7 +228,7 @@ def read_rows(path: str | os.PathLike | dict, *, adapter: str | Callable[..., di
         if problem is None and record["id"] in ids:
             problem = f"duplicate id {record['id']!r}"
         if problem is not None:
-            bad.append(BadRow(label, lineno, problem))
+            bad.append(BadRow(label, lineno, problem, raw))
             continue
         ids.add(record["id"])
         rows.append(record)
@@ -230,14 +244,19 @@ def load_rows(path: str | os.PathLike | dict, *, on_bad_row: str = "skip", adapt
     result = read_rows(path, adapter=adapter, domain=domain, max_prompt_tokens=max_prompt_tokens, tokenizer=tokenizer,
                        check_reference=check_reference)
     if result.bad:
-        listed = "\n  ".join(str(b) for b in result.bad[:max_listed])
-        more = f"\n  ... and {len(result.bad) - max_listed} more" if len(result.bad) > max_listed else ""
-        where = hf_label(path) if isinstance(path, dict) else path
-        message = f"{where}: {len(result.bad)} bad row(s) of {len(result.bad) + len(result.rows)}:\n  {listed}{more}"
+        message = bad_rows_message(path, result, max_listed)
         if on_bad_row == "error":
             raise DataError(message)
         log.warning("skipping %s", message)
     return result.rows
+
+
+def bad_rows_message(path: str | os.PathLike | dict, result: LoadResult, max_listed: int = 20) -> str:
+    """`<source>: <n> bad row(s) of <total>:` and the first `max_listed`, one per line."""
+    listed = "\n  ".join(str(b) for b in result.bad[:max_listed])
+    more = f"\n  ... and {len(result.bad) - max_listed} more" if len(result.bad) > max_listed else ""
+    where = hf_label(path) if isinstance(path, dict) else path
+    return f"{where}: {len(result.bad)} bad row(s) of {len(result.bad) + len(result.rows)}:\n  {listed}{more}"
 
 
 def as_dataset(rows: list[dict]):
@@ -245,3 +264,21 @@ def as_dataset(rows: list[dict]):
     from datasets import Dataset
 
     return Dataset.from_list([{**r, "reference": json.dumps(r["reference"], sort_keys=True)} for r in rows])
+
+
+def split_problem(kept: int, bad: int, max_bad_fraction: float) -> str | None:
+    """Why a split of `kept` good and `bad` bad rows must stop the run, or None: it keeps
+    no rows, or more than `max_bad_fraction` of its rows are bad."""
+    total = kept + bad
+    if kept == 0:
+        return f"no rows kept ({bad} bad of {total})" if total else "no rows (the source is empty)"
+    if bad > max_bad_fraction * total:
+        return (f"{bad} bad rows of {total} ({100 * bad / total:.1f}%), more than "
+                f"data.max_bad_fraction={max_bad_fraction:g}")
+    return None
+
+
+def bad_rows_summary(bad: list[BadRow], total: int, first: int = 3) -> str:
+    """`"<n> bad of <total>; first: <file:line: reason>; ..."` for messages and notes."""
+    listed = "; ".join(str(b) for b in bad[:first])
+    return f"{len(bad)} bad of {total}" + (f"; first: {listed}" if listed else "")

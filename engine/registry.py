@@ -6,6 +6,8 @@ sandboxed verifier workers can use it.
 
 `builtins` are modules that register the built-in entries when imported; they are
 imported on the first look-up, so importing the module that owns a registry stays cheap.
+In a registry made with `imports=True` (adapters, verifiers) a name of the form
+`package.module:function` is not looked up but imported (engine.plugins): the user's own.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, *, builtins: Sequence[str] = ()):
+    def __init__(self, kind: str, *, builtins: Sequence[str] = (), imports: bool = False):
         self.kind = kind  # what an entry is, for messages: "verifier", "policy loss"
+        self.imports = imports  # `package.module:function` names are imported
         self._builtins = tuple(builtins)
         self._loaded = not self._builtins
         self._entries: dict[str, T] = {}
@@ -41,7 +44,13 @@ class Registry(Generic[T]):
         return lambda entry: self.add(name, entry)
 
     def get(self, name: str) -> T:
-        """The entry under `name`; an unknown name is a KeyError listing the known ones."""
+        """The entry under `name`; an unknown name is a KeyError listing the known ones.
+        With `imports`, `package.module:function` is imported (a PluginError, also a
+        KeyError, says why it cannot be)."""
+        if self.imports and isinstance(name, str) and ":" in name:
+            from engine.plugins import load_object
+
+            return load_object(name, self.kind)
         self._load_builtins()
         try:
             return self._entries[name]

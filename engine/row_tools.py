@@ -49,20 +49,23 @@ def row_environment(reference: dict):
 
 
 class RowEnvironments:
-    """One environment per row, found by the episode's prompt ids."""
+    """One environment per row, found by the episode's prompt ids: `factory(reference)`
+    (default `row_environment`, the row's own tools; a domain's `environment` may name the
+    user's own, engine.plugins)."""
 
-    def __init__(self, rows: list[dict], tokenizer):
+    def __init__(self, rows: list[dict], tokenizer, factory=None):
         from engine.chat import render_row_prompt
 
         self._by_prompt = {tuple(render_row_prompt(r, tokenizer)): r["reference"] for r in rows}
+        self._factory = factory or row_environment
 
     def bind(self, prompt_ids: list[int]):
         reference = self._by_prompt.get(tuple(prompt_ids))
         if reference is None:
             raise KeyError("RowEnvironments: no row renders to this prompt")
-        env = row_environment(reference)
+        env = self._factory(reference)
         if env is None:
-            raise ValueError("RowEnvironments: the row's reference lists no tools")
+            raise ValueError("RowEnvironments: no tool environment for this row (its reference lists no tools)")
         return env
 
     def execute(self, call_text: str) -> str:

@@ -105,6 +105,20 @@ def _run_seeds(cfg, args, seeds: list[int]) -> int:
     return max(codes)
 
 
+def _data_ok(cfg, config_path: str) -> bool:
+    """The first rows of every data source read through their adapters (pipeline.data_check)."""
+    from pathlib import Path
+
+    from pipeline.data_check import data_errors
+
+    errors, warnings = data_errors(cfg, Path(config_path).parent)
+    for path, reason in warnings:
+        print(f"data warning: {path}: {reason}", file=sys.stderr)
+    for path, reason in errors:
+        print(f"data error: {path}: {reason}", file=sys.stderr)
+    return not errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
@@ -123,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = _load(args)
     if cfg is None:
+        return 2
+    if args.cmd in ("validate", "run") and not _data_ok(cfg, args.config):
         return 2
     if args.cmd == "validate":
         from pipeline.graph import build_graph

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, model_validator
@@ -23,7 +23,7 @@ from pydantic import Field, PositiveInt, ValidationError, model_validator
 from distill.opd_settings import OPDSettings
 from engine.modes import ModeSettings, check_modes, route_key
 from engine.settings import Settings
-from pipeline.config_paths import adapter_errors, model_path_errors, run_dir_errors
+from pipeline.config_paths import adapter_errors, model_path_errors, plugin_errors, run_dir_errors
 from pipeline.config_yaml import YAMLProblem, parse_yaml
 from engine.tiny_spec import TinySpec
 from engine.toy_hf import ToyHFSpec
@@ -78,11 +78,19 @@ class HFData(Frozen):
 
 
 class DataConfig(Frozen):
+    # added after runs existed: out of the prepare hash while at these values (pipeline.graph._dump)
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"fields": None, "max_bad_fraction": 0.05}
+
     synthetic: SyntheticData | None = None
     train: str | HFData | None = Field(None, description="a JSONL/parquet file or {hf: {path, name, split}}")
     eval: str | HFData | None = None
-    adapter: str | None = Field(None, description="row adapter for real datasets (gsm8k, mbpp, ifeval, xlam)")
+    adapter: str | None = Field(None, description="row adapter for real datasets (gsm8k, math, mbpp, ifeval, xlam) "
+                                                  "or your own as 'package.module:function'; none: rows in our format")
+    fields: dict[str, str] | None = Field(
+        None, description="the adapter's field -> your dataset's field, e.g. {question: problem, answer: solution}")
     on_bad_row: Literal["skip", "error"] = "skip"
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="prepare fails when a split has more bad "
+                                                                     "rows than this fraction (on_bad_row: skip)")
     max_prompt_tokens: PositiveInt = 512
 
     @model_validator(mode="after")
@@ -97,7 +105,13 @@ class DataConfig(Frozen):
 class DomainConfig(Frozen):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     data: DataConfig
-    verifier: str
+    verifier: str = Field(description="a built-in verifier (math, code, ifeval, tool, format) or your own as "
+                                      "'package.module:function' (completion, reference) -> score")
+    environment: str | None = Field(
+        None, description="the tool environment of multi-turn episodes: 'row_tools' (each row's own "
+                          "reference.tools) or 'package.module:function' (reference) -> an object with "
+                          "execute(call_text) -> str; default: the synthetic domain's own, or row_tools "
+                          "for the `tool` verifier")
     sft: SFTSettings = SFTSettings()
     grpo: GRPOSettings = GRPOSettings()
     modes: dict[str, ModeSettings] | None = Field(
@@ -177,6 +191,9 @@ class LoggingConfig(Frozen):
 class ExperimentConfig(Frozen):
     experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     run_dir: str | None = Field(None, description="default: runs/<experiment>")
+    python_path: list[str] = Field([], description="directories holding your plug-in modules (adapter, verifier, "
+                                                   "environment as 'package.module:function'); relative to the "
+                                                   "working directory, else to the config file's")
     seed: int = 0
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         [], description="run the graph once per seed (`run --seeds` overrides): the config's `seed` in `run_dir`, "
@@ -308,6 +325,7 @@ def load_config(path: str | Path, overrides: list[str] = (), check_files: bool =
     raw = copy.deepcopy(raw)
     for o in overrides:
         apply_override(raw, o)
+    activate_python_path(raw.get("python_path"), Path(path).parent)
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
@@ -459,11 +477,40 @@ def _semantic_errors_raw(raw: dict, base: Path) -> list[tuple[str, str]]:
     return errors
 
 
+def activate_python_path(dirs: Any, base: Path) -> None:
+    """Make the config's `python_path` importable here and in the processes started from
+    here (engine.plugins.activate); missing directories are left to `semantic_errors`."""
+    from engine.plugins import activate
+
+    if isinstance(dirs, list):
+        activate([resolve_path(d, base) for d in dirs if isinstance(d, str) and resolve_path(d, base).is_dir()])
+
+
 def _verifier_errors(name: str, where: str) -> list[tuple[str, str]]:
+    from engine.plugins import is_import_path
+
+    if is_import_path(name):
+        return plugin_errors(name, where, "verifier", ("completion", "reference"))
     from rewards import known_verifiers
 
     known = known_verifiers()
     return [] if name in known else [(where, f"unknown verifier {name!r}; known: {sorted(known)}")]
+
+
+ENVIRONMENTS = ("row_tools",)  # built-in tool environments a domain can name
+
+
+def _environment_errors(d: "DomainConfig", where: str) -> list[tuple[str, str]]:
+    from engine.plugins import is_import_path
+
+    if d.environment is None:
+        return []
+    if is_import_path(d.environment):
+        return plugin_errors(d.environment, where, "tool environment", ("reference",))
+    if d.environment not in ENVIRONMENTS:
+        return [(where, f"unknown tool environment {d.environment!r}; built-in: {list(ENVIRONMENTS)} "
+                        "or 'package.module:function'")]
+    return []
 
 
 def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
@@ -482,6 +529,9 @@ def semantic_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, str]]:
             if isinstance(p, HFData):
                 errors += _hf_source_errors(p.hf, base, f"{where}.data.{split}.hf")
         errors += _verifier_errors(d.verifier, f"{where}.verifier")
+        errors += _environment_errors(d, f"{where}.environment")
+    errors += [(f"python_path[{i}]", f"directory not found: {p}") for i, p in enumerate(cfg.python_path)
+               if not resolve_path(p, base).is_dir()]
     if cfg.model.base not in BUILT_BASES and not Path(cfg.model.base).is_dir():
         if not _looks_like_hub_id(cfg.model.base):
             errors.append(("model.base", f"not 'tiny' and not a directory: {cfg.model.base}"))
@@ -524,12 +574,13 @@ def _chat_template_errors(cfg: ExperimentConfig, base: Path) -> list[tuple[str, 
 
 def _multi_turn_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """Multi-turn episodes need a tool environment: synthetic domains have their own, real
-    rows scored by the `tool` verifier their rows' tools (engine.row_tools); others none."""
+    rows scored by the `tool` verifier their rows' tools (engine.row_tools), others the one
+    `environment` names."""
     return [(f"domains[{i}].grpo.max_turns",
              f"{d.grpo.max_turns} > 1 but domain {d.name!r} has no tool environment (synthetic domains and "
-             "`tool`-verified rows have one); set max_turns: 1")
+             "`tool`-verified rows have one); set max_turns: 1 or name an `environment`")
             for i, d in enumerate(cfg.domains)
-            if d.data.synthetic is None and d.verifier != "tool" and d.grpo.max_turns > 1
+            if d.data.synthetic is None and d.verifier != "tool" and d.environment is None and d.grpo.max_turns > 1
             and "max_turns" in d.grpo.model_fields_set]
 
 

@@ -49,8 +49,52 @@ def model_path_errors(cfg: "ExperimentConfig", looks_like_hub_id) -> list[tuple[
     return errors
 
 
-def adapter_errors(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
-    from engine.adapters import known_adapters
+def plugin_errors(name: str, where: str, kind: str, args: tuple[str, ...],
+                  kwargs: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """`name` (an import path) imports and takes `args`/`kwargs`; else one `(where, reason)`."""
+    from engine.plugins import PluginError, load_object, signature_problem
 
-    return [(f"domains[{i}].data.adapter", f"unknown adapter {d.data.adapter!r}; known: {known_adapters()}")
-            for i, d in enumerate(cfg.domains) if d.data.adapter is not None and d.data.adapter not in known_adapters()]
+    try:
+        fn = load_object(name, kind)
+    except PluginError as exc:
+        return [(where, str(exc))]
+    problem = signature_problem(fn, args, kwargs)
+    return [(where, f"{kind} {name!r} {problem}")] if problem else []
+
+
+def adapter_errors(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+    """Each `data.adapter` is registered or imports (`package.module:function`, called as
+    `f(record, domain=..., default_id=...)`), and each `data.fields` key is a field that
+    adapter reads."""
+    from engine.adapters import adapter_fields, known_adapters
+    from engine.plugins import is_import_path
+
+    errors = []
+    for i, d in enumerate(cfg.domains):
+        where = f"domains[{i}].data"
+        name = d.data.adapter
+        if is_import_path(name):
+            problems = plugin_errors(name, f"{where}.adapter", "adapter", ("record",), ("domain", "default_id"))
+            if problems:
+                errors += problems
+                continue
+        elif name is not None and name not in known_adapters():
+            errors.append((f"{where}.adapter", f"unknown adapter {name!r}; known: {known_adapters()} "
+                                               "or 'package.module:function'"))
+            continue
+        if not d.data.fields:
+            continue
+        if d.data.synthetic is not None:
+            errors.append((f"{where}.fields", "field mapping applies to data files, not synthetic data"))
+            continue
+        known = adapter_fields(name)
+        if known is None:  # a user adapter that does not list its fields
+            continue
+        names = [*known[0], *known[1]]
+        for target, source in d.data.fields.items():
+            if target not in names:
+                errors.append((f"{where}.fields.{target}", f"adapter {name or 'row'!r} has no field {target!r}; "
+                                                           f"its fields: {names} (write {{adapter field: your field}})"))
+            elif not source:
+                errors.append((f"{where}.fields.{target}", "empty source field name"))
+    return errors

@@ -89,6 +89,9 @@ def build_graph(cfg: ExperimentConfig) -> list[Stage]:
                                  if any(d.modes for d in cfg.domains) else {})}),
     ]
     common = {"trainer": _dump(cfg.trainer), "seed": cfg.seed}
+    # tool environments named in the config (only when some domain names one: old hashes hold)
+    envs = {"environments": {d.name: d.environment for d in cfg.domains if d.environment}}
+    envs = envs if envs["environments"] else {}
     rl_common = {**common, "generator": _dump(cfg.generator)}
     # sft:all first: the runner launches ready stages in this order, and it is the longest one
     if cfg.opd.student_init == "sft:all" or cfg.mixed_rl.enabled or cfg.expert_init == "sft:all":
@@ -97,24 +100,25 @@ def build_graph(cfg: ExperimentConfig) -> list[Stage]:
         if cfg.expert_init == "sft:domain":
             stages.append(Stage(f"sft:{d.name}", ("prepare",), {**common, "sft": _dump(d.sft)}))
         for mode in d.mode_names:  # one expert per (domain, mode): docs/modes.md
-            inputs = {**rl_common, "grpo": _dump(d.grpo), "verifier": d.verifier}
+            inputs = {**rl_common, "grpo": _dump(d.grpo), "verifier": d.verifier,
+                      **({"environment": d.environment} if d.environment else {})}
             if mode is not None:
                 inputs["mode"] = {mode: _dump(d.modes[mode])}
             stages.append(Stage(grpo_stage(d.name, mode), (cfg.expert_start(d.name),), inputs))
     if cfg.mixed_rl.enabled:
         stages.append(Stage("mixed_rl", ("sft:all",),
                             {**rl_common, "grpo": _dump(cfg.mixed_rl.grpo),
-                             "verifiers": {d.name: d.verifier for d in cfg.domains}}))
+                             "verifiers": {d.name: d.verifier for d in cfg.domains}, **envs}))
     init = cfg.opd.student_init
     init_dep = (init,) if init.startswith("sft:") else ("prepare",)
     teacher_deps = tuple(grpo_stage(t.domain, t.mode) for t in cfg.teachers() if t.path is None)
     stages.append(Stage("opd", tuple(dict.fromkeys(init_dep + teacher_deps)),
                         {**rl_common, "opd": _dump(cfg.opd),
-                         "verifiers": {d.name: d.verifier for d in cfg.domains}}))
+                         "verifiers": {d.name: d.verifier for d in cfg.domains}, **envs}))
     model_stages = tuple(s.name for s in stages if s.kind in ("sft", "grpo", "mixed_rl", "opd"))
     stages.append(Stage("eval", ("prepare",) + model_stages,
                         {"eval": _dump(cfg.eval), "generator": _dump(cfg.generator),
-                         "verifiers": {d.name: d.verifier for d in cfg.domains}}))
+                         "verifiers": {d.name: d.verifier for d in cfg.domains}, **envs}))
     stages.append(Stage("report", ("eval",), {}))
     return stages
 

@@ -203,7 +203,30 @@ def portable_config_path(config_path: str) -> str:
         return str(p)
 
 
-def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str]) -> dict:
+def plugin_env(cfg: ExperimentConfig, config_dir: Path | str = ".") -> tuple[list[str], list[str]]:
+    """What a job's runtime env needs for the config's `python_path` directories outside the
+    working directory (those inside travel with the uploaded working directory): (the
+    packages in them, for `py_modules`: Ray uploads each and puts it on the job's
+    PYTHONPATH, so the stage process and the scoring workers it starts import it; the
+    directories themselves, for PYTHONPATH: a single-file module in one is found where the
+    directory is on storage every node sees, as data files and the run directory must be;
+    Ray's job client uploads directories and wheels only)."""
+    from pipeline.config import resolve_path
+
+    cwd = Path.cwd().resolve()
+    packages: list[str] = []
+    dirs: list[str] = []
+    for entry in cfg.python_path:
+        d = resolve_path(entry, Path(config_dir)).resolve()
+        if not d.is_dir() or d == cwd or cwd in d.parents:
+            continue
+        dirs.append(str(d))
+        packages += sorted(str(p) for p in d.iterdir() if (p / "__init__.py").is_file())
+    return packages, dirs
+
+
+def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str],
+                config_dir: Path | str = ".") -> dict:
     """What a stage's job asks of Ray's job API (`JobSubmissionClient.submit_job` keywords
     but the metadata's attempt): the upload (the checkout minus `UPLOAD_EXCLUDES` and the
     run directory), the stage's environment, and one rank's CPUs/GPUs for the stage process
@@ -215,17 +238,35 @@ def job_request(cfg: ExperimentConfig, run: RunDir, stage: str, argv: list[str])
         excludes.append(str(root.relative_to(Path.cwd().resolve())))
     except ValueError:
         pass
+    runtime_env = {"working_dir": ".", "excludes": excludes,
+                   "env_vars": {"POLYMATH_STAGE_LOG": str(root / run.stage_dir(stage).name / "stage.log"),
+                                "PYTHONUNBUFFERED": "1"}}
+    packages, dirs = plugin_env(cfg, config_dir)
+    if packages:
+        runtime_env["py_modules"] = packages
+    if dirs:
+        runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(dirs)
     return {"entrypoint": shlex.join(argv),
-            "runtime_env": {"working_dir": ".", "excludes": excludes,
-                            "env_vars": {"POLYMATH_STAGE_LOG": str(root / run.stage_dir(stage).name / "stage.log"),
-                                         "PYTHONUNBUFFERED": "1"}},
+            "runtime_env": runtime_env,
             "entrypoint_num_cpus": res.num_cpus, "entrypoint_num_gpus": res.num_gpus or None,
             "metadata": {"experiment": cfg.experiment, "stage": stage, "run_dir": str(root)}}
 
 
-def job_overrides(overrides: list[str], run: RunDir) -> list[str]:
-    """A job runs in an uploaded copy of the checkout: the run directory goes by absolute path."""
-    return [*overrides, f"run_dir={run.root.resolve()}"]
+def job_overrides(overrides: list[str], run: RunDir, cfg: ExperimentConfig | None = None,
+                  config_dir: Path | str = ".") -> list[str]:
+    """A job runs in an uploaded copy of the checkout: the run directory goes by absolute
+    path, and `python_path` keeps only the directories inside the checkout (those outside
+    reach the job through its runtime env, `plugin_env`, and need not exist on its node)."""
+    out = [*overrides, f"run_dir={run.root.resolve()}"]
+    if cfg is not None and plugin_env(cfg, config_dir)[1]:
+        import json
+
+        from pipeline.config import resolve_path
+
+        outside = set(plugin_env(cfg, config_dir)[1])
+        inside = [e for e in cfg.python_path if str(resolve_path(e, Path(config_dir)).resolve()) not in outside]
+        out.append(f"python_path={json.dumps(inside)}")
+    return out
 
 
 def submit_command(cfg: ExperimentConfig, config_path: str, stage: str, address: str,
@@ -235,7 +276,8 @@ def submit_command(cfg: ExperimentConfig, config_path: str, stage: str, address:
 
     run = RunDir(cfg.run_path)
     req = job_request(cfg, run, stage, stage_argv(portable_config_path(config_path), stage,
-                                                  job_overrides(list(overrides), run)))
+                                                  job_overrides(list(overrides), run, cfg, Path(config_path).parent)),
+                      Path(config_path).parent)
     args = ["ray", "job", "submit", "--address", address, "--working-dir", "."]
     args += ["--entrypoint-num-cpus", f"{req['entrypoint_num_cpus']:g}"]
     if req["entrypoint_num_gpus"]:
@@ -260,7 +302,7 @@ class JobBackend:
         self.cfg, self.run, self.entrypoint = cfg, run, entrypoint
         self.client = JobSubmissionClient(address)
         self.config_arg = portable_config_path(config_path)
-        self.overrides = job_overrides(overrides, run)
+        self.overrides = job_overrides(overrides, run, cfg, Path(config_path).parent)
         self.jobs: dict[str, tuple[str, int]] = {}  # stage -> (submission id, log chars seen)
         self.ready: list[Outcome] = []
 
@@ -290,7 +332,7 @@ class JobBackend:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(_header(stage.name, attempt, argv))
-        req = job_request(self.cfg, self.run, stage.name, argv)
+        req = job_request(self.cfg, self.run, stage.name, argv, Path(self.config_arg).parent)
         req["metadata"]["attempt"] = str(attempt)
         sid = self.client.submit_job(**req)
         print(f"[{stage.name}] submitted job {sid}", flush=True)

@@ -116,7 +116,7 @@ class Scheduler:
         manifest = self.run.read_manifest(outcome.stage) or {}
         same_input = manifest.get("input_hash") == self.hashes[outcome.stage]
         if outcome.returncode == 0 and same_input and manifest.get("status") == "done":
-            st.status, st.note = "done", ""
+            st.status, st.note = "done", str(manifest.get("note") or "")  # e.g. prepare's skipped bad rows
         else:
             raised = (outcome.returncode or 0) > 0 and same_input and manifest.get("status") == "failed"
             reason = manifest.get("error") if raised else None  # else: killed, no word from the stage
@@ -212,7 +212,7 @@ def _drive(sched: Scheduler, backend, display: Display) -> None:
             status = sched.complete(outcome)
             st = sched.states[outcome.stage]
             label = {"retry": f"failed, retrying ({st.note})"}.get(status, status)
-            display.event(outcome.stage, label, st.note if status == "failed" else "")
+            display.event(outcome.stage, label, st.note if status in ("failed", "done") else "")
             if status == "failed":
                 for other in sched.running():
                     sched.states[other].status, sched.states[other].note = "cancelled", "run stopped after a failure"

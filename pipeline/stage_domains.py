@@ -14,12 +14,20 @@ def prepared_rows(ctx: StageContext, domain: str, split: str) -> list[dict]:
 
 
 def domain_environment(cfg, name: str, rows: list[dict], tokenizer):
-    """The tool environment of a multi-turn domain, None for single-turn ones: a synthetic
-    domain's own; for real tool rows (`tool` verifier, `grpo.max_turns` > 1) each row's own
-    tools (engine.row_tools). Training, OPD and eval all take it from here."""
+    """The tool environment of a multi-turn domain, None for single-turn ones: the one the
+    domain's `environment` names (each row's own tools, or the user's factory called with
+    each row's reference); else a synthetic domain's own; for real tool rows (`tool`
+    verifier, `grpo.max_turns` > 1) each row's own tools (engine.row_tools). Training, OPD
+    and eval all take it from here."""
     from engine.domains import get_domain
 
     d = cfg.domain(name)
+    if d.environment is not None:  # 'row_tools' or the user's `package.module:function` (per row)
+        from engine.plugins import is_import_path, load_object
+        from engine.row_tools import RowEnvironments
+
+        factory = load_object(d.environment, "tool environment") if is_import_path(d.environment) else None
+        return RowEnvironments(rows, tokenizer, factory=factory)
     if d.data.synthetic is not None:
         return get_domain(d.data.synthetic.generator).environment()
     if d.verifier == "tool" and d.grpo.max_turns > 1:

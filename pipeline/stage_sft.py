@@ -22,7 +22,8 @@ def sft(ctx: StageContext) -> dict:
     train = [r for n in names for r in prepared_rows(ctx, n, "train") if _has_demonstration(r)]
     evals = [r for n in names for r in prepared_rows(ctx, n, "eval") if _has_demonstration(r)]
     tokenizer = stage_tokenizer(cfg, base)
-    if not train:  # nothing to imitate: the stage's model is the base model
+    if not train:  # nothing to imitate: the stage's model is the base model, unless SFT was asked for
+        _require_no_demonstrations(cfg, target, names)
         print(f"[{ctx.stage.name}] no demonstrations in {names}: the base model is this stage's model", flush=True)
         return {"outputs": {"model": str(base), "final": export_stage(ctx, base, tokenizer)},
                 "metrics": {"steps": 0, "skipped": "no demonstrations"}}
@@ -42,3 +43,18 @@ def sft(ctx: StageContext) -> dict:
 
 def _has_demonstration(row: dict) -> bool:
     return any(m["role"] == "assistant" for m in row["messages"])
+
+
+def _require_no_demonstrations(cfg, target: str, names: list[str]) -> None:
+    """Raise when this SFT stage has settings of its own in the config (`domains[].sft`,
+    or `student_sft` for sft:all) and a domain's data may carry demonstrations (an adapter
+    not known to write none, IFEval's): exporting the untrained base model as the stage's
+    result would hide a data problem."""
+    from engine.adapters import adapter_demonstrations
+
+    configured = "student_sft" in cfg.model_fields_set if target == "all" else "sft" in cfg.domain(target).model_fields_set
+    expected = [n for n in names if cfg.domain(n).data.synthetic is None
+                and adapter_demonstrations(cfg.domain(n).data.adapter) is not False]
+    if configured and expected:
+        raise RuntimeError(f"sft:{target} is configured but the training rows of {expected} hold no demonstrations "
+                           "(no assistant message): check data.adapter / data.fields, or remove the sft settings")

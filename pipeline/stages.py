@@ -123,4 +123,4 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
     ended = time.time()
     return run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
                               outputs=result.get("outputs", {}), metrics=result.get("metrics", {}),
-                              environment=environment_facts(cfg.seed))
+                              note=result.get("note", ""), environment=environment_facts(cfg.seed))

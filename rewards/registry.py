@@ -46,12 +46,39 @@ class RewardResult:
 Verifier = Callable[..., RewardResult]
 ReferenceCheck = Callable[[Any], "str | None"]
 
-VERIFIERS: Registry[Verifier] = Registry("verifier", builtins=_BUILTIN_MODULES)
+VERIFIERS: Registry[Verifier] = Registry("verifier", builtins=_BUILTIN_MODULES, imports=True)
 REFERENCE_CHECKS: Registry[ReferenceCheck] = Registry("reference check for verifier")
 register = VERIFIERS.register  # @register("name") on `(completion, reference, **options) -> RewardResult`
 register_reference_check = REFERENCE_CHECKS.register  # @register_reference_check("name"), once per verifier
-get_verifier = VERIFIERS.get
 known_verifiers = VERIFIERS.names
+
+
+def get_verifier(name: str) -> Verifier:
+    """The verifier under `name`; `package.module:function` imports the user's own,
+    wrapped so that it may return a RewardResult, a number in [0, 1] (a bool counts) or
+    `{"score", "info"}` (engine.plugins). It runs where built-in verifiers run: in the
+    scoring workers (rewards.batch), under the same per-item time limit, and an exception
+    or a hang scores that item 0 with the reason."""
+    fn = VERIFIERS.get(name)
+    if ":" not in name:
+        return fn
+
+    def user_verifier(completion: str, reference: Any, **options: Any) -> RewardResult:
+        return as_reward(fn(completion, reference, **options), name)
+
+    return user_verifier
+
+
+def as_reward(value: Any, name: str) -> RewardResult:
+    """A user verifier's return value as a RewardResult (a TypeError says what it was)."""
+    if isinstance(value, RewardResult):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return RewardResult(float(value))
+    if isinstance(value, dict) and "score" in value:
+        return RewardResult(value["score"], dict(value.get("info") or {}))
+    raise TypeError(f"verifier {name!r} returned {type(value).__name__} {value!r:.80}; "
+                    "return a number in [0, 1], {'score': ..., 'info': {...}} or a RewardResult")
 
 
 def check_reference(verifier: str, reference: Any) -> str | None:

@@ -209,3 +209,33 @@ def test_rerun_follows_a_job_left_running(ray_head, tmp_path):
     assert m["status"] == "done" and m["attempt"] == 1
     assert [line.split() for line in (stage_dir / "steps.log").read_text().splitlines()] == \
         [["1", str(i)] for i in range(4)]
+
+
+def test_job_imports_a_user_module_outside_the_checkout(ray_head, tmp_path):
+    """The user's adapter and verifier (configs/examples/my_project/my_verifiers.py) in a
+    package of their own outside the checkout: `pipeline run --address` submits `prepare`
+    as a Ray job whose runtime env uploads the package (py_modules); the job's stage reads
+    the calc rows through the user's adapter and checks them against the user's verifier."""
+    example = ROOT / "configs" / "examples" / "my_project"
+    mine = tmp_path / "my_code"
+    (mine / "my_pkg").mkdir(parents=True)
+    (mine / "my_pkg" / "__init__.py").write_text("")
+    shutil.copy(example / "my_verifiers.py", mine / "my_pkg" / "plugins.py")
+    raw = yaml.safe_load((example / "my_project.yaml").read_text())
+    raw.update(experiment="jobplugins", run_dir=str(tmp_path / "run"), python_path=[str(mine)], model=TINY_MODEL)
+    raw["domains"] = [{**raw["domains"][1], "verifier": "my_pkg.plugins:last_number",
+                       "environment": "my_pkg.plugins:calculator",
+                       "data": {"train": str(example / "calc_train.jsonl"), "eval": str(example / "calc_eval.jsonl"),
+                                "adapter": "my_pkg.plugins:calc_row"}}]
+    raw["opd"] = {"student_init": "base"}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    plan = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(config), "--address", ray_head["address"]],
+                          cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, check=True).stdout
+    assert f'"py_modules": ["{mine / "my_pkg"}"]' in plan
+    proc = _run_cli(ray_head, config, "--only", "prepare")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = _manifest(tmp_path / "run", "prepare")
+    assert m["status"] == "done" and m["metrics"]["rows"] == {"calc": {"train": 4, "eval": 2}}
+    row = json.loads(Path(m["outputs"]["data:calc:train"]).read_text().splitlines()[0])
+    assert row["id"] == "calc-0" and "<invoke name=\"add\">" in row["messages"][-1]["content"]

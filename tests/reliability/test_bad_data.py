@@ -65,7 +65,9 @@ def _config(tmp: Path, policy: str) -> tuple[Path, object]:
            "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
                               "intermediate_size": 64}},
            "domains": [{"name": "math", "verifier": "math",
-                        "data": {"train": str(train), "eval": str(eval_), "on_bad_row": policy}}]}
+                        # every row kind at once (10 of 12 bad): over any real max_bad_fraction
+                        "data": {"train": str(train), "eval": str(eval_), "on_bad_row": policy,
+                                 "max_bad_fraction": 1.0}}]}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, load_config(path)

@@ -101,7 +101,8 @@ def test_rejected_records_are_reported_with_line(tmp_path):
     reasons = {b.line: b.reason for b in result.bad}
     assert sorted(reasons) == [2, 3, 4]
     assert "no '#### <final answer>' line" in reasons[2]
-    assert reasons[3] == "adapter rejected the record: KeyError: 'question'"
+    assert reasons[3] == ("missing field 'question'; the record has: answer "
+                          "(map one of them with data.fields: {question: <your field>})")
     assert "must be a non-empty string" in reasons[4]
     bad_tools = tmp_path / "x.jsonl"
     bad_tools.write_text(json.dumps({"query": "q", "tools": "[not json", "answers": "[]"}) + "\n")

@@ -1,0 +1,266 @@
+"""Your own data and rewards (issue 35): field mapping, plug-ins by import path, and data
+problems that stop the run where they start (`validate`, then `prepare`).
+
+Cheap: no Ray, no training; `prepare` builds a 1-layer tiny model (a few seconds in all).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.adapters import MissingField, convert, get_adapter, map_fields
+from engine.data import DataError, read_rows, split_problem
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.rundir import RunDir
+from pipeline.stages import run_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGINS = ROOT / "tests" / "fixtures" / "user_plugins"
+GSM8K = [json.loads(line) for line in (ROOT / "tests" / "fixtures" / "gsm8k.jsonl").read_text().splitlines()]
+TINY = {"base": "tiny", "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                                 "intermediate_size": 64}}
+
+
+def _renamed(records, **names):  # a GSM8K-format dataset whose fields have other names
+    return [{names.get(k, k): v for k, v in r.items()} for r in records]
+
+
+def _parquet(path: Path, records: list[dict]) -> Path:
+    from datasets import Dataset
+
+    Dataset.from_list(records).to_parquet(str(path))
+    return path
+
+
+def _config(tmp: Path, data: dict, verifier: str = "math", **top) -> Path:
+    raw = {"experiment": "userdata", "run_dir": str(tmp / "run"), "model": TINY,
+           "domains": [{"name": "math", "verifier": verifier, "data": data}],
+           "logging": {"progress": False, "wandb": "disabled"}, **top}
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# ------------------------------------------------------------------ field mapping
+
+
+def test_field_mapping_renames_before_the_adapter():
+    record = _renamed(GSM8K[:1], question="problem", answer="solution")[0]
+    with pytest.raises(MissingField, match=r"missing field 'question'; the record has: problem, solution"):
+        convert(get_adapter("gsm8k"), record, None, domain="math", default_id="x-1")
+    row = convert(get_adapter("gsm8k"), record, {"question": "problem", "answer": "solution"},
+                  domain="math", default_id="x-1")
+    assert row == get_adapter("gsm8k")(GSM8K[0], domain="math", default_id="x-1")
+    assert map_fields({"q": 1, "keep": 2}, {"question": "q"}) == {"question": 1, "keep": 2}
+    with pytest.raises(MissingField, match=r"missing field 'problem' \(data.fields maps it to 'question'\)"):
+        map_fields({"text": "hi"}, {"question": "problem"})
+
+
+def test_unknown_target_field_is_named(tmp_path):
+    files = [_parquet(tmp_path / f"{s}.parquet", _renamed(GSM8K, question="problem")) for s in ("train", "eval")]
+    path = _config(tmp_path, {"train": str(files[0]), "eval": str(files[1]), "adapter": "gsm8k",
+                              "fields": {"questoin": "problem"}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert ("domains[0].data.fields.questoin", "adapter 'gsm8k' has no field 'questoin'; its fields: "
+            "['question', 'answer', 'id'] (write {adapter field: your field})") in info.value.errors
+
+
+# ------------------------------------------------------------------ validate reads the data
+
+
+def test_validate_names_missing_field_file_and_row_then_fields_make_it_run(tmp_path, capsys):
+    """The issue's scenario: a GSM8K-format parquet with `problem`/`solution` fields."""
+    records = _renamed(GSM8K, question="problem", answer="solution")
+    train, evals = _parquet(tmp_path / "train.parquet", records), _parquet(tmp_path / "eval.parquet", records[:1])
+    data = {"train": str(train), "eval": str(evals), "adapter": "gsm8k"}
+    assert main(["validate", str(_config(tmp_path, data))]) == 2
+    err = capsys.readouterr().err
+    assert (f"data error: domains[0].data.train: the first 3 rows read with adapter 'gsm8k': 3 bad of 3; "
+            f"first: {train}:1: missing field 'question'; the record has: problem, solution") in err
+    assert f"domains[0].data.eval: the first 1 rows read with adapter 'gsm8k': 1 bad of 1; first: {evals}:1:" in err
+    assert not (tmp_path / "run").exists()  # no stage ran
+    data["fields"] = {"question": "problem", "answer": "solution"}
+    assert main(["validate", str(_config(tmp_path, data))]) == 0, capsys.readouterr().err
+    # `run` refuses the same way before any stage starts
+    del data["fields"]
+    assert main(["run", str(_config(tmp_path, data))]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_warns_of_a_few_bad_rows_and_names_a_reference_problem(tmp_path, capsys):
+    rows = [{"id": f"r{i}", "domain": "math", "messages": [{"role": "user", "content": "2+2?"}],
+             "reference": {"answer": "4"}} for i in range(4)]
+    rows[2]["reference"] = {}
+    train = tmp_path / "rows.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["validate", str(_config(tmp_path, {"train": str(train), "eval": str(train)}))]) == 0
+    err = capsys.readouterr().err
+    assert f"data warning: domains[0].data.train: the first 4 rows: 1 bad of 4; first: {train}:3: math reference" in err
+
+
+# ------------------------------------------------------------------ prepare stops the run
+
+
+def _rows_file(path: Path, n_good: int, n_bad: int) -> Path:
+    lines = []
+    for i in range(n_good + n_bad):
+        rec = {"prompt_text": f"What is {i} plus 1?", "gold": str(i + 1), "uid": f"q{i}"}
+        if i % max(1, (n_good + n_bad) // max(1, n_bad)) == 0 and sum("gold" not in json.loads(x) for x in lines) < n_bad:
+            del rec["gold"]
+        lines.append(json.dumps(rec))
+    path.write_text("".join(x + "\n" for x in lines))
+    return path
+
+
+def _prepare(tmp_path: Path, n_good: int, n_bad: int):
+    train = _rows_file(tmp_path / "train.jsonl", n_good, n_bad)
+    evals = _rows_file(tmp_path / "eval.jsonl", 4, 0)
+    path = _config(tmp_path, {"train": str(train), "eval": str(evals), "adapter": "my_rewards:qa_adapter",
+                              "fields": {"prompt_text": "prompt_text"}},
+                   verifier="my_rewards:last_number", python_path=[str(PLUGINS)])
+    cfg = load_config(path)
+    return path, cfg, RunDir(cfg.run_path)
+
+
+def test_prepare_with_zero_rows_fails(tmp_path):
+    path, cfg, run = _prepare(tmp_path, 0, 0)
+    with pytest.raises(DataError, match=r"domain 'math' train: no rows \(the source is empty\)"):
+        run_stage(cfg, str(path), "prepare")
+    assert run.read_manifest("prepare")["status"] == "failed"
+
+
+def test_prepare_with_half_bad_rows_fails_listing_them(tmp_path):
+    path, cfg, run = _prepare(tmp_path, 10, 10)
+    with pytest.raises(DataError) as info:
+        run_stage(cfg, str(path), "prepare")
+    text = str(info.value)
+    assert "domain 'math' train: 10 bad rows of 20 (50.0%), more than data.max_bad_fraction=0.05" in text
+    assert f"{tmp_path / 'train.jsonl'}:1: missing field 'gold'; the record has: prompt_text, uid" in text
+    bad = [json.loads(x) for x in (run.stage_dir("prepare") / "bad_rows.jsonl").read_text().splitlines()]
+    assert len(bad) == 10 and bad[0]["line"] == 1 and bad[0]["record"]["uid"] == "q0"
+    assert bad[0]["domain"] == "math" and bad[0]["split"] == "train"
+    m = run.read_manifest("prepare")
+    assert m["status"] == "failed" and "10 bad rows of 20" in m["error"]  # the runner's summary shows it
+
+
+def test_prepare_with_one_bad_row_in_a_thousand_passes_and_reports_it(tmp_path):
+    from pipeline.graph import build_graph, input_hashes
+    from pipeline.launch import Outcome
+    from pipeline.runner import Scheduler, summarize
+
+    path, cfg, run = _prepare(tmp_path, 999, 1)
+    stages = build_graph(cfg)
+    sched = Scheduler(stages, stages[:1], input_hashes(stages), run, retries=0, concurrency=1)
+    assert sched.next_actions() == [("launch", "prepare")]
+    m = run_stage(cfg, str(path), "prepare")
+    assert m["status"] == "done" and m["metrics"]["rows"]["math"] == {"train": 999, "eval": 4}
+    assert m["metrics"]["bad_rows"] == 1
+    assert m["note"].startswith(f"domain 'math' train: 1 bad of 1000; first: {tmp_path / 'train.jsonl'}:1: ")
+    assert len((run.stage_dir("prepare") / "bad_rows.jsonl").read_text().splitlines()) == 1
+    # the runner's console line (`[prepare] done (..s): <note>`) and its closing summary say it
+    assert sched.complete(Outcome("prepare", 0)) == "done" and sched.states["prepare"].note == m["note"]
+    text, code = summarize(sched, run)
+    assert code == 0 and f"prepare        done" in text and "1 bad of 1000" in text
+
+
+def test_split_problem():
+    assert split_problem(0, 0, 0.05) == "no rows (the source is empty)"
+    assert split_problem(0, 3, 0.5) == "no rows kept (3 bad of 3)"
+    assert split_problem(999, 1, 0.05) is None
+    assert split_problem(95, 5, 0.05) is None and split_problem(94, 6, 0.05) is not None
+
+
+def test_sft_configured_without_demonstrations_is_an_error(tmp_path):
+    """Prompt-only rows (no assistant message) under an SFT the config asks for: an error,
+    not the base model exported as the stage's model."""
+    rows = [{"id": f"r{i}", "domain": "math", "messages": [{"role": "user", "content": f"{i}+1?"}],
+             "reference": {"answer": str(i + 1)}} for i in range(4)]
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = yaml.safe_load(_config(tmp_path, {"train": str(f), "eval": str(f)}).read_text())
+    raw["domains"][0]["sft"] = {"steps": 2, "batch_size": 2, "micro_batch_size": 2}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "cfg.yaml")
+    run_stage(cfg, str(tmp_path / "cfg.yaml"), "prepare")
+    with pytest.raises(RuntimeError, match=r"sft:math is configured but the training rows of \['math'\] hold no "
+                                           "demonstrations"):
+        run_stage(cfg, str(tmp_path / "cfg.yaml"), "sft:math")
+
+
+# ------------------------------------------------------------------ plug-ins by import path
+
+
+def test_validate_imports_plugins_and_checks_their_signatures(tmp_path, capsys):
+    f = _rows_file(tmp_path / "rows.jsonl", 4, 0)
+    data = {"train": str(f), "eval": str(f), "adapter": "my_rewards:qa_adapter"}
+    raw = yaml.safe_load(_config(tmp_path, data, verifier="my_rewards:wrong_signature",
+                                 python_path=[str(PLUGINS)]).read_text())
+    raw["domains"][0]["environment"] = "my_rewards:nope"
+    raw["domains"].append({**raw["domains"][0], "name": "other", "verifier": "no_such_module:score",
+                           "environment": "row_tool", "data": {**data, "adapter": "my_rewards:qa-adapter"}})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert ("config error: domains[0].verifier: verifier 'my_rewards:wrong_signature' must be callable as "
+            "f(completion, reference); wrong_signature(completion)") in err
+    assert ("config error: domains[0].environment: tool environment 'my_rewards:nope': module 'my_rewards' "
+            f"({PLUGINS / 'my_rewards.py'}) has no attribute 'nope'") in err
+    assert "config error: domains[1].verifier: verifier 'no_such_module:score': cannot import module " \
+           "'no_such_module': ModuleNotFoundError" in err
+    assert "config error: domains[1].environment: unknown tool environment 'row_tool'" in err
+    assert ("config error: domains[1].data.adapter: adapter 'my_rewards:qa-adapter': an import path must look "
+            "like 'package.module:function'") in err
+
+
+def test_python_path_is_checked(tmp_path, capsys):
+    f = _rows_file(tmp_path / "rows.jsonl", 4, 0)
+    path = _config(tmp_path, {"train": str(f), "eval": str(f)}, python_path=["no/such/dir"])
+    assert main(["validate", str(path)]) == 2
+    assert "config error: python_path[0]: directory not found: no/such/dir" in capsys.readouterr().err
+
+
+def test_user_verifier_that_raises_or_hangs_scores_its_item_zero(tmp_path):
+    """In the scoring workers, as built-in verifiers run: the worker imports the user's
+    module (PYTHONPATH), the per-item time limit holds, the batch keeps its other items."""
+    from engine.plugins import activate
+    from rewards import ScorerPool
+
+    activate([PLUGINS])
+    name = "my_rewards:last_number"
+    refs = [{"answer": "3"}] * 4
+    with ScorerPool(num_workers=2, timeout_s=3.0) as pool:
+        res = pool.score(name, ["so 3", "RAISE", "HANG", "it is 4"], refs)
+    assert [r.score for r in res] == [1.0, 0.0, 0.0, 0.0]
+    assert res[0].info == {"extracted": "3"}
+    assert res[1].info["reason"].startswith("verifier error: RuntimeError: user verifier bug on this completion")
+    assert res[2].info["reason"] == "timeout: item took longer than 3s"
+    assert res[3].info == {"extracted": "4"}
+
+
+def test_job_runtime_env_carries_modules_outside_the_checkout(tmp_path):
+    from pipeline.launch import job_overrides, job_request
+
+    mod_dir = tmp_path / "mods"
+    (mod_dir / "pkg").mkdir(parents=True)
+    (mod_dir / "pkg" / "__init__.py").write_text("")
+    (mod_dir / "scorer.py").write_text("def score(c, r):\n    return 1.0\n")
+    (mod_dir / "notes.txt").write_text("")
+    f = _rows_file(tmp_path / "rows.jsonl", 4, 0)
+    cfg = load_config(_config(tmp_path, {"train": str(f), "eval": str(f)}, verifier="scorer:score",
+                              python_path=[str(mod_dir), str(PLUGINS.relative_to(ROOT))]))
+    req = job_request(cfg, RunDir(cfg.run_path), "prepare", ["python", "-m", "pipeline"], tmp_path)
+    # inside the checkout (tests/fixtures/user_plugins) travels with the working dir
+    assert req["runtime_env"]["py_modules"] == [str(mod_dir / "pkg")]
+    assert req["runtime_env"]["env_vars"]["PYTHONPATH"] == str(mod_dir)
+    # the job's stage process keeps the directory inside the checkout, not the one outside
+    over = job_overrides([], RunDir(cfg.run_path), cfg, tmp_path)
+    assert over[-1] == 'python_path=["tests/fixtures/user_plugins"]'
+    assert load_config(tmp_path / "cfg.yaml", over).python_path == ["tests/fixtures/user_plugins"]
+    assert "scorer" in sys.modules or __import__("scorer")  # activated here by load_config
