@@ -254,13 +254,12 @@ def score_table(agg: dict[str, dict]) -> list[str]:
 def format_aggregate(agg: dict[str, dict], labels: list[str], facts: dict[str, dict]) -> str:
     """The seeds report (markdown): the machine, then one table per figure kind."""
     lines = [f"# Polymath over {len(labels)} seeds", ""]
-    machines = {json.dumps({k: f.get(k) for k in ("cpu_model", "torch", "blas", "torch_threads")}, sort_keys=True)
-                for f in facts.values()}
-    lines += ["| run | seed | CPU | torch | BLAS | torch threads |", "|---|---:|---|---|---|---:|"]
+    keys = ("cpu_model", "cpu_capability", "torch", "blas", "torch_threads")
+    machines = {json.dumps({k: f.get(k) for k in keys}, sort_keys=True) for f in facts.values()}
+    lines += ["| run | seed | CPU | vector ISA | torch | BLAS | torch threads |", "|---|---:|---|---|---|---|---:|"]
     for label in labels:
         f = facts.get(label, {})
-        lines.append(f"| {label} | {f.get('seed', '-')} | {f.get('cpu_model', '-')} | {f.get('torch', '-')} | "
-                     f"{f.get('blas', '-')} | {f.get('torch_threads', '-')} |")
+        lines.append(f"| {label} | {f.get('seed', '-')} | " + " | ".join(str(f.get(k, "-")) for k in keys) + " |")
     if len(machines) > 1:
         lines += ["", "The runs did not all run on the same machine and software (above)."]
     lines += ["", "Mean over seeds ± SE, where SE = max(SE over seeds, per-prompt SE of the mean) (pipeline/seeds.py); "
