@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.attempts import describe_change
 from pipeline.config import ExperimentConfig
 from pipeline.graph import Stage, build_graph, input_hashes, select
 from pipeline.launch import JobBackend, LocalRayBackend, Outcome, stage_argv
@@ -109,6 +110,14 @@ class Scheduler:
             return f"interrupted attempt {m.get('attempt', '?')} ({m['status']})"
         return ""
 
+    def changed(self, name: str) -> str:
+        """'' or which inputs changed since the stage's recorded attempt (its work is set aside)."""
+        m = self.run.read_manifest(name)
+        if not m or m.get("input_hash") == self.hashes[name]:
+            return ""
+        stage = self.stages[name]
+        return describe_change(stage.inputs, {d: self.hashes[d] for d in stage.deps}, m) or "inputs changed"
+
     def complete(self, outcome: Outcome) -> str:
         """Classify a finished stage process from its manifest; returns the new status."""
         st = self.states[outcome.stage]
@@ -120,6 +129,9 @@ class Scheduler:
         else:
             raised = (outcome.returncode or 0) > 0 and same_input and manifest.get("status") == "failed"
             reason = manifest.get("error") if raised else None  # else: killed, no word from the stage
+            restored = manifest.get("last_failed") or {}  # failed, and the earlier output is back
+            if (outcome.returncode or 0) > 0 and restored.get("input_hash") == self.hashes[outcome.stage]:
+                reason = restored.get("error")
             st.note = reason or outcome.describe()
             if st.attempts <= self.retries and not self.stopping:
                 st.status = "pending"  # retried: run_stage resumes it in place
@@ -198,8 +210,9 @@ def _drive(sched: Scheduler, backend, display: Display) -> None:
         for what, name in sched.next_actions():
             if what == "launch":
                 attempt = sched.states[name].attempts
-                resumes = sched.resumable(name)
+                resumes, changed = sched.resumable(name), sched.changed(name)
                 display.event(name, "running", f"try {attempt}" + (f", resumes {resumes}" if resumes else "")
+                              + (f", changed: {changed} (earlier output kept until this succeeds)" if changed else "")
                               + f", log {backend.log_path(name)}")
                 backend.start(sched.stages[name], attempt)
             elif what == "skipped":
@@ -233,19 +246,23 @@ def summarize(sched: Scheduler, run: RunDir) -> tuple[str, int]:
     unmet = [n for n in sched.order if sched.states[n].status == "blocked" and "not selected" in sched.states[n].note]
     for n in failed:
         lines.append(f"FAILED: {n}: {sched.states[n].note}\n  log: {run.stage_dir(n) / 'stage.log'}")
-    lines += _results_lines(run)
+    lines += _results_lines(run, sched.hashes)
     return "\n".join(lines), 1 if failed or unmet else 0
 
 
-def _results_lines(run: RunDir) -> list[str]:
+def _results_lines(run: RunDir, hashes: dict[str, str]) -> list[str]:
+    """The eval table, only when the eval stage is done for the current config."""
     results = run.root / "eval" / "results.json"
     if not results.is_file():
         return []
+    if not run.is_done("eval", hashes.get("eval", "")):
+        return ["", f"eval results in {results} are from an earlier config, not shown "
+                    f"(eval is not done for input {hashes.get('eval')})"]
     from pipeline.report import format_results_table, load_results
 
     lines = []
     report = run.root / "report" / "report.md"
-    if report.is_file():
+    if report.is_file() and run.is_done("report", hashes.get("report", "")):
         lines.append(f"report: {report}")
     lines += ["", "greedy score, models x domains:", format_results_table(load_results(results), "models")]
     return lines

@@ -233,3 +233,44 @@ def test_real_prepare_stage_then_skip(tmp_path, ray_local, capsys):
     assert run_experiment(cfg, str(path), [], only=["prepare"]) == 0
     assert "[prepare] skipped" in capsys.readouterr().out
     assert _launch_count(cfg, "prepare") == 1
+
+
+def test_rerun_after_change_keeps_old_output_until_it_succeeds(tmp_path, ray_local, capsys):
+    """A changed stage whose new attempt fails leaves the earlier `final` in place and both
+    attempts' logs at the printed path; the closing table hides results of the old config;
+    a later successful attempt replaces the output."""
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    run = RunDir(cfg.run_path)
+    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path)) == 0
+    capsys.readouterr()
+    old_hash = run.read_manifest("sft:math")["input_hash"]
+    model = Path(run.read_manifest("sft:math")["outputs"]["model"])
+    assert (model / "input_hash").read_text() == old_hash
+
+    over = ["domains.math.sft.lr=0.001"]
+    cfg2 = load_config(path, over)
+    new_hash = input_hashes(build_graph(cfg2))["sft:math"]
+    assert run_experiment(cfg2, str(path), over, entrypoint=fake(tmp_path, {"sft:math": "fail"})) == 1
+    out = capsys.readouterr().out
+    assert "[sft:math] running: try 1, changed: sft.lr (earlier output kept until this succeeds)" in out
+    m = run.read_manifest("sft:math")
+    assert m["status"] == "done" and m["input_hash"] == old_hash  # the earlier output is back
+    assert m["last_failed"]["input_hash"] == new_hash and "fake failure" in m["last_failed"]["error"]
+    assert (model / "input_hash").read_text() == old_hash
+    assert "FAILED: sft:math: RuntimeError: fake failure in sft:math" in out
+    log = run.stage_dir("sft:math") / "stage.log"
+    assert f"log: {log}" in out and log.read_text().count("=====") == 2  # both attempts' logs
+    assert "fake failure in sft:math" in log.read_text()
+    assert "from an earlier config, not shown" in out and "| student |" not in out
+    # the old config is still done: nothing to run
+    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path)) == 0
+    assert "running" not in capsys.readouterr().out
+
+    assert run_experiment(cfg2, str(path), over, entrypoint=fake(tmp_path)) == 0
+    m = run.read_manifest("sft:math")
+    assert m["status"] == "done" and m["input_hash"] == new_hash and "last_failed" not in {k for k, v in m.items() if v}
+    assert (model / "input_hash").read_text() == new_hash
+    assert log.read_text().count("=====") == 3
+    assert not any(p.name.startswith("sft-math.") for p in run.root.iterdir())  # nothing left aside
+    assert capsys.readouterr().out.rstrip().endswith("| student | **0.500** |")
