@@ -133,7 +133,8 @@ class Scheduler:
             if (outcome.returncode or 0) > 0 and restored.get("input_hash") == self.hashes[outcome.stage]:
                 reason = restored.get("error")
             st.note = reason or outcome.describe()
-            if st.attempts <= self.retries and not self.stopping:
+            bad_input = outcome.returncode == 2 and bool(reason)  # config/data error: a retry cannot help
+            if st.attempts <= self.retries and not self.stopping and not bad_input:
                 st.status = "pending"  # retried: run_stage resumes it in place
                 return "retry"
             st.status = "failed"

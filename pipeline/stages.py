@@ -22,6 +22,10 @@ from pipeline.rundir import RunDir, atomic_write_text
 from pipeline.stage_context import StageContext
 
 
+class StageUsageError(Exception):
+    """A stage that cannot start as asked: unknown name, or inputs not done (exit 2, no traceback)."""
+
+
 def setup_environment(run_root: Path) -> None:
     """Keep every cache inside ignored folders; CPU threads. Offline hub access only where
     the environment asks for it (the Makefile sets HF_HUB_OFFLINE for the tiny run)."""
@@ -54,7 +58,7 @@ def _stage_functions():
 def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), force: bool = False) -> dict:
     stages = {s.name: s for s in build_graph(cfg)}
     if name not in stages:
-        raise SystemExit(f"unknown stage {name!r}; stages: {list(stages)}")
+        raise StageUsageError(f"unknown stage {name!r}; stages: {list(stages)}")
     stage = stages[name]
     hashes = input_hashes(list(stages.values()))
     run = RunDir(cfg.run_path)
@@ -63,8 +67,8 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
     atomic_write_text(run.root / "config.yaml", dump_config(cfg))
     for dep in stage.deps:
         if not run.is_done(dep, hashes[dep]):
-            raise SystemExit(f"stage {name} needs {dep} done for this config first "
-                             f"(run: python -m pipeline stage {config_path} {dep})")
+            raise StageUsageError(f"stage {name} needs {dep} done for this config first "
+                                  f"(run: polymath stage {config_path} {dep})")
     h = hashes[name]
     if run.is_done(name, h) and not force:
         print(f"[{name}] done for input {h}: skipped")
