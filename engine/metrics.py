@@ -1,6 +1,6 @@
 """Per-step metrics: `metrics.jsonl` (one line per step, flushed as written), wandb
-(offline unless told otherwise, all its files inside the run directory), and a tqdm
-progress bar. wandb is optional: if it cannot start, training goes on with a warning.
+(offline unless told otherwise, all its files inside the run directory), a tqdm
+progress bar, and `progress.json` (engine.progress) for the runner's progress lines. wandb is optional: if it cannot start, training goes on with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from engine.atomic import atomic_write_text
+from engine.progress import ProgressFile
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -36,6 +37,7 @@ class MetricsLogger:
         self.path = self.dir / filename
         self._file = open(self.path, "a", encoding="utf-8")
         self._wandb = self._start_wandb(wandb_mode, project, run_name, config)
+        self._progress = ProgressFile(self.dir, total_steps) if total_steps else None
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -70,6 +72,8 @@ class MetricsLogger:
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"wandb.log failed, disabling wandb: {e!r}", stacklevel=2)
                 self._wandb = None
+        if self._progress is not None:
+            self._progress.update(step)
         if self._bar is not None:
             shown = {k: f"{row[k]:.4g}" for k in ("loss", "eval_loss", "lr") if isinstance(row.get(k), float)}
             self._bar.set_postfix(shown, refresh=False)

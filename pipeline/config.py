@@ -171,7 +171,9 @@ class ResourcesConfig(Frozen):
 class LoggingConfig(Frozen):
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "polymath"
-    progress: bool = True
+    progress: bool = Field(True, description="progress bars in stage logs; the runner's live table on a "
+                                             "terminal, else a progress line per running stage")
+    progress_every_s: float = Field(30.0, gt=0, description="seconds between progress lines off a terminal")
 
 
 class ExperimentConfig(Frozen):

@@ -14,6 +14,7 @@ def evaluate_stage(ctx: StageContext) -> dict:
     import json
 
     from engine.atomic import atomic_write_json
+    from engine.progress import ProgressFile
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models, model_label, models_to_evaluate
 
     cfg = ctx.cfg
@@ -32,9 +33,13 @@ def evaluate_stage(ctx: StageContext) -> dict:
     partial = ctx.out_dir / "partial.json"  # finished models, so an interrupted eval resumes
     done = json.loads(partial.read_text()) if partial.is_file() else {}
 
+    progress = ProgressFile(ctx.out_dir, len(models), unit="model", every_s=0.0)
+    progress.update(len(done))
+
     def on_model(name, entry):
         done[name] = entry
         atomic_write_json(partial, done)
+        progress.update(len(done))
 
     # HF generation of a small model is Python-bound: with N CPUs, N processes each
     # evaluate whole models (one thread each). Other generators (vLLM on a GPU) keep one.

@@ -274,3 +274,22 @@ def test_rerun_after_change_keeps_old_output_until_it_succeeds(tmp_path, ray_loc
     assert log.read_text().count("=====") == 3
     assert not any(p.name.startswith("sft-math.") for p in run.root.iterdir())  # nothing left aside
     assert capsys.readouterr().out.rstrip().endswith("| student | **0.500** |")
+
+
+def test_progress_lines_off_a_terminal(tmp_path, ray_local, capsys):
+    """A real SFT stage under the runner with stdout captured (not a terminal): progress
+    lines with step, rate and ETA, and the run's ETA, every `logging.progress_every_s`."""
+    path = write_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["logging"] = {"progress": True, "wandb": "disabled", "progress_every_s": 1.0}
+    raw["domains"][0]["sft"] = {"steps": 60, "batch_size": 4, "micro_batch_size": 4, "max_length": 64,
+                                "warmup_steps": 0, "save_every": 60}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], only=["prepare", "sft:math"]) == 0
+    out = capsys.readouterr().out
+    steps = [ln for ln in out.splitlines() if ln.startswith("[sft:math] step ")]
+    assert steps, out
+    assert any("/60 (" in ln and "step/s" in ln and "ETA " in ln and "ETA ?" not in ln for ln in steps), steps
+    assert "[run] ETA " in out and "[prepare] working, no step count (running " in out
+    assert (RunDir(cfg.run_path).stage_dir("sft:math") / "progress.json").is_file()
