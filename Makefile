@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit test-reliability test-quality test-vllm bench clean
+.PHONY: setup quickstart demo test test-unit test-reliability test-quality test-vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/polymath run configs/small-hf.yaml logging.progress=true
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline run configs/tiny.yaml
