@@ -76,6 +76,7 @@ from engine.disk import dir_bytes, storage_read_bytes
 from engine.domain_spec import DomainSpec
 from engine.episode import RolloutSample, roll_out
 from engine.prompt_stream import PromptStream
+from engine.samples import log_rollout_samples
 
 
 @dataclass(frozen=True)
@@ -508,6 +509,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         try:
             records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
                                         pad_id=pad_id, round_idx=r, step0=step, logger=logger)
+            log_rollout_samples(logger, samples, tokenizer, step, reward=settings.reward_weight > 0)
         finally:
             if ahead is not None:
                 torch.set_num_threads(threads)

@@ -61,6 +61,7 @@ def evaluate_stage(ctx: StageContext) -> dict:
                                   checked_scores(pool, "eval"), settings, done=done, on_model=on_model)
     out = ctx.out_dir / "results.json"
     atomic_write_json(out, results)
+    _log_completions(ctx, done, results)
     return {"outputs": {"results": str(out)}, "metrics": {"models": results["models"]}}
 
 
@@ -77,3 +78,23 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
                         checked_scores(pool, f"eval of {name}"), settings, log=lambda line: print(line, flush=True),
                         on_model=lambda _n, e: entries.update(e))
     return entries
+
+
+def _log_completions(ctx: StageContext, entries: dict, results: dict) -> None:
+    """Every completion with its score to `eval/samples.jsonl`; the scores (run summary and
+    a models x domains table) and the greedy completions to the eval stage's wandb run."""
+    from engine.atomic import atomic_write_jsonl
+    from pipeline.stage_workers import stage_logger
+
+    rows = [{"model": name, "route": domain, **c} for name, e in entries.items()
+            for domain, cs in (e.get("completions") or {}).items() for c in cs]
+    atomic_write_jsonl(ctx.out_dir / "samples.jsonl", rows)
+    logger = stage_logger(ctx, None, ctx.cfg.eval.model_dump(), filename=None)
+    try:
+        logger.summary({f"greedy/{m}/{d}": v for m, by_d in results["models"].items() for d, v in by_d.items()})
+        logger.log_table("eval/greedy", [{"model": m, **by_d} for m, by_d in results["models"].items()])
+        if results.get("sampled"):
+            logger.log_table("eval/pass@1", [{"model": m, **by_d} for m, by_d in results["sampled"].items()])
+        logger.log_table("eval/completions", [r for r in rows if r["kind"] == "greedy"][:10_000])
+    finally:
+        logger.close()
