@@ -22,6 +22,14 @@ from pipeline.rundir import RunDir
 LOG_NAME = "stage.log"  # stays in the stage directory across every move
 
 
+SET_ASIDE = (".previous", ".unfinished", ".taking-")
+
+
+def is_set_aside(dirname: str) -> bool:
+    """Whether a run directory entry is set-aside work, not a stage's current directory."""
+    return any(tag in dirname for tag in SET_ASIDE)
+
+
 def previous_dir(run: RunDir, stage: str) -> Path:
     d = run.stage_dir(stage)
     return d.with_name(d.name + ".previous")
