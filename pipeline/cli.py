@@ -104,12 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _user_errors() -> tuple[type, ...]:
-    """Errors that mean bad input (config, data, template, files), not a bug: one line, no
-    traceback. Only from modules already loaded (an error cannot come from one that is not)."""
+def _user_errors(files: bool) -> tuple[type, ...]:
+    """Errors that mean bad input (config, data, template; a missing file where `files`), not
+    a bug: one line, no traceback. Only from modules already loaded (an error cannot come
+    from one that is not). Inside a stage a missing file is not counted: `validate` checks
+    the inputs a config names, so there it is more likely a fault worth a retry."""
     named = {"pipeline.config": "ConfigError", "engine.data": "DataError", "engine.chat": "ChatTemplateError",
              "distill.heads": "VocabMismatchError", "pipeline.stages": "StageUsageError"}
-    return (FileNotFoundError, NotADirectoryError) + tuple(
+    return ((FileNotFoundError, NotADirectoryError) if files else ()) + tuple(
         getattr(sys.modules[m], n) for m, n in named.items() if m in sys.modules)
 
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except Exception as exc:  # noqa: BLE001 - a user error is one line; anything else is a bug
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, _user_errors(files=args.cmd != "stage")):
             where = f"stage {args.stage}: " if args.cmd == "stage" else ""
             if args.cmd == "stage":
                 print(f"[{args.stage}] failed; the traceback is in its manifest.json", file=sys.stderr)

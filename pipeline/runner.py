@@ -231,6 +231,7 @@ class Display:
 
     def _table(self):
         from rich.table import Table
+        from rich.text import Text
 
         from pipeline.progress import progress_bar
 
@@ -245,8 +246,8 @@ class Display:
                 note = progress_bar(p) if p else "working"
             else:
                 note = st.note
-            table.add_row(name, st.status, str(st.attempts or ""),
-                          f"{st.elapsed(now):.0f}s" if st.started else "", note[:90])
+            table.add_row(name, st.status, str(st.attempts or ""),  # Text: a bar's [###--] is not markup
+                          f"{st.elapsed(now):.0f}s" if st.started else "", Text(note[:90]))
         return table
 
     def event(self, name: str, what: str, detail: str = "") -> None:

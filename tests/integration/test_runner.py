@@ -5,6 +5,7 @@ so they test orchestration in seconds; one runs the real `python -m pipeline sta
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -293,3 +294,38 @@ def test_progress_lines_off_a_terminal(tmp_path, ray_local, capsys):
     assert any("/60 (" in ln and "step/s" in ln and "ETA " in ln and "ETA ?" not in ln for ln in steps), steps
     assert "[run] ETA " in out and "[prepare] working, no step count (running " in out
     assert (RunDir(cfg.run_path).stage_dir("sft:math") / "progress.json").is_file()
+
+
+def test_live_table_shows_progress_bars_and_the_run_eta(tmp_path):
+    """The terminal table, no processes: a running stage shows its progress bar (not its
+    log's last line), and the title the run's ETA from the stages' planned steps."""
+    from rich.console import Console
+
+    from engine.progress import ProgressFile
+    from pipeline.runner import Display
+
+    cfg = load_config(write_config(tmp_path))
+    stages, run = build_graph(cfg), RunDir(cfg.run_path)
+    hashes = input_hashes(stages)
+    sched = Scheduler(stages, stages, hashes, run, retries=0, concurrency=1)
+    run.write_manifest("prepare", status="done", input_hash=hashes["prepare"])
+    sched.next_actions()  # prepare skipped, sft:math launched
+    assert sched.running() == ["sft:math"]
+    stage_dir = run.stage_dir("sft:math")
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "stage.log").write_text("some last log line\n")
+    pf = ProgressFile(stage_dir, total=200, every_s=0.0)
+    pf.update(0)
+    pf._first = (0, pf._first[1] - 10.0)  # 50 steps in 10 s: 5 step/s
+    pf.update(50)
+    display = Display(sched, live=False, cfg=cfg)
+    console = Console(record=True, width=200, force_terminal=False)
+    console.print(display._table())
+    text = console.export_text()
+    assert re.search(r"\[#####-{15}\] step 50/200 \(25%\), (4\.9\d|5\.00) step/s, ETA 30s", text), text
+    assert "some last log line" not in text
+    # the run: sft:math 30 s left, then grpo:math and the rest not measured yet
+    assert "stages (run ETA >= 30s (not yet measured: grpo:math, opd, eval)" in text.replace("\n", " ")
+    lines = display.progress_lines(time.time())
+    assert re.match(r"\[sft:math\] step 50/200 \(25%\), (4\.9\d|5\.00) step/s, ETA 30s \(running ", lines[0])
+    assert lines[1].startswith("[run] ETA >= 30s")
