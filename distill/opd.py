@@ -72,7 +72,7 @@ from distill.allocation import round_allocation
 from distill.opd_loss import OPDLoss, loss_divisors  # noqa: F401  (OPDLoss re-exported: the loss the trainer runs)
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
-from distill.teacher_ref import TeacherRef  # noqa: F401  (re-exported: run_opd's teachers)
+from distill.teacher_ref import TeacherRef
 from engine.disk import dir_bytes, storage_read_bytes
 from engine.domain_spec import DomainSpec
 from engine.episode import RolloutSample, roll_out
