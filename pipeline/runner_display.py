@@ -94,7 +94,8 @@ class Display:
         deps = {n: self.sched.stages[n].deps for n in self.sched.order}
         seconds, unknown = estimate_run(self.sched.order, deps, remaining, self.sched.concurrency)
         if unknown:
-            return f"ETA >= {format_duration(seconds)} (not yet measured: {', '.join(unknown)})"
+            known = f">= {format_duration(seconds)}" if seconds >= 1 else "not yet known"
+            return f"ETA {known} (not yet measured: {', '.join(unknown)})"
         return f"ETA {format_duration(seconds)}"
 
     def _table(self):

@@ -8,7 +8,7 @@ from pipeline.progress import describe_progress, estimate_run, format_duration, 
 
 
 def test_progress_file_measures_rate_from_its_first_update(tmp_path, monkeypatch):
-    clock = iter([100.0, 110.0, 120.0])
+    clock = iter([90.0, 100.0, 110.0])
     monkeypatch.setattr(time, "time", lambda: next(clock))
     pf = ProgressFile(tmp_path, total=300, every_s=0.0)
     pf.update(100)  # a resumed stage: steps 0..99 were done by an earlier attempt
@@ -16,6 +16,15 @@ def test_progress_file_measures_rate_from_its_first_update(tmp_path, monkeypatch
     pf.update(120)  # 20 steps in 10 s: 2 step/s, 180 left: 90 s
     p = read_progress(tmp_path / "progress.json")
     assert (p["step"], p["total"], p["rate"], p["eta_s"]) == (120, 300, 2.0, 90.0)
+
+
+def test_a_fresh_stage_counts_from_its_start(tmp_path, monkeypatch):
+    clock = iter([0.0, 5.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    pf = ProgressFile(tmp_path, total=2, every_s=0.0)
+    pf.update(1)  # the first step took 5 s: 0.2 step/s, one left: 5 s
+    p = read_progress(tmp_path / "progress.json")
+    assert (p["rate"], p["eta_s"]) == (0.2, 5.0)
 
 
 def test_progress_line_and_bar():
