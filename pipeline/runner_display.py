@@ -71,8 +71,22 @@ class Display:
         steps = planned_steps(self.cfg, name) if self.cfg is not None else None
         if steps is None:
             return 0.0  # bookkeeping stages (prepare, report): seconds
-        per_step = self.rates.get(FAMILY.get(name.split(":")[0], name))
+        family = FAMILY.get(name.split(":")[0], name)
+        per_step = self.rates.get(family) or self._finished_rate(family)
         return steps * per_step if per_step else None
+
+    def _finished_rate(self, family: str) -> float | None:
+        """Seconds per planned step of this run's finished stages of `family`, start-up
+        included (a stage not yet started pays it too); None when none has finished."""
+        from pipeline.progress import FAMILY, planned_steps
+
+        spent, steps = 0.0, 0
+        for name, st in self.sched.states.items():
+            if st.status == "done" and FAMILY.get(name.split(":")[0]) == family and self.cfg is not None:
+                n = planned_steps(self.cfg, name)
+                if n:
+                    spent, steps = spent + st.elapsed(), steps + n
+        return spent / steps if steps else None
 
     def run_eta(self, now: float) -> str:
         from pipeline.progress import estimate_run, format_duration

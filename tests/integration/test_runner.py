@@ -329,3 +329,25 @@ def test_live_table_shows_progress_bars_and_the_run_eta(tmp_path):
     lines = display.progress_lines(time.time())
     assert re.match(r"\[sft:math\] step 50/200 \(25%\), (4\.9\d|5\.00) step/s, ETA 30s \(running ", lines[0])
     assert lines[1].startswith("[run] ETA >= 30s")
+
+
+def test_run_eta_uses_finished_stages_of_the_same_family(tmp_path):
+    """A pending stage is timed by its planned steps at the seconds per step a finished
+    stage of its family took: sft:math took 40 s for 200 steps, so sft:code (100 steps)
+    is 20 s; grpo and the rest are not measured yet."""
+    from pipeline.runner_display import Display
+
+    path = write_config(tmp_path, domains=("math", "code"))
+    raw = yaml.safe_load(path.read_text())
+    raw["domains"][0]["sft"] = {"steps": 200}
+    raw["domains"][1]["sft"] = {"steps": 100}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    stages, run = build_graph(cfg), RunDir(cfg.run_path)
+    sched = Scheduler(stages, stages, input_hashes(stages), run, retries=0, concurrency=1)
+    for name in ("prepare", "sft:math"):
+        sched.states[name].status, sched.states[name].started, sched.states[name].ended = "done", 0.0, 40.0
+    display = Display(sched, live=False, cfg=cfg)
+    assert display._planned("sft:code") == 20.0
+    assert display._planned("grpo:math") is None
+    assert display.run_eta(time.time()).startswith("ETA >= 20s (not yet measured: grpo:math, grpo:code, opd, eval")
