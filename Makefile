@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup sandbox-deps demo test test-unit test-reliability test-quality test-vllm bench experiment clean
+.PHONY: setup sandbox-deps quickstart demo test test-unit test-reliability test-quality test-vllm bench experiment clean
 
 # The code sandbox runs programs under bubblewrap when the scorer is root (rewards/sandbox_bwrap.py);
 # as root on Debian/Ubuntu this installs it (bubblewrap, util-linux for setpriv/unshare). Without
@@ -33,6 +33,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP) sandbox-deps
+
+quickstart: $(STAMP) sandbox-deps
+	$(BIN)/polymath run configs/small-hf.yaml logging.progress=true
 
 demo: $(STAMP) sandbox-deps
 	$(BIN)/python -m pipeline run configs/tiny.yaml

@@ -14,11 +14,8 @@ shares are split in exact proportion).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from distill.opd import TeacherRef
-    from distill.opd_settings import OPDSettings
+from distill.opd_settings import OPDSettings
+from distill.teacher_ref import TeacherRef
 
 
 def allocate_prompts(total: int, weights: dict[str, float], minimum: int) -> dict[str, int]:

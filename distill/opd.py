@@ -72,26 +72,12 @@ from distill.allocation import round_allocation
 from distill.opd_loss import OPDLoss, loss_divisors  # noqa: F401  (OPDLoss re-exported: the loss the trainer runs)
 from distill.opd_settings import OPDSettings
 from distill.plan import plan_minibatches
+from distill.teacher_ref import TeacherRef
 from engine.disk import dir_bytes, storage_read_bytes
 from engine.domain_spec import DomainSpec
 from engine.episode import RolloutSample, roll_out
 from engine.prompt_stream import PromptStream
-
-
-@dataclass(frozen=True)
-class TeacherRef:
-    index: int
-    name: str
-    domain: str
-    model_dir: str
-    weight: float
-    mode: str | None = None  # the reasoning mode it teaches (engine.modes); None: the whole domain
-    share: float = 1.0  # its relative share of a round's prompts (distill.allocation)
-
-    @property
-    def route(self) -> str:
-        """The samples it teaches: `domain`, or `domain@mode` (engine.modes.route_key)."""
-        return self.domain if self.mode is None else f"{self.domain}@{self.mode}"
+from engine.samples import log_rollout_samples
 
 
 # ------------------------------------------------------------------------------ phases
@@ -508,6 +494,7 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         try:
             records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
                                         pad_id=pad_id, round_idx=r, step0=step, logger=logger)
+            log_rollout_samples(logger, samples, tokenizer, step, reward=settings.reward_weight > 0)
         finally:
             if ahead is not None:
                 torch.set_num_threads(threads)

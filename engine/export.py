@@ -34,8 +34,8 @@ def export_final(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, toke
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for p in [src / "config.json", *weights]:
-            shutil.copy2(p, tmp / p.name)
+        for p in [src / "config.json", *weights]:  # new files, mode from the umask (transformers
+            shutil.copyfile(p, tmp / p.name)       # writes checkpoint weights 0600)
         tokenizer.save_pretrained(str(tmp))
         gen = GenerationConfig.from_pretrained(str(src)) if (src / "generation_config.json").is_file() \
             else GenerationConfig()

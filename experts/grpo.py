@@ -35,6 +35,7 @@ import torch
 from engine.domain_spec import DomainSpec
 from engine.episode import RolloutSample, unfinished_fraction
 from engine.prompt_stream import PromptStream
+from engine.samples import log_rollout_samples
 from experts.advantages import compute_advantages
 from experts.grpo_settings import GRPOSettings
 from experts.rl_batch import build_minibatches
@@ -230,6 +231,7 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
                 "time/sync": t_sync - t_train, "tokens_per_s": ntok / max(t_train - t_gen, 1e-9)}
         if logger is not None:
             logger.log(last, step=step + 1)
+            log_rollout_samples(logger, [s for g in groups for s in g], tokenizer, step + 1)
         if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == settings.steps):
             carried = wal_logs.carry(step + 1)
             checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict(),

@@ -5,11 +5,16 @@ plan      print the stage graph in order with each stage's `ray job submit` line
 stage     run one stage in this process (what each Ray job runs)
 run       run the whole graph on an embedded local Ray, or on a cluster (--address)
 report    (re)build the report of a run directory
+
+Overrides (`key.path=value`) may stand anywhere after the subcommand:
+`polymath run CFG --only sft:math opd trainer.lr=1e-4` runs two stages with one override.
+Every usage, config or data error exits 2 with a one-line message, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from pipeline.config import ConfigError, load_config
@@ -29,31 +34,51 @@ class _StageList(argparse.Action):
         setattr(namespace, self.dest, chosen)
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-\[\]]+)*=")  # domains.math.grpo.lr=1e-4
+OVERRIDES_HELP = "dotted overrides applied after the file, anywhere among the arguments, e.g. opd.rounds=3"
+CONFIG_HELP = "experiment YAML file (e.g. configs/tiny.yaml)"
+USAGE_ERROR = 2  # argparse's own exit status for a bad command line
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the `key=value` overrides), wherever the overrides stand: an
+    option's value never looks like one (`--from=x` starts with '-', a URL has no bare key)."""
+    rest, overrides = [], []
+    for arg in argv:
+        (overrides if OVERRIDE.match(arg) else rest).append(arg)
+    return rest, overrides
+
+
+def _add_config(sub: argparse.ArgumentParser, *positionals: tuple[str, str]) -> None:
+    """CONFIG, the subcommand's other positionals, and a usage line that shows [KEY=VALUE ...]."""
+    sub.add_argument("config", help=CONFIG_HELP)
+    for name, text in positionals:
+        sub.add_argument(name, help=text)
+    sub.set_defaults(overrides=[])
+    sub.usage = (f"%(prog)s [options] CONFIG {' '.join(n.upper() for n, _ in positionals)} [KEY=VALUE ...]"
+                 .replace("  ", " "))
+    sub.epilog = f"KEY=VALUE  {OVERRIDES_HELP}"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polymath", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    config_help = "experiment YAML file (e.g. configs/tiny.yaml)"
-    overrides_help = "dotted overrides applied after the file, e.g. opd.rounds=3 domains.math.grpo.lr=1e-4"
     for name, text in (("validate", "check a config (schema, paths, registry names) without running anything; "
                                     "exit 2 on errors"),
                        ("plan", "print the stage graph in order with each stage's `ray job submit` line")):
         s = sub.add_parser(name, help=text, description=text)
-        s.add_argument("config", help=config_help)
-        s.add_argument("overrides", nargs="*", help=overrides_help)
+        _add_config(s)
         if name == "plan":
             s.add_argument("--address", default="http://127.0.0.1:8265",
                            help="Ray dashboard URL the printed `ray job submit` lines use")
     text = "run one stage in this process (what each Ray job runs)"
     s = sub.add_parser("stage", help=text, description=text)
-    s.add_argument("config", help=config_help)
-    s.add_argument("stage", help="stage name as `plan` prints it, e.g. sft:math, opd, eval")
-    s.add_argument("overrides", nargs="*", help=overrides_help)
+    _add_config(s, ("stage", "stage name as `plan` prints it, e.g. sft:math, opd, eval"))
     s.add_argument("--force", action="store_true", help="rerun even if the stage is done")
     text = "run the whole graph on an embedded local Ray, or on a cluster (--address)"
     s = sub.add_parser("run", help=text, description=text)
-    s.add_argument("config", help=config_help)
-    s.add_argument("overrides", nargs="*", help=overrides_help)
+    _add_config(s)
     s.add_argument("--address", default=None, help="Ray dashboard URL: submit each stage as a job")
     s.add_argument("--only", nargs="+", action=_StageList, default=None, metavar="STAGE",
                    help="run only these stages (their inputs must be done): --only a,b, --only a b "
@@ -72,12 +97,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with its overrides taken out first, so they may stand anywhere."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    rest, overrides = split_overrides(argv[cmd_at + 1:])
+    parser = _parser()
+    args = parser.parse_args(argv[:cmd_at + 1] + rest)
+    if overrides and not hasattr(args, "config"):
+        parser.error(f"{args.cmd} takes no KEY=VALUE overrides: {' '.join(overrides)}")
+    args.overrides = overrides
+    return args
+
+
+def _user_errors(files: bool) -> tuple[type, ...]:
+    """Errors that mean bad input (config, data, template; a missing file where `files`), not
+    a bug: one line, no traceback. Only from modules already loaded (an error cannot come
+    from one that is not). Inside a stage a missing file is not counted: `validate` checks
+    the inputs a config names, so there it is more likely a fault worth a retry."""
+    named = {"pipeline.config": "ConfigError", "engine.data": "DataError", "engine.chat": "ChatTemplateError",
+             "distill.heads": "VocabMismatchError", "pipeline.stages": "StageUsageError"}
+    return ((FileNotFoundError, NotADirectoryError) if files else ()) + tuple(
+        getattr(sys.modules[m], n) for m, n in named.items() if m in sys.modules)
+
+
+def _print_user_error(exc: BaseException, where: str) -> int:
+    from pipeline.config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        for path, reason in exc.errors:
+            print(f"config error: {path}: {reason}", file=sys.stderr)
+    else:
+        print(f"error: {where}{type(exc).__name__}: {exc}", file=sys.stderr)
+    return USAGE_ERROR
+
+
 def _load(args):
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as exc:
-        for path, reason in exc.errors:
-            print(f"config error: {path}: {reason}", file=sys.stderr)
+        _print_user_error(exc, "")
         return None
 
 
@@ -120,7 +179,19 @@ def _data_ok(cfg, config_path: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
+    try:
+        return _dispatch(args)
+    except Exception as exc:  # noqa: BLE001 - a user error is one line; anything else is a bug
+        if isinstance(exc, _user_errors(files=args.cmd != "stage")):
+            where = f"stage {args.stage}: " if args.cmd == "stage" else ""
+            if args.cmd == "stage":
+                print(f"[{args.stage}] failed; the traceback is in its manifest.json", file=sys.stderr)
+            return _print_user_error(exc, where)
+        raise
+
+
+def _dispatch(args) -> int:
     if args.cmd == "report":
         if len(args.run_dir) == 1:
             from pipeline.report import write_report
@@ -133,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             print(write_seeds_report(args.run_dir, args.out))
         except (FileNotFoundError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return USAGE_ERROR
         return 0
     cfg = _load(args)
     if cfg is None:
-        return 2
+        return USAGE_ERROR
     if args.cmd in ("validate", "run") and not _data_ok(cfg, args.config):
-        return 2
+        return USAGE_ERROR
     if args.cmd == "validate":
         from pipeline.graph import build_graph
 
@@ -173,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = parse_seeds(args.seeds)
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
-                return 2
+                return USAGE_ERROR
         if not seeds:
             return run_experiment(cfg, args.config, args.overrides, address=args.address,
                                   only=args.only, start=args.start)

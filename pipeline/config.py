@@ -185,7 +185,11 @@ class ResourcesConfig(Frozen):
 class LoggingConfig(Frozen):
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "polymath"
-    progress: bool = True
+    progress: bool = Field(True, description="progress bars in stage logs; the runner's live table on a "
+                                             "terminal, else a progress line per running stage")
+    progress_every_s: float = Field(30.0, gt=0, description="seconds between progress lines off a terminal")
+    samples_per_step: int = Field(4, ge=0, description="completions per step (GRPO, mixed RL; per round in OPD) "
+                                                       "kept in <stage dir>/samples.jsonl and a wandb table")
 
 
 class ExperimentConfig(Frozen):

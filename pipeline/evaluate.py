@@ -74,10 +74,20 @@ def _checked(texts: list, expected: int, what: str) -> list:
     return texts
 
 
+def _prompt_of(row: dict) -> str:
+    """The row's prompt as a person reads it: its messages before the first assistant turn."""
+    turns = []
+    for m in row.get("messages", []):
+        if m.get("role") == "assistant":
+            break
+        turns.append(f"{m.get('role')}: {m.get('content')}")
+    return "\n".join(turns)
+
+
 def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) -> dict:
     """{'greedy', 'greedy_scores' (per prompt, in row order), 'unfinished_reasoning' (the
-    fraction of greedy completions whose reasoning never closed), 'pass@1', 'pass@k', 'n'}
-    for one model on one domain."""
+    fraction of greedy completions whose reasoning never closed), 'pass@1', 'pass@k', 'n',
+    'completions' (every completion with its score)} for one model on one domain."""
     from engine.episode import unfinished_fraction
 
     rows = es.rows[: settings.max_prompts] if settings.max_prompts else es.rows
@@ -88,13 +98,19 @@ def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) 
     greedy = score(es.verifier, _checked(greedy_texts, len(rows), f"{es.domain} greedy"), refs)
     out = {"greedy": sum(greedy) / len(greedy), "n": len(rows), "greedy_scores": [float(x) for x in greedy],
            "unfinished_reasoning": unfinished_fraction(greedy_texts)}  # scored 0 (engine.episode)
+    prompts = [_prompt_of(r) for r in rows]
+    out["completions"] = [{"kind": "greedy", "row_id": r.get("id"), "prompt": p, "completion": t, "score": float(x)}
+                          for r, p, t, x in zip(rows, prompts, greedy_texts, greedy)]
     if tokens is not None:  # mean output tokens of the greedy answers (reasoning modes' cost)
         out["greedy_tokens"] = sum(tokens) / len(tokens)
     k = settings.samples
     if k > 0:
         texts, _ = _texts_and_tokens(policy(es, rows, settings.temperature, k))
         texts = _checked(texts, len(rows) * k, f"{es.domain} sampled")
-        per_prompt = _group(score(es.verifier, texts, [ref for ref in refs for _ in range(k)]), k)  # (P, k)
+        flat = score(es.verifier, texts, [ref for ref in refs for _ in range(k)])
+        per_prompt = _group(flat, k)  # (P, k)
+        out["completions"] += [{"kind": f"sampled-{i % k}", "row_id": rows[i // k].get("id"), "prompt": prompts[i // k],
+                                "completion": t, "score": float(x)} for i, (t, x) in enumerate(zip(texts, flat))]
         out["pass@1"] = compute_pass_at_1(per_prompt)
         out["pass@k"] = sum(compute_pass_at_k(k, sum(s >= 1.0 for s in p), k) for p in per_prompt) / len(rows)
     return out
@@ -110,6 +126,7 @@ def evaluate_model(policy: Policy, sets: list[EvalSet], score, settings: EvalSet
         entry["greedy_per_prompt"][es.domain] = r["greedy_scores"]
         entry["n_eval"][es.domain] = r["n"]
         entry.setdefault("unfinished_reasoning", {})[es.domain] = r["unfinished_reasoning"]
+        entry.setdefault("completions", {})[es.domain] = r["completions"]  # eval/samples.jsonl, not results
         if "greedy_tokens" in r:
             entry.setdefault("output_tokens", {})[es.domain] = r["greedy_tokens"]
         if "pass@1" in r:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from engine.atomic import atomic_write_text
+from pipeline.attempts import is_set_aside
 from pipeline.plotting import pyplot, save_png
 
 # Curves are plotted for numeric metric keys matching these, in this order of preference.
@@ -79,6 +80,8 @@ def read_manifests(run_dir: Path) -> dict[str, dict]:
     """stage name -> manifest, in the order the stages started."""
     found = {}
     for p in sorted(run_dir.glob("*/manifest.json")):
+        if is_set_aside(p.parent.name):  # an earlier attempt's work kept beside its stage
+            continue
         try:
             m = json.loads(p.read_text())
         except json.JSONDecodeError:

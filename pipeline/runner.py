@@ -19,15 +19,14 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+from pipeline.attempts import describe_change
 from pipeline.config import ExperimentConfig
 from pipeline.graph import Stage, build_graph, input_hashes, select
 from pipeline.launch import JobBackend, LocalRayBackend, Outcome, stage_argv
 from pipeline.rundir import RunDir
-
-FINAL = {"done", "skipped", "blocked", "failed", "cancelled"}
+from pipeline.runner_display import FINAL, Display
 
 
 @dataclass
@@ -109,6 +108,14 @@ class Scheduler:
             return f"interrupted attempt {m.get('attempt', '?')} ({m['status']})"
         return ""
 
+    def changed(self, name: str) -> str:
+        """'' or which inputs changed since the stage's recorded attempt (its work is set aside)."""
+        m = self.run.read_manifest(name)
+        if not m or m.get("input_hash") == self.hashes[name]:
+            return ""
+        stage = self.stages[name]
+        return describe_change(stage.inputs, {d: self.hashes[d] for d in stage.deps}, m) or "inputs changed"
+
     def complete(self, outcome: Outcome) -> str:
         """Classify a finished stage process from its manifest; returns the new status."""
         st = self.states[outcome.stage]
@@ -120,74 +127,17 @@ class Scheduler:
         else:
             raised = (outcome.returncode or 0) > 0 and same_input and manifest.get("status") == "failed"
             reason = manifest.get("error") if raised else None  # else: killed, no word from the stage
+            restored = manifest.get("last_failed") or {}  # failed, and the earlier output is back
+            if (outcome.returncode or 0) > 0 and restored.get("input_hash") == self.hashes[outcome.stage]:
+                reason = restored.get("error")
             st.note = reason or outcome.describe()
-            if st.attempts <= self.retries and not self.stopping:
+            bad_input = outcome.returncode == 2 and bool(reason)  # config/data error: a retry cannot help
+            if st.attempts <= self.retries and not self.stopping and not bad_input:
                 st.status = "pending"  # retried: run_stage resumes it in place
                 return "retry"
             st.status = "failed"
             self.stopping = True
         return st.status
-
-
-# ------------------------------------------------------------------------------ display
-
-
-class Display:
-    """Stage status lines; a live table of every stage when attached to a terminal."""
-
-    def __init__(self, sched: Scheduler, live: bool, log_path: Callable[[str], Path] | None = None):
-        from rich.console import Console
-
-        self.sched = sched
-        self.log_path = log_path
-        self.console = Console(highlight=False)
-        self.live = None
-        if live and self.console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(self._table(), console=self.console, refresh_per_second=2, transient=True)
-            self.live.start()
-
-    def _table(self):
-        from rich.table import Table
-
-        table = Table(title="stages", expand=False)
-        for col in ("stage", "status", "attempt", "elapsed", "note"):
-            table.add_column(col)
-        now = time.time()
-        for name in self.sched.order:
-            st = self.sched.states[name]
-            note = self._log_tail(name) if st.status == "running" else st.note
-            table.add_row(name, st.status, str(st.attempts or ""),
-                          f"{st.elapsed(now):.0f}s" if st.started else "", note[:70])
-        return table
-
-    def _log_tail(self, name: str) -> str:
-        """The last line a running stage wrote (its progress), from its log."""
-        if self.log_path is None:
-            return ""
-        try:
-            with open(self.log_path(name), "rb") as f:
-                f.seek(max(0, f.seek(0, 2) - 2048))
-                text = f.read().decode(errors="replace").replace("\r", "\n")  # progress bars use \r
-        except OSError:
-            return ""
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        return lines[-1].strip() if lines else ""
-
-    def event(self, name: str, what: str, detail: str = "") -> None:
-        st = self.sched.states[name]
-        took = f" ({st.elapsed():.1f}s)" if st.started and what != "running" else ""
-        self.console.print(f"[{name}] {what}{took}" + (f": {detail}" if detail else ""),
-                           markup=False, soft_wrap=True)
-
-    def refresh(self) -> None:
-        if self.live is not None:
-            self.live.update(self._table())
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
 
 
 # ------------------------------------------------------------------------------ main loop
@@ -198,8 +148,9 @@ def _drive(sched: Scheduler, backend, display: Display) -> None:
         for what, name in sched.next_actions():
             if what == "launch":
                 attempt = sched.states[name].attempts
-                resumes = sched.resumable(name)
+                resumes, changed = sched.resumable(name), sched.changed(name)
                 display.event(name, "running", f"try {attempt}" + (f", resumes {resumes}" if resumes else "")
+                              + (f", changed: {changed} (earlier output kept until this succeeds)" if changed else "")
                               + f", log {backend.log_path(name)}")
                 backend.start(sched.stages[name], attempt)
             elif what == "skipped":
@@ -233,19 +184,23 @@ def summarize(sched: Scheduler, run: RunDir) -> tuple[str, int]:
     unmet = [n for n in sched.order if sched.states[n].status == "blocked" and "not selected" in sched.states[n].note]
     for n in failed:
         lines.append(f"FAILED: {n}: {sched.states[n].note}\n  log: {run.stage_dir(n) / 'stage.log'}")
-    lines += _results_lines(run)
+    lines += _results_lines(run, sched.hashes)
     return "\n".join(lines), 1 if failed or unmet else 0
 
 
-def _results_lines(run: RunDir) -> list[str]:
+def _results_lines(run: RunDir, hashes: dict[str, str]) -> list[str]:
+    """The eval table, only when the eval stage is done for the current config."""
     results = run.root / "eval" / "results.json"
     if not results.is_file():
         return []
+    if not run.is_done("eval", hashes.get("eval", "")):
+        return ["", f"eval results in {results} are from an earlier config, not shown "
+                    f"(eval is not done for input {hashes.get('eval')})"]
     from pipeline.report import format_results_table, load_results
 
     lines = []
     report = run.root / "report" / "report.md"
-    if report.is_file():
+    if report.is_file() and run.is_done("report", hashes.get("report", "")):
         lines.append(f"report: {report}")
     lines += ["", "greedy score, models x domains:", format_results_table(load_results(results), "models")]
     return lines
@@ -271,7 +226,8 @@ def run_experiment(cfg: ExperimentConfig, config_path: str, overrides: list[str]
     sched = Scheduler(stages, selected, hashes, run, cfg.resources.retries, cfg.resources.concurrent_stages)
     backend = (JobBackend(cfg, config_path, list(overrides), address, run, entrypoint) if address
                else LocalRayBackend(cfg, config_path, list(overrides), run, entrypoint))
-    display = Display(sched, live=cfg.logging.progress, log_path=backend.log_path)
+    display = Display(sched, live=cfg.logging.progress, log_path=backend.log_path, cfg=cfg,
+                      every_s=cfg.logging.progress_every_s)
     try:
         _drive(sched, backend, display)
     finally:

@@ -14,6 +14,7 @@ def evaluate_stage(ctx: StageContext) -> dict:
     import json
 
     from engine.atomic import atomic_write_json
+    from engine.progress import ProgressFile
     from pipeline.evaluate import EvalSet, EvalSettings, evaluate_models, model_label, models_to_evaluate
 
     cfg = ctx.cfg
@@ -32,9 +33,13 @@ def evaluate_stage(ctx: StageContext) -> dict:
     partial = ctx.out_dir / "partial.json"  # finished models, so an interrupted eval resumes
     done = json.loads(partial.read_text()) if partial.is_file() else {}
 
+    progress = ProgressFile(ctx.out_dir, len(models), unit="model", every_s=0.0)
+    progress.update(len(done))
+
     def on_model(name, entry):
         done[name] = entry
         atomic_write_json(partial, done)
+        progress.update(len(done))
 
     # HF generation of a small model is Python-bound: with N CPUs, N processes each
     # evaluate whole models (one thread each). Other generators (vLLM on a GPU) keep one.
@@ -56,6 +61,7 @@ def evaluate_stage(ctx: StageContext) -> dict:
                                   checked_scores(pool, "eval"), settings, done=done, on_model=on_model)
     out = ctx.out_dir / "results.json"
     atomic_write_json(out, results)
+    _log_completions(ctx, done, results)
     return {"outputs": {"results": str(out)}, "metrics": {"models": results["models"]}}
 
 
@@ -72,3 +78,23 @@ def _eval_model_worker(cfg, name: str, model_dir: str, sets, settings) -> dict:
                         checked_scores(pool, f"eval of {name}"), settings, log=lambda line: print(line, flush=True),
                         on_model=lambda _n, e: entries.update(e))
     return entries
+
+
+def _log_completions(ctx: StageContext, entries: dict, results: dict) -> None:
+    """Every completion with its score to `eval/samples.jsonl`; the scores (run summary and
+    a models x domains table) and the greedy completions to the eval stage's wandb run."""
+    from engine.atomic import atomic_write_jsonl
+    from pipeline.stage_workers import stage_logger
+
+    rows = [{"model": name, "route": domain, **c} for name, e in entries.items()
+            for domain, cs in (e.get("completions") or {}).items() for c in cs]
+    atomic_write_jsonl(ctx.out_dir / "samples.jsonl", rows)
+    logger = stage_logger(ctx, None, ctx.cfg.eval.model_dump(), filename=None)
+    try:
+        logger.summary({f"greedy/{m}/{d}": v for m, by_d in results["models"].items() for d, v in by_d.items()})
+        logger.log_table("eval/greedy", [{"model": m, **by_d} for m, by_d in results["models"].items()])
+        if results.get("sampled"):
+            logger.log_table("eval/pass@1", [{"model": m, **by_d} for m, by_d in results["sampled"].items()])
+        logger.log_table("eval/completions", [r for r in rows if r["kind"] == "greedy"][:10_000])
+    finally:
+        logger.close()

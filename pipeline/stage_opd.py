@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.progress import opd_total_steps
 from pipeline.stage_context import StageContext
 from pipeline.stage_domains import domain_spec_map, prepared_rows
 from pipeline.stage_io import export_stage, stage_tokenizer
@@ -71,8 +72,7 @@ def opd(ctx: StageContext) -> dict:
         return [r for r in prepared_rows(ctx, t.domain, split) if t.mode is None or r.get("mode") == t.mode]
 
     prompts = {t.route: route_rows(t, "train") for t in teachers}
-    steps_per_round = -(-len(teachers) * s.prompts_per_domain * s.samples_per_prompt // s.mini_batch_size)
-    total = s.rounds * s.epochs_per_round * steps_per_round
+    total = opd_total_steps(s, len(teachers))
     trainer = make_trainer(ctx, student_dir, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
                            schedule=s.lr_schedule, total_steps=None if s.lr_schedule == "constant" else total,
                            warmup_steps=0, seed=s.seed)

@@ -26,12 +26,29 @@ def make_trainer(ctx: StageContext, init_dir: str, **overrides):
                         placement_group_name=os.environ.get(PLACEMENT_GROUP_ENV) or None)
 
 
-def stage_logger(ctx: StageContext, total_steps: int, start_config: dict):
+def wandb_run_id(ctx: StageContext) -> str:
+    """One wandb run per (run directory, stage, input hash): a resumed attempt continues it,
+    a changed config starts another. wandb ids allow letters, digits, '-' and '_'."""
+    import hashlib
+    import re
+
+    key = f"{ctx.run.root.resolve()}|{ctx.stage.name}|{ctx.input_hash}"
+    return re.sub(r"[^A-Za-z0-9_-]", "-", ctx.stage.name)[:40] + "-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def stage_logger(ctx: StageContext, total_steps: int | None, start_config: dict,
+                 filename: str | None = "metrics.jsonl"):
+    """The stage's MetricsLogger: metrics.jsonl, progress, samples, and its wandb run (the
+    experiment's group, the stage kind as job type, a stable id)."""
     from engine.metrics import MetricsLogger
 
-    return MetricsLogger(ctx.out_dir, total_steps=total_steps, wandb_mode=ctx.cfg.logging.wandb,
-                         project=ctx.cfg.logging.project, run_name=f"{ctx.cfg.experiment}/{ctx.stage.name}",
-                         config=start_config, progress=ctx.cfg.logging.progress)
+    cfg = ctx.cfg
+    return MetricsLogger(ctx.out_dir, total_steps=total_steps, wandb_mode=cfg.logging.wandb,
+                         project=cfg.logging.project, run_name=f"{cfg.experiment}/{ctx.stage.name}",
+                         config={**start_config, "input_hash": ctx.input_hash},
+                         progress=cfg.logging.progress and total_steps is not None, filename=filename,
+                         group=cfg.experiment, job_type=ctx.stage.kind, run_id=wandb_run_id(ctx),
+                         samples_per_step=cfg.logging.samples_per_step)
 
 
 def close_workers(trainer, logger) -> None:

@@ -9,16 +9,21 @@ stage whose inputs changed, so stale checkpoints are never resumed.
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 import traceback
 from pathlib import Path
 
+from pipeline.attempts import attempt_failed, attempt_succeeded, prepare_attempt, previous_dir, unfinished_dir
 from pipeline.config import ExperimentConfig, dump_config
 from pipeline.graph import Stage, build_graph, input_hashes
 from pipeline.rundir import RunDir, atomic_write_text
 from pipeline.stage_context import StageContext
+
+
+class StageUsageError(Exception):
+    """A stage that cannot start as asked: unknown name, or inputs not done (exit 2, no traceback)."""
 
 
 def setup_environment(run_root: Path) -> None:
@@ -87,7 +92,7 @@ def _stage_functions():
 def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), force: bool = False) -> dict:
     stages = {s.name: s for s in build_graph(cfg)}
     if name not in stages:
-        raise SystemExit(f"unknown stage {name!r}; stages: {list(stages)}")
+        raise StageUsageError(f"unknown stage {name!r}; stages: {list(stages)}")
     stage = stages[name]
     hashes = input_hashes(list(stages.values()))
     run = RunDir(cfg.run_path)
@@ -96,31 +101,42 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
     atomic_write_text(run.root / "config.yaml", dump_config(cfg))
     for dep in stage.deps:
         if not run.is_done(dep, hashes[dep]):
-            raise SystemExit(f"stage {name} needs {dep} done for this config first "
-                             f"(run: python -m pipeline stage {config_path} {dep})")
+            raise StageUsageError(f"stage {name} needs {dep} done for this config first "
+                                  f"(run: polymath stage {config_path} {dep})")
     h = hashes[name]
     if run.is_done(name, h) and not force:
         print(f"[{name}] done for input {h}: skipped")
         return run.read_manifest(name)
+    how = prepare_attempt(run, name, h, force)
+    if how == "restored":
+        print(f"[{name}] done for input {h}: restored its earlier output from {previous_dir(run, name).name}")
+        return run.read_manifest(name)
     old = run.read_manifest(name)
-    if old is not None and (old.get("input_hash") != h or force):
-        stale = run.stage_dir(name).with_name(run.stage_dir(name).name + f".stale-{int(time.time())}")
-        os.replace(run.stage_dir(name), stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    if old is not None and old.get("input_hash") != h:  # only the log is left of other attempts
         old = None
     attempt = (old or {}).get("attempt", 0) + 1
     started = time.time()
     run.write_manifest(name, status="running", input_hash=h, started=started, attempt=attempt,
-                       deps={d: hashes[d] for d in stage.deps}, log=os.environ.get("POLYMATH_STAGE_LOG"))
+                       deps={d: hashes[d] for d in stage.deps}, inputs=json.loads(json.dumps(stage.inputs)),
+                       log=os.environ.get("POLYMATH_STAGE_LOG"), last_failed=None)
     ctx = StageContext(cfg, stage, run, h)
-    print(f"[{name}] running (input {h}, attempt {attempt})", flush=True)
+    print(f"[{name}] running (input {h}, attempt {attempt}" + (f", {how}" if how != "in place" else "") + ")",
+          flush=True)
     try:
         result = _stage_functions()[stage.kind](ctx) or {}
     except BaseException as exc:
-        run.write_manifest(name, status="failed", error=f"{type(exc).__name__}: {exc}",
-                           traceback=traceback.format_exc(), ended=time.time())
+        failure = {"input_hash": h, "attempt": attempt, "error": f"{type(exc).__name__}: {exc}",
+                   "log": os.environ.get("POLYMATH_STAGE_LOG"), "ended": time.time()}
+        run.write_manifest(name, status="failed", error=failure["error"],
+                           traceback=traceback.format_exc(), ended=failure["ended"])
+        if attempt_failed(run, name, failure):
+            print(f"[{name}] attempt {attempt} failed: the earlier output (input "
+                  f"{run.read_manifest(name).get('input_hash')}) is back in place; this attempt's work "
+                  f"is in {unfinished_dir(run, name).name}", flush=True)
         raise
     ended = time.time()
-    return run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
-                              outputs=result.get("outputs", {}), metrics=result.get("metrics", {}),
-                              note=result.get("note", ""), environment=environment_facts(cfg.seed))
+    manifest = run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
+                                  outputs=result.get("outputs", {}), metrics=result.get("metrics", {}),
+                                  note=result.get("note", ""), environment=environment_facts(cfg.seed))
+    attempt_succeeded(run, name)
+    return manifest

@@ -23,6 +23,9 @@ import sys
 import tempfile
 from typing import Any
 
+from engine.atomic import current_umask
+
+
 def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     """(row, None) or (None, why the line is not a row)."""
     from rewards.batch import MAX_TASK_DEPTH, nested_deeper_than
@@ -111,6 +114,7 @@ def write_atomic(path: str, lines: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
             fh.writelines(line + "\n" for line in lines)
         os.replace(tmp, path)
     except BaseException:

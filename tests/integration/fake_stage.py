@@ -81,6 +81,7 @@ def fake_driver(ctx) -> dict:
         return {"outputs": {"report": str(write_report(ctx.run.root))}}
     model = ctx.out_dir / "model"
     model.mkdir(parents=True, exist_ok=True)
+    (model / "input_hash").write_text(ctx.input_hash)  # which config made this output
     return {"outputs": {"model": str(model)}, "metrics": {"fake": True}}
 
 

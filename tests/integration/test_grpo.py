@@ -41,7 +41,7 @@ def _no_comma_rows(n):
              "reference": {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}} for i in range(n)]
 
 
-def _run(base, out, scorer, domain, steps, checkpoints=None, **kw):
+def _run(base, out, scorer, domain, steps, checkpoints=None, logger=None, **kw):
     torch.set_num_threads(1)
     tok = load_tokenizer(base)
     s = GRPOSettings(steps=steps, prompts_per_step=4, group_size=4, max_new_tokens=24, micro_batch_size=8,
@@ -54,7 +54,7 @@ def _run(base, out, scorer, domain, steps, checkpoints=None, **kw):
     trainer = build_trainer(TrainerSettings(lr=s.lr, seed=0), base)
     gen = HFGenerator(base, tok)
     final = run_grpo(s, trainer=trainer, generator=gen, scorer=scorer, tokenizer=tok, train_rows=rows,
-                     domains={domain: spec}, out_dir=out, checkpoints=checkpoints)
+                     domains={domain: spec}, out_dir=out, checkpoints=checkpoints, logger=logger)
     return final, trainer
 
 
@@ -67,6 +67,26 @@ def test_grpo_steps_report_metrics_and_change_the_weights(base, tmp_path, scorer
     assert final["reward_std"] > 0
     after = trainer.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_samples_log_keeps_n_completions_per_step_and_changes_nothing(base, tmp_path, scorer):
+    """samples.jsonl: 3 of each step's 16 completions with prompt, completion, reward and
+    route; the run with the log trains exactly the weights of the run without it."""
+    from engine.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path / "logged", wandb_mode="disabled", progress=False, samples_per_step=3)
+    _, logged = _run(base, tmp_path / "logged", scorer, "nocomma", steps=2, logger=log)
+    log.close()
+    _, plain = _run(base, tmp_path / "plain", scorer, "nocomma", steps=2)
+    a, b = logged.state_dict(), plain.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (tmp_path / "logged" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 1, 1, 2, 2, 2]
+    for r in rows:
+        assert {"prompt", "completion", "reward", "route", "row_id", "finish_reason"} <= set(r)
+        assert r["route"] == "nocomma" and r["row_id"].startswith("nc-") and 0.0 <= r["reward"] <= 1.0
+        assert f"say {r['row_id'][3:]}" in r["prompt"]  # the rendered prompt of its own row
+    assert not (tmp_path / "plain" / "samples.jsonl").exists()
 
 
 def test_tool_domain_runs_multi_turn_episodes(base, tmp_path, scorer):

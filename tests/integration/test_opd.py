@@ -45,7 +45,8 @@ class _Checkpoints:
         self.saved.append(path)
 
 
-def _run(models, out, rounds, checkpoints=None, heldout=None, teachers=None, heads=None, score_rollouts=None, **kw):
+def _run(models, out, rounds, checkpoints=None, heldout=None, teachers=None, heads=None, score_rollouts=None,
+         logger=None, **kw):
     root, student, default_teachers, default_heads = models
     teachers, heads = teachers or default_teachers, heads or default_heads
     torch.set_num_threads(1)
@@ -59,7 +60,8 @@ def _run(models, out, rounds, checkpoints=None, heldout=None, teachers=None, hea
     hist = run_opd(settings, trainer=trainer, generator=gen, tokenizer=tok,
                    prompts={d: _rows(d, 40) for d in "ab"}, teachers=refs, domains=domains, out_dir=out,
                    head_paths=heads, load_teacher=lambda p: load_model(p), checkpoints=checkpoints,
-                   heldout=heldout, load_student=lambda: load_model(student), score_rollouts=score_rollouts)
+                   heldout=heldout, load_student=lambda: load_model(student), score_rollouts=score_rollouts,
+                   logger=logger)
     return hist, trainer
 
 
@@ -131,6 +133,20 @@ def test_kl_falls_heads_resident_one_at_a_time(models, tmp_path):
     assert 64 * 4 <= hist["cache_bytes_per_token"] < 64 * 4 * 1.02  # fp32 hidden 64 + shard headers
     rollouts = [json.loads(x) for x in (tmp_path / "run/round-0/rollouts.jsonl").read_text().splitlines()]
     assert {r["teacher_index"] for r in rollouts if r["domain"] == "a"} == {0}
+
+
+def test_samples_log_keeps_n_completions_per_round_with_their_teacher(models, tmp_path):
+    from engine.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path / "run", wandb_mode="disabled", progress=False, samples_per_step=4)
+    _run(models, tmp_path / "run", rounds=1, logger=log)
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["step"] for r in rows} == {2}  # one round of 32 samples: 2 steps of 16
+    assert {r["route"] for r in rows} == {"a", "b"}  # spread over the round: both domains
+    for r in rows:
+        assert r["teacher"] == "ab".index(r["route"]) and r["reward"] is None  # no reward term here
+        assert r["prompt"] and r["row_id"].startswith(r["route"] + "-") and "completion" in r
 
 
 def test_resume_after_an_interrupted_round_gives_the_same_student(models, tmp_path):

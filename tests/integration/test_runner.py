@@ -5,6 +5,7 @@ so they test orchestration in seconds; one runs the real `python -m pipeline sta
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -233,3 +234,120 @@ def test_real_prepare_stage_then_skip(tmp_path, ray_local, capsys):
     assert run_experiment(cfg, str(path), [], only=["prepare"]) == 0
     assert "[prepare] skipped" in capsys.readouterr().out
     assert _launch_count(cfg, "prepare") == 1
+
+
+def test_rerun_after_change_keeps_old_output_until_it_succeeds(tmp_path, ray_local, capsys):
+    """A changed stage whose new attempt fails leaves the earlier `final` in place and both
+    attempts' logs at the printed path; the closing table hides results of the old config;
+    a later successful attempt replaces the output."""
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    run = RunDir(cfg.run_path)
+    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path)) == 0
+    capsys.readouterr()
+    old_hash = run.read_manifest("sft:math")["input_hash"]
+    model = Path(run.read_manifest("sft:math")["outputs"]["model"])
+    assert (model / "input_hash").read_text() == old_hash
+
+    over = ["domains.math.sft.lr=0.001"]
+    cfg2 = load_config(path, over)
+    new_hash = input_hashes(build_graph(cfg2))["sft:math"]
+    assert run_experiment(cfg2, str(path), over, entrypoint=fake(tmp_path, {"sft:math": "fail"})) == 1
+    out = capsys.readouterr().out
+    assert "[sft:math] running: try 1, changed: sft.lr (earlier output kept until this succeeds)" in out
+    m = run.read_manifest("sft:math")
+    assert m["status"] == "done" and m["input_hash"] == old_hash  # the earlier output is back
+    assert m["last_failed"]["input_hash"] == new_hash and "fake failure" in m["last_failed"]["error"]
+    assert (model / "input_hash").read_text() == old_hash
+    assert "FAILED: sft:math: RuntimeError: fake failure in sft:math" in out
+    log = run.stage_dir("sft:math") / "stage.log"
+    assert f"log: {log}" in out and log.read_text().count("=====") == 2  # both attempts' logs
+    assert "fake failure in sft:math" in log.read_text()
+    assert "from an earlier config, not shown" in out and "| student |" not in out
+    # the old config is still done: nothing to run
+    assert run_experiment(cfg, str(path), [], entrypoint=fake(tmp_path)) == 0
+    assert "running" not in capsys.readouterr().out
+
+    assert run_experiment(cfg2, str(path), over, entrypoint=fake(tmp_path)) == 0
+    m = run.read_manifest("sft:math")
+    assert m["status"] == "done" and m["input_hash"] == new_hash and "last_failed" not in {k for k, v in m.items() if v}
+    assert (model / "input_hash").read_text() == new_hash
+    assert log.read_text().count("=====") == 3
+    assert not any(p.name.startswith("sft-math.") for p in run.root.iterdir())  # nothing left aside
+    assert capsys.readouterr().out.rstrip().endswith("| student | **0.500** |")
+
+
+def test_progress_lines_off_a_terminal(tmp_path, ray_local, capsys):
+    """A real SFT stage under the runner with stdout captured (not a terminal): progress
+    lines with step, rate and ETA, and the run's ETA, every `logging.progress_every_s`."""
+    path = write_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["logging"] = {"progress": True, "wandb": "disabled", "progress_every_s": 1.0}
+    raw["domains"][0]["sft"] = {"steps": 60, "batch_size": 4, "micro_batch_size": 4, "max_length": 64,
+                                "warmup_steps": 0, "save_every": 60}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert run_experiment(cfg, str(path), [], only=["prepare", "sft:math"]) == 0
+    out = capsys.readouterr().out
+    steps = [ln for ln in out.splitlines() if ln.startswith("[sft:math] step ")]
+    assert steps, out
+    assert any("/60 (" in ln and "step/s" in ln and "ETA " in ln and "ETA ?" not in ln for ln in steps), steps
+    assert "[run] ETA " in out and "[prepare] working, no step count (running " in out
+    assert (RunDir(cfg.run_path).stage_dir("sft:math") / "progress.json").is_file()
+
+
+def test_live_table_shows_progress_bars_and_the_run_eta(tmp_path):
+    """The terminal table, no processes: a running stage shows its progress bar (not its
+    log's last line), and the title the run's ETA from the stages' planned steps."""
+    from rich.console import Console
+
+    from engine.progress import ProgressFile
+    from pipeline.runner import Display
+
+    cfg = load_config(write_config(tmp_path))
+    stages, run = build_graph(cfg), RunDir(cfg.run_path)
+    hashes = input_hashes(stages)
+    sched = Scheduler(stages, stages, hashes, run, retries=0, concurrency=1)
+    run.write_manifest("prepare", status="done", input_hash=hashes["prepare"])
+    sched.next_actions()  # prepare skipped, sft:math launched
+    assert sched.running() == ["sft:math"]
+    stage_dir = run.stage_dir("sft:math")
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "stage.log").write_text("some last log line\n")
+    pf = ProgressFile(stage_dir, total=200, every_s=0.0)
+    pf.update(0)
+    pf._first = (0, pf._first[1] - 10.0)  # 50 steps in 10 s: 5 step/s
+    pf.update(50)
+    display = Display(sched, live=False, cfg=cfg)
+    console = Console(record=True, width=200, force_terminal=False)
+    console.print(display._table())
+    text = console.export_text()
+    assert re.search(r"\[#####-{15}\] step 50/200 \(25%\), (4\.9\d|5\.00) step/s, ETA 30s", text), text
+    assert "some last log line" not in text
+    # the run: sft:math 30 s left, then grpo:math and the rest not measured yet
+    assert "stages (run ETA >= 30s (not yet measured: grpo:math, opd, eval)" in text.replace("\n", " ")
+    lines = display.progress_lines(time.time())
+    assert re.match(r"\[sft:math\] step 50/200 \(25%\), (4\.9\d|5\.00) step/s, ETA 30s \(running ", lines[0])
+    assert lines[1].startswith("[run] ETA >= 30s")
+
+
+def test_run_eta_uses_finished_stages_of_the_same_family(tmp_path):
+    """A pending stage is timed by its planned steps at the seconds per step a finished
+    stage of its family took: sft:math took 40 s for 200 steps, so sft:code (100 steps)
+    is 20 s; grpo and the rest are not measured yet."""
+    from pipeline.runner_display import Display
+
+    path = write_config(tmp_path, domains=("math", "code"))
+    raw = yaml.safe_load(path.read_text())
+    raw["domains"][0]["sft"] = {"steps": 200}
+    raw["domains"][1]["sft"] = {"steps": 100}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    stages, run = build_graph(cfg), RunDir(cfg.run_path)
+    sched = Scheduler(stages, stages, input_hashes(stages), run, retries=0, concurrency=1)
+    for name in ("prepare", "sft:math"):
+        sched.states[name].status, sched.states[name].started, sched.states[name].ended = "done", 0.0, 40.0
+    display = Display(sched, live=False, cfg=cfg)
+    assert display._planned("sft:code") == 20.0
+    assert display._planned("grpo:math") is None
+    assert display.run_eta(time.time()).startswith("ETA >= 20s (not yet measured: grpo:math, grpo:code, opd, eval")

@@ -18,7 +18,7 @@ import yaml
 from engine.data import DataError, load_rows, read_rows
 from pipeline.config import load_config
 from pipeline.rundir import RunDir
-from pipeline.stages import run_stage
+from pipeline.stages import StageUsageError, run_stage
 
 
 def row(i: int, prompt: str = "What is 2 plus 2?", **over) -> dict:
@@ -101,7 +101,7 @@ def test_error_policy_is_fatal_listing_every_bad_line_before_any_training(tmp_pa
     m = run.read_manifest("prepare")
     assert m["status"] == "failed" and "DataError" in m["error"]
     assert not (run.stage_dir("prepare") / "data" / "math" / "train.jsonl").exists()
-    with pytest.raises(SystemExit, match="needs prepare done"):  # nothing downstream can start
+    with pytest.raises(StageUsageError, match="needs prepare done"):  # nothing downstream can start
         run_stage(cfg, str(path), "sft:math")
     fault_log(f"{len(bad)} bad rows (error policy)", "detected")
 

@@ -1,6 +1,7 @@
 """The eval driver with fake workers: pass@k math, aggregation, the results shape."""
 
 import itertools
+import json
 import random
 
 import pytest
@@ -177,3 +178,46 @@ def test_report_compares_experts_with_the_shared_sft_they_start_from():
     per = {"sft:all": {"math": [0, 0, 1, 1]}, "grpo:math": {"math": [1, 0, 1, 1]}, "student": {"math": [1, 1, 1, 1]}}
     lines = [x for x in paired_comparisons({"n_eval": {"math": 4}, "greedy_per_prompt": per}) if x.startswith("| math")]
     assert [x.split(" | ")[1] for x in lines] == ["grpo:math vs sft:all", "student vs grpo:math", "student vs sft:all"]
+
+
+def test_eval_keeps_every_completion_with_its_score():
+    """Greedy and sampled completions, each with its prompt and score, in the model's entry
+    (for eval/samples.jsonl), not in the results table."""
+    sets = [EvalSet("math", "exact", _rows("math", ["1", "2"]))]
+    entries = {}
+    res = evaluate_models({"m": "x"}, sets, lambda d: FakeModel(1, 1), _score, EvalSettings(samples=2),
+                          log=lambda s: None, on_model=lambda n, e: entries.update({n: e}))
+    got = [(c["kind"], c["row_id"], c["prompt"], c["completion"], c["score"]) for c in entries["m"]["completions"]["math"]]
+    assert got == [("greedy", "math-0", "user: q0", "1", 1.0), ("greedy", "math-1", "user: q1", "wrong", 0.0),
+                   ("sampled-0", "math-0", "user: q0", "1", 1.0), ("sampled-1", "math-0", "user: q0", "wrong", 0.0),
+                   ("sampled-0", "math-1", "user: q1", "2", 1.0), ("sampled-1", "math-1", "user: q1", "wrong", 0.0)]
+    assert "completions" not in json.dumps(res)
+
+
+def test_eval_stage_writes_every_completion_to_samples_jsonl(tmp_path):
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.graph import build_graph, input_hashes
+    from pipeline.rundir import RunDir
+    from pipeline.stage_context import StageContext
+    from pipeline.stage_eval import _log_completions
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "t", "run_dir": str(tmp_path / "run"),
+                                    "domains": [{"name": "math", "verifier": "math",
+                                                 "data": {"synthetic": {"generator": "math"}}}],
+                                    "logging": {"wandb": "disabled"}}))
+    cfg = load_config(path)
+    stages = {s.name: s for s in build_graph(cfg)}
+    ctx = StageContext(cfg, stages["eval"], RunDir(cfg.run_path), input_hashes(list(stages.values()))["eval"])
+    sets = [EvalSet("math", "exact", _rows("math", ["1", "2"]))]
+    entries = {}
+    res = evaluate_models({"base": "x", "student": "y"}, sets, lambda d: FakeModel(1, 0), _score,
+                          EvalSettings(samples=1), log=lambda s: None, on_model=lambda n, e: entries.update({n: e}))
+    _log_completions(ctx, entries, res)
+    rows = [json.loads(x) for x in (ctx.out_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2  # models x prompts x (greedy + 1 sample)
+    assert {(r["model"], r["kind"]) for r in rows} == {(m, k) for m in ("base", "student") for k in ("greedy", "sampled-0")}
+    assert all(set(r) == {"model", "route", "kind", "row_id", "prompt", "completion", "score"} for r in rows)
+    assert not (ctx.out_dir / "metrics.jsonl").exists()

@@ -78,3 +78,34 @@ def test_wandb_dirs_stay_in_run_dir(tmp_path, monkeypatch):
     assert seen["logged"] == [(3, 1.5)] and seen["finished"]
     with pytest.raises(ValueError, match="wandb_mode"):
         MetricsLogger(tmp_path, wandb_mode="sometimes")
+
+
+def _offline_runs(root):
+    return sorted(p.name for p in (root / "wandb" / "wandb").glob("offline-run-*"))
+
+
+def test_a_resumed_stage_logs_to_one_wandb_run(tmp_path, monkeypatch):
+    """Real wandb, offline: the same run id before and after a resume (one run once
+    synced), in the experiment's group with the stage kind as job type; samples and
+    metrics after the resume point are dropped, as the steps are redone."""
+    pytest.importorskip("wandb")
+    for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    ident = {"group": "tiny", "job_type": "grpo", "run_id": "grpo-math-0123456789ab"}
+    first = MetricsLogger(tmp_path, wandb_mode="offline", progress=False, samples_per_step=2, **ident)
+    assert (first._wandb.id, first._wandb.group, first._wandb.job_type) == ("grpo-math-0123456789ab", "tiny", "grpo")
+    for step in (1, 2, 3):
+        first.log({"loss": float(step)}, step=step)
+        first.log_samples([{"prompt": "p", "completion": f"c{step}", "reward": 1.0, "route": "math"}], step=step)
+    first.close()  # killed after step 3; the checkpoint is at step 2
+    second = MetricsLogger(tmp_path, wandb_mode="offline", progress=False, samples_per_step=2, **ident)
+    second.truncate_after(2)
+    second.log({"loss": 3.5}, step=3)
+    second.log_samples([{"prompt": "p", "completion": "again", "reward": 0.0, "route": "math"}], step=3)
+    assert second._wandb.id == first._wandb.id
+    second.close()
+    runs = _offline_runs(tmp_path)
+    assert len(runs) == 2 and all(r.endswith("-grpo-math-0123456789ab") for r in runs), runs
+    samples = _rows(tmp_path / "samples.jsonl")
+    assert [(s["step"], s["completion"]) for s in samples] == [(1, "c1"), (2, "c2"), (3, "again")]
+    assert set(samples[0]) == {"step", "prompt", "completion", "reward", "route"}
