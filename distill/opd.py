@@ -258,7 +258,7 @@ def teach_round(settings: OPDSettings, samples: list[RolloutSample], teachers: l
 
 
 def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, global_tokens: float, step: int,
-                 row_weights: bool = False, advantages: bool = False) -> dict:
+                 row_weights: bool = False, advantages: bool = False, rollout_logprobs: bool = False) -> dict:
     from engine.batching import Sample, pad_rows
 
     chosen = [samples[i] for i in plan.sample_indices]
@@ -275,6 +275,11 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
         batch["row_token_weights"] = torch.tensor([1.0 / max(response_tokens(s), 1) for s in chosen])
     if advantages:  # the reward term (OPDSettings.reward_weight): each row's group advantage
         batch["advantages"] = torch.tensor([s.advantage for s in chosen], dtype=torch.float32)
+    if rollout_logprobs:  # the sampler's log-prob of each token (B, T), for the reward term's ratio
+        lp = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        for i, s in enumerate(chosen):
+            lp[i, :len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        batch["rollout_logprobs"] = lp
     return batch
 
 
@@ -301,8 +306,15 @@ def set_reward_advantages(samples: list[RolloutSample], rewards: list[float], gr
             samples[i].reward, samples[i].advantage = float(rewards[i]), float(a)
 
 
+PG_METRICS = ("pg_ratio_mean", "pg_clip_frac_low", "pg_clip_frac_high", "pg_approx_kl")
+
+
 def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: Path, *, trainer, loss_fn, pad_id: int,
-                round_idx: int, step0: int, logger=None) -> tuple[list[dict], int]:
+                round_idx: int, step0: int, logger=None, version_steps: list[int] | None = None) -> tuple[list[dict], int]:
+    """One round's optimiser steps. `version_steps[v]`: the optimiser steps in the weights of
+    policy version v (the steps before round v); with it each step's record has
+    `staleness_steps`, the most optimiser steps between the weights that sampled one of its
+    samples (`policy_version`, the round if unset) and the weights it trains."""
     from distill.cache import CacheReader
 
     reader = CacheReader(cache_dir)
@@ -323,7 +335,8 @@ def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: 
                                          settings.loss_aggregation, [len(mp.sample_indices) for mp in micro_plans])
                 mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step,
                                     row_weights=settings.loss_aggregation == "sample_mean",
-                                    advantages=settings.reward_weight > 0)
+                                    advantages=settings.reward_weight > 0,
+                                    rollout_logprobs=settings.reward_weight > 0 and settings.reward_ratio == "clip")
                        for mp, d in zip(micro_plans, divisors)]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
@@ -333,6 +346,11 @@ def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: 
                        "head_loads": round(m.get("head_load_events", 0.0) * n),
                        "teachers_in_step": len({mp.teacher_index for mp in micro_plans}),
                        "resident_heads": max(r.get("resident_heads", 0.0) for r in ranks)}
+                if version_steps is not None:
+                    oldest = min(round_idx if samples[i].policy_version is None else samples[i].policy_version
+                                 for mp in micro_plans for i in mp.sample_indices)
+                    rec["staleness_steps"] = step - version_steps[oldest]
+                rec.update({k: m[k] for k in PG_METRICS if k in m})
                 if "rank_metrics" in m:  # per rank: head loads, and the teachers its share held
                     rec["head_loads_per_rank"] = [round(r.get("head_load_events", 0.0) * r["num_micro_batches"])
                                                   for r in ranks]
@@ -423,7 +441,9 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         raise ValueError("run_opd: opd.reward_weight > 0 needs score_rollouts (the routes' verifiers)")
     loss_fn = OPDLoss(head_paths, [t.weight for t in teachers], settings.divergence, settings.chunk_size,
                       settings.jsd_beta, reward_weight=settings.reward_weight,
-                      reward_temperature=settings.temperature if settings.temperature > 0 else 1.0)
+                      reward_temperature=settings.temperature if settings.temperature > 0 else 1.0,
+                      reward_ratio=settings.reward_ratio, reward_clip_low=settings.reward_clip_low,
+                      reward_clip_high=settings.reward_clip_high)
     pad_id = tokenizer.pad_token_id
     measure = bool(heldout) and load_student is not None
 
@@ -469,9 +489,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         else:
             samples, fresh = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
                                            tokenizer=tokenizer, round_idx=r, wal=wal, counts=counts), True
-            if settings.pipelined:  # which weights sampled them (the synchronous rounds' is r)
-                for s in samples:
-                    s.policy_version = version["generator"]
+            for s in samples:  # which weights sampled them (rounds of training in them; r unless pipelined)
+                s.policy_version = version["generator"]
         wal_counts = wal.counts()
         wal.close()
         t1 = time.time()
@@ -505,9 +524,14 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         if ahead is not None:
             torch.set_num_threads(threads - ahead_threads)
         t2 = time.time()
+        version_steps = history.setdefault("version_steps", [])  # [v]: optimiser steps before round v
+        del version_steps[r:]
+        if len(version_steps) == r:  # else a checkpoint written before this was kept: no step staleness
+            version_steps.append(step)
         try:
             records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
-                                        pad_id=pad_id, round_idx=r, step0=step, logger=logger)
+                                        pad_id=pad_id, round_idx=r, step0=step, logger=logger,
+                                        version_steps=version_steps if len(version_steps) == r + 1 else None)
         finally:
             if ahead is not None:
                 torch.set_num_threads(threads)
@@ -519,6 +543,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             history.setdefault("policy_version_per_round", []).append(versions)
             history.setdefault("staleness_per_round", []).append(r - min(versions))
             history.setdefault("time_per_round", []).append(time.time() - t_wall)
+        if records and "staleness_steps" in records[-1]:  # the most optimiser steps a sample was old when trained
+            history.setdefault("staleness_steps_per_round", []).append(max(rec["staleness_steps"] for rec in records))
         version["generator"] = r + 1
         generator.load_weights(trainer.state_dict())
         _update_history(history, records, teachers, teach_stats, samples, (prep.rollout_s, prep.teach_s, t3 - t2))
@@ -618,3 +644,7 @@ def _update_history(history, records, teachers, teach_stats, samples, times) -> 
     for key, secs in zip(("rollout", "teach", "train"), times):
         history["time"][key] += secs
     history.setdefault("samples_per_round", []).append(len(samples))
+    for key in PG_METRICS:  # the reward term's ratio to the sampler: the round's mean over its steps
+        vals = [rec[key] for rec in records if key in rec]
+        if vals:
+            history.setdefault(f"{key}_per_round", []).append(sum(vals) / len(vals))
