@@ -18,8 +18,10 @@ The loss is `sum_t w_teacher(sample) * D_t / (response tokens of the mini-batch)
 With `reward_weight` α > 0 (MOPD) the round's samples are also scored by their route's
 verifier (on a thread while the teachers prefill), each gets its reward z-scored within
 its prompt's group as advantage A (kept in rollouts.jsonl, which is then written after
-the teach phase), and the loss adds `-α · w_teacher · A · log p(token)` on the same tokens
-(distill.opd_loss.compute_policy_gradient_term, under the sampler's temperature).
+the teach phase), and the loss adds `-α · w_teacher · min(r A, clip(r) A)` on the same
+tokens, r the token's probability now over the sampler's (`reward_ratio: clip`, default;
+`none`: `-α · w_teacher · A · log p(token)`) (distill.opd_loss.compute_policy_gradient_term,
+under the sampler's temperature).
 
 Held-out KL (`heldout_prompts_per_domain` > 0): before round 0 and every `heldout_every`
 rounds after, the student samples answers to the same held-out prompts with the same
@@ -37,10 +39,15 @@ size, measured when each round ends (cache and new checkpoint both on disk).
 Pipelined rounds (`pipelined: true`): round r+1's rollouts and teacher prefill run on a
 background thread (the prefill itself in Ray tasks when the stage has a prefill pool)
 while round r trains, so a round costs about max(rollout + prefill, train) instead of
-their sum. Round r+1 is sampled from the weights round r started from (one round of
-staleness; round 0 from the initial weights): each sample records its `policy_version`
-(rounds of training in the weights that sampled it) in `rollouts.jsonl`, and the history
-gets `policy_version_per_round`, `staleness_per_round` and `time_per_round` (wall time).
+their sum. Round r+1 is sampled from the weights round r started from (round 0 from the
+initial weights), so at round r+1's k-th step its samples are S_r + k optimiser steps old
+(S_r: round r's steps), at most S_r + S_{r+1} - 1; synchronous rounds' at most S_r - 1.
+Each sample records its `policy_version` (rounds of training in the weights that sampled
+it; r in synchronous rounds) in `rollouts.jsonl`; the history gets `version_steps`,
+`staleness_steps_per_round` (and per step `staleness_steps`), and when pipelined
+`policy_version_per_round`, `staleness_per_round` (rounds) and `time_per_round` (wall time).
+The reward term corrects for the staleness with GRPO's clipped ratio to the sampler's
+log-probs (`opd.reward_ratio`, distill.opd_loss.compute_policy_gradient_term).
 The generator takes the new weights only after round r+1's rollouts are done, and a
 round's checkpoint is written after the next round's rollouts and cache, so a resumed
 stage finds them on disk (the checkpoint's prompt-stream positions are those through

@@ -156,7 +156,7 @@ class OPDLoss:
             rw = batch["row_token_weights"].to(device=h_s.device, dtype=torch.float32)  # (B,)
             w = w * rw[:, None].expand(mask.shape)[mask]
         loss_sum, per_token = compute_chunked_divergence(
-            h_s, weight, h_t.to(device=h_s.device, dtype=h_s.dtype), head, w, kind=self.divergence,
+            h_s, weight, h_t.to(device=h_s.device), head, w, kind=self.divergence,
             chunk_size=self.chunk_size, beta=self.jsd_beta)
         metrics = {}
         if self.reward_weight > 0 and "advantages" in batch:  # MOPD: plus the reward's policy gradient

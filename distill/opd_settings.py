@@ -67,7 +67,8 @@ class OPDSettings(Settings):
     keep_caches: int = Field(0, ge=0, description="round caches kept on disk (the newest); the others are "
                              "deleted once their round's checkpoint is written (rollouts are kept)")
     pipelined: bool = Field(False, description="round r+1's rollouts and teacher prefill run while round r "
-                            "trains (one round of staleness, recorded per sample); false: synchronous rounds")
+                            "trains (its samples one round old at its first step, two rounds less one step at its "
+                            "last; recorded per sample and step); false: synchronous rounds")
     # optimisation
     epochs_per_round: PositiveInt = 1
     mini_batch_size: PositiveInt = 64
