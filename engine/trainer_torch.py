@@ -31,7 +31,8 @@ import torch
 
 from engine.model import DTYPES, load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, broadcast_parameters, init_process_group,
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, broadcast_parameters,
+                                   enable_gradient_checkpointing, init_process_group,
                                    merge_step_metrics, read_extra_state, rng_state, run_loss, save_hf_dir,
                                    seed_everything, set_rng_state, sum_gradients_over_ranks, to_device,
                                    write_extra_state)
@@ -82,6 +83,8 @@ class TorchTrainer:
         if DTYPES[settings.dtype] != torch.float32:  # mixed precision: a low-precision copy computes
             self.compute_lm = copy.deepcopy(self.lm).to(DTYPES[settings.dtype])
             self._pairs = _param_pairs(self.lm, self.compute_lm)
+        if getattr(settings, "gradient_checkpointing", False):
+            enable_gradient_checkpointing(self.compute_lm)
         self.optimizer = build_optimizer(self.lm, settings.optimizer, lr=settings.lr,
                                          weight_decay=settings.weight_decay, betas=settings.betas,
                                          eps=settings.eps)
