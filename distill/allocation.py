@@ -8,8 +8,11 @@ round's rollouts are drawn (round r - 1; r - 2 when rounds are pipelined, since 
 prepared while round r - 1 trains). V4 routes each prompt to the expert that knows it; this
 spends the round's samples where the student is furthest from its teacher.
 Every route keeps at least one prompt, and with `allocation: kl` at least
-`allocation_floor x prompts_per_domain`, so every round still mixes every teacher (fixed
-shares are split in exact proportion).
+`allocation_floor x prompts_per_domain`, so every round still mixes every teacher.
+Fixed shares are split in exact proportion (`allocate_in_proportion`: shares 1:3 of 16
+prompts give 4 and 12), a route whose exact share is below one prompt gets one and the
+others split the rest in proportion; under `kl` every route gets the floor and the rest
+is split in proportion to share x KL (`allocate_prompts`).
 """
 
 from __future__ import annotations
@@ -18,26 +21,55 @@ from distill.opd_settings import OPDSettings
 from distill.teacher_ref import TeacherRef
 
 
+def _check_allocation(total: int, weights: dict[str, float], minimum: int, who: str) -> None:
+    if not weights:
+        raise ValueError(f"{who}: no routes")
+    bad = {k: w for k, w in weights.items() if not w >= 0.0 or w == float("inf")}
+    if bad:
+        raise ValueError(f"{who}: weights must be finite and >= 0, got {bad}")
+    if minimum < 0 or minimum * len(weights) > total:
+        raise ValueError(f"{who}: a minimum of {minimum} for {len(weights)} routes exceeds {total} prompts")
+
+
+def _round_quotas(rest: int, quota: dict[str, float]) -> dict[str, int]:
+    """Integer counts summing to `rest`: largest remainders, ties to the route sorting first."""
+    counts = {k: int(quota[k]) for k in sorted(quota)}
+    left = rest - sum(counts.values())
+    for k in sorted(quota, key=lambda k: (-(quota[k] - counts[k]), k))[:left]:
+        counts[k] += 1
+    return counts
+
+
 def allocate_prompts(total: int, weights: dict[str, float], minimum: int) -> dict[str, int]:
     """Integer prompt counts per route that sum to `total`: each route gets `minimum`, and
     the rest is split in proportion to `weights` (largest remainders; ties go to the route
     that sorts first). Every count is within one of its exact quota."""
-    if not weights:
-        raise ValueError("allocate_prompts: no routes")
-    bad = {k: w for k, w in weights.items() if not w >= 0.0 or w == float("inf")}
-    if bad:
-        raise ValueError(f"allocate_prompts: weights must be finite and >= 0, got {bad}")
-    if minimum < 0 or minimum * len(weights) > total:
-        raise ValueError(f"allocate_prompts: a minimum of {minimum} for {len(weights)} routes exceeds {total} prompts")
+    _check_allocation(total, weights, minimum, "allocate_prompts")
     rest = total - minimum * len(weights)
     names = sorted(weights)
     mass = sum(weights.values())
-    quota = {k: rest * (weights[k] / mass if mass > 0 else 1.0 / len(names)) for k in names}
-    counts = {k: int(quota[k]) for k in names}
-    left = rest - sum(counts.values())
-    for k in sorted(names, key=lambda k: (-(quota[k] - counts[k]), k))[:left]:
-        counts[k] += 1
+    counts = _round_quotas(rest, {k: rest * (weights[k] / mass if mass > 0 else 1.0 / len(names)) for k in names})
     return {k: minimum + counts[k] for k in names}
+
+
+def allocate_in_proportion(total: int, weights: dict[str, float], minimum: int) -> dict[str, int]:
+    """Integer prompt counts per route that sum to `total`, each within one of its exact
+    share of `total` in proportion to `weights` (largest remainders), except that a route
+    whose share is below `minimum` gets `minimum` and the other routes split what is left
+    in proportion (repeated until no share is below it)."""
+    _check_allocation(total, weights, minimum, "allocate_in_proportion")
+    floored: set[str] = set()
+    while True:  # some route stays free: all shares below the minimum would mean total < minimum x routes
+        free = [k for k in sorted(weights) if k not in floored]
+        rest = total - minimum * len(floored)
+        mass = sum(weights[k] for k in free)
+        quota = {k: rest * (weights[k] / mass if mass > 0 else 1.0 / len(free)) for k in free}
+        low = {k for k in free if quota[k] < minimum}
+        if not low:
+            break
+        floored |= low
+    counts = _round_quotas(rest, quota)  # a quota >= the (integer) minimum rounds to >= it
+    return {k: minimum if k in floored else counts[k] for k in sorted(weights)}
 
 
 def round_allocation(settings: OPDSettings, teachers: list[TeacherRef], history: dict,
@@ -56,5 +88,6 @@ def round_allocation(settings: OPDSettings, teachers: list[TeacherRef], history:
                                    f"the history holds {len(kls)} rounds")
             kl = kls[known]
             weights = {t.route: t.share * max(float(kl.get(t.name, 0.0)), 0.0) for t in teachers}
-    minimum = max(1, int(settings.allocation_floor * n)) if settings.allocation == "kl" else 1
-    return allocate_prompts(n * len(teachers), weights, minimum)
+    if settings.allocation == "kl":
+        return allocate_prompts(n * len(teachers), weights, max(1, int(settings.allocation_floor * n)))
+    return allocate_in_proportion(n * len(teachers), weights, 1)

@@ -19,9 +19,14 @@ Divergences (registry `DIVERGENCES`, one signature `(log_ps, log_pt, beta, with_
   with `g = (1 - beta)(log p_s - log m)`. The general formula is 0 at beta in {0, 1}, so
   TRL (and we) define the endpoints as `beta = 0 -> forward KL`, `beta = 1 -> reverse KL`.
 
-Numerics: logits are computed in the inputs' dtype (a bf16 matmul on GPU), then the
-softmaxes and divergences in float32 (float64 when the student is float64); the weight
-gradient accumulates in float32 when W is half precision. No temperature (the paper uses
+Numerics: the student's vocabulary projection runs in float32 for half-precision inputs
+(`fp32_logits`, None = that default; the weight's float32 copy is made once per forward
+and once per backward, O(V x H), so memory stays bounded by the chunk), or in the inputs'
+dtype with `fp32_logits=False` (bf16 logits rounded before the softmax: per-token KL
+errors of several % at logits ~26); the softmaxes and divergences run in float32 (float64
+when the student is float64); the weight gradient accumulates in float32 when W is half
+precision. The teacher's cached states enter its head in the cache's dtype
+(`compute_rmsnorm_logits` normalises them in float32 before any rounding). No temperature (the paper uses
 none). Departure from a plain autograd graph: the teacher head is called again in
 backward, so backward must run while the teacher head is still resident (it is, when
 each micro-batch's backward follows its forward, as in gradient accumulation).
@@ -34,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from engine.logprobs import add_chunk_input_grads, chunk_bounds, zero_input_grads
+from engine.logprobs import add_chunk_input_grads, chunk_bounds, projection_weight, zero_input_grads
 from engine.registry import Registry
 
 Tensor = torch.Tensor
@@ -102,8 +107,9 @@ def compute_rmsnorm_logits(hidden: Tensor, norm_weight: Tensor, eps: float, proj
     model's own logits bit for bit. Returns float32 (float64 for float64 weights).
     """
     dtype = proj_weight.dtype
-    x = hidden.to(dtype)  # (n, H)
-    xf = x.to(torch.promote_types(dtype, torch.float32))
+    # the cached states as they are (an fp32 cache of a bf16 head is not rounded first); for
+    # states already in the head's dtype this is HF's op order exactly
+    xf = hidden.to(torch.promote_types(dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     logits = torch.nn.functional.linear(norm_weight * xf.to(dtype), proj_weight)  # (n, V), as nn.Linear
     return logits.to(torch.promote_types(dtype, torch.float32))
@@ -120,8 +126,9 @@ def _as_head_fn(teacher_head: TeacherHeadLike) -> Callable[[Tensor], Tensor]:
 
 
 def _chunk_log_probs(h_s, weight, h_t, head_fn, acc_dtype):
-    """Student and teacher log-probabilities of one chunk, each (c, V)."""
-    z_s = (h_s @ weight.T).to(acc_dtype)  # (c, V)
+    """Student and teacher log-probabilities of one chunk, each (c, V); the student's matmul
+    in `weight`'s dtype (`engine.logprobs.projection_weight` picks it)."""
+    z_s = (h_s.to(weight.dtype) @ weight.T).to(acc_dtype)  # (c, V)
     with torch.no_grad():
         z_t = head_fn(h_t).to(acc_dtype)  # (c, V)
     if z_t.shape != z_s.shape:
@@ -138,16 +145,18 @@ def _log_softmax_(z: Tensor) -> Tensor:
 
 class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, weight, h_t, token_weights, head_fn, fn, beta, chunk_size):
+    def forward(ctx, h_s, weight, h_t, token_weights, head_fn, fn, beta, chunk_size, fp32_logits):
         acc = torch.promote_types(h_s.dtype, torch.float32)
         n = h_s.shape[0]
         per_token = torch.zeros(n, dtype=acc, device=h_s.device)  # (N,)
+        w = projection_weight(h_s, weight, fp32_logits)  # (V, H)
         for s, e in chunk_bounds(n, chunk_size):
-            log_ps, log_pt = _chunk_log_probs(h_s[s:e], weight, h_t[s:e], head_fn, acc)
+            log_ps, log_pt = _chunk_log_probs(h_s[s:e], w, h_t[s:e], head_fn, acc)
             per_token[s:e], _ = fn(log_ps, log_pt, beta, False)
         loss = (per_token * token_weights.to(acc)).sum()
         ctx.save_for_backward(h_s, weight, h_t, token_weights)
         ctx.head_fn, ctx.fn, ctx.beta, ctx.chunk_size, ctx.acc = head_fn, fn, beta, chunk_size, acc
+        ctx.fp32_logits = fp32_logits
         ctx.mark_non_differentiable(per_token)
         return loss, per_token
 
@@ -156,27 +165,29 @@ class _ChunkedDivergence(torch.autograd.Function):
         h_s, weight, h_t, token_weights = ctx.saved_tensors
         grad_h, grad_w = zero_input_grads(ctx, h_s, weight)  # (N, H), (V, H)
         scale = token_weights.to(ctx.acc) * grad_loss.to(ctx.acc)  # (N,)
+        w = projection_weight(h_s, weight, ctx.fp32_logits)  # (V, H)
         for s, e in chunk_bounds(h_s.shape[0], ctx.chunk_size):
-            log_ps, log_pt = _chunk_log_probs(h_s[s:e], weight, h_t[s:e], ctx.head_fn, ctx.acc)
+            log_ps, log_pt = _chunk_log_probs(h_s[s:e], w, h_t[s:e], ctx.head_fn, ctx.acc)
             _, g = ctx.fn(log_ps, log_pt, ctx.beta, True)
             g.mul_(scale[s:e].unsqueeze(-1))  # dL/dz_s, (c, V)
             del log_ps, log_pt
-            add_chunk_input_grads(g, h_s, weight, s, e, grad_h, grad_w)
+            add_chunk_input_grads(g, h_s, w, s, e, grad_h, grad_w)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def compute_chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                                teacher_head: TeacherHeadLike, token_weights: Tensor, *,
                                kind: str = "reverse_kl", chunk_size: int = DEFAULT_CHUNK_SIZE,
-                               beta: float = 0.5) -> tuple[Tensor, Tensor]:
+                               beta: float = 0.5, fp32_logits: bool | None = None) -> tuple[Tensor, Tensor]:
     """Weighted sum over tokens of D(p_s || p_t), chunked over tokens in forward and backward.
 
     student_hidden (N, H) post-norm, differentiable; student_weight (V, H) differentiable;
     teacher_hidden (N, Ht) pre-norm, no gradient; teacher_head: callable (n, Ht) -> (n, V)
     logits, or a tuple (norm_weight (Ht,), eps, proj_weight (V, Ht)); token_weights (N,)
     (e.g. the sample's teacher weight, 0 to drop a token). `beta` is used by `jsd` only.
+    `fp32_logits`: the student's projection in float32 (None: for half-precision inputs).
     Returns (loss_sum: scalar `sum_i w_i D_i`, per_token: (N,) unweighted D_i, detached).
     """
     fn = get_divergence(kind)
@@ -196,4 +207,4 @@ def compute_chunked_divergence(student_hidden: Tensor, student_weight: Tensor, t
     dev = student_hidden.device  # cached states and weights may arrive on the host
     return _ChunkedDivergence.apply(student_hidden, student_weight, teacher_hidden.detach().to(dev),
                                     token_weights.detach().to(dev), _as_head_fn(teacher_head), fn,
-                                    float(beta), int(chunk_size))
+                                    float(beta), int(chunk_size), fp32_logits)

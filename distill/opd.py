@@ -18,8 +18,10 @@ The loss is `sum_t w_teacher(sample) * D_t / (response tokens of the mini-batch)
 With `reward_weight` α > 0 (MOPD) the round's samples are also scored by their route's
 verifier (on a thread while the teachers prefill), each gets its reward z-scored within
 its prompt's group as advantage A (kept in rollouts.jsonl, which is then written after
-the teach phase), and the loss adds `-α · w_teacher · A · log p(token)` on the same tokens
-(distill.opd_loss.compute_policy_gradient_term, under the sampler's temperature).
+the teach phase), and the loss adds `-α · w_teacher · min(r A, clip(r) A)` on the same
+tokens, r the token's probability now over the sampler's (`reward_ratio: clip`, default;
+`none`: `-α · w_teacher · A · log p(token)`) (distill.opd_loss.compute_policy_gradient_term,
+under the sampler's temperature).
 
 Held-out KL (`heldout_prompts_per_domain` > 0): before round 0 and every `heldout_every`
 rounds after, the student samples answers to the same held-out prompts with the same
@@ -37,10 +39,15 @@ size, measured when each round ends (cache and new checkpoint both on disk).
 Pipelined rounds (`pipelined: true`): round r+1's rollouts and teacher prefill run on a
 background thread (the prefill itself in Ray tasks when the stage has a prefill pool)
 while round r trains, so a round costs about max(rollout + prefill, train) instead of
-their sum. Round r+1 is sampled from the weights round r started from (one round of
-staleness; round 0 from the initial weights): each sample records its `policy_version`
-(rounds of training in the weights that sampled it) in `rollouts.jsonl`, and the history
-gets `policy_version_per_round`, `staleness_per_round` and `time_per_round` (wall time).
+their sum. Round r+1 is sampled from the weights round r started from (round 0 from the
+initial weights), so at round r+1's k-th step its samples are S_r + k optimiser steps old
+(S_r: round r's steps), at most S_r + S_{r+1} - 1; synchronous rounds' at most S_r - 1.
+Each sample records its `policy_version` (rounds of training in the weights that sampled
+it; r in synchronous rounds) in `rollouts.jsonl`; the history gets `version_steps`,
+`staleness_steps_per_round` (and per step `staleness_steps`), and when pipelined
+`policy_version_per_round`, `staleness_per_round` (rounds) and `time_per_round` (wall time).
+The reward term corrects for the staleness with GRPO's clipped ratio to the sampler's
+log-probs (`opd.reward_ratio`, distill.opd_loss.compute_policy_gradient_term).
 The generator takes the new weights only after round r+1's rollouts are done, and a
 round's checkpoint is written after the next round's rollouts and cache, so a resumed
 stage finds them on disk (the checkpoint's prompt-stream positions are those through
@@ -244,7 +251,7 @@ def teach_round(settings: OPDSettings, samples: list[RolloutSample], teachers: l
 
 
 def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, global_tokens: float, step: int,
-                 row_weights: bool = False, advantages: bool = False) -> dict:
+                 row_weights: bool = False, advantages: bool = False, rollout_logprobs: bool = False) -> dict:
     from engine.batching import Sample, pad_rows
 
     chosen = [samples[i] for i in plan.sample_indices]
@@ -261,6 +268,11 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
         batch["row_token_weights"] = torch.tensor([1.0 / max(response_tokens(s), 1) for s in chosen])
     if advantages:  # the reward term (OPDSettings.reward_weight): each row's group advantage
         batch["advantages"] = torch.tensor([s.advantage for s in chosen], dtype=torch.float32)
+    if rollout_logprobs:  # the sampler's log-prob of each token (B, T), for the reward term's ratio
+        lp = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        for i, s in enumerate(chosen):
+            lp[i, :len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        batch["rollout_logprobs"] = lp
     return batch
 
 
@@ -287,8 +299,15 @@ def set_reward_advantages(samples: list[RolloutSample], rewards: list[float], gr
             samples[i].reward, samples[i].advantage = float(rewards[i]), float(a)
 
 
+PG_METRICS = ("pg_ratio_mean", "pg_clip_frac_low", "pg_clip_frac_high", "pg_approx_kl")
+
+
 def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: Path, *, trainer, loss_fn, pad_id: int,
-                round_idx: int, step0: int, logger=None) -> tuple[list[dict], int]:
+                round_idx: int, step0: int, logger=None, version_steps: list[int] | None = None) -> tuple[list[dict], int]:
+    """One round's optimiser steps. `version_steps[v]`: the optimiser steps in the weights of
+    policy version v (the steps before round v); with it each step's record has
+    `staleness_steps`, the most optimiser steps between the weights that sampled one of its
+    samples (`policy_version`, the round if unset) and the weights it trains."""
     from distill.cache import CacheReader
 
     reader = CacheReader(cache_dir)
@@ -309,7 +328,8 @@ def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: 
                                          settings.loss_aggregation, [len(mp.sample_indices) for mp in micro_plans])
                 mbs = [_micro_batch(samples, mp, reader, pad_id=pad_id, global_tokens=d, step=step,
                                     row_weights=settings.loss_aggregation == "sample_mean",
-                                    advantages=settings.reward_weight > 0)
+                                    advantages=settings.reward_weight > 0,
+                                    rollout_logprobs=settings.reward_weight > 0 and settings.reward_ratio == "clip")
                        for mp, d in zip(micro_plans, divisors)]
                 m = trainer.train_step(mbs, loss_fn)
                 n = m["num_micro_batches"]
@@ -319,6 +339,11 @@ def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: 
                        "head_loads": round(m.get("head_load_events", 0.0) * n),
                        "teachers_in_step": len({mp.teacher_index for mp in micro_plans}),
                        "resident_heads": max(r.get("resident_heads", 0.0) for r in ranks)}
+                if version_steps is not None:
+                    oldest = min(round_idx if samples[i].policy_version is None else samples[i].policy_version
+                                 for mp in micro_plans for i in mp.sample_indices)
+                    rec["staleness_steps"] = step - version_steps[oldest]
+                rec.update({k: m[k] for k in PG_METRICS if k in m})
                 if "rank_metrics" in m:  # per rank: head loads, and the teachers its share held
                     rec["head_loads_per_rank"] = [round(r.get("head_load_events", 0.0) * r["num_micro_batches"])
                                                   for r in ranks]
@@ -409,7 +434,9 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         raise ValueError("run_opd: opd.reward_weight > 0 needs score_rollouts (the routes' verifiers)")
     loss_fn = OPDLoss(head_paths, [t.weight for t in teachers], settings.divergence, settings.chunk_size,
                       settings.jsd_beta, reward_weight=settings.reward_weight,
-                      reward_temperature=settings.temperature if settings.temperature > 0 else 1.0)
+                      reward_temperature=settings.temperature if settings.temperature > 0 else 1.0,
+                      reward_ratio=settings.reward_ratio, reward_clip_low=settings.reward_clip_low,
+                      reward_clip_high=settings.reward_clip_high)
     pad_id = tokenizer.pad_token_id
     measure = bool(heldout) and load_student is not None
 
@@ -455,9 +482,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         else:
             samples, fresh = rollout_round(settings, streams, domains, teacher_of_domain, generator=generator,
                                            tokenizer=tokenizer, round_idx=r, wal=wal, counts=counts), True
-            if settings.pipelined:  # which weights sampled them (the synchronous rounds' is r)
-                for s in samples:
-                    s.policy_version = version["generator"]
+            for s in samples:  # which weights sampled them (rounds of training in them; r unless pipelined)
+                s.policy_version = version["generator"]
         wal_counts = wal.counts()
         wal.close()
         t1 = time.time()
@@ -491,9 +517,14 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
         if ahead is not None:
             torch.set_num_threads(threads - ahead_threads)
         t2 = time.time()
+        version_steps = history.setdefault("version_steps", [])  # [v]: optimiser steps before round v
+        del version_steps[r:]
+        if len(version_steps) == r:  # else a checkpoint written before this was kept: no step staleness
+            version_steps.append(step)
         try:
             records, step = train_round(settings, samples, rdir / "cache", trainer=trainer, loss_fn=loss_fn,
-                                        pad_id=pad_id, round_idx=r, step0=step, logger=logger)
+                                        pad_id=pad_id, round_idx=r, step0=step, logger=logger,
+                                        version_steps=version_steps if len(version_steps) == r + 1 else None)
             log_rollout_samples(logger, samples, tokenizer, step, reward=settings.reward_weight > 0)
         finally:
             if ahead is not None:
@@ -506,6 +537,8 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             history.setdefault("policy_version_per_round", []).append(versions)
             history.setdefault("staleness_per_round", []).append(r - min(versions))
             history.setdefault("time_per_round", []).append(time.time() - t_wall)
+        if records and "staleness_steps" in records[-1]:  # the most optimiser steps a sample was old when trained
+            history.setdefault("staleness_steps_per_round", []).append(max(rec["staleness_steps"] for rec in records))
         version["generator"] = r + 1
         generator.load_weights(trainer.state_dict())
         _update_history(history, records, teachers, teach_stats, samples, (prep.rollout_s, prep.teach_s, t3 - t2))
@@ -605,3 +638,7 @@ def _update_history(history, records, teachers, teach_stats, samples, times) -> 
     for key, secs in zip(("rollout", "teach", "train"), times):
         history["time"][key] += secs
     history.setdefault("samples_per_round", []).append(len(samples))
+    for key in PG_METRICS:  # the reward term's ratio to the sampler: the round's mean over its steps
+        vals = [rec[key] for rec in records if key in rec]
+        if vals:
+            history.setdefault(f"{key}_per_round", []).append(sum(vals) / len(vals))

@@ -12,7 +12,8 @@ Devices: everything runs where the student's hidden states are (the trainer's de
 the head manager is built on that device at the first call, and the cached states and the
 token weights are moved there; CPU and CUDA take the same path. The loss is picklable (it
 is sent to trainer ranks); its head manager is rebuilt on the receiving side.
-Imports torch, safetensors and `distill.heads`/`distill.kl` only (no pydantic).
+Imports torch, safetensors, `distill.heads`/`distill.kl` and the pure-math `experts.losses`
+only (no pydantic).
 """
 
 from __future__ import annotations
@@ -54,20 +55,40 @@ def loss_divisors(tokens: list[int], teachers: list[int], aggregation: str,
 
 def compute_policy_gradient_term(h_s: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  advantages: torch.Tensor, token_weights: torch.Tensor, chunk_size: int,
-                                 temperature: float = 1.0) -> torch.Tensor:
-    """`-sum_i token_weights_i * advantages_i * log p_s(targets_i | h_s_i)`: REINFORCE on the
-    sampled tokens with a per-sample advantage, the log-probabilities under the sampler's
-    `temperature` as in GRPO (the rollouts are the student's own, so the ratio to the
-    sampler is 1 in a round's first step). h_s (N, H) post-norm, weight (V, H), targets
-    (N,), advantages and token_weights (N,). Chunked over tokens
+                                 temperature: float = 1.0, behaviour_logprobs: torch.Tensor | None = None,
+                                 clip_low: float = 0.2, clip_high: float = 0.28) -> tuple[torch.Tensor, dict]:
+    """The reward's policy-gradient term on the sampled tokens, summed: (term, metrics).
+
+    `behaviour_logprobs` None: plain REINFORCE, `-sum_i tw_i A_i log p_s(y_i | h_i)`.
+    Otherwise the clipped, importance-weighted surrogate of GRPO
+    (`experts.losses.compute_token_clipped_loss`, the same code):
+    `-sum_i tw_i min(r_i A_i, clip(r_i, 1 - clip_low, 1 + clip_high) A_i)` with
+    `r_i = p_s(y_i | h_i) / p_b(y_i)`, `p_b` the sampler's probability of the token
+    (`behaviour_logprobs`, the generator's log-probs kept in rollouts.jsonl). At r = 1 its
+    gradient is REINFORCE's; samples drawn by older weights (later mini-batches of a round,
+    pipelined rounds, a second epoch) or by another numerics (a bf16 sampler) are reweighted,
+    and the clip stops a token's ratio from pushing further once it left the trust region.
+    Metrics (detached, means over the tokens): `ratio_mean`, `clip_frac_low`,
+    `clip_frac_high`, `approx_kl` (k3 estimate of KL(p_b || p_s)), as GRPO logs them.
+
+    Log-probs are under the sampler's `temperature`. h_s (N, H) post-norm, weight (V, H),
+    targets, advantages, token_weights and behaviour_logprobs (N,). Chunked over tokens
     (`engine.logprobs.compute_target_logprobs`), so no (N, V) tensor is built."""
     from engine.logprobs import compute_target_logprobs
 
     if h_s.shape[0] == 0:
-        return h_s.sum() * 0.0
+        return h_s.sum() * 0.0, {}
     logp, _ = compute_target_logprobs(h_s, weight, targets.to(h_s.device), chunk_size, temperature=temperature)  # (N,)
-    coef = (token_weights.to(logp.dtype) * advantages.to(logp.dtype)).detach()  # (N,)
-    return -(coef * logp).sum()
+    tw = token_weights.to(device=logp.device, dtype=logp.dtype).detach()  # (N,)
+    adv = advantages.to(device=logp.device, dtype=logp.dtype).detach()  # (N,)
+    if behaviour_logprobs is None:
+        return -(tw * adv * logp).sum(), {}
+    from experts.losses import compute_token_clipped_loss
+
+    old = behaviour_logprobs.to(device=logp.device, dtype=logp.dtype)[None]  # (1, N)
+    per_token, metrics = compute_token_clipped_loss(logp[None], old, adv[None], torch.ones_like(old),
+                                                    clip_low=clip_low, clip_high=clip_high)  # (1, N)
+    return (tw * per_token[0]).sum(), {k: float(v) for k, v in metrics.items()}
 
 
 class OPDLoss:
@@ -75,7 +96,8 @@ class OPDLoss:
 
     def __init__(self, head_paths: list[str], teacher_weights: list[float], divergence: str,
                  chunk_size: int, jsd_beta: float, head_dtype: torch.dtype | None = None, reward_weight: float = 0.0,
-                 reward_temperature: float = 1.0):
+                 reward_temperature: float = 1.0, reward_ratio: str = "clip", reward_clip_low: float = 0.2,
+                 reward_clip_high: float = 0.28):
         self.head_paths = list(head_paths)
         self.teacher_weights = list(teacher_weights)
         self.divergence = divergence
@@ -84,6 +106,10 @@ class OPDLoss:
         self.head_dtype = head_dtype
         self.reward_weight = float(reward_weight)
         self.reward_temperature = float(reward_temperature)  # the rollouts' sampling temperature
+        if reward_ratio not in ("clip", "none"):
+            raise ValueError(f"OPDLoss: reward_ratio must be 'clip' or 'none', got {reward_ratio!r}")
+        self.reward_ratio = reward_ratio  # clip: GRPO's clipped ratio to the sampler; none: REINFORCE
+        self.reward_clip_low, self.reward_clip_high = float(reward_clip_low), float(reward_clip_high)
         self._heads = None
         self._step = None
 
@@ -130,16 +156,23 @@ class OPDLoss:
             rw = batch["row_token_weights"].to(device=h_s.device, dtype=torch.float32)  # (B,)
             w = w * rw[:, None].expand(mask.shape)[mask]
         loss_sum, per_token = compute_chunked_divergence(
-            h_s, weight, h_t.to(device=h_s.device, dtype=h_s.dtype), head, w, kind=self.divergence,
+            h_s, weight, h_t.to(device=h_s.device), head, w, kind=self.divergence,
             chunk_size=self.chunk_size, beta=self.jsd_beta)
         metrics = {}
         if self.reward_weight > 0 and "advantages" in batch:  # MOPD: plus the reward's policy gradient
             adv = batch["advantages"].to(device=h_s.device, dtype=torch.float32)  # (B,)
             targets = batch["input_ids"][:, 1:][mask].to(h_s.device)  # (N,), the tokens h_s predicted
-            pg_sum = compute_policy_gradient_term(h_s, weight, targets, adv[:, None].expand(mask.shape)[mask],
-                                                  w * self.reward_weight, self.chunk_size, self.reward_temperature)
+            behaviour = None
+            if self.reward_ratio == "clip":
+                if "rollout_logprobs" not in batch:
+                    raise KeyError("OPDLoss: reward_ratio 'clip' needs the batch's rollout_logprobs (B, T)")
+                behaviour = batch["rollout_logprobs"][:, 1:][mask].to(device=h_s.device, dtype=torch.float32)  # (N,)
+            pg_sum, pg_metrics = compute_policy_gradient_term(
+                h_s, weight, targets, adv[:, None].expand(mask.shape)[mask], w * self.reward_weight, self.chunk_size,
+                self.reward_temperature, behaviour, self.reward_clip_low, self.reward_clip_high)
             loss_sum = loss_sum + pg_sum
             metrics[f"pg_sum/teacher{t}"] = float(pg_sum.detach())
+            metrics.update({f"pg_{k}": v for k, v in pg_metrics.items()})
         loss = loss_sum / batch["global_tokens"].to(loss_sum.device)
         n = per_token.numel()
         return loss, {"head_load_events": float(loaded),

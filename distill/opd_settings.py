@@ -23,7 +23,8 @@ class TeacherSpec(Settings):
 
 
 class OPDSettings(Settings):
-    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"allocation": "fixed", "allocation_floor": 0.5, "reward_weight": 0.0}
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"allocation": "fixed", "allocation_floor": 0.5, "reward_weight": 0.0,
+                                             "reward_ratio": "clip", "reward_clip_low": 0.2, "reward_clip_high": 0.28}
 
     student_init: str = Field("sft:all", description="'base', 'sft:all', 'sft:<domain>' or a path")
     teachers: list[TeacherSpec] | None = Field(None, description="default: every domain's expert, weight 1")
@@ -51,6 +52,14 @@ class OPDSettings(Settings):
                                  "verifier reward added to the divergence (MiMo's MOPD): -weight x A x log p of "
                                  "each sampled token, A the sample's reward z-scored within its prompt's "
                                  "samples_per_prompt samples (needs >= 2); 0: distillation alone")
+    reward_ratio: Literal["clip", "none"] = Field(
+        "clip", description="the reward term's correction for samples the current weights did not draw (later "
+        "mini-batches of a round, pipelined rounds, epochs_per_round > 1, a sampler of other numerics): clip: GRPO's "
+        "clipped surrogate, -min(r A, clip(r, 1 - reward_clip_low, 1 + reward_clip_high) A), r the token's "
+        "probability now over the sampler's (rollouts.jsonl); none: plain REINFORCE, -A log p (biased once the "
+        "policy has moved since sampling)")
+    reward_clip_low: float = Field(0.2, gt=0.0, lt=1.0)
+    reward_clip_high: float = Field(0.28, gt=0.0)
     chunk_size: PositiveInt = 1024
     cache_dtype: Literal["fp32", "bf16"] = "fp32"
     shard_tokens: PositiveInt = 65536
@@ -58,7 +67,8 @@ class OPDSettings(Settings):
     keep_caches: int = Field(0, ge=0, description="round caches kept on disk (the newest); the others are "
                              "deleted once their round's checkpoint is written (rollouts are kept)")
     pipelined: bool = Field(False, description="round r+1's rollouts and teacher prefill run while round r "
-                            "trains (one round of staleness, recorded per sample); false: synchronous rounds")
+                            "trains (its samples one round old at its first step, two rounds less one step at its "
+                            "last; recorded per sample and step); false: synchronous rounds")
     # optimisation
     epochs_per_round: PositiveInt = 1
     mini_batch_size: PositiveInt = 64
@@ -78,4 +88,7 @@ class OPDSettings(Settings):
         if self.reward_weight > 0 and self.samples_per_prompt < 2:
             raise ValueError(f"reward_weight {self.reward_weight} needs samples_per_prompt >= 2 (the reward's "
                              f"baseline is the prompt's other samples), got {self.samples_per_prompt}")
+        if self.reward_weight > 0 and self.temperature == 0:
+            raise ValueError(f"reward_weight {self.reward_weight} needs temperature > 0: greedy samples of one "
+                             "prompt are identical, so every advantage (reward z-scored within the prompt) is 0")
         return self

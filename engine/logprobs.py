@@ -9,8 +9,13 @@ The (tokens x vocabulary) logits are never all alive at once: a custom autograd 
 walks the tokens in chunks of `chunk_size`, saving only its inputs; backward recomputes
 each chunk's log-softmax and forms the gradient with respect to the logits in closed
 form (as `distill/kl.py` does). Not `torch.utils.checkpoint`: its first call imports
-torch._dynamo, ~5 s on the 2-core CI machine. Logits are computed in the inputs' dtype
-(a bf16 matmul on GPU) and the log-softmax in float32 (float64 for float64 inputs).
+torch._dynamo, ~5 s on the 2-core CI machine. The log-softmax runs in float32 (float64
+for float64 inputs). The vocabulary projection: with `fp32_logits` (None, the default:
+on for half-precision inputs) the hidden states and the weight are cast to float32 and
+the logits computed in float32 (the weight's float32 copy is made once per forward and
+once per backward: O(V x H) memory, independent of the token count, so the chunking
+still bounds memory); with `fp32_logits=False` in the inputs' dtype (a bf16 matmul,
+whose logits are rounded to bf16 before the softmax: at logits ~26 that is ~0.1 a logit).
 Pure math: torch + stdlib only.
 
 Sampling distribution (one definition, shared with `engine.generation`). With top-k /
@@ -61,11 +66,22 @@ def compute_sampling_keep_mask(scaled: Tensor, top_k: int = 0, top_p: float = 1.
     return keep
 
 
+def projection_weight(h: Tensor, weight: Tensor, fp32_logits: bool | None) -> Tensor:
+    """The weight the logits are computed with: `weight` itself, or its float32 copy where
+    `fp32_logits` (None: when `h` or `weight` is half precision) asks for float32 logits."""
+    if fp32_logits is None:
+        fp32_logits = h.dtype in (torch.bfloat16, torch.float16) or weight.dtype in (torch.bfloat16, torch.float16)
+    if not fp32_logits or weight.dtype in (torch.float32, torch.float64):
+        return weight
+    return weight.float()
+
+
 def _chunk_log_softmax(h: Tensor, weight: Tensor, temperature: float, acc: torch.dtype,
                        top_k: int = 0, top_p: float = 1.0, targets: Tensor | None = None) -> Tensor:
     """log_softmax(filter(h W^T / temperature)) of one chunk, (c, V) in `acc`; -inf outside
-    the kept set, which always holds each row's target (module docstring)."""
-    logits = (h @ weight.T).to(acc)  # (c, V), matmul in the inputs' dtype
+    the kept set, which always holds each row's target (module docstring). The matmul runs
+    in `weight`'s dtype (`projection_weight` picks it)."""
+    logits = (h.to(weight.dtype) @ weight.T).to(acc)  # (c, V)
     if temperature != 1.0:
         logits = logits / temperature
     keep = compute_sampling_keep_mask(logits, top_k, top_p)
@@ -115,27 +131,29 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     d logp_y / dz = onehot(y) - p;  d H / dz = -p (log p + H)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk_size, top_k, top_p):
+    def forward(ctx, h, weight, targets, temperature, chunk_size, top_k, top_p, fp32_logits):
         acc = torch.promote_types(h.dtype, torch.float32)
         n = h.shape[0]
         filtered = bool(top_k) or top_p < 1.0
         lp = torch.empty(n, dtype=acc, device=h.device)  # (N,)
         ent = torch.empty(n, dtype=acc, device=h.device)  # (N,)
+        w = projection_weight(h, weight, fp32_logits)  # (V, H)
         for s, e in chunk_bounds(n, chunk_size):
-            logp = _chunk_log_softmax(h[s:e], weight, temperature, acc, top_k, top_p, targets[s:e])  # (c, V)
+            logp = _chunk_log_softmax(h[s:e], w, temperature, acc, top_k, top_p, targets[s:e])  # (c, V)
             lp[s:e] = logp.gather(-1, targets[s:e].unsqueeze(-1)).squeeze(-1)
             ent[s:e] = _entropy(logp) if filtered else -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(h, weight, targets, ent)
         ctx.temperature, ctx.chunk_size, ctx.acc = temperature, chunk_size, acc
-        ctx.top_k, ctx.top_p, ctx.filtered = top_k, top_p, filtered
+        ctx.top_k, ctx.top_p, ctx.filtered, ctx.fp32_logits = top_k, top_p, filtered, fp32_logits
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         h, weight, targets, ent = ctx.saved_tensors
         grad_h, grad_w = zero_input_grads(ctx, h, weight)  # (N, H), (V, H)
+        w = projection_weight(h, weight, ctx.fp32_logits)  # (V, H)
         for s, e in chunk_bounds(h.shape[0], ctx.chunk_size):
-            logp = _chunk_log_softmax(h[s:e], weight, ctx.temperature, ctx.acc, ctx.top_k, ctx.top_p,
+            logp = _chunk_log_softmax(h[s:e], w, ctx.temperature, ctx.acc, ctx.top_k, ctx.top_p,
                                       targets[s:e])  # (c, V)
             p = logp.exp()
             if ctx.filtered:  # p = 0 off the kept set: its (log p + H) p term is 0, not nan
@@ -146,8 +164,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             g.scatter_add_(-1, targets[s:e].unsqueeze(-1), grad_lp[s:e].unsqueeze(-1).to(g.dtype))
             if ctx.temperature != 1.0:
                 g.div_(ctx.temperature)  # dz/dlogits
-            add_chunk_input_grads(g, h, weight, s, e, grad_h, grad_w)
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None
+            add_chunk_input_grads(g, h, w, s, e, grad_h, grad_w)
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None, None
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size, temperature: float) -> None:
@@ -172,36 +190,42 @@ def _check_inputs(hidden: Tensor, weight: Tensor, input_ids: Tensor, chunk_size,
 
 
 def compute_target_logprobs(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = DEFAULT_CHUNK_SIZE, *,
-                            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Tensor]:
+                            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                            fp32_logits: bool | None = None) -> tuple[Tensor, Tensor]:
     """(log p(targets_i | h_i), entropy_i), each (N,), for states h (N, H) that each predict
     one target (N,): the flat core of `compute_chunked_token_logprobs` (same numerics, same
     chunked backward), for callers whose states are already gathered (OPD's reward term)."""
     acc = torch.promote_types(h.dtype, torch.float32)
     if chunk_size is None:  # plain autograd over all tokens at once
-        logp = _chunk_log_softmax(h, weight, float(temperature), acc, int(top_k), float(top_p), targets)  # (N, V)
+        logp = _chunk_log_softmax(h, projection_weight(h, weight, fp32_logits), float(temperature), acc, int(top_k),
+                                  float(top_p), targets)  # (N, V)
         lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
         ent = _entropy(logp) if (top_k or top_p < 1.0) else -(logp.exp() * logp).sum(-1)  # (N,)
         return lp, ent
-    return _ChunkedTokenLogprobs.apply(h, weight, targets, float(temperature), int(chunk_size), int(top_k), float(top_p))
+    return _ChunkedTokenLogprobs.apply(h, weight, targets, float(temperature), int(chunk_size), int(top_k), float(top_p),
+                                       fp32_logits)
 
 
 def compute_chunked_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor,
                            chunk_size: int | None = DEFAULT_CHUNK_SIZE, *, temperature: float = 1.0,
-                           top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
+                           top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False,
+                           fp32_logits: bool | None = None):
     """Aligned log-probs (B, T) [and entropies (B, T)], chunked over tokens.
 
     `entropy[:, t]` is the entropy of the distribution that predicted token t (0 at t=0).
     `temperature` divides the logits (match the sampler's when computing ratios to its
     log-probs). `top_k` / `top_p`: the sampler's truncation (module docstring); the
     entropy is then the truncated distribution's. `chunk_size=None`: one plain autograd
-    pass (no chunking, no recompute).
+    pass (no chunking, no recompute). `fp32_logits`: the projection in float32 (None: for
+    half-precision inputs; module docstring).
     """
     _check_inputs(hidden, weight, input_ids, chunk_size, temperature)
     B, T, H = hidden.shape
     acc = torch.promote_types(hidden.dtype, torch.float32)
     h = hidden[:, :-1].reshape(-1, H)  # (N, H), N = B * (T - 1)
     targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # (N,)
-    lp, ent = compute_target_logprobs(h, weight, targets, chunk_size, temperature=temperature, top_k=top_k, top_p=top_p)
+    lp, ent = compute_target_logprobs(h, weight, targets, chunk_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      fp32_logits=fp32_logits)
     zeros = torch.zeros(B, 1, dtype=acc, device=hidden.device)  # (B, 1)
     logprobs = torch.cat([zeros, lp.view(B, T - 1)], dim=1)  # (B, T)
     if not return_entropy:

@@ -65,6 +65,15 @@ def run_loss(lm, batch: dict, loss_fn: LossFn):
     return loss_fn(out.last_hidden_state, lm.get_output_embeddings().weight, batch)
 
 
+def enable_gradient_checkpointing(lm) -> None:
+    """transformers' gradient (activation) checkpointing on every decoder layer of `lm`, non-reentrant
+    (torch.utils.checkpoint with use_reentrant=False: gradients identical to a plain
+    backward; the layers' activations are recomputed in backward instead of kept)."""
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ValueError(f"trainer.gradient_checkpointing: {type(lm).__name__} does not support it")
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def padding_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
     """The loss of a padding micro-batch (`DUMMY_KEY`): exactly zero, yet reaching every
     parameter, so the rank joins the gradient collectives without calling the real loss

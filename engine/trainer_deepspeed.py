@@ -29,7 +29,8 @@ from torch import nn
 
 from engine.model import load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, merge_step_metrics, padding_loss,
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, enable_gradient_checkpointing,
+                                   merge_step_metrics, padding_loss,
                                    read_extra_state, rng_state, run_loss, save_hf_dir, seed_everything,
                                    set_rng_state, to_device, write_extra_state)
 
@@ -97,6 +98,8 @@ class DeepSpeedTrainer:
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.tokenizer_dir = tokenizer_dir
         module = _LossModule(load_model(model_dir, dtype="fp32", device=settings.device))
+        if getattr(settings, "gradient_checkpointing", False):
+            enable_gradient_checkpointing(module.lm)
         if settings.zero_stage == 3:
             deepspeed.zero.register_external_parameter(module, module.lm.get_output_embeddings().weight)
         optimizer = build_optimizer(module.lm, settings.optimizer, lr=settings.lr,

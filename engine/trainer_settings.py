@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
@@ -14,6 +14,8 @@ BACKENDS = ("torch", "deepspeed")
 class TrainerSettings(Settings):
     """How a stage's model is trained. Stage settings override the optimisation fields
     through `with_overrides` (e.g. each stage's own `lr` and `steps`)."""
+
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"gradient_checkpointing": False}
 
     backend: Literal["torch", "deepspeed"] = "torch"
     device: Literal["cpu", "cuda"] = "cpu"
@@ -32,6 +34,9 @@ class TrainerSettings(Settings):
     seed: int = 0
     deterministic: bool = True
     logprob_chunk: int = Field(0, ge=0, description="positions per log-softmax chunk; 0 = all at once")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in "
+                                         "backward instead of keeping them (transformers' gradient checkpointing, "
+                                         "non-reentrant): less memory, one more forward per step")
 
     @field_validator("betas")
     @classmethod

@@ -9,10 +9,20 @@ process would get from every micro-batch), so the replicas stay identical. This 
 contract without `DistributedDataParallel`'s module wrapper, whose forward hooks the
 loss path (decoder + LM head weight handed to the loss) would bypass. A padding
 micro-batch (`DUMMY_KEY`) is skipped: the only collective is once per step.
+
+Mixed precision (`dtype: bf16`): `self.lm` holds the fp32 master weights, which the
+optimiser (AdamW or Muon, state in fp32) steps, which `state_dict`/`save_hf`/checkpoints
+hold, and which resume loads; `self.compute_lm`, a bf16 copy, runs every forward and
+backward. After each micro-batch's backward its bf16 gradients are added into the masters'
+fp32 gradients (accumulation, the all-reduce and clipping in fp32); after the step the
+masters are rounded into the copy. Stepping bf16 weights instead loses RL-sized steps: a
+weight of 0.02 has a bf16 resolution of ~1.2e-4, far above an Adam step at lr 1e-6. With
+`dtype: fp32` the copy is `self.lm` itself and none of this runs.
 Imports no pydantic: `settings` is read by attribute (tests/gpu run without it)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -21,7 +31,8 @@ import torch
 
 from engine.model import DTYPES, load_model
 from engine.optim import build_optimizer, build_scheduler
-from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, broadcast_parameters, init_process_group,
+from engine.trainer_common import (DUMMY_KEY, LogprobFn, as_float, barrier, broadcast_parameters,
+                                   enable_gradient_checkpointing, init_process_group,
                                    merge_step_metrics, read_extra_state, rng_state, run_loss, save_hf_dir,
                                    seed_everything, set_rng_state, sum_gradients_over_ranks, to_device,
                                    write_extra_state)
@@ -44,6 +55,15 @@ def load_hf_weights(lm, path: Path) -> None:
                        f"unexpected {sorted(unexpected)}")
 
 
+def _param_pairs(master, low) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(master parameter, compute-copy parameter) by name; tied weights appear once."""
+    lows = dict(low.named_parameters())
+    pairs = [(p, lows[n]) for n, p in master.named_parameters()]
+    if len(pairs) != len(lows):
+        raise RuntimeError(f"compute copy has {len(lows)} parameters, the masters {len(pairs)}")
+    return pairs
+
+
 class TorchTrainer:
     def __init__(self, settings, model_dir: str, *, tokenizer_dir: str | None = None, rank: int = 0,
                  world_size: int = 1):
@@ -56,9 +76,15 @@ class TorchTrainer:
         self.device = torch.device(settings.device, torch.cuda.current_device()) if settings.device == "cuda" \
             else torch.device("cpu")
         self.tokenizer_dir = tokenizer_dir
-        self.lm = load_model(model_dir, dtype=settings.dtype, device=str(self.device))
+        self.lm = load_model(model_dir, dtype="fp32", device=str(self.device))  # the master weights
         if world_size > 1:
             broadcast_parameters(list(self.lm.parameters()))
+        self.compute_lm = self.lm
+        if DTYPES[settings.dtype] != torch.float32:  # mixed precision: a low-precision copy computes
+            self.compute_lm = copy.deepcopy(self.lm).to(DTYPES[settings.dtype])
+            self._pairs = _param_pairs(self.lm, self.compute_lm)
+        if getattr(settings, "gradient_checkpointing", False):
+            enable_gradient_checkpointing(self.compute_lm)
         self.optimizer = build_optimizer(self.lm, settings.optimizer, lr=settings.lr,
                                          weight_decay=settings.weight_decay, betas=settings.betas,
                                          eps=settings.eps)
@@ -79,15 +105,17 @@ class TorchTrainer:
         if not micro_batches:
             raise ValueError("train_step: no micro-batches")
         t0 = time.perf_counter()
-        self.lm.train()
+        self.compute_lm.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, tokens, count, extra = 0.0, 0, 0, {}
         for mb in micro_batches:
             if DUMMY_KEY in mb:
                 continue  # keeps ranks in step only; this backend's one collective is below
             mb = to_device(mb, self.device)
-            loss, metrics = run_loss(self.lm, mb, loss_fn)
+            loss, metrics = run_loss(self.compute_lm, mb, loss_fn)
             loss.backward()
+            if self.compute_lm is not self.lm:
+                self._accumulate_master_grads()
             loss_sum += float(loss.detach())
             tokens += int(mb["attention_mask"].sum())
             count += 1
@@ -101,19 +129,40 @@ class TorchTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self._sync_compute_copy()
         part = {"loss": loss_sum, "tokens": tokens, "num_micro_batches": count, "grad_norm": grad_norm,
                 "lr": lr, "seconds": time.perf_counter() - t0,
                 "loss_metrics": {k: v / max(count, 1) for k, v in extra.items()}}
         return part
 
     @torch.no_grad()
+    def _accumulate_master_grads(self) -> None:
+        """Add the compute copy's gradients into the masters' fp32 ones, and free them."""
+        for master, low in self._pairs:
+            if low.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = low.grad.float()
+            else:
+                master.grad.add_(low.grad)
+            low.grad = None
+
+    @torch.no_grad()
+    def _sync_compute_copy(self) -> None:
+        """Round the fp32 masters into the low-precision compute copy (no-op in fp32)."""
+        if self.compute_lm is not self.lm:
+            for master, low in self._pairs:
+                low.copy_(master)
+
+    @torch.no_grad()
     def forward_logprobs(self, batch: dict) -> torch.Tensor:
-        self.lm.eval()
-        lp, _ = run_loss(self.lm, to_device(batch, self.device), LogprobFn(self.settings.logprob_chunk))
+        self.compute_lm.eval()
+        lp, _ = run_loss(self.compute_lm, to_device(batch, self.device), LogprobFn(self.settings.logprob_chunk))
         return lp.cpu()  # (B, T)
 
     # --------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights: the fp32 masters under mixed precision."""
         return {k: v.detach().cpu().clone() for k, v in self.lm.state_dict().items()}
 
     def save_hf(self, path: str | os.PathLike) -> None:
@@ -134,8 +183,8 @@ class TorchTrainer:
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         path = Path(path)
         extra = read_extra_state(path)
-        load_hf_weights(self.lm, path)
-        self.lm.to(DTYPES[self.settings.dtype])
+        load_hf_weights(self.lm, path)  # the masters (fp32 in checkpoints written since they exist)
+        self._sync_compute_copy()
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 TRAINER_DEFAULTS = dict(backend="torch", device="cpu", dtype="fp32", zero_stage=0, optimizer="adamw", lr=1e-3,
                         weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, schedule="constant", warmup_steps=0,
                         total_steps=None, min_lr_ratio=0.0, grad_clip=1.0, seed=0, deterministic=True,
-                        logprob_chunk=0)
+                        logprob_chunk=0, gradient_checkpointing=False)
 # engine/tiny_spec.py `TinySpec` defaults
 TINY_DEFAULTS = dict(architecture="qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                      intermediate_size=384, tie_word_embeddings=False, max_position_embeddings=1024, vocab_multiple=8)

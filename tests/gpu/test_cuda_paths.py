@@ -1,6 +1,7 @@
 """The CUDA paths, on one GPU: the chunked full-vocabulary KL at a 128k vocabulary in bf16
 against a float64 reference, the torch trainer in bf16 on CUDA against fp32 on the CPU,
-DeepSpeed ZeRO-2 bf16 on CUDA against the torch backend, and the HF generator on CUDA.
+DeepSpeed ZeRO-2 bf16 on CUDA against the torch backend, the torch trainer's bf16 updates at
+lr 1e-6 against fp32's (fp32 master weights), and the HF generator on CUDA.
 
 Skipped without CUDA (conftest); the DeepSpeed test also without `deepspeed`. Run with
 `scripts/gpu_check.sh` (DS_ACCELERATOR=cuda). Sizes keep the whole file under a minute.
@@ -92,6 +93,31 @@ def test_torch_trainer_bf16_cuda_tracks_fp32_cpu(model_dir):
     for a, b in zip(gpu, cpu):
         assert a == pytest.approx(b, rel=3e-2)
     assert gpu[-1] < gpu[0]
+
+
+def weight_deltas(trainer, steps=3):
+    before = {k: v.double() for k, v in trainer.state_dict().items()}
+    for i in range(steps):
+        trainer.train_step(step_batches(i), sft_loss)
+    return torch.cat([(v.double() - before[k]).flatten() for k, v in trainer.state_dict().items()])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torch_trainer_bf16_cuda_updates_match_fp32_at_lr_1e6(model_dir, optimizer):
+    """bf16 compute with fp32 master weights on CUDA: three steps at lr 1e-6 move the
+    trained weights (`state_dict()`, the masters) as fp32 CUDA training does, up to bf16's
+    compute error (tests/integration/test_trainer_torch.py does the same on the CPU).
+    Stepping bf16 weights rounds ~98% of these updates away."""
+    kw = dict(SETTINGS, lr=1e-6, optimizer=optimizer)
+    ref = weight_deltas(build_trainer(TrainerSettings(device="cuda", dtype="fp32", **kw), model_dir))
+    got = weight_deltas(build_trainer(TrainerSettings(device="cuda", dtype="bf16", **kw), model_dir))
+    rel = float((got - ref).norm() / ref.norm())
+    cos = float(got @ ref / (got.norm() * ref.norm()))
+    moved, moved_ref = float((got != 0).double().mean()), float((ref != 0).double().mean())
+    print(f"\n{optimizer} bf16 vs fp32 on CUDA at lr 1e-6: update rel err {rel:.3f}, cosine {cos:.4f}, "
+          f"moved {moved:.3f} (fp32 {moved_ref:.3f})")
+    assert moved > 0.99 * moved_ref
+    assert rel < 0.2 and cos > 0.98
 
 
 def test_deepspeed_zero2_bf16_cuda(model_dir):

@@ -101,3 +101,28 @@ def test_settings_errors(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(RuntimeError, match="must be set for world_size 2"):
         build_trainer(TrainerSettings(), "unused", rank=1, world_size=2)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_bf16_updates_match_fp32_at_rl_learning_rate(model_dir, optimizer):
+    """bf16 compute with fp32 master weights and optimiser state: at lr 1e-6 (an RL rate)
+    three steps move the weights as fp32 training does, up to bf16's compute error. With the
+    optimiser stepping bf16 weights, a step of ~lr is below a weight's resolution (~1e-4 at
+    0.02) and most updates round away; the trained weights are `state_dict()`."""
+    mbs = build_step_batches(samples(6, seed=3), micro_batch_size=3, pad_id=0)
+
+    def deltas(dtype):
+        tr = build_trainer(TrainerSettings(optimizer=optimizer, dtype=dtype, lr=1e-6), model_dir)
+        before = {k: v.double() for k, v in tr.state_dict().items()}
+        for _ in range(3):
+            tr.train_step(mbs, sft_loss)
+        return torch.cat([(v.double() - before[k]).flatten() for k, v in tr.state_dict().items()])
+
+    ref, got = deltas("fp32"), deltas("bf16")
+    rel = float((got - ref).norm() / ref.norm())
+    cos = float(got @ ref / (got.norm() * ref.norm()))
+    moved = float((got != 0).double().mean())
+    print(f"\n{optimizer}: update rel err {rel:.3f}, cosine {cos:.4f}, moved {moved:.3f} (fp32 {float((ref != 0).double().mean()):.3f})")
+    assert moved > 0.99 * float((ref != 0).double().mean())
+    # measured: rel 0.09, cosine 0.996 (AdamW and Muon); stepping bf16 weights: 2% moved, rel ~1
+    assert rel < 0.2 and cos > 0.98

@@ -79,8 +79,8 @@ def _batches(seed):
     return build_step_batches(s, micro_batch_size=2, pad_id=0)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_torch_trainer_checkpoint_round_trip_is_exact(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,dtype", [("adamw", "fp32"), ("muon", "fp32"), ("muon", "bf16")])
+def test_torch_trainer_checkpoint_round_trip_is_exact(tmp_path, optimizer, dtype):
     from transformers import AutoModelForCausalLM
 
     from engine.model import TinySpec, materialize_tiny
@@ -88,7 +88,7 @@ def test_torch_trainer_checkpoint_round_trip_is_exact(tmp_path, optimizer):
 
     d = materialize_tiny(TinySpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64),
                          tmp_path / "m", seed=0)
-    s = TrainerSettings(optimizer=optimizer, lr=5e-3, schedule="cosine", warmup_steps=1, total_steps=6)
+    s = TrainerSettings(optimizer=optimizer, lr=5e-3, schedule="cosine", warmup_steps=1, total_steps=6, dtype=dtype)
     a = build_trainer(s, d)
     for i in range(2):
         a.train_step(_batches(i), _loss)
@@ -102,6 +102,10 @@ def test_torch_trainer_checkpoint_round_trip_is_exact(tmp_path, optimizer):
         b.train_step(_batches(i), _loss)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(v, b.state_dict()[k], atol=0, rtol=0, msg=k)
+    assert all(v.dtype == torch.float32 for v in b.state_dict().values())  # bf16: the fp32 masters
+    for (k, v), w in zip(a.compute_lm.state_dict().items(), b.compute_lm.state_dict().values()):
+        assert v.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        torch.testing.assert_close(v, w, atol=0, rtol=0, msg=k)
     # the checkpoint is a plain HF directory
     lm = AutoModelForCausalLM.from_pretrained(str(path))
     assert (path / "tokenizer.json").exists() and lm.config.vocab_size == a.lm.config.vocab_size

@@ -312,11 +312,23 @@ def test_real_model_and_data_errors_name_their_keys(tmp_path):
     assert cfg.domains[3].data.train.hf.split == "train[:2]"
 
 
+def test_gradient_checkpointing_default_leaves_the_hashes(tmp_path):
+    def hashes(**trainer):
+        raw = _tiny_raw()
+        raw["trainer"] = {**raw.get("trainer", {}), **trainer}
+        return input_hashes(build_graph(load_config(_write(tmp_path, raw))))
+
+    plain = hashes()
+    assert hashes(gradient_checkpointing=False) == plain
+    assert hashes(gradient_checkpointing=True)["opd"] != plain["opd"]
+
+
 def test_opd_allocation_defaults_leave_the_hashes_and_other_values_move_them(tmp_path):
     def opd_hash(mutate):
         raw = _tiny_raw()
         raw["opd"]["teachers"] = [{"domain": d} for d in ("math", "code", "ifeval", "tool")]
         raw["opd"].pop("reward_weight", None)  # from its default
+        raw["opd"].pop("reward_ratio", None)
         mutate(raw["opd"])
         return input_hashes(build_graph(load_config(_write(tmp_path, raw))))["opd"]
 
@@ -328,5 +340,7 @@ def test_opd_allocation_defaults_leave_the_hashes_and_other_values_move_them(tmp
     assert opd_hash(lambda o: o.update(allocation="kl")) != plain
     assert opd_hash(lambda o: o.update(reward_weight=0.0)) == plain
     assert opd_hash(lambda o: o.update(reward_weight=0.1)) != plain
+    assert opd_hash(lambda o: o.update(reward_ratio="clip", reward_clip_low=0.2, reward_clip_high=0.28)) == plain
+    assert opd_hash(lambda o: o.update(reward_ratio="none")) != plain
     assert opd_hash(lambda o: o.update(allocation="kl", allocation_floor=0.25)) != opd_hash(
         lambda o: o.update(allocation="kl"))

@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 
-from distill.allocation import allocate_prompts, round_allocation
+from distill.allocation import allocate_in_proportion, allocate_prompts, round_allocation
 from distill.opd import TeacherRef
 from distill.opd_settings import OPDSettings
 
@@ -85,3 +85,36 @@ def test_fixed_allocation_is_the_plain_split_unless_shares_differ():
     assert round_allocation(s, _teachers(), {}, 5) == {"a": 128, "b": 128, "c": 128}
     got = round_allocation(s, _teachers((1.0, 2.0, 1.0)), {}, 5)
     assert got == {"a": 96, "b": 192, "c": 96} and sum(got.values()) == 3 * 128
+
+
+def test_fixed_shares_split_in_exact_proportion_with_a_floor_of_one():
+    """Shares 1:3 of 16 prompts: 4 and 12 (a floor of one prompt taken first gave 5 and 11);
+    a share worth less than one prompt gets one, the others split the rest in proportion."""
+    s = OPDSettings(prompts_per_domain=8)
+    assert round_allocation(s, _teachers((1.0, 3.0))[:2], {}, 0) == {"a": 4, "b": 12}
+    assert allocate_in_proportion(16, {"a": 1.0, "b": 3.0}, 1) == {"a": 4, "b": 12}
+    assert allocate_in_proportion(16, {"a": 0.01, "b": 1.0, "c": 3.0}, 1) == {"a": 1, "b": 4, "c": 11}
+    # 15 left for b:c = 1:3 -> 3.75 / 11.25 -> 4 / 11
+    rng = random.Random(1)
+    for _ in range(500):
+        n = rng.randrange(1, 8)
+        weights = {f"r{i}": rng.choice([rng.random(), rng.uniform(0, 1e-3), 5.0]) for i in range(n)}
+        total = rng.randrange(n, 400)
+        minimum = rng.randrange(0, total // n + 1)
+        got = allocate_in_proportion(total, weights, minimum)
+        assert sum(got.values()) == total and min(got.values()) >= minimum
+        # reference: the floored routes are the j lightest for the smallest j at which the
+        # lightest remaining route's share of what is left reaches the minimum
+        order = sorted(weights, key=lambda k: weights[k])
+        for j in range(n):
+            free, left = order[j:], total - minimum * j
+            mass = sum(weights[k] for k in free)
+            if mass > 0 and left * weights[free[0]] / mass >= minimum:
+                break
+        for k in order[:j]:
+            assert got[k] == minimum
+        for k in free:
+            assert abs(got[k] - left * weights[k] / mass) < 1, (weights, total, minimum, got)
+        if all(total * w / sum(weights.values()) >= minimum for w in weights.values()):
+            for k in weights:  # nothing floored: within one of the exact proportion of the total
+                assert abs(got[k] - total * weights[k] / sum(weights.values())) < 1
