@@ -1,9 +1,11 @@
-"""Fingerprint of the tiny model's numerics under the installed transformers: build
-configs/tiny.yaml's model (qwen2, hidden 128, 4 layers) from seed 0, run 5 AdamW steps on a
-fixed batch (forward, loss, backward, step) and greedy-generate 32 tokens with the HF
-generator; write the losses, a hash of every parameter's bytes after training and the
-generated ids as JSON. Two environments (e.g. transformers 5.19 and 5.24) agree bitwise
-when their JSON files are equal."""
+"""Fingerprint of the models' numerics under the installed transformers: configs/tiny.yaml's
+model (qwen2, hidden 128, 4 layers) and configs/small-hf.yaml's real-shaped toy (Qwen3,
+engine/toy_hf.py), each built from seed 0: 5 AdamW steps on a fixed batch (forward, loss,
+backward, step), then 32 greedy tokens from the HF generator. Writes the losses (as hex
+floats), a hash of every parameter's bytes after training and the generated ids and
+log-probs as JSON. Two environments (e.g. transformers 5.19 and 5.24) agree bitwise when
+their JSON files are equal apart from the versions line:
+`python scripts/numerics_fingerprint.py WORKDIR OUT.json`."""
 
 from __future__ import annotations
 
@@ -17,14 +19,26 @@ def main(workdir: str, out: str) -> None:
     import torch
     import transformers
 
-    from engine.chat import render_prompt
-    from engine.generation import HFGenerator, SamplingParams
-    from engine.model import TinySpec, load_model, load_tokenizer, materialize_tiny
+    from engine.model import TinySpec, materialize_tiny
+    from engine.toy_hf import ToyHFSpec, materialize_toy_hf
 
     torch.manual_seed(0)
     spec = TinySpec(architecture="qwen2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                     intermediate_size=384)
-    path = materialize_tiny(spec, Path(workdir) / "tiny", seed=0)
+    result = {"transformers": transformers.__version__, "torch": torch.__version__,
+              "tiny": _fingerprint(materialize_tiny(spec, Path(workdir) / "tiny", seed=0)),
+              "toy_hf": _fingerprint(materialize_toy_hf(ToyHFSpec(), Path(workdir) / "toy_hf", seed=0))}
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k]["params_sha256"] for k in ("tiny", "toy_hf")} | {"tf": transformers.__version__}))
+
+
+def _fingerprint(path) -> dict:
+    import torch
+
+    from engine.chat import render_prompt
+    from engine.generation import HFGenerator, SamplingParams
+    from engine.model import load_model, load_tokenizer
+
     tok, model = load_tokenizer(path), load_model(path)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, len(tok), (4, 48), generator=g)  # (B, T)
@@ -47,11 +61,8 @@ def main(workdir: str, out: str) -> None:
     model.eval()
     prompt = render_prompt([{"role": "user", "content": "What is 12+30?"}], tok)
     gen = HFGenerator(model, tok).generate([prompt], SamplingParams(temperature=0, max_new_tokens=32))[0]
-    result = {"transformers": transformers.__version__, "torch": torch.__version__, "losses": losses,
-              "params_sha256": h.hexdigest(), "greedy_ids": gen.token_ids,
-              "greedy_logprobs": [float(x).hex() for x in gen.logprobs]}
-    Path(out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("transformers", "params_sha256")}))
+    return {"losses": losses, "params_sha256": h.hexdigest(), "greedy_ids": gen.token_ids,
+            "greedy_logprobs": [float(x).hex() for x in gen.logprobs]}
 
 
 if __name__ == "__main__":

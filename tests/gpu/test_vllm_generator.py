@@ -128,3 +128,43 @@ def test_stops_at_the_templates_end_of_turn(device, tmp_path):
     finally:
         vl.close()
     assert out.token_ids == hf.token_ids and out.token_ids[-1] == eot and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trained_and_exported_qwen3_stops_at_im_end_in_both_generators(device, tmp_path):
+    """The real-shaped toy (Qwen3, byte-level BPE, ChatML: engine/toy_hf.py), trained by the
+    project's SFT and exported as `final/`: both generators stop at `<|im_end|>` (not its EOS)
+    with no stop ids passed by hand, from the template and generation_config alone, and agree
+    token for token."""
+    from engine.domains import get_domain
+    from engine.export import export_final
+    from engine.generation_vllm import VLLMGenerator
+    from engine.toy_hf import ToyHFSpec, materialize_toy_hf
+    from engine.trainer import TrainerSettings, build_trainer, with_overrides
+    from experts.sft import SFTSettings, run_sft
+
+    spec = ToyHFSpec(hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64, intermediate_size=256)
+    base = materialize_toy_hf(spec, tmp_path / "base", seed=0)
+    tok = load_tokenizer(base)
+    domain = get_domain("math")
+    train, evals = domain.generate("train", 400, seed=0), domain.generate("eval", 4, seed=0)
+    settings = SFTSettings(steps=40, batch_size=32, micro_batch_size=16, max_length=128, pack=True, lr=1e-2,
+                           warmup_steps=5, eval_every=40, save_every=40, keep_last=1)
+    trainer = build_trainer(with_overrides(TrainerSettings(), **settings.trainer_overrides()), base)
+    result = run_sft(settings, trainer=trainer, tokenizer=tok, train_rows=train, out_dir=tmp_path / "sft")
+    final = export_final(result["checkpoint"], tmp_path / "sft" / "final", tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tok.eos_token_id
+
+    prompts = [render_prompt(row["messages"], tok) for row in evals]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=64)
+    hf = HFGenerator(str(final), tok, device=device).generate(prompts, greedy)
+    vl = VLLMGenerator(final, None, **ENGINE)  # stop ids from generation_config.json alone
+    try:
+        assert vl.end_ids == [im_end, tok.eos_token_id]
+        out = vl.generate(prompts, greedy)
+    finally:
+        vl.close()
+    _assert_agree(hf, out)
+    stopped = [c for c in out if c.finish_reason == "stop"]
+    assert stopped and all(c.token_ids[-1] == im_end for c in stopped)
