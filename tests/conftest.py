@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
         has_gpu = False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        if item.get_closest_marker("gpu") and not has_gpu:  # the marker, not the tests/gpu directory's name
             item.add_marker(skip_gpu)
     # The experiments (tests/quality: the tiny one, ~25 min on 2 cores, and the modes one,
     # ~17 min) go first: under `make test`'s `-n 2 --dist loadfile --no-loadscope-reorder`
