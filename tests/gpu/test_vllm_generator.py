@@ -1,8 +1,9 @@
 """The vLLM generator against the HF generator on the device vLLM runs on: vLLM's CPU build
 in `make test`, CUDA on a GPU machine (`scripts/gpu_check.sh`; the `cuda` cases are marked
 `gpu`). Greedy agreement before and after a weight push, seeded sampling with
-temperature-scaled log-probs, stop tokens, a multi-turn tool rollout, and the template's
-end-of-turn stop. One engine per device serves the module (start-up is most of the cost).
+temperature-scaled log-probs, stop tokens, a multi-turn tool rollout, GRPO steps whose
+every push the engine serves, and the template's end-of-turn stop (a Llama-3-style model,
+and the Qwen3-shaped toy trained by the project's SFT and exported). One engine per device serves the module (start-up is most of the cost).
 Without vLLM the file skips, unless POLYMATH_REQUIRE_VLLM=1 (the Makefile sets it: CI must
 run these)."""
 
@@ -94,6 +95,60 @@ def test_stop_token_and_multi_turn_rollout(setup):
                                                                 stop_token_ids=[stop]),
                     tokenizer=setup.tok, environment=Echo(), max_turns=2)
     assert trajs[0].num_turns == 2 and "<tool_response>42</tool_response>" in trajs[0].text
+
+
+def test_grpo_steps_serve_the_trainers_weights(setup, tmp_path):
+    """The GRPO driver (`experts.grpo.run_grpo`, what `pipeline stage grpo:*` runs) with the
+    vLLM engine as its generator: the first step's prompts at temperature 0 give the HF
+    generator's tokens, and after every optimiser step's push the engine's log-probs of a
+    fixed sequence equal those of the trainer's model (teacher-forced, float64)."""
+    from engine.trainer import TrainerSettings, build_trainer
+    from experts.grpo import DomainSpec, run_grpo
+    from experts.grpo_settings import GRPOSettings
+    from rewards import ScorerPool
+
+    start = load_model(setup.a).state_dict()
+    setup.vl.load_weights(start)  # the module's engine, back at model a
+    trainer = build_trainer(TrainerSettings(lr=1e-2, seed=0), setup.a)
+    probe = setup.prompts[0]
+    greedy = SamplingParams(temperature=0, max_new_tokens=16)
+    gaps, first = [], []
+
+    def trainer_logprobs(ids):  # (T,) the trainer's model, float64 log-softmax
+        model = HFGenerator(setup.a, setup.tok, device=setup.device)
+        model.load_weights(trainer.state_dict())
+        x = torch.tensor([probe + ids], device=setup.device)
+        with torch.no_grad():
+            lp = torch.log_softmax(model.model(x).logits[0, len(probe) - 1:-1].double(), dim=-1)
+        return lp.gather(-1, x[0, len(probe):, None])[:, 0].cpu()
+
+    class Checked:  # the engine, checked at its first rollout and after every push
+        def generate(self, prompt_ids, sampling):
+            if not first:
+                hf = HFGenerator(setup.a, setup.tok, device=setup.device)
+                first.append(([c.token_ids for c in setup.vl.generate(prompt_ids, greedy)],
+                              [c.token_ids for c in hf.generate(prompt_ids, greedy)]))
+            return setup.vl.generate(prompt_ids, sampling)
+
+        def load_weights(self, state):
+            setup.vl.load_weights(state)
+            c = setup.vl.generate([probe], greedy)[0]
+            gaps.append((trainer_logprobs(c.token_ids) - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item())
+
+    # IFEval "no comma" rows: a random model satisfies them often but not always, so rewards
+    # vary within a group and the steps change the weights (tests/integration/test_grpo.py)
+    rows = [{"id": f"nc-{i}", "domain": "nocomma", "messages": [{"role": "user", "content": f"say {i}"}],
+             "reference": {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}} for i in range(16)]
+    s = GRPOSettings(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=16, micro_batch_size=8,
+                     mini_batches_per_step=1, lr=1e-2, save_every=2, seed=0)
+    with ScorerPool(num_workers=1) as scorer:
+        run_grpo(s, trainer=trainer, generator=Checked(), scorer=scorer, tokenizer=setup.tok, train_rows=rows,
+                 domains={"nocomma": DomainSpec("ifeval", None)}, out_dir=tmp_path / "grpo")
+    assert first and first[0][0] == first[0][1]
+    assert len(gaps) == 2 and max(gaps) < 1e-3, gaps
+    assert not all(torch.equal(start[k], v) for k, v in trainer.state_dict().items())  # the pushes carried new weights
+    setup.hf.load_weights(trainer.state_dict())  # later tests compare the two generators again
+    setup.vl.load_weights(trainer.state_dict())
 
 
 @pytest.mark.parametrize("device", DEVICES)
