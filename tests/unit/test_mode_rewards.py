@@ -83,7 +83,7 @@ def test_grpo_reward_path_shapes_per_mode():
 
     class Res:
         def __init__(self, s):
-            self.score, self.error, self.failure = s, None, None
+            self.score, self.error, self.failure, self.info = s, None, None, {}
 
     class Scorer:
         def score(self, verifier, texts, refs):
