@@ -34,7 +34,9 @@ class _StageList(argparse.Action):
         setattr(namespace, self.dest, chosen)
 
 
-OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-\[\]]+)*=")  # domains.math.grpo.lr=1e-4
+# domains.math.grpo.lr=1e-4; a later segment may name a stage (resources.stages.sft:all.num_cpus=1,
+# resources.stages.grpo:math@think-high.num_cpus=2)
+OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-\[\]:@]+)*=")
 OVERRIDES_HELP = "dotted overrides applied after the file, anywhere among the arguments, e.g. opd.rounds=3"
 CONFIG_HELP = "experiment YAML file (e.g. configs/tiny.yaml)"
 USAGE_ERROR = 2  # argparse's own exit status for a bad command line

@@ -68,6 +68,11 @@ def _config(tmp_path: Path, train: str | None = None) -> str:
     (["stage", "C", "s", "--force", "domains.math.grpo.lr=1e-4"],
      {"stage": "s", "force": True, "overrides": ["domains.math.grpo.lr=1e-4"]}),
     (["plan", "C", "x=1", "--address", "http://h:1"], {"address": "http://h:1", "overrides": ["x=1"]}),
+    # a segment may name a stage: what tests/quality and `make experiment` pass
+    (["run", "C", "resources.stages.sft:all.num_cpus=1", "--seeds", "0,1"],
+     {"config": "C", "seeds": "0,1", "overrides": ["resources.stages.sft:all.num_cpus=1"]}),
+    (["run", "C", "resources.stages.grpo:math@think-high.num_cpus=2"],
+     {"overrides": ["resources.stages.grpo:math@think-high.num_cpus=2"]}),
 ])
 def test_overrides_are_taken_anywhere_among_the_arguments(argv, expected):
     args = parse_args(argv)
