@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("peft")
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "tests/fixtures/templates/qwen3.jinja"
