@@ -176,3 +176,16 @@ def test_two_ranks_train_the_adapter_like_one(tmp_path, toy):
         torch.testing.assert_close(two[k], v, atol=1e-6, rtol=1e-5, msg=k)
     start = build_trainer(_settings(lora=NO_DROPOUT), toy).state_dict()
     assert sum(not torch.equal(start[k], v) for k, v in ref.items()) == 6  # q, v, down in 2 layers
+
+
+def test_lora_with_gradient_checkpointing_steps_like_without(toy):
+    from engine.trainer import build_trainer
+
+    a = build_trainer(_settings(lora=NO_DROPOUT), toy)
+    b = build_trainer(_settings(lora=NO_DROPOUT, gradient_checkpointing=True), toy)
+    for i in range(2):
+        ma, mb = a.train_step(_batches(i), _loss), b.train_step(_batches(i), _loss)
+        assert ma["grad_norm"] > 0 and abs(ma["grad_norm"] - mb["grad_norm"]) <= 1e-6 * ma["grad_norm"]
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in sa.items():
+        torch.testing.assert_close(sb[k], v, atol=1e-6, rtol=1e-6, msg=k)
