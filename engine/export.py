@@ -4,7 +4,8 @@
 the tokenizer with its chat template, and a `generation_config.json` whose
 `eos_token_id` lists every id that ends an assistant turn (EOS and the template's
 end-of-turn token, `engine.chat.end_of_turn_ids`), so `model.generate(ids)` and
-`vllm serve` stop where the pipeline's own generators do. Optimizer state and resume
+`vllm serve` stop where the pipeline's own generators do. With `trainer.lora` the weights
+are the merged ones, and the checkpoint's `adapter/` (peft format) is copied as well. Optimizer state and resume
 metadata stay in the stage's `checkpoints/`. Written to a temporary directory, then
 renamed.
 """
@@ -36,6 +37,8 @@ def export_final(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, toke
     try:
         for p in [src / "config.json", *weights]:  # new files, mode from the umask (transformers
             shutil.copyfile(p, tmp / p.name)       # writes checkpoint weights 0600)
+        if (src / "adapter").is_dir():  # trainer.lora: the adapter alone, next to the merged weights
+            shutil.copytree(src / "adapter", tmp / "adapter")
         tokenizer.save_pretrained(str(tmp))
         gen = GenerationConfig.from_pretrained(str(src)) if (src / "generation_config.json").is_file() \
             else GenerationConfig()

@@ -58,8 +58,10 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError("MuonAdamW: no 2-D hidden weight matrices to give Muon")
         self._muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       adjust_lr_fn="match_rms_adamw")
-        self._adam = torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        groups = self._muon.param_groups + self._adam.param_groups
+        # no AdamW part when every trainable weight is a hidden matrix (LoRA adapters)
+        self._adam = torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) \
+            if adam_groups else None
+        groups = self._muon.param_groups + (self._adam.param_groups if self._adam is not None else [])
         super().__init__(groups, defaults={"lr": lr})
         self.param_groups = groups  # the very dicts the inner optimisers hold
         self._num_muon_groups = len(self._muon.param_groups)
@@ -67,9 +69,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _link(self) -> None:
         k = self._num_muon_groups
-        self._muon.param_groups, self._adam.param_groups = self.param_groups[:k], self.param_groups[k:]
+        self._muon.param_groups = self.param_groups[:k]
         self._muon.state = self.state
-        self._adam.state = self.state
+        if self._adam is not None:
+            self._adam.param_groups = self.param_groups[k:]
+            self._adam.state = self.state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # replaces self.state and the group dicts
@@ -82,7 +86,8 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._muon.step()
-        self._adam.step()
+        if self._adam is not None:
+            self._adam.step()
         return loss
 
 

@@ -89,6 +89,8 @@ def ds_config(settings: TrainerSettings, world_size: int) -> dict:
 class DeepSpeedTrainer:
     def __init__(self, settings: TrainerSettings, model_dir: str, *, tokenizer_dir: str | None = None,
                  rank: int = 0, world_size: int = 1):
+        if getattr(settings, "lora", None) is not None:
+            raise ValueError("trainer.lora needs backend 'torch' (LoRA under deepspeed is not implemented)")
         import deepspeed
 
         if settings.device == "cuda":

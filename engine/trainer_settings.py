@@ -9,13 +9,27 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from engine.settings import Settings
 
 BACKENDS = ("torch", "deepspeed")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSettings(Settings):
+    """`trainer.lora`: train low-rank adapters (peft LoRA) instead of the full model. The
+    optimiser and resume hold the adapter weights only; the generator, `state_dict`, the
+    checkpoints' HF weights and `final/` hold the merged model W + (alpha/r)·B·A, and
+    `<checkpoint>/adapter/` (copied to `final/adapter/`) the adapter alone (peft format)."""
+
+    r: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0.0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1,
+                                      description="module names (suffixes) that get an adapter")
 
 
 class TrainerSettings(Settings):
     """How a stage's model is trained. Stage settings override the optimisation fields
     through `with_overrides` (e.g. each stage's own `lr` and `steps`)."""
 
-    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"gradient_checkpointing": False}
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"gradient_checkpointing": False, "lora": None}
 
     backend: Literal["torch", "deepspeed"] = "torch"
     device: Literal["cpu", "cuda"] = "cpu"
@@ -37,6 +51,7 @@ class TrainerSettings(Settings):
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in "
                                          "backward instead of keeping them (transformers' gradient checkpointing, "
                                          "non-reentrant): less memory, one more forward per step")
+    lora: LoraSettings | None = Field(None, description="train peft LoRA adapters only (torch backend)")
 
     @field_validator("betas")
     @classmethod
@@ -52,6 +67,9 @@ class TrainerSettings(Settings):
         if self.optimizer == "muon" and self.backend == "deepspeed" and (self.zero_stage or self.dtype != "fp32"):
             raise ValueError("optimizer 'muon' under deepspeed needs zero_stage 0 and dtype fp32 "
                              "(ZeRO and the bf16 optimizer flatten the 2-D matrices Muon works on)")
+        if self.lora is not None and self.backend != "torch":
+            raise ValueError("trainer.lora needs backend 'torch' (LoRA under deepspeed is not implemented; "
+                             f"got backend {self.backend!r})")
         if self.backend == "torch" and self.zero_stage:
             raise ValueError("zero_stage is a deepspeed setting; backend 'torch' needs zero_stage 0")
         return self

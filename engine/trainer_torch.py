@@ -18,6 +18,14 @@ fp32 gradients (accumulation, the all-reduce and clipping in fp32); after the st
 masters are rounded into the copy. Stepping bf16 weights instead loses RL-sized steps: a
 weight of 0.02 has a bf16 resolution of ~1.2e-4, far above an Adam step at lr 1e-6. With
 `dtype: fp32` the copy is `self.lm` itself and none of this runs.
+
+LoRA (`trainer.lora`, `engine.lora`): peft's adapters are injected into `self.lm` (frozen
+base, trainable A/B); the optimiser, the gradient all-reduce, clipping and the master/copy
+pairs cover the trainable (adapter) weights only. `state_dict` and `save_hf` give the
+merged weights (plain HF names, no peft needed to load); a checkpoint holds those merged
+weights (a checkpoint stays an HF model directory, which later stages load) plus the
+adapter alone under `adapter/`, and resume loads the base from `model_dir` and the adapter
+(with the optimiser state over it) from the checkpoint.
 Imports no pydantic: `settings` is read by attribute (tests/gpu run without it)."""
 
 from __future__ import annotations
@@ -56,10 +64,11 @@ def load_hf_weights(lm, path: Path) -> None:
 
 
 def _param_pairs(master, low) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(master parameter, compute-copy parameter) by name; tied weights appear once."""
+    """(master parameter, compute-copy parameter) by name, trainable ones only (all of them
+    without LoRA); tied weights appear once."""
     lows = dict(low.named_parameters())
-    pairs = [(p, lows[n]) for n, p in master.named_parameters()]
-    if len(pairs) != len(lows):
+    pairs = [(p, lows[n]) for n, p in master.named_parameters() if p.requires_grad]
+    if len(pairs) != sum(p.requires_grad for p in lows.values()):
         raise RuntimeError(f"compute copy has {len(lows)} parameters, the masters {len(pairs)}")
     return pairs
 
@@ -77,6 +86,11 @@ class TorchTrainer:
             else torch.device("cpu")
         self.tokenizer_dir = tokenizer_dir
         self.lm = load_model(model_dir, dtype="fp32", device=str(self.device))  # the master weights
+        self.peft = None
+        if getattr(settings, "lora", None) is not None:
+            from engine.lora import apply_lora
+
+            self.peft = apply_lora(self.lm, settings.lora)  # self.lm now holds the adapters (in place)
         if world_size > 1:
             broadcast_parameters(list(self.lm.parameters()))
         self.compute_lm = self.lm
@@ -121,10 +135,11 @@ class TorchTrainer:
             count += 1
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + as_float(v)
+        trainable = [p for p in self.lm.parameters() if p.requires_grad]
         if self.world_size > 1:
-            sum_gradients_over_ranks(list(self.lm.parameters()))
+            sum_gradients_over_ranks(trainable)
         max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lm.parameters(), max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -162,12 +177,21 @@ class TorchTrainer:
 
     # --------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights: the fp32 masters under mixed precision."""
+        """The trained weights: the fp32 masters under mixed precision; with LoRA, the base
+        with the adapters merged (HF names)."""
+        if self.peft is not None:
+            from engine.lora import merged_state_dict
+
+            return merged_state_dict(self.lm)
         return {k: v.detach().cpu().clone() for k, v in self.lm.state_dict().items()}
 
     def save_hf(self, path: str | os.PathLike) -> None:
         if self.rank == 0:  # the replicas are identical
             save_hf_dir(self.lm, self.state_dict(), Path(path), self.tokenizer_dir)
+            if self.peft is not None:
+                from engine.lora import save_adapter
+
+                save_adapter(self.peft, Path(path))
         barrier(self.world_size)
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None:
@@ -183,7 +207,12 @@ class TorchTrainer:
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         path = Path(path)
         extra = read_extra_state(path)
-        load_hf_weights(self.lm, path)  # the masters (fp32 in checkpoints written since they exist)
+        if self.peft is not None:  # the base is model_dir's; the trained weights are the adapter's
+            from engine.lora import load_adapter
+
+            load_adapter(self.peft, path)
+        else:
+            load_hf_weights(self.lm, path)  # the masters (fp32 in checkpoints written since they exist)
         self._sync_compute_copy()
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
