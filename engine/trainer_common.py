@@ -71,7 +71,11 @@ def enable_gradient_checkpointing(lm) -> None:
     backward; the layers' activations are recomputed in backward instead of kept)."""
     if not getattr(lm, "supports_gradient_checkpointing", False):
         raise ValueError(f"trainer.gradient_checkpointing: {type(lm).__name__} does not support it")
-    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; gradient_* is its deprecated alias
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 5.19, which vLLM 0.32 pins (constraints.txt)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def padding_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
