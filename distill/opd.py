@@ -438,6 +438,11 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
                       reward_ratio=settings.reward_ratio, reward_clip_low=settings.reward_clip_low,
                       reward_clip_high=settings.reward_clip_high)
     pad_id = tokenizer.pad_token_id
+    from engine import weight_sync_check
+
+    probe = weight_sync_check.probe_ids(tokenizer) if weight_sync_check.enabled() else None
+    if probe is not None:  # the engine's start (or resume) weights, before any push
+        history["weight_sync_gap_before"] = weight_sync_check.weight_sync_gap(generator, trainer, probe, pad_id=pad_id)
     measure = bool(heldout) and load_student is not None
 
     def heldout_kl(after_round: int) -> None:
@@ -541,6 +546,11 @@ def run_opd(settings: OPDSettings, *, trainer, generator, tokenizer, prompts: di
             history.setdefault("staleness_steps_per_round", []).append(max(rec["staleness_steps"] for rec in records))
         version["generator"] = r + 1
         generator.load_weights(trainer.state_dict())
+        if probe is not None:  # POLYMATH_CHECK_WEIGHT_SYNC: the engine serves what the trainer holds
+            history.setdefault("weight_sync_gap_per_round", []).append(
+                weight_sync_check.weight_sync_gap(generator, trainer, probe, pad_id=pad_id))
+            if logger is not None:
+                logger.log({"weight_sync/logprob_gap": history["weight_sync_gap_per_round"][-1]}, step=step)
         _update_history(history, records, teachers, teach_stats, samples, (prep.rollout_s, prep.teach_s, t3 - t2))
         history.setdefault("prompts_per_round", []).append(prep.counts)
         if settings.reward_weight > 0:  # the student's mean training reward per route this round

@@ -228,7 +228,8 @@ def _build_vllm(config, model_dir, *, tokenizer, dtype: str, device: str | None 
     from engine.generation_vllm import VLLMGenerator  # lazy: vllm is an extra (CUDA or CPU build)
 
     return VLLMGenerator(model_dir, tokenizer, dtype=dtype,
-                         gpu_memory_utilization=config.gpu_memory_utilization)
+                         gpu_memory_utilization=config.gpu_memory_utilization,
+                         **({"enforce_eager": True} if getattr(config, "enforce_eager", False) else {}))
 
 
 def build_generator(config, model_dir, *, tokenizer=None, dtype: str = "fp32", device: str | None = None) -> Generator:

@@ -170,7 +170,11 @@ class VLLMGenerator:
         validate_prompts(prompt_ids, self.vocab_size)
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
         stop_ids = list(dict.fromkeys([*self.end_ids, *sampling.stop_token_ids]))
-        params = [VSamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+        # vLLM refuses n > 1 with greedy sampling ("n must be 1 when using greedy sampling"):
+        # greedy samples of a prompt are copies, so send the prompt n times with n=1 (same order)
+        copies = sampling.n if sampling.greedy else 1
+        prompt_ids = [p for p in prompt_ids for _ in range(copies)]
+        params = [VSamplingParams(n=sampling.n // copies, temperature=sampling.temperature, top_p=sampling.top_p,
                                   top_k=sampling.top_k if sampling.top_k > 0 else -1,
                                   max_tokens=sampling.max_new_tokens,
                                   stop_token_ids=stop_ids,  # EOS included: the tokenizer is not loaded

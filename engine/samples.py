@@ -24,9 +24,12 @@ def prompt_text(sample, tokenizer) -> str:
 
 
 def sample_record(sample, tokenizer, reward: bool = True) -> dict:
-    """{route, row_id, prompt, completion, reward, finish_reason} (+ teacher for OPD)."""
+    """{route, row_id, prompt, completion, completion_ids, reward, finish_reason} (+ teacher
+    for OPD); `completion_ids`: the response's token ids (model and tool-result tokens)."""
+    first = next((i for i, m in enumerate(sample.loss_mask) if m), len(sample.input_ids))
     rec = {"route": sample.route, "row_id": sample.row_id, "prompt": prompt_text(sample, tokenizer),
-           "completion": sample.text, "reward": float(sample.reward) if reward else None,
+           "completion": sample.text, "completion_ids": list(sample.input_ids[first:]),
+           "reward": float(sample.reward) if reward else None,
            "finish_reason": sample.finish_reason}
     if sample.teacher_index is not None:
         rec["teacher"] = sample.teacher_index

@@ -188,9 +188,11 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
              domains: dict[str, DomainSpec], out_dir: str | Path, reference=None, logger=None,
              checkpoints=None) -> dict:
     """Train for `settings.steps`, resuming from `checkpoints.latest()` if there is one."""
+    from engine import weight_sync_check
     from engine.rollout_wal import StepLogs
 
     out_dir = Path(out_dir)
+    probe = weight_sync_check.probe_ids(tokenizer) if weight_sync_check.enabled() else None
     stream = PromptStream(train_rows, seed=settings.seed)
     start, extra = 0, {}
     resume = checkpoints.latest() if checkpoints is not None else None  # verified (checksums)
@@ -205,6 +207,9 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
     last = {}
     skipped = extra.get("steps_skipped", 0) if resume is not None else 0
     wal_logs = StepLogs(out_dir / "rollout-wal", carried=extra.get("rollout_wal"), start_step=start)
+    sync_gap = lambda: weight_sync_check.weight_sync_gap(generator, trainer, probe,  # noqa: E731
+                                                         pad_id=tokenizer.pad_token_id)
+    gap_before = sync_gap() if probe is not None else None  # the engine's start (or resume) weights
     for step in range(start, settings.steps):
         t0 = time.time()
         wal = wal_logs.open(step)  # the step's finished rollout batches, replayed after a kill
@@ -224,6 +229,10 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
             skipped += 1
             train_metrics, t_train = {}, time.time()
         t_sync = time.time()
+        if probe is not None:  # POLYMATH_CHECK_WEIGHT_SYNC: the engine serves what the trainer holds
+            stats["weight_sync/logprob_gap"] = sync_gap()
+            if gap_before is not None:
+                stats["weight_sync/logprob_gap_before"], gap_before = gap_before, None
         ntok = sum(len(s.input_ids) for s in samples)
         last = {"step": step + 1, **stats, **train_metrics, "step_skipped": int(not samples),
                 "steps_skipped": skipped,

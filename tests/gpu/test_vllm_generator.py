@@ -63,6 +63,10 @@ def test_greedy_agrees_before_and_after_weight_update(setup):
     after = setup.vl.generate(setup.prompts, greedy)
     _assert_agree(setup.hf.generate(setup.prompts, greedy), after)
     assert [c.logprobs for c in after] != [c.logprobs for c in before]
+    # n > 1 at temperature 0 (GRPO groups with `temperature: 0`): vLLM refuses greedy n > 1,
+    # the generator sends copies; n completions per prompt, prompt-major, as the HF generator
+    n2 = SamplingParams(n=2, temperature=0, max_new_tokens=8)
+    _assert_agree(setup.hf.generate(setup.prompts, n2), setup.vl.generate(setup.prompts, n2))
 
 
 def test_sampling_is_seeded_and_logprobs_are_temperature_scaled(setup):
