@@ -272,10 +272,17 @@ def test_reference_kl_moves_and_has_a_gradient(base, tmp_path):
     assert max(float((a2[k] - b2[k]).abs().max()) for k in a2) > 1e-6
 
 
-def test_dynamic_sampling_drops_all_equal_groups_and_refills(base, tmp_path):
+def test_dynamic_sampling_drops_all_equal_groups_and_refills(base, tmp_path, monkeypatch):
     """Every second prompt scores 1 for all its samples: its groups are dropped, more prompts
     are sampled to refill the step, the drop is counted, and no dropped prompt is trained on.
-    Without dynamic sampling the same prompts do reach the trainer."""
+    Without dynamic sampling the same prompts do reach the trainer. The random base model
+    writes stray `<think>` tokens, which answer-only scoring (engine.reasoning, tested in
+    tests/unit/test_reasoning_answer.py) would score 0 before the scorer sees them: here the
+    whole completion is the answer, so the fake scorer alone sets the rewards."""
+    import engine.reasoning
+
+    monkeypatch.setattr(engine.reasoning, "split_reasoning",
+                        lambda text, opened=False, markers=None: engine.reasoning.Split("", text, False))
     log = _Log()
     final, spy, tok = _drive(base, tmp_path / "on", steps=2, scorer=_FakeScorer(), rows=_rows(32, const_every=2),
                              logger=log, dynamic_sampling=True, max_sampling_rounds=4)
