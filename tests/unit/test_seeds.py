@@ -187,3 +187,20 @@ def test_figures_of_a_modes_run(tmp_path):
     assert f["diff | math | experts think-high - non-think"]["se"] == pytest.approx(a.std(ddof=1) / math.sqrt(30))
     b = np.array(per["student"]["math@think-max"]) - np.array(per["student"]["math@think-high"])
     assert f["diff | math | student think-max - think-high"]["value"] == pytest.approx(b.mean(), abs=1e-12)
+
+
+def test_environment_facts_name_the_machine_and_software():
+    """What a manifest records to make a run reproducible (CPU, vector ISA, torch/BLAS, threads, seed)."""
+    import os
+
+    import torch
+
+    from pipeline.stages import environment_facts
+
+    f = environment_facts(7)
+    assert f["seed"] == 7 and f["torch"] == torch.__version__ and f["cpu_count"] == os.cpu_count()
+    assert f["cpu_model"] and f["blas"] and f["blas"] != "?"
+    assert f["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f["torch_threads"] == torch.get_num_threads() >= 1
+    assert "transformers" in f
+    json.dumps(f)  # it goes into manifest.json
