@@ -14,6 +14,7 @@ Every usage, config or data error exits 2 with a one-line message, never a trace
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -37,9 +38,15 @@ class _StageList(argparse.Action):
 # domains.math.grpo.lr=1e-4; a later segment may name a stage (resources.stages.sft:all.num_cpus=1,
 # resources.stages.grpo:math@think-high.num_cpus=2)
 OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-\[\]:@]+)*=")
+DOTTED_KEY = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-\[\]:@]+)+$")  # opd.rounds (no file path: no '/')
 OVERRIDES_HELP = "dotted overrides applied after the file, anywhere among the arguments, e.g. opd.rounds=3"
 CONFIG_HELP = "experiment YAML file (e.g. configs/tiny.yaml)"
 USAGE_ERROR = 2  # argparse's own exit status for a bad command line
+
+
+def _malformed_override(arg: str) -> bool:
+    """`opd.rounds` without '=': a dotted key, not a config file (`tiny.yaml`, an existing path)."""
+    return bool(DOTTED_KEY.match(arg)) and not re.search(r"\.(ya?ml|json)$", arg) and not os.path.exists(arg)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -47,7 +54,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     option's value never looks like one (`--from=x` starts with '-', a URL has no bare key)."""
     rest, overrides = [], []
     for arg in argv:
-        (overrides if OVERRIDE.match(arg) else rest).append(arg)
+        # a dotted key without '=' (`opd.rounds`) is a malformed override: load_config names it
+        (overrides if OVERRIDE.match(arg) or _malformed_override(arg) else rest).append(arg)
     return rest, overrides
 
 

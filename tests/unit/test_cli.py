@@ -73,6 +73,8 @@ def _config(tmp_path: Path, train: str | None = None) -> str:
      {"config": "C", "seeds": "0,1", "overrides": ["resources.stages.sft:all.num_cpus=1"]}),
     (["run", "C", "resources.stages.grpo:math@think-high.num_cpus=2"],
      {"overrides": ["resources.stages.grpo:math@think-high.num_cpus=2"]}),
+    # a dotted key without '=' is a malformed override (load_config names it), a .yaml is the config
+    (["validate", "my.yaml", "opd.rounds"], {"config": "my.yaml", "overrides": ["opd.rounds"]}),
 ])
 def test_overrides_are_taken_anywhere_among_the_arguments(argv, expected):
     args = parse_args(argv)
