@@ -298,15 +298,22 @@ def _bounded_math(name: str) -> Any:
     return call
 
 
-def _guard_binop(op: type, a: Any, b: Any) -> None:
+def guard_repeat_and_power(op: type, a: Any, b: Any, *, max_seq: int, max_pow_bits: int,
+                           error: type[Exception]) -> None:
+    """Refuse `seq * n` longer than `max_seq` elements and `int ** int` wider than
+    `max_pow_bits` bits before computing them (raises `error`); shared with code_tests."""
     seq = (str, bytes, list, tuple)
     if op is ast.Mult and ((isinstance(a, seq) and isinstance(b, int)) or (isinstance(b, seq) and isinstance(a, int))):
         s, n = (a, b) if isinstance(a, seq) else (b, a)
-        if len(s) * max(n, 0) > MAX_SIZE:
-            raise ExpectedValueError(f"repetition of {len(s)} elements {n} times is too large to evaluate")
+        if len(s) * max(n, 0) > max_seq:
+            raise error(f"repetition of {len(s)} elements {n} times is too large to evaluate")
     if op is ast.Pow and isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 \
-            and a.bit_length() * b > 4 * MAX_SIZE:
-        raise ExpectedValueError("power too large to evaluate")
+            and a.bit_length() * b > max_pow_bits:
+        raise error("power too large to evaluate")
+
+
+def _guard_binop(op: type, a: Any, b: Any) -> None:
+    guard_repeat_and_power(op, a, b, max_seq=MAX_SIZE, max_pow_bits=4 * MAX_SIZE, error=ExpectedValueError)
     if op is ast.LShift and isinstance(b, int) and b > 4 * MAX_SIZE:
         raise ExpectedValueError("shift too large to evaluate")
     if op is ast.Mod and isinstance(a, (str, bytes)):

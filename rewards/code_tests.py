@@ -225,14 +225,7 @@ def _plan(node: ast.expr, calls: list[str], env: "_SetupSide") -> tuple:
 def _guard_size(op: type, a: Any, b: Any) -> None:
     if op in (ast.Mod, ast.Div, ast.FloorDiv, ast.Pow) and not all(isinstance(x, (int, float, complex)) for x in (a, b)):
         raise TypeError(f"{op.__name__} of non-numbers is not evaluated")  # e.g. '%999999999d' % 1
-    seq = (str, bytes, list, tuple)
-    if op is ast.Mult and ((isinstance(a, seq) and isinstance(b, int)) or (isinstance(b, seq) and isinstance(a, int))):
-        s, n = (a, b) if isinstance(a, seq) else (b, a)
-        if len(s) * max(n, 0) > MAX_SEQ:
-            raise ValueError(f"repetition of {len(s)} elements {n} times is too large to evaluate")
-    if op is ast.Pow and isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 \
-            and a.bit_length() * b > MAX_POW_BITS:
-        raise ValueError("power too large to evaluate")
+    code_expected.guard_repeat_and_power(op, a, b, max_seq=MAX_SEQ, max_pow_bits=MAX_POW_BITS, error=ValueError)
 
 
 def evaluate_plan_node(node: tuple, values: list[Any]) -> Any:
