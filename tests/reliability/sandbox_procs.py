@@ -45,3 +45,25 @@ def leftover_sandbox_processes(marker: str | None = None) -> list[str]:
         except (psutil.Error, TypeError):
             continue
     return left
+
+
+def child_pids() -> set[int]:
+    """The pids of this process's live descendants (take it at a test's start)."""
+    return {c.pid for c in psutil.Process().children(recursive=True) if c.is_running()}
+
+
+def new_children(before: set[int]) -> list[str]:
+    """'pid cmdline' of each live, non-zombie descendant of this process that was not in
+    `before`: what the test itself started and left running. Descendants from before the test
+    are not its own: an earlier test in the same pytest worker may have started
+    multiprocessing's resource tracker (any spawn-context pool or queue does), which lives as
+    long as its parent by design."""
+    left = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if c.pid in before or c.status() == psutil.STATUS_ZOMBIE:
+                continue
+            left.append(f"{c.pid} {' '.join(c.cmdline())[:100]}")
+        except psutil.Error:
+            continue
+    return left

@@ -12,14 +12,13 @@ import shutil
 import sys
 import time
 
-import psutil
 import pytest
 
 from rewards import score_batch
 from rewards.sandbox_isolation import probe
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from sandbox_procs import leftover_sandbox_processes  # noqa: E402
+from sandbox_procs import child_pids, leftover_sandbox_processes, new_children  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REF = {"tests": ["assert sq(2) == 4", "assert sq(3) == 9"]}
@@ -60,6 +59,7 @@ def repo_victim_dir():
 
 
 def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
+    children_before = child_pids()
     monkeypatch.setenv("POLYMATH_FAKE_SECRET", "hunter2")
     victim_dir = tmp_path / "outside"
     victim_dir.mkdir()
@@ -100,7 +100,7 @@ def test_hostile_programs_are_contained(tmp_path, monkeypatch, repo_victim_dir):
     leaked = set(os.listdir(workers_tmp))
     assert not leaked, f"sandbox dirs left behind: {leaked}"
     assert leftover_sandbox_processes() == [], "sandboxed processes survived"
-    assert psutil.Process().children(recursive=True) == []
+    assert new_children(children_before) == []
     assert elapsed < 60
 
 

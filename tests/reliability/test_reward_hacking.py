@@ -16,14 +16,13 @@ import re
 import stat
 import sys
 
-import psutil
 import pytest
 
 from rewards import ScorerPool
 from rewards.sandbox_isolation import probe
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from sandbox_procs import leftover_sandbox_processes  # noqa: E402
+from sandbox_procs import child_pids, leftover_sandbox_processes, new_children  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not probe()["available"], reason=f"code sandbox unavailable: {probe()['error']}")
 
@@ -199,6 +198,7 @@ def _leftover_processes() -> list[str]:
 
 
 def test_reward_hacks_score_zero_and_leave_nothing_behind(fault_log):
+    children_before = child_pids()
     dirs = _world_writable_dirs()
     assert "/tmp" in dirs
     programs = dict(HACKS)
@@ -239,7 +239,7 @@ def test_reward_hacks_score_zero_and_leave_nothing_behind(fault_log):
     assert SHM_KEY not in _sysv_keys(), "a SysV shared-memory segment outlived the sandbox"
     assert _sysv_keys() <= keys_before | _sysv_keys() - {SHM_KEY}
     assert _leftover_processes() == [], "processes started from the sandbox survived"
-    assert psutil.Process().children(recursive=True) == []
+    assert new_children(children_before) == []
 
 
 def test_the_expected_values_never_reach_the_child():
