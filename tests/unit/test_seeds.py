@@ -144,30 +144,89 @@ def test_run_with_seeds_runs_the_graph_once_per_seed(tmp_path, monkeypatch, caps
     assert main(["run", "configs/tiny.yaml", "--seeds", "x"]) == 2
 
 
+def _t_cdf_reference(t: float, df: int) -> float:
+    """P(T < t) by integrating Student's t density (float64 Simpson on a fine grid)."""
+    from math import lgamma, pi
+
+    c = np.exp(lgamma((df + 1) / 2) - lgamma(df / 2)) / np.sqrt(df * pi)
+    x = np.linspace(0.0, abs(t), 200001)
+    f = c * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+    h = x[1] - x[0]
+    half = h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    return 0.5 + half if t >= 0 else 0.5 - half
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 9, 30])
+@pytest.mark.parametrize("t", [-4.0, -1.3, -0.2, 0.0, 0.7, 2.0, 3.3, 9.0])
+def test_student_t_cdf_matches_a_float64_integral(t, df):
+    assert S.student_t_cdf(t, df) == pytest.approx(_t_cdf_reference(t, df), abs=1e-9)
+
+
+@pytest.mark.parametrize("p,df,table", [(0.975, 1, 12.706204736), (0.975, 3, 3.182446305),
+                                        (0.975, 5, 2.570581836), (0.99, 10, 2.763769458),
+                                        (0.95, 30, 1.697260887), (0.025, 3, -3.182446305), (0.5, 4, 0.0)])
+def test_student_t_quantile_matches_tables(p, df, table):
+    assert S.student_t_quantile(p, df) == pytest.approx(table, abs=1e-8)
+    assert S.student_t_cdf(S.student_t_quantile(p, df), df) == pytest.approx(p, abs=1e-10)
+    with pytest.raises(ValueError):
+        S.student_t_quantile(1.0, df)
+
+
+def test_prediction_factor_covers_one_more_draw():
+    """One more draw from the same normal lands below mean - k SD of n earlier draws with
+    probability 1 - P(Z < 2) = 2.3%; the normal's k = 2 misses far more often with few draws
+    (8.5% with 4), which is how a 2-SE margin from 4 seeds failed a CI run."""
+    rng = np.random.default_rng(0)
+    for n in (3, 4, 6):
+        x, new = rng.normal(size=(100000, n)), rng.normal(size=100000)
+        m, sd = x.mean(1), x.std(1, ddof=1)
+        assert abs(np.mean(new < m - S.prediction_factor(n) * sd) - (1 - S.ONE_SIDED)) < 0.003, n
+        assert np.mean(new < m - 2 * sd) > 0.045, n
+    assert S.prediction_factor(4) == pytest.approx(S.student_t_quantile(S.ONE_SIDED, 3) * np.sqrt(1.25))
+    assert S.prediction_factor(10**6) == pytest.approx(2.0, abs=1e-3)
+    with pytest.raises(ValueError):
+        S.prediction_factor(1)
+
+
 @pytest.mark.parametrize("vals,ses", [([0.17, 0.20, 0.18], [0.037, 0.037, 0.034]),
                                       ([0.10, 0.08, 0.03], [0.046, 0.034, 0.033]),
                                       ([0.12, 0.09, 0.09], [0.014, 0.002, 0.008]),
                                       ([0.05, 0.06], [0.0, 0.0]), ([-0.01, 0.01], [0.0, 0.0]),
-                                      ([0.3, -0.2, 0.1], [0.05, 0.05, 0.05])])
+                                      ([0.3, -0.2, 0.1], [0.05, 0.05, 0.05]),
+                                      ([0.045, 0.061, 0.051, 0.070, 0.052, 0.017], [0.013] * 6)])
 def test_single_run_margin_matches_a_float64_reference(vals, ses):
     v, s = np.array(vals, np.float64), np.array(ses, np.float64)
+    n = len(v)
+    k = _t_quantile_reference(S.ONE_SIDED, n - 1) * np.sqrt(1 + 1 / n)
     rms = np.sqrt(np.mean(s ** 2))
-    edge = v.mean() - 2 * max(v.std(ddof=1), rms)
+    edge = v.mean() - k * max(v.std(ddof=1), rms)
     if rms == 0:
         ref = 2.0 if edge > 0 else 0.0
     else:
         z = v / s if np.all(s > 0) else None
-        best = max(edge / rms, z.mean() - 2 * max(z.std(ddof=1), 1.0)) if z is not None else edge / rms
+        best = max(edge / rms, z.mean() - k * max(z.std(ddof=1), 1.0)) if z is not None else edge / rms
         ref = min(2.0, np.floor(2 * best) / 2)
     assert S.single_run_margin(vals, ses) == ref
     with pytest.raises(ValueError):
         S.single_run_margin([3.0], [1.0])
 
 
+def _t_quantile_reference(p: float, df: int) -> float:
+    """Inverts the integrated CDF by bisection."""
+    lo, hi = -50.0, 50.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf_reference(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
 def test_single_run_margin_examples():
-    assert S.single_run_margin([0.17, 0.20, 0.18], [0.037, 0.037, 0.034]) == 2.0  # a robust bar keeps 2 SE
-    assert S.single_run_margin([0.10, 0.08, 0.03], [0.046, 0.034, 0.033]) == -0.5  # a gain of ~2 SE does not
-    assert S.single_run_margin([0.061, 0.020, 0.028], [0.010, 0.004, 0.005]) == 2.0  # z 6.1, 5.0, 5.6: scaled
+    assert S.single_run_margin([0.17, 0.20, 0.18, 0.19, 0.18], [0.030] * 5) == 2.0  # a robust bar keeps 2 SE
+    assert S.single_run_margin([0.17, 0.20, 0.18], [0.037, 0.037, 0.034]) == -0.5  # 3 runs promise a fourth little
+    assert S.single_run_margin([0.10, 0.08, 0.03], [0.046, 0.034, 0.033]) < 0  # a gain of ~2 SE does not
+    assert S.single_run_margin([0.061, 0.020, 0.028, 0.05], [0.010, 0.004, 0.005, 0.008]) == 2.0  # scaled: z 5-6.1
+    # student - mixed RL: 4 seeds at 0.045-0.070 (SE 0.013) no longer promise 2 SE to a fifth run
+    assert S.single_run_margin([0.045, 0.061, 0.051, 0.070], [0.013] * 4) == 0.5
 
 
 def test_figures_of_a_modes_run(tmp_path):
