@@ -60,7 +60,7 @@ test: $(STAMP) sandbox-deps
 # Not part of CI: about 70 min on a 2-core AVX-512 Xeon (tiny 14-17 min, modes 8 min per seed).
 SEEDS ?= 0,1,2
 experiment: $(STAMP) sandbox-deps
-	$(BIN)/python -m pipeline run configs/tiny.yaml --seeds $(SEEDS) resources.stages.sft:all.num_cpus=1
+	$(BIN)/python -m pipeline run configs/tiny.yaml --seeds $(SEEDS)
 	$(BIN)/python -m pipeline run configs/modes.yaml --seeds $(SEEDS)
 
 test-unit: $(STAMP) sandbox-deps
