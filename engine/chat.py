@@ -201,33 +201,41 @@ def render_prompt(messages: list[dict], tokenizer, **template_kwargs) -> list[in
     return _ids(prompt, tokenizer, True, **template_kwargs)
 
 
-def render_row_prompt(row: dict, tokenizer) -> list[int]:
-    """A data row's prompt ids, in the row's reasoning mode (`row["mode"]`, engine.modes)
-    where it has one: the one prompt path of GRPO, OPD and eval."""
+def row_template_kwargs(row: dict) -> dict:
+    """The template kwargs of a data row: its reasoning mode's (`row["mode"]`,
+    engine.modes) and its tools (`row["tools"]`, a native tool row: the template's
+    `tools=` argument); {} for a row with neither (renders as before)."""
     from engine.modes import mode_template_kwargs
 
-    return render_prompt(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
+    kw = mode_template_kwargs(row.get("mode"))
+    if row.get("tools") is not None:
+        kw["tools"] = row["tools"]
+    return kw
+
+
+def render_row_prompt(row: dict, tokenizer) -> list[int]:
+    """A data row's prompt ids, in the row's reasoning mode and with its tools where it
+    has them (`row_template_kwargs`): the one prompt path of GRPO, OPD and eval."""
+    return render_prompt(row["messages"], tokenizer, **row_template_kwargs(row))
 
 
 def row_prompt_opens_reasoning(row: dict, tokenizer) -> bool:
     """Whether the template's generation prompt for a data row opens a reasoning block
     (DeepSeek-R1's ends in `<think>\\n`): judged on the generation prompt alone (what the
     template adds after the conversation), not on the conversation's own text."""
-    from engine.modes import mode_template_kwargs
     from engine.reasoning import prompt_opens_reasoning
 
     prompt = prompt_messages(row["messages"])
-    kw = mode_template_kwargs(row.get("mode"))
+    kw = row_template_kwargs(row)
     with_prompt = render_text(prompt, tokenizer, True, **kw)
     without = render_text(prompt, tokenizer, False, **kw)
     return prompt_opens_reasoning(with_prompt[_common_prefix(with_prompt, without):])
 
 
 def render_row(row: dict, tokenizer) -> Rendered:
-    """A data row's conversation and loss mask (SFT), in the row's mode where it has one."""
-    from engine.modes import mode_template_kwargs
-
-    return render(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
+    """A data row's conversation and loss mask (SFT), in the row's mode and with its tools
+    where it has them (`row_template_kwargs`)."""
+    return render(row["messages"], tokenizer, **row_template_kwargs(row))
 
 
 def _after_reply(tokenizer, then: list[dict], add_generation_prompt: bool, **template_kwargs) -> str:
@@ -241,6 +249,32 @@ def tool_result_ids(tokenizer, result: str, **template_kwargs) -> list[int]:
     """Tokens appended after a tool call: close the assistant turn, the tool's result in
     the template's tool role, and reopen the assistant turn (all masked out of the loss)."""
     return encode(tokenizer, _after_reply(tokenizer, [{"role": "tool", "content": result}], True, **template_kwargs))
+
+
+def call_result_ids(tokenizer, calls: list[dict], result: str, **template_kwargs) -> list[int]:
+    """Tokens appended after an assistant turn that made native `calls` (message
+    `tool_calls` entries) and ended at its end-of-turn token (Llama 3, DeepSeek, Mistral):
+    what the template writes after that token when the tool's `result` follows, up to the
+    next generation prompt (Llama 3's `ipython` turn, DeepSeek's tool outputs block,
+    Mistral's `[TOOL_RESULTS]`); masked out of the loss. The tool message carries the
+    first call's `id` as `tool_call_id` where the model wrote one."""
+    call = {"role": "assistant", "content": "", "tool_calls": calls}
+    tool = {"role": "tool", "content": result}
+    if calls and calls[0].get("id"):
+        tool["tool_call_id"] = calls[0]["id"]
+    head = [{"role": "user", "content": _PROBE_USER}, call]
+    turn = render_text(head, tokenizer, False, **template_kwargs)
+    full = render_text(head + [tool], tokenizer, True, **template_kwargs)
+    shared = turn[:_common_prefix(turn, full)]
+    start = _content_end(head, 0, tokenizer, False, **template_kwargs)  # the call turn follows the user text
+    ends = [shared.rfind(t) + len(t) for t in _end_texts(tokenizer) if shared.rfind(t) >= start]
+    if not ends:
+        raise ChatTemplateError(f"the chat template writes no end-of-turn token after a tool-call turn: {turn[-200:]!r}")
+    return encode(tokenizer, full[max(ends):])
+
+
+def _end_texts(tokenizer) -> list[str]:
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in end_of_turn_ids(tokenizer)]
 
 
 def end_of_turn_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:

@@ -125,7 +125,9 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
              max_new_tokens: int, max_turns: int, seed: int | None = None, top_p: float = 1.0,
              max_response_tokens: int | None = None, wal=None, wal_key: str | None = None) -> list[RolloutSample]:
     """`n` samples of each of `rows` (flat, rows in order: `out[i * n + j]`), rolled out
-    under `route` with its spec's tool environment (multi-turn, stopping at `</tool_call>`)
+    under `route` with its spec's tool environment (multi-turn, stopping at `</tool_call>`, or for
+    a family whose call ends its turn -- Llama 3, DeepSeek, Mistral -- at the end of turn:
+    engine.tool_formats.TURN_END_FORMATS)
     or without one (single-turn). `max_response_tokens` bounds a whole episode (default:
     `engine.rollout.rollout`'s). With `wal` (engine.rollout_wal.RolloutWAL) the batch is
     replayed from the log under `wal_key` when it is there with the same inputs."""
@@ -135,19 +137,22 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
 
     if wal is not None and not wal_key:
         raise ValueError(f"roll_out({route!r}): a rollout log needs a wal_key")
+    from engine.tool_formats import TURN_END_FORMATS, tool_format_of
+
     env = spec.environment
+    fmt = tool_format_of(tokenizer) if env is not None else None
+    # a call ends at `</tool_call>`, or (TURN_END_FORMATS: Llama 3, DeepSeek, Mistral) at the end of turn
+    stops = [tool_call_end_id(tokenizer)] if env is not None and fmt not in TURN_END_FORMATS else []
     sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                              stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [], seed=seed)
+                              stop_token_ids=stops, seed=seed)
     prompts = [render_row_prompt(r, tokenizer) for r in rows]
     trajs = logged_rollout(wal, wal_key, generator, prompts, sampling, tokenizer=tokenizer, environment=env,
-                           max_turns=max_turns, max_response_tokens=max_response_tokens)
+                           max_turns=max_turns, max_response_tokens=max_response_tokens,
+                           **({"tool_format": fmt} if fmt in TURN_END_FORMATS else {}))
     opened = [row_prompt_opens_reasoning(r, tokenizer) for r in rows]
     samples = [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
                for i, t in enumerate(trajs)]
     if env is not None:
-        from engine.tool_formats import tool_format_of
-
-        fmt = tool_format_of(tokenizer)
         for s in samples:
             s.tool_format = fmt
     return samples

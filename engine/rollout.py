@@ -28,8 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from engine.chat import end_of_turn_ids, tool_result_ids
+from engine.chat import encode, end_of_turn_ids, tool_result_ids
 from engine.generation import Completion, SamplingParams, row_seed
+from engine.tool_formats import TURN_END_FORMATS
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
@@ -95,7 +96,8 @@ def call_in_reasoning(tokenizer, lead_ids: list[int], turn_ids: list[int]) -> bo
     return split_reasoning(text[:max(start, 0)], opened=opened).unfinished
 
 
-def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], tokenizer, max_turns: int) -> None:
+def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], tokenizer, max_turns: int,
+          end_ids: set[int] = frozenset(), tool_format: str | None = None) -> None:
     """Apply one generated turn to an episode; execute its tool call if it made one."""
     room = budget - len(ep.response_ids)
     ep.num_turns += 1
@@ -108,6 +110,10 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
     ep.pieces.append(tokenizer.decode(done.token_ids, skip_special_tokens=True))
     if done.finish_reason == "length":
         ep.finish_reason = "length"
+        return
+    if ep.environment is not None and tool_format in TURN_END_FORMATS:
+        _native_step(ep, done, budget=budget, end_ids=end_ids, tokenizer=tokenizer, max_turns=max_turns,
+                     tool_format=tool_format)
         return
     if ep.environment is None or done.token_ids[-1] not in call_ids:  # ended its turn, not at a tool call
         ep.finish_reason = "stop"
@@ -125,7 +131,10 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
                                                             tool_format_of(tokenizer)))
     if not isinstance(result, str):
         raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
-    injected = tool_result_ids(tokenizer, result)
+    _inject(ep, tool_result_ids(tokenizer, result), result, budget)
+
+
+def _inject(ep: _Episode, injected: list[int], result: str, budget: int) -> None:
     if len(ep.response_ids) + len(injected) >= budget:  # no room left for the model to answer
         ep.finish_reason = "length"
         return
@@ -134,22 +143,60 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
     ep.pieces.append(f"{TOOL_RESPONSE_OPEN}{result}{TOOL_RESPONSE_CLOSE}")
 
 
+def _native_step(ep: _Episode, done: Completion, *, budget: int, end_ids: set[int], tokenizer, max_turns: int,
+                 tool_format: str) -> None:
+    """A turn (already added, its text piece the plain decode) of a family whose call is
+    the whole turn ended by its end-of-turn token (engine.tool_formats.TURN_END_FORMATS):
+    a call when its answer parses as one (read with special tokens kept, since the markers
+    are special tokens), else the episode's final answer. The call is executed in the XML
+    form the environment parses; the verifier's piece is the turn's reasoning and that XML;
+    the result comes back as the template renders a tool message after a call turn
+    (engine.chat.call_result_ids)."""
+    from engine.chat import call_result_ids
+    from engine.reasoning import prompt_opens_reasoning
+    from engine.tool_formats import canonical_call_text, message_calls, native_call_turn
+
+    ep.finish_reason = "stop"
+    if done.token_ids[-1] not in end_ids:
+        return
+    opened = prompt_opens_reasoning(tokenizer.decode(ep.lead_ids, skip_special_tokens=False))
+    turn = native_call_turn(tokenizer.decode(done.token_ids, skip_special_tokens=False), tool_format, opened=opened)
+    if turn is None:  # an answer, or a call inside reasoning that never closed (not executed)
+        return
+    ep.pieces[-1] = tokenizer.decode(encode(tokenizer, turn.reasoning), skip_special_tokens=True) + \
+        canonical_call_text(turn.calls)
+    if ep.num_turns >= max_turns:
+        ep.finish_reason = "max_turns"
+        return
+    ep.finish_reason = None
+    if turn.error is not None:
+        result = f"error: malformed tool call: {turn.error}"
+    else:
+        result = ep.environment.execute(canonical_call_text(turn.calls))
+        if not isinstance(result, str):
+            raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
+    _inject(ep, call_result_ids(tokenizer, message_calls(turn.calls), result), result, budget)
+
+
 def _turn_seed(seed: int | None, turn: int) -> int | None:
     return None if seed is None else row_seed(seed, turn, 0x7475726E)  # "turn"
 
 
 def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParams, *, tokenizer,
             environment: Environment | None = None, max_turns: int = 4,
-            max_response_tokens: int | None = None) -> list[Trajectory]:
+            max_response_tokens: int | None = None, tool_format: str | None = None) -> list[Trajectory]:
     """`sampling.n` trajectories per prompt, flat, prompts in order (`out[i * n + j]`).
 
     `max_response_tokens` bounds the whole response (model + tool tokens); default
-    `max_new_tokens * max_turns` with an environment, `max_new_tokens` without."""
+    `max_new_tokens * max_turns` with an environment, `max_new_tokens` without.
+    `tool_format` (engine.tool_formats): with one of `TURN_END_FORMATS` a call is a turn
+    ended by the end of turn whose answer parses as a call (no stop id needed); otherwise
+    a turn that stopped at a stop id that is not an end of turn (`</tool_call>`)."""
     if max_turns < 1:
         raise ValueError(f"rollout: max_turns must be >= 1, got {max_turns}")
     if max_response_tokens is not None and max_response_tokens < 1:
         raise ValueError(f"rollout: max_response_tokens must be >= 1, got {max_response_tokens}")
-    if environment is not None and not sampling.stop_token_ids:
+    if environment is not None and not sampling.stop_token_ids and tool_format not in TURN_END_FORMATS:
         raise ValueError("rollout: an environment needs the tool-call end id in sampling.stop_token_ids, "
                          "or generation never stops at a tool call")
     turns = max_turns if environment is not None else 1
@@ -157,6 +204,8 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
     # A turn that stopped at a stop id that is not an end of turn (`</tool_call>`) is a tool call.
     call_ids = set(sampling.stop_token_ids) - set(end_of_turn_ids(tokenizer))
     kw = dict(budget=budget, call_ids=call_ids, tokenizer=tokenizer, max_turns=turns)
+    if tool_format in TURN_END_FORMATS:
+        kw.update(end_ids=set(end_of_turn_ids(tokenizer)), tool_format=tool_format)
 
     episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None,
                          lead_ids=list(p)) for p in prompt_ids_list for _ in range(sampling.n)]

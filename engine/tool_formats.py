@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMATS = ("hermes", "llama3_json", "deepseek", "mistral", "xml")
@@ -38,9 +38,21 @@ class ToolFormatError(ValueError):
 class Call:
     name: str
     arguments: dict[str, Any]
+    id: str | None = field(default=None, compare=False)  # the call id the model wrote (Mistral), if any
+
+
+# Formats whose call is the whole assistant turn, ended by the template's end-of-turn token
+# (Llama 3's `<|eot_id|>`, DeepSeek's `<｜end▁of▁sentence｜>`, Mistral's `</s>`): a rollout
+# tells a call from an answer by parsing the turn. Hermes and XML calls end at `</tool_call>`.
+TURN_END_FORMATS = ("llama3_json", "deepseek", "mistral")
+# where a call's markup starts in a turn (decoded with special tokens kept); llama3_json:
+# `<|python_tag|>`, or the answer itself
+CALL_OPEN = {"hermes": "<tool_call>", "xml": "<tool_call>", "deepseek": "<｜tool▁calls▁begin｜>",
+             "mistral": "[TOOL_CALLS]", "llama3_json": "<|python_tag|>"}
 
 
 def _call(obj: Any, args_key: str, where: str) -> Call:
+    """A `Call` from a parsed JSON object (its `id` kept when it has a string one)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ToolFormatError(f"{where}: a call must be a JSON object with a string 'name', got {str(obj)[:80]!r}")
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
@@ -51,7 +63,8 @@ def _call(obj: Any, args_key: str, where: str) -> Call:
             raise ToolFormatError(f"{where}: arguments of {obj['name']!r} are not JSON: {args[:80]!r}") from None
     if not isinstance(args, dict):
         raise ToolFormatError(f"{where}: arguments of {obj['name']!r} must be an object, got {type(args).__name__}")
-    return Call(obj["name"], args)
+    call_id = obj.get("id")
+    return Call(obj["name"], args, call_id if isinstance(call_id, str) else None)
 
 
 def _json(text: str, where: str) -> Any:
@@ -201,6 +214,44 @@ def canonical_calls_in_text(text: str, fmt: str | None) -> str:
             return m.group(0)
 
     return re.sub(r"<tool_call>(.*?)</tool_call>", rewrite, text, flags=re.DOTALL)
+
+
+@dataclass(frozen=True)
+class NativeTurn:
+    """An assistant turn of a `TURN_END_FORMATS` family, read as a tool call."""
+    calls: list[Call]  # [] when the markup does not parse (`error` says why)
+    error: str | None
+    reasoning: str  # the turn's text before its answer (closed reasoning block and markers), special tokens kept
+
+
+def native_call_turn(text: str, fmt: str, opened: bool = False, markers=None) -> NativeTurn | None:
+    """The tool call an assistant turn makes in a `TURN_END_FORMATS` format (`text`: the
+    turn decoded with special tokens kept, its end-of-turn token included), or None when
+    it makes none: a plain answer, or a call written inside reasoning that never closes
+    (`opened`: the turn starts inside a block the prompt opened; engine.reasoning), which
+    is not executed. Calls are read from the answer only. A call whose markup does not
+    parse is a call with `error` set (the environment's place to say so)."""
+    from engine.reasoning import DEFAULT_MARKERS, split_reasoning
+
+    if fmt not in TURN_END_FORMATS:
+        raise ValueError(f"native_call_turn: {fmt!r} is not one of {list(TURN_END_FORMATS)}")
+    markers = markers or DEFAULT_MARKERS
+    split = split_reasoning(text, opened=opened, markers=markers)
+    if split.unfinished:
+        return None
+    close = text.rfind(markers.close)
+    reasoning = text[:close + len(markers.close)] if close >= 0 else ""
+    try:
+        calls = parse_calls(split.answer, fmt)
+    except ToolFormatError as exc:
+        return NativeTurn([], str(exc), reasoning)
+    return NativeTurn(calls, None, reasoning) if calls else None
+
+
+def message_calls(calls: list[Call]) -> list[dict]:
+    """`calls` as an assistant message's `tool_calls` (what chat templates render)."""
+    return [{"type": "function", "function": {"name": c.name, "arguments": dict(c.arguments)},
+             **({"id": c.id} if c.id else {})} for c in calls]
 
 
 _FORMAT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
