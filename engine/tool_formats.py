@@ -254,6 +254,55 @@ def message_calls(calls: list[Call]) -> list[dict]:
              **({"id": c.id} if c.id else {})} for c in calls]
 
 
+def template_renders_tools(tokenizer) -> bool:
+    """Whether the chat template writes the `tools=` it is given (DeepSeek-R1's does not)."""
+    from engine.chat import render_text
+
+    messages = [{"role": "user", "content": "hi"}]
+    schema = {"type": "function", "function": {"name": _PROBE.name, "description": "",
+                                               "parameters": {"type": "object", "properties": {}}}}
+    return render_text(messages, tokenizer, True, tools=[schema]) != render_text(messages, tokenizer, True)
+
+
+def native_tool_row(row: dict, tokenizer=None) -> dict:
+    """A tool row in the native form (`data.tool_calls: native`): its tools (the
+    reference's `tools` schemas) in `row["tools"]`, which the chat template renders through
+    its `tools=` argument (engine.chat.row_template_kwargs), the system message that listed
+    them in the XML form (engine.adapters.tools_system_text) removed, and each assistant
+    message written as XML calls only (rewards.tool_calls) turned into a message with
+    `tool_calls` and empty content, which the template writes in the family's own call
+    syntax. With `tokenizer`, whose template ignores `tools=` (DeepSeek-R1), the system
+    message listing the tools is kept, so the model still sees them. Other messages are
+    kept as they are; a row whose reference lists no tools is returned unchanged. Raises ValueError naming the row and message when an assistant
+    message mixes calls with other text or its calls do not parse."""
+    from engine.adapters import tools_system_text
+    from rewards.tool_calls import ToolCallParseError, parse_tool_calls
+
+    reference = row.get("reference") or {}
+    tools = reference.get("tools") if isinstance(reference, dict) else None
+    if not tools:
+        return row
+    listing = tools_system_text(tools)
+    keep_listing = tokenizer is not None and not template_renders_tools(tokenizer)
+    messages = []
+    for j, m in enumerate(row["messages"]):
+        if m.get("role") == "system" and m.get("content") == listing and not keep_listing:
+            continue
+        content = m.get("content")
+        if m.get("role") == "assistant" and isinstance(content, str) and "<tool_call>" in content:
+            where = f"row {row.get('id')!r} messages[{j}]"
+            try:
+                calls = [Call(c.name, dict(c.arguments)) for c in parse_tool_calls(content, tools)]
+            except ToolCallParseError as exc:
+                raise ValueError(f"{where}: its tool calls do not parse: {exc}") from None
+            if re.sub(r"<tool_call>.*?</tool_call>", "", content, flags=re.DOTALL).strip():
+                raise ValueError(f"{where}: an assistant message with tool calls must hold only the calls, "
+                                 f"got {content[:120]!r}")
+            m = {**{k: v for k, v in m.items() if k != "content"}, "content": "", "tool_calls": message_calls(calls)}
+        messages.append(m)
+    return {**row, "messages": messages, "tools": list(tools)}
+
+
 _FORMAT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

@@ -50,6 +50,10 @@ def prepare(ctx: StageContext) -> dict:
         else:
             train, evals = (_real_split(ctx, d, split, tokenizer, bad_rows, notes) for split in ("train", "eval"))
             _check_demonstrations(d, train)
+        if d.data.tool_calls == "native":  # tools through the template's tools=, calls as tool_calls
+            from engine.tool_formats import native_tool_row
+
+            train, evals = ([native_tool_row(r, tokenizer) for r in rows] for rows in (train, evals))
         if d.modes:  # one row per (problem, mode): engine.modes
             from engine.modes import expand_modes
 
