@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.reasoning import DEFAULT_MARKERS
+from engine.reasoning import DEFAULT_MARKERS, reasoning_markers
 
 ROLES = ("system", "user", "assistant", "tool")
 _PROBE_USER = "hi"
@@ -167,12 +167,13 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False,
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     mask = [0] * len(ids)
     stops = set(end_of_turn_ids(tokenizer))
+    markers = reasoning_markers(tokenizer)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         start = _reply_start(messages, i, tokenizer, text, add_generation_prompt, **template_kwargs)
-        if not _has_reasoning(message):
-            start += _empty_reasoning_len(text, start)  # a block the template inserted, not the reply
+        if not _has_reasoning(message, markers):
+            start += _empty_reasoning_len(text, start, markers)  # a block the template inserted, not the reply
         # the reply's text must be rendered (a template that drops the turn has nothing to train);
         # a tool-call turn's text may be left out by the template (Llama 3, Mistral)
         reply_end = start if message.get("tool_calls") else _content_end(messages, i, tokenizer,
@@ -229,7 +230,7 @@ def row_prompt_opens_reasoning(row: dict, tokenizer) -> bool:
     kw = row_template_kwargs(row)
     with_prompt = render_text(prompt, tokenizer, True, **kw)
     without = render_text(prompt, tokenizer, False, **kw)
-    return prompt_opens_reasoning(with_prompt[_common_prefix(with_prompt, without):])
+    return prompt_opens_reasoning(with_prompt[_common_prefix(with_prompt, without):], reasoning_markers(tokenizer))
 
 
 def render_row(row: dict, tokenizer) -> Rendered:

@@ -55,17 +55,19 @@ class RolloutSample:
     policy_version: int | None = None  # pipelined OPD: rounds of training in the weights that sampled it
     reasoning_opened: bool = False  # the prompt ends inside a reasoning block (engine.reasoning)
     tool_format: str | None = None  # a tool episode's native call format (engine.tool_formats)
+    reasoning_markers: object = None  # the model's markers (engine.reasoning.ReasoningMarkers); None: the default
     scoring_failure: str | None = None  # why its score is not the verifier's verdict (verifier error, timeout)
 
     @property
     def scored_text(self) -> str:
-        """The completion as rewards read it: with the reasoning-open marker the prompt
-        wrote in front where the prompt opened the block (engine.reasoning), native tool
-        calls in the XML form the tool verifier parses (engine.tool_formats)."""
-        from engine.reasoning import DEFAULT_MARKERS
+        """The completion as rewards read it: the model's reasoning markers written as the
+        default `<think>` / `</think>`, with the open marker the prompt wrote in front where
+        the prompt opened the block (engine.reasoning), native tool calls in the XML form
+        the tool verifier parses (engine.tool_formats)."""
+        from engine.reasoning import DEFAULT_MARKERS, canonical_reasoning
         from engine.tool_formats import canonical_calls_in_text
 
-        text = canonical_calls_in_text(self.text, self.tool_format)
+        text = canonical_calls_in_text(canonical_reasoning(self.text, self.reasoning_markers), self.tool_format)
         return DEFAULT_MARKERS.open + text if self.reasoning_opened else text
 
     @property
@@ -137,6 +139,7 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
 
     if wal is not None and not wal_key:
         raise ValueError(f"roll_out({route!r}): a rollout log needs a wal_key")
+    from engine.reasoning import DEFAULT_MARKERS, reasoning_markers
     from engine.tool_formats import TURN_END_FORMATS, tool_format_of
 
     env = spec.environment
@@ -152,6 +155,10 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     opened = [row_prompt_opens_reasoning(r, tokenizer) for r in rows]
     samples = [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
                for i, t in enumerate(trajs)]
+    markers = reasoning_markers(tokenizer)
+    if markers != DEFAULT_MARKERS:
+        for s in samples:
+            s.reasoning_markers = markers
     if env is not None:
         for s in samples:
             s.tool_format = fmt

@@ -13,8 +13,8 @@ still active into one `generator.generate` call. An environment with `bind(promp
 when it stopped at a stop id that does not end the turn (`</tool_call>`); a call in the
 model's native Hermes JSON form (Qwen3, ChatML; engine.tool_formats) is rewritten in the
 XML form the environment parses. A call written
-inside reasoning (its `<tool_call>` in a `<think>` block that is still open, the prompt's
-open block included: engine.reasoning) is not executed: the episode ends there ("stop"),
+inside reasoning (its `<tool_call>` in a reasoning block that is still open, the prompt's
+open block included; the model's markers, engine.reasoning.reasoning_markers) is not executed: the episode ends there ("stop"),
 and the reward sees unfinished reasoning.
 
 `Trajectory.finish_reason`: "stop" (end of turn, or a stop token when there is no environment),
@@ -88,12 +88,13 @@ def call_in_reasoning(tokenizer, lead_ids: list[int], turn_ids: list[int]) -> bo
     """Whether this turn's tool call lies inside a reasoning block that is still open
     (opened in the turn, or by `lead_ids`, what came right before the turn: the prompt, or
     the injected tool result ending in the generation prompt): it is not executed."""
-    from engine.reasoning import prompt_opens_reasoning, split_reasoning
+    from engine.reasoning import prompt_opens_reasoning, reasoning_markers, split_reasoning
 
+    markers = reasoning_markers(tokenizer)
     text = tokenizer.decode(turn_ids, skip_special_tokens=True)
     start = text.rfind(TOOL_CALL_OPEN)
-    opened = prompt_opens_reasoning(tokenizer.decode(lead_ids, skip_special_tokens=False))
-    return split_reasoning(text[:max(start, 0)], opened=opened).unfinished
+    opened = prompt_opens_reasoning(tokenizer.decode(lead_ids, skip_special_tokens=False), markers)
+    return split_reasoning(text[:max(start, 0)], opened=opened, markers=markers).unfinished
 
 
 def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], tokenizer, max_turns: int,
@@ -153,14 +154,16 @@ def _native_step(ep: _Episode, done: Completion, *, budget: int, end_ids: set[in
     the result comes back as the template renders a tool message after a call turn
     (engine.chat.call_result_ids)."""
     from engine.chat import call_result_ids
-    from engine.reasoning import prompt_opens_reasoning
+    from engine.reasoning import prompt_opens_reasoning, reasoning_markers
     from engine.tool_formats import canonical_call_text, message_calls, native_call_turn
 
     ep.finish_reason = "stop"
     if done.token_ids[-1] not in end_ids:
         return
-    opened = prompt_opens_reasoning(tokenizer.decode(ep.lead_ids, skip_special_tokens=False))
-    turn = native_call_turn(tokenizer.decode(done.token_ids, skip_special_tokens=False), tool_format, opened=opened)
+    markers = reasoning_markers(tokenizer)
+    opened = prompt_opens_reasoning(tokenizer.decode(ep.lead_ids, skip_special_tokens=False), markers)
+    turn = native_call_turn(tokenizer.decode(done.token_ids, skip_special_tokens=False), tool_format, opened=opened,
+                            markers=markers)
     if turn is None:  # an answer, or a call inside reasoning that never closed (not executed)
         return
     ep.pieces[-1] = tokenizer.decode(encode(tokenizer, turn.reasoning), skip_special_tokens=True) + \

@@ -48,6 +48,9 @@ BUILT_BASES = ("tiny", "toy_hf")  # base models built offline in `prepare`
 
 
 class ModelConfig(Frozen):
+    # added after runs existed: out of the stage hashes while at these values (pipeline.graph._dump)
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"reasoning_markers": None}
+
     base: str = Field("tiny", description="'tiny' or 'toy_hf' (built offline from `tiny` / `toy_hf`), "
                                           "a Hugging Face directory or hub id")
     tiny: TinySpec = TinySpec()
@@ -56,6 +59,17 @@ class ModelConfig(Frozen):
     chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own "
                                                         "(required when the base model ships none)")
     dtype: Literal["fp32", "bf16"] = "fp32"
+    reasoning_markers: tuple[str, str] | None = Field(
+        None, description="the model's reasoning markers [open, close], e.g. ['<think>', '</think>']; default: "
+                          "read off the chat template (what it writes around reasoning_content), else <think>/</think>")
+
+    @model_validator(mode="after")
+    def _markers(self):
+        if self.reasoning_markers is not None:
+            from engine.reasoning import ReasoningMarkers
+
+            ReasoningMarkers(*self.reasoning_markers)  # two different non-empty strings
+        return self
 
 
 class SyntheticData(Frozen):
