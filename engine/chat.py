@@ -21,6 +21,9 @@ its generation prompt, Mistral moves the system text into the last user turn).
 - `tool_result_ids` are the tokens the template puts between an assistant turn and the
   next generation prompt when a tool result follows (end of turn, the tool message in
   the template's tool role, the new assistant header): masked out of the loss.
+- `reasoning_markers(tokenizer)`: the model's reasoning markers, configured
+  (`engine.reasoning.set_reasoning_markers`, `model.reasoning_markers`), else read off the
+  template (what it writes around `reasoning_content`), else `<think>` / `</think>`.
 - `end_of_turn_ids` are the ids that end an assistant turn: the tokenizer's EOS, the
   token the template writes after an assistant message, and `generation_config`'s
   `eos_token_id`s; generators stop on them.
@@ -30,10 +33,11 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.reasoning import DEFAULT_MARKERS, reasoning_markers
+from engine.reasoning import DEFAULT_MARKERS, MARKERS_ATTR, ReasoningMarkers
 
 ROLES = ("system", "user", "assistant", "tool")
 _PROBE_USER = "hi"
@@ -309,3 +313,52 @@ def tool_call_end_id(tokenizer) -> int:
         raise ChatTemplateError(f"{TOOL_CALL_END!r} is not a single token of this tokenizer (got {ids}); "
                                 "a multi-turn tool domain needs it as an added token")
     return ids[0]
+
+
+_DERIVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_REASONING_SENTINEL = "\ue001"  # a private-use character no template trims or matches
+
+
+def derive_markers(tokenizer) -> ReasoningMarkers | None:
+    """The markers the chat template writes around an assistant message's
+    `reasoning_content` (Qwen3: `<think>` / `</think>`), or None when it does not render
+    `reasoning_content` (then the markers cannot be read off the template)."""
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        prompt = render_text(user, tokenizer, True)
+        reply = {"role": "assistant", "content": "ok", "reasoning_content": _REASONING_SENTINEL}
+        text = render_text(user + [reply], tokenizer)
+    except Exception:  # noqa: BLE001 -- a template that cannot render this has nothing to read
+        return None
+    at = text.find(_REASONING_SENTINEL)
+    if at < 0 or text.count(_REASONING_SENTINEL) != 1:
+        return None
+    before = text[:at]
+    open_ = before[_common_prefix(before, prompt):].strip()  # after the generation prompt, before the reasoning
+    if not open_:  # the generation prompt itself opens the block (DeepSeek-R1 style): its last piece, if a token
+        words = before.split()
+        last = words[-1] if words else ""
+        open_ = last if last in (getattr(tokenizer, "get_added_vocab", dict)() or {}) else ""
+    tail = text[at + len(_REASONING_SENTINEL):]
+    ok = tail.find("ok")
+    close = tail[:ok].strip() if ok >= 0 else ""
+    if not open_ or not close or open_ == close or any(c.isspace() for c in open_ + close):
+        return None
+    return ReasoningMarkers(open_, close)
+
+
+def reasoning_markers(tokenizer) -> ReasoningMarkers:
+    """`tokenizer`'s reasoning markers: configured (`set_reasoning_markers`), else derived
+    from its chat template (cached per tokenizer), else the default `<think>` / `</think>`."""
+    configured = getattr(tokenizer, MARKERS_ATTR, None)
+    if configured is not None:
+        return configured
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return DEFAULT_MARKERS
+    try:
+        cached = _DERIVED.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        return derive_markers(tokenizer) or DEFAULT_MARKERS
+    if cached is None:
+        cached = _DERIVED[tokenizer] = derive_markers(tokenizer) or DEFAULT_MARKERS
+    return cached

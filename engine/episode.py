@@ -139,7 +139,8 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
 
     if wal is not None and not wal_key:
         raise ValueError(f"roll_out({route!r}): a rollout log needs a wal_key")
-    from engine.reasoning import DEFAULT_MARKERS, reasoning_markers
+    from engine.chat import reasoning_markers
+    from engine.reasoning import DEFAULT_MARKERS
     from engine.tool_formats import TURN_END_FORMATS, tool_format_of
 
     env = spec.environment

@@ -13,7 +13,7 @@ Verifiers score `answer` only, so a `\\boxed{}` draft, a last number or a broken
 constraint inside the reasoning does not count; tool calls written inside reasoning are
 not executed (engine.rollout).
 
-A model's markers (`reasoning_markers(tokenizer)`) are the experiment's
+A model's markers (`engine.chat.reasoning_markers(tokenizer)`) are the experiment's
 `model.reasoning_markers` where set (`set_reasoning_markers`, pipeline.stage_io), else
 derived from the chat template (the text it writes around an assistant message's
 `reasoning_content`), else `<think>` / `</think>`. Code that reads the model's own text
@@ -24,7 +24,6 @@ is the default one.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 UNFINISHED = "unfinished reasoning"
@@ -87,61 +86,13 @@ def prompt_opens_reasoning(prompt_text: str, markers: ReasoningMarkers = DEFAULT
     return i >= 0 and prompt_text.find(markers.close, i) < 0
 
 
-_ATTR = "_polymath_reasoning_markers"  # set on a tokenizer by set_reasoning_markers (survives pickling)
-_DERIVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_SENTINEL = "\ue001"  # a private-use character no template trims or matches
+MARKERS_ATTR = "_polymath_reasoning_markers"  # set on a tokenizer by set_reasoning_markers (survives pickling)
 
 
 def set_reasoning_markers(tokenizer, markers: ReasoningMarkers | None) -> None:
     """Fix `tokenizer`'s reasoning markers (the experiment's `model.reasoning_markers`);
-    None: derive them from its template."""
-    setattr(tokenizer, _ATTR, markers)
-
-
-def derive_markers(tokenizer) -> ReasoningMarkers | None:
-    """The markers the chat template writes around an assistant message's
-    `reasoning_content` (Qwen3: `<think>` / `</think>`), or None when it does not render
-    `reasoning_content` (then the markers cannot be read off the template)."""
-    from engine.chat import _common_prefix, render_text
-
-    user = [{"role": "user", "content": "hi"}]
-    try:
-        prompt = render_text(user, tokenizer, True)
-        text = render_text(user + [{"role": "assistant", "content": "ok", "reasoning_content": _SENTINEL}], tokenizer)
-    except Exception:  # noqa: BLE001 -- a template that cannot render this has nothing to read
-        return None
-    at = text.find(_SENTINEL)
-    if at < 0 or text.count(_SENTINEL) != 1:
-        return None
-    before = text[:at]
-    open_ = before[_common_prefix(before, prompt):].strip()  # after the generation prompt, before the reasoning
-    if not open_:  # the generation prompt itself opens the block (DeepSeek-R1 style): its last piece, if a token
-        words = before.split()
-        last = words[-1] if words else ""
-        open_ = last if last in (getattr(tokenizer, "get_added_vocab", dict)() or {}) else ""
-    tail = text[at + len(_SENTINEL):]
-    ok = tail.find("ok")
-    close = tail[:ok].strip() if ok >= 0 else ""
-    if not open_ or not close or open_ == close or any(c.isspace() for c in open_ + close):
-        return None
-    return ReasoningMarkers(open_, close)
-
-
-def reasoning_markers(tokenizer) -> ReasoningMarkers:
-    """`tokenizer`'s reasoning markers: configured (`set_reasoning_markers`), else derived
-    from its chat template (cached per tokenizer), else the default `<think>` / `</think>`."""
-    configured = getattr(tokenizer, _ATTR, None)
-    if configured is not None:
-        return configured
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return DEFAULT_MARKERS
-    try:
-        cached = _DERIVED.get(tokenizer)
-    except TypeError:  # not weak-referenceable
-        return derive_markers(tokenizer) or DEFAULT_MARKERS
-    if cached is None:
-        cached = _DERIVED[tokenizer] = derive_markers(tokenizer) or DEFAULT_MARKERS
-    return cached
+    None: derive them from its template (engine.chat.reasoning_markers)."""
+    setattr(tokenizer, MARKERS_ATTR, markers)
 
 
 def canonical_reasoning(text: str, markers: ReasoningMarkers | None) -> str:

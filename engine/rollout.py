@@ -14,7 +14,7 @@ when it stopped at a stop id that does not end the turn (`</tool_call>`); a call
 model's native Hermes JSON form (Qwen3, ChatML; engine.tool_formats) is rewritten in the
 XML form the environment parses. A call written
 inside reasoning (its `<tool_call>` in a reasoning block that is still open, the prompt's
-open block included; the model's markers, engine.reasoning.reasoning_markers) is not executed: the episode ends there ("stop"),
+open block included; the model's markers, engine.chat.reasoning_markers) is not executed: the episode ends there ("stop"),
 and the reward sees unfinished reasoning.
 
 `Trajectory.finish_reason`: "stop" (end of turn, or a stop token when there is no environment),
@@ -88,7 +88,8 @@ def call_in_reasoning(tokenizer, lead_ids: list[int], turn_ids: list[int]) -> bo
     """Whether this turn's tool call lies inside a reasoning block that is still open
     (opened in the turn, or by `lead_ids`, what came right before the turn: the prompt, or
     the injected tool result ending in the generation prompt): it is not executed."""
-    from engine.reasoning import prompt_opens_reasoning, reasoning_markers, split_reasoning
+    from engine.chat import reasoning_markers
+    from engine.reasoning import prompt_opens_reasoning, split_reasoning
 
     markers = reasoning_markers(tokenizer)
     text = tokenizer.decode(turn_ids, skip_special_tokens=True)
@@ -154,7 +155,8 @@ def _native_step(ep: _Episode, done: Completion, *, budget: int, end_ids: set[in
     the result comes back as the template renders a tool message after a call turn
     (engine.chat.call_result_ids)."""
     from engine.chat import call_result_ids
-    from engine.reasoning import prompt_opens_reasoning, reasoning_markers
+    from engine.chat import reasoning_markers
+    from engine.reasoning import prompt_opens_reasoning
     from engine.tool_formats import canonical_call_text, message_calls, native_call_turn
 
     ep.finish_reason = "stop"

@@ -1,5 +1,5 @@
 """A model's reasoning markers come from the experiment config (`model.reasoning_markers`)
-or are read off its chat template, not hard-coded `<think>`/`</think>` (engine.reasoning):
+or are read off its chat template, not hard-coded `<think>`/`</think>` (engine.chat.reasoning_markers, engine.reasoning):
 derived from what the template writes around `reasoning_content`; used for the SFT mask's
 inserted empty block, the prompt-opened check, tool calls inside reasoning, and the
 answer-only rewards of GRPO / OPD / eval (through `RolloutSample.scored_text`, which writes
@@ -18,8 +18,8 @@ import pytest
 from engine import chat
 from engine.domain_spec import DomainSpec
 from engine.generation import Completion
-from engine.reasoning import (DEFAULT_MARKERS, UNFINISHED, ReasoningMarkers, canonical_reasoning, derive_markers,
-                              reasoning_markers, set_reasoning_markers)
+from engine.chat import derive_markers, reasoning_markers
+from engine.reasoning import DEFAULT_MARKERS, UNFINISHED, ReasoningMarkers, canonical_reasoning, set_reasoning_markers
 from engine.tokenizer import build_tiny_tokenizer
 from rewards.registry import get_verifier
 
