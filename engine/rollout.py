@@ -12,10 +12,15 @@ still active into one `generator.generate` call. An environment with `bind(promp
 (real tool rows, `engine.row_tools`) gives each episode its own; a turn is a tool call
 when it stopped at a stop id that does not end the turn (`</tool_call>`); a call in the
 model's native Hermes JSON form (Qwen3, ChatML; engine.tool_formats) is rewritten in the
-XML form the environment parses. A call written
-inside reasoning (its `<tool_call>` in a reasoning block that is still open, the prompt's
-open block included; the model's markers, engine.chat.reasoning_markers) is not executed: the episode ends there ("stop"),
-and the reward sees unfinished reasoning.
+XML form the environment parses. Families whose call is the whole turn, ended by the
+end-of-turn token (`tool_format` in engine.tool_formats.TURN_END_FORMATS: Llama 3 JSON,
+DeepSeek's tool-call tokens, Mistral's `[TOOL_CALLS]`) need no stop id: a turn that ends
+its turn is a call when its answer, decoded with special tokens kept, parses as one; the
+result comes back as the template renders a tool message after a call turn
+(`engine.chat.call_result_ids`). A call written inside reasoning (in a reasoning block
+that is still open, the prompt's open block included; the model's markers,
+engine.chat.reasoning_markers) is not executed: the episode ends there ("stop"), and the
+reward sees unfinished reasoning.
 
 `Trajectory.finish_reason`: "stop" (end of turn, or a stop token when there is no environment),
 "length" (a turn hit `max_new_tokens` or the response hit the total budget; the budget
