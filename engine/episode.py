@@ -150,9 +150,13 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                               stop_token_ids=stops, seed=seed)
     prompts = [render_row_prompt(r, tokenizer) for r in rows]
+    extra = {"tool_format": fmt} if fmt in TURN_END_FORMATS else {}
+    if env is not None and any(r.get("mode") is not None for r in rows):  # tool results in the row's mode
+        from engine.modes import mode_template_kwargs
+
+        extra["template_kwargs"] = [mode_template_kwargs(r.get("mode")) for r in rows]
     trajs = logged_rollout(wal, wal_key, generator, prompts, sampling, tokenizer=tokenizer, environment=env,
-                           max_turns=max_turns, max_response_tokens=max_response_tokens,
-                           **({"tool_format": fmt} if fmt in TURN_END_FORMATS else {}))
+                           max_turns=max_turns, max_response_tokens=max_response_tokens, **extra)
     opened = [row_prompt_opens_reasoning(r, tokenizer) for r in rows]
     samples = [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
                for i, t in enumerate(trajs)]

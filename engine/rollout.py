@@ -75,6 +75,7 @@ class _Episode:
     environment: object = None
     pieces: list[str] = field(default_factory=list)  # the verifier's text, turn by turn
     lead_ids: list[int] = field(default_factory=list)  # what came right before the current turn
+    template_kwargs: dict = field(default_factory=dict)  # the prompt's template kwargs (its mode): tool results
 
     def add(self, ids: list[int], logprobs: list[float] | None) -> None:
         self.response_ids += ids
@@ -138,7 +139,7 @@ def _step(ep: _Episode, done: Completion, *, budget: int, call_ids: set[int], to
                                                             tool_format_of(tokenizer)))
     if not isinstance(result, str):
         raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
-    _inject(ep, tool_result_ids(tokenizer, result), result, budget)
+    _inject(ep, tool_result_ids(tokenizer, result, **ep.template_kwargs), result, budget)
 
 
 def _inject(ep: _Episode, injected: list[int], result: str, budget: int) -> None:
@@ -185,7 +186,7 @@ def _native_step(ep: _Episode, done: Completion, *, budget: int, end_ids: set[in
         result = ep.environment.execute(canonical_call_text(turn.calls))
         if not isinstance(result, str):
             raise TypeError(f"environment.execute must return str, got {type(result).__name__}")
-    _inject(ep, call_result_ids(tokenizer, message_calls(turn.calls), result), result, budget)
+    _inject(ep, call_result_ids(tokenizer, message_calls(turn.calls), result, **ep.template_kwargs), result, budget)
 
 
 def _turn_seed(seed: int | None, turn: int) -> int | None:
@@ -194,14 +195,17 @@ def _turn_seed(seed: int | None, turn: int) -> int | None:
 
 def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParams, *, tokenizer,
             environment: Environment | None = None, max_turns: int = 4,
-            max_response_tokens: int | None = None, tool_format: str | None = None) -> list[Trajectory]:
+            max_response_tokens: int | None = None, tool_format: str | None = None,
+            template_kwargs: list[dict] | None = None) -> list[Trajectory]:
     """`sampling.n` trajectories per prompt, flat, prompts in order (`out[i * n + j]`).
 
     `max_response_tokens` bounds the whole response (model + tool tokens); default
     `max_new_tokens * max_turns` with an environment, `max_new_tokens` without.
     `tool_format` (engine.tool_formats): with one of `TURN_END_FORMATS` a call is a turn
     ended by the end of turn whose answer parses as a call (no stop id needed); otherwise
-    a turn that stopped at a stop id that is not an end of turn (`</tool_call>`)."""
+    a turn that stopped at a stop id that is not an end of turn (`</tool_call>`).
+    `template_kwargs` (one dict per prompt: its mode's, `enable_thinking`) render the tool
+    results of its episodes, so the next generation prompt is the one of the prompt's mode."""
     if max_turns < 1:
         raise ValueError(f"rollout: max_turns must be >= 1, got {max_turns}")
     if max_response_tokens is not None and max_response_tokens < 1:
@@ -217,8 +221,12 @@ def rollout(generator, prompt_ids_list: list[list[int]], sampling: SamplingParam
     if tool_format in TURN_END_FORMATS:
         kw.update(end_ids=set(end_of_turn_ids(tokenizer)), tool_format=tool_format)
 
+    if template_kwargs is not None and len(template_kwargs) != len(prompt_ids_list):
+        raise ValueError(f"rollout: {len(template_kwargs)} template_kwargs for {len(prompt_ids_list)} prompts")
+    kwargs = template_kwargs or [{}] * len(prompt_ids_list)
     episodes = [_Episode(list(p), environment=_bind(environment, p) if environment is not None else None,
-                         lead_ids=list(p)) for p in prompt_ids_list for _ in range(sampling.n)]
+                         lead_ids=list(p), template_kwargs=dict(kw_p))
+                for p, kw_p in zip(prompt_ids_list, kwargs) for _ in range(sampling.n)]
     for ep, done in zip(episodes, generator.generate(prompt_ids_list, sampling), strict=True):
         _step(ep, done, **kw)
     turn = 1

@@ -168,3 +168,38 @@ def test_hermes_families_keep_the_tool_call_stop(toks):
     qwen = build_family_tokenizer(FAMILIES["qwen3"])
     assert tool_format_of(qwen) == "hermes" and "hermes" not in TURN_END_FORMATS
     assert {tool_format_of(toks[n]) for n in NATIVE} == set(TURN_END_FORMATS)
+
+
+@pytest.mark.parametrize("mode", ["non-think", "think-high"])
+def test_tool_result_is_rendered_in_the_rows_mode(mode):
+    """Qwen3 in non-think mode: the generation prompt after the tool result closes an empty
+    think block, as `apply_chat_template(..., enable_thinking=False)` writes it; in a
+    thinking mode it does not."""
+    from engine.modes import mode_template_kwargs
+
+    tok = build_family_tokenizer(FAMILIES["qwen3"])
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+    class Gen:
+        contexts = []
+
+        def generate(self, prompts, sampling):
+            self.contexts.append(list(prompts[0]))
+            text = call if len(self.contexts) == 1 else "It is sunny<|im_end|>"
+            ids = chat.encode(tok, text)
+            return [Completion(ids, [0.0] * len(ids), "stop")]
+
+    gen = Gen()
+    row = {**_row(), "mode": mode}
+    roll_out([row], "tool", DomainSpec("tool", Recording()), generator=gen, tokenizer=tok, n=1, temperature=1.0,
+             max_new_tokens=300, max_turns=2)
+    episode = _episode("Paris", "sunny in Paris")[:3]
+    episode[1] = {**episode[1], "content": ""}
+    hf = tok.apply_chat_template(episode, tokenize=False, add_generation_prompt=True, tools=[WEATHER],
+                                 **mode_template_kwargs(mode))
+    ctx = tok.decode(gen.contexts[1], skip_special_tokens=False)
+    # after the call: the tool result and the mode's generation prompt, as the template writes them
+    assert ctx.endswith(hf[hf.index("</tool_call>"):])
+    assert hf.endswith("<think>\n\n</think>\n\n") == (mode == "non-think")
+    if mode != "non-think":  # the whole context too (non-think: the template re-renders the call turn
+        assert ctx == hf     # without the empty block its prompt had; the rollout keeps the tokens it sampled on)
