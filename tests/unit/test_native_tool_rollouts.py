@@ -199,7 +199,7 @@ def test_tool_result_is_rendered_in_the_rows_mode(mode):
                                  **mode_template_kwargs(mode))
     ctx = tok.decode(gen.contexts[1], skip_special_tokens=False)
     # after the call: the tool result and the mode's generation prompt, as the template writes them
-    assert ctx.endswith(hf[hf.index("</tool_call>"):])
+    assert ctx.endswith(hf[hf.rindex("</tool_call>"):])
     assert hf.endswith("<think>\n\n</think>\n\n") == (mode == "non-think")
     if mode != "non-think":  # the whole context too (non-think: the template re-renders the call turn
         assert ctx == hf     # without the empty block its prompt had; the rollout keeps the tokens it sampled on)
