@@ -254,6 +254,16 @@ def message_calls(calls: list[Call]) -> list[dict]:
              **({"id": c.id} if c.id else {})} for c in calls]
 
 
+def native_tool_rows(rows: list[dict], tokenizer, where: str) -> list[dict]:
+    """`native_tool_row` of each row (`data.tool_calls: native`), for a tokenizer whose
+    template writes tool calls (`tool_format_of`); else a ValueError naming `where`."""
+    if any((r.get("reference") or {}).get("tools") for r in rows) and tool_format_of(tokenizer) is None:
+        raise ValueError(f"{where}: data.tool_calls: native needs a chat template that renders assistant "
+                         "tool_calls in a known format (hermes, llama3_json, deepseek, mistral, xml); this one "
+                         "does not (use data.tool_calls: xml, or set model.chat_template)")
+    return [native_tool_row(r, tokenizer) for r in rows]
+
+
 def template_renders_tools(tokenizer) -> bool:
     """Whether the chat template writes the `tools=` it is given (DeepSeek-R1's does not)."""
     from engine.chat import render_text

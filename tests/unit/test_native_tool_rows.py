@@ -158,3 +158,12 @@ def test_default_is_xml_and_leaves_the_prepare_hash_alone():
     assert _dump(DataConfig(synthetic={"generator": "tool"}, tool_calls="native"))["tool_calls"] == "native"
     with pytest.raises(ValueError):
         DataConfig(synthetic={"generator": "tool"}, tool_calls="json")
+
+
+def test_native_rows_need_a_template_that_renders_tool_calls(toks, xlam_rows):
+    from engine.tokenizer import build_tiny_tokenizer
+    from engine.tool_formats import native_tool_rows
+
+    with pytest.raises(ValueError, match="domain 'fc': data.tool_calls: native needs a chat template"):
+        native_tool_rows(xlam_rows, build_tiny_tokenizer(), "domain 'fc'")  # its template writes no tool_calls
+    assert native_tool_rows(xlam_rows, toks["qwen3"], "x") == [native_tool_row(r) for r in xlam_rows]
