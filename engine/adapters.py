@@ -14,7 +14,8 @@ that record with its file and line. Registered adapters:
   an evaluation set); `None`-valued kwargs (HF's Arrow padding) are dropped.
 - `xlam`: `{id, query, tools, answers}` (Salesforce xlam-function-calling-60k; `tools`
   and `answers` may be JSON strings); tools are converted to JSON-schema functions and
-  listed in a system message, the answers become the XML tool-call demonstration.
+  listed in a system message, the answers become the XML tool-call demonstration
+  (`data.tool_calls: native` turns such rows into native ones: engine.tool_formats.native_tool_row).
 Records already in our row format pass through `row` unchanged.
 
 Each built-in adapter lists the record fields it reads (`adapter_fields`): `required`,
@@ -244,6 +245,13 @@ def xml_calls(calls: list[dict]) -> str:
     return "<tool_call>" + "".join(invokes) + "</tool_call>"
 
 
+def tools_system_text(tools: list[dict]) -> str:
+    """The system message that lists `tools` (schemas) in the project's XML tool format
+    (`data.tool_calls: xml`); a native row gives them to the template instead
+    (engine.tool_formats.native_tool_row)."""
+    return "You can call these tools:\n" + json.dumps([t["function"] for t in tools], ensure_ascii=False)
+
+
 @register_adapter("xlam")
 @declare_fields(("query", "tools", "answers"), ("id",), demonstrations=True)
 def xlam(record: dict, *, domain: str = "tool", default_id: str = "") -> dict:
@@ -253,7 +261,6 @@ def xlam(record: dict, *, domain: str = "tool", default_id: str = "") -> dict:
     if not answers:
         raise ValueError("field 'answers' is empty")
     calls = [{"name": a["name"], "arguments": a.get("arguments", {})} for a in answers if isinstance(a, dict) and "name" in a]
-    system = "You can call these tools:\n" + json.dumps([t["function"] for t in tools], ensure_ascii=False)
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": query},
+    messages = [{"role": "system", "content": tools_system_text(tools)}, {"role": "user", "content": query},
                 {"role": "assistant", "content": xml_calls(answers)}]
     return _row(record, domain or "tool", default_id, messages, {"calls": calls, "tools": tools}, "id")

@@ -21,6 +21,9 @@ its generation prompt, Mistral moves the system text into the last user turn).
 - `tool_result_ids` are the tokens the template puts between an assistant turn and the
   next generation prompt when a tool result follows (end of turn, the tool message in
   the template's tool role, the new assistant header): masked out of the loss.
+- `reasoning_markers(tokenizer)`: the model's reasoning markers, configured
+  (`engine.reasoning.set_reasoning_markers`, `model.reasoning_markers`), else read off the
+  template (what it writes around `reasoning_content`), else `<think>` / `</think>`.
 - `end_of_turn_ids` are the ids that end an assistant turn: the tokenizer's EOS, the
   token the template writes after an assistant message, and `generation_config`'s
   `eos_token_id`s; generators stop on them.
@@ -30,10 +33,11 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.reasoning import DEFAULT_MARKERS
+from engine.reasoning import DEFAULT_MARKERS, MARKERS_ATTR, ReasoningMarkers
 
 ROLES = ("system", "user", "assistant", "tool")
 _PROBE_USER = "hi"
@@ -167,12 +171,13 @@ def render(messages: list[dict], tokenizer, add_generation_prompt: bool = False,
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     mask = [0] * len(ids)
     stops = set(end_of_turn_ids(tokenizer))
+    markers = reasoning_markers(tokenizer)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         start = _reply_start(messages, i, tokenizer, text, add_generation_prompt, **template_kwargs)
-        if not _has_reasoning(message):
-            start += _empty_reasoning_len(text, start)  # a block the template inserted, not the reply
+        if not _has_reasoning(message, markers):
+            start += _empty_reasoning_len(text, start, markers)  # a block the template inserted, not the reply
         # the reply's text must be rendered (a template that drops the turn has nothing to train);
         # a tool-call turn's text may be left out by the template (Llama 3, Mistral)
         reply_end = start if message.get("tool_calls") else _content_end(messages, i, tokenizer,
@@ -201,33 +206,41 @@ def render_prompt(messages: list[dict], tokenizer, **template_kwargs) -> list[in
     return _ids(prompt, tokenizer, True, **template_kwargs)
 
 
-def render_row_prompt(row: dict, tokenizer) -> list[int]:
-    """A data row's prompt ids, in the row's reasoning mode (`row["mode"]`, engine.modes)
-    where it has one: the one prompt path of GRPO, OPD and eval."""
+def row_template_kwargs(row: dict) -> dict:
+    """The template kwargs of a data row: its reasoning mode's (`row["mode"]`,
+    engine.modes) and its tools (`row["tools"]`, a native tool row: the template's
+    `tools=` argument); {} for a row with neither (renders as before)."""
     from engine.modes import mode_template_kwargs
 
-    return render_prompt(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
+    kw = mode_template_kwargs(row.get("mode"))
+    if row.get("tools") is not None:
+        kw["tools"] = row["tools"]
+    return kw
+
+
+def render_row_prompt(row: dict, tokenizer) -> list[int]:
+    """A data row's prompt ids, in the row's reasoning mode and with its tools where it
+    has them (`row_template_kwargs`): the one prompt path of GRPO, OPD and eval."""
+    return render_prompt(row["messages"], tokenizer, **row_template_kwargs(row))
 
 
 def row_prompt_opens_reasoning(row: dict, tokenizer) -> bool:
     """Whether the template's generation prompt for a data row opens a reasoning block
     (DeepSeek-R1's ends in `<think>\\n`): judged on the generation prompt alone (what the
     template adds after the conversation), not on the conversation's own text."""
-    from engine.modes import mode_template_kwargs
     from engine.reasoning import prompt_opens_reasoning
 
     prompt = prompt_messages(row["messages"])
-    kw = mode_template_kwargs(row.get("mode"))
+    kw = row_template_kwargs(row)
     with_prompt = render_text(prompt, tokenizer, True, **kw)
     without = render_text(prompt, tokenizer, False, **kw)
-    return prompt_opens_reasoning(with_prompt[_common_prefix(with_prompt, without):])
+    return prompt_opens_reasoning(with_prompt[_common_prefix(with_prompt, without):], reasoning_markers(tokenizer))
 
 
 def render_row(row: dict, tokenizer) -> Rendered:
-    """A data row's conversation and loss mask (SFT), in the row's mode where it has one."""
-    from engine.modes import mode_template_kwargs
-
-    return render(row["messages"], tokenizer, **mode_template_kwargs(row.get("mode")))
+    """A data row's conversation and loss mask (SFT), in the row's mode and with its tools
+    where it has them (`row_template_kwargs`)."""
+    return render(row["messages"], tokenizer, **row_template_kwargs(row))
 
 
 def _after_reply(tokenizer, then: list[dict], add_generation_prompt: bool, **template_kwargs) -> str:
@@ -241,6 +254,32 @@ def tool_result_ids(tokenizer, result: str, **template_kwargs) -> list[int]:
     """Tokens appended after a tool call: close the assistant turn, the tool's result in
     the template's tool role, and reopen the assistant turn (all masked out of the loss)."""
     return encode(tokenizer, _after_reply(tokenizer, [{"role": "tool", "content": result}], True, **template_kwargs))
+
+
+def call_result_ids(tokenizer, calls: list[dict], result: str, **template_kwargs) -> list[int]:
+    """Tokens appended after an assistant turn that made native `calls` (message
+    `tool_calls` entries) and ended at its end-of-turn token (Llama 3, DeepSeek, Mistral):
+    what the template writes after that token when the tool's `result` follows, up to the
+    next generation prompt (Llama 3's `ipython` turn, DeepSeek's tool outputs block,
+    Mistral's `[TOOL_RESULTS]`); masked out of the loss. The tool message carries the
+    first call's `id` as `tool_call_id` where the model wrote one."""
+    call = {"role": "assistant", "content": "", "tool_calls": calls}
+    tool = {"role": "tool", "content": result}
+    if calls and calls[0].get("id"):
+        tool["tool_call_id"] = calls[0]["id"]
+    head = [{"role": "user", "content": _PROBE_USER}, call]
+    turn = render_text(head, tokenizer, False, **template_kwargs)
+    full = render_text(head + [tool], tokenizer, True, **template_kwargs)
+    shared = turn[:_common_prefix(turn, full)]
+    start = _content_end(head, 0, tokenizer, False, **template_kwargs)  # the call turn follows the user text
+    ends = [shared.rfind(t) + len(t) for t in _end_texts(tokenizer) if shared.rfind(t) >= start]
+    if not ends:
+        raise ChatTemplateError(f"the chat template writes no end-of-turn token after a tool-call turn: {turn[-200:]!r}")
+    return encode(tokenizer, full[max(ends):])
+
+
+def _end_texts(tokenizer) -> list[str]:
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in end_of_turn_ids(tokenizer)]
 
 
 def end_of_turn_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:
@@ -274,3 +313,52 @@ def tool_call_end_id(tokenizer) -> int:
         raise ChatTemplateError(f"{TOOL_CALL_END!r} is not a single token of this tokenizer (got {ids}); "
                                 "a multi-turn tool domain needs it as an added token")
     return ids[0]
+
+
+_DERIVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_REASONING_SENTINEL = "\ue001"  # a private-use character no template trims or matches
+
+
+def derive_markers(tokenizer) -> ReasoningMarkers | None:
+    """The markers the chat template writes around an assistant message's
+    `reasoning_content` (Qwen3: `<think>` / `</think>`), or None when it does not render
+    `reasoning_content` (then the markers cannot be read off the template)."""
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        prompt = render_text(user, tokenizer, True)
+        reply = {"role": "assistant", "content": "ok", "reasoning_content": _REASONING_SENTINEL}
+        text = render_text(user + [reply], tokenizer)
+    except Exception:  # noqa: BLE001 -- a template that cannot render this has nothing to read
+        return None
+    at = text.find(_REASONING_SENTINEL)
+    if at < 0 or text.count(_REASONING_SENTINEL) != 1:
+        return None
+    before = text[:at]
+    open_ = before[_common_prefix(before, prompt):].strip()  # after the generation prompt, before the reasoning
+    if not open_:  # the generation prompt itself opens the block (DeepSeek-R1 style): its last piece, if a token
+        words = before.split()
+        last = words[-1] if words else ""
+        open_ = last if last in (getattr(tokenizer, "get_added_vocab", dict)() or {}) else ""
+    tail = text[at + len(_REASONING_SENTINEL):]
+    ok = tail.find("ok")
+    close = tail[:ok].strip() if ok >= 0 else ""
+    if not open_ or not close or open_ == close or any(c.isspace() for c in open_ + close):
+        return None
+    return ReasoningMarkers(open_, close)
+
+
+def reasoning_markers(tokenizer) -> ReasoningMarkers:
+    """`tokenizer`'s reasoning markers: configured (`set_reasoning_markers`), else derived
+    from its chat template (cached per tokenizer), else the default `<think>` / `</think>`."""
+    configured = getattr(tokenizer, MARKERS_ATTR, None)
+    if configured is not None:
+        return configured
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return DEFAULT_MARKERS
+    try:
+        cached = _DERIVED.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        return derive_markers(tokenizer) or DEFAULT_MARKERS
+    if cached is None:
+        cached = _DERIVED[tokenizer] = derive_markers(tokenizer) or DEFAULT_MARKERS
+    return cached

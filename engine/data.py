@@ -73,13 +73,14 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     return Path(path)
 
 
-def _prompt_length(messages: list[dict], tokenizer) -> int:
-    """Prompt length in tokens, or in characters of its contents without a tokenizer
-    (for the character-level tiny tokenizer this is within a few role tokens)."""
+def _prompt_length(messages: list[dict], tokenizer, tools: list | None = None) -> int:
+    """Prompt length in tokens (with a native row's `tools` rendered by the template), or
+    in characters of its contents without a tokenizer (for the character-level tiny
+    tokenizer this is within a few role tokens)."""
     from engine.chat import prompt_messages, render_prompt
 
     if tokenizer is not None:
-        return len(render_prompt(messages, tokenizer))
+        return len(render_prompt(messages, tokenizer, **({"tools": tools} if tools is not None else {})))
     return sum(len(m["content"]) for m in prompt_messages(messages))
 
 
@@ -94,6 +95,9 @@ def row_problem(row: Any, max_prompt_tokens: int | None = None, tokenizer=None) 
             return f"field {field!r} must be {kind.__name__}, got {type(row[field]).__name__}"
     if not row["id"]:
         return "empty id"
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return f"field 'tools' must be a list of tool schemas (objects), got {tools!r:.80}"
     for j, m in enumerate(row["messages"]):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             return f"messages[{j}] must be {{role in {list(ROLES)}, content: str}}, got {m!r:.80}"
@@ -105,7 +109,7 @@ def row_problem(row: Any, max_prompt_tokens: int | None = None, tokenizer=None) 
     if not any(m["content"].strip() for m in prompt if m["role"] == "user"):
         return "empty prompt (no non-blank user message before the first assistant message)"
     if max_prompt_tokens is not None:
-        n = _prompt_length(row["messages"], tokenizer)
+        n = _prompt_length(row["messages"], tokenizer, row.get("tools"))
         if n > max_prompt_tokens:
             return f"prompt too long: {n} > max_prompt_tokens={max_prompt_tokens}"
     return None

@@ -55,17 +55,19 @@ class RolloutSample:
     policy_version: int | None = None  # pipelined OPD: rounds of training in the weights that sampled it
     reasoning_opened: bool = False  # the prompt ends inside a reasoning block (engine.reasoning)
     tool_format: str | None = None  # a tool episode's native call format (engine.tool_formats)
+    reasoning_markers: object = None  # the model's markers (engine.reasoning.ReasoningMarkers); None: the default
     scoring_failure: str | None = None  # why its score is not the verifier's verdict (verifier error, timeout)
 
     @property
     def scored_text(self) -> str:
-        """The completion as rewards read it: with the reasoning-open marker the prompt
-        wrote in front where the prompt opened the block (engine.reasoning), native tool
-        calls in the XML form the tool verifier parses (engine.tool_formats)."""
-        from engine.reasoning import DEFAULT_MARKERS
+        """The completion as rewards read it: the model's reasoning markers written as the
+        default `<think>` / `</think>`, with the open marker the prompt wrote in front where
+        the prompt opened the block (engine.reasoning), native tool calls in the XML form
+        the tool verifier parses (engine.tool_formats)."""
+        from engine.reasoning import DEFAULT_MARKERS, canonical_reasoning
         from engine.tool_formats import canonical_calls_in_text
 
-        text = canonical_calls_in_text(self.text, self.tool_format)
+        text = canonical_calls_in_text(canonical_reasoning(self.text, self.reasoning_markers), self.tool_format)
         return DEFAULT_MARKERS.open + text if self.reasoning_opened else text
 
     @property
@@ -125,7 +127,9 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
              max_new_tokens: int, max_turns: int, seed: int | None = None, top_p: float = 1.0,
              max_response_tokens: int | None = None, wal=None, wal_key: str | None = None) -> list[RolloutSample]:
     """`n` samples of each of `rows` (flat, rows in order: `out[i * n + j]`), rolled out
-    under `route` with its spec's tool environment (multi-turn, stopping at `</tool_call>`)
+    under `route` with its spec's tool environment (multi-turn, stopping at `</tool_call>`, or for
+    a family whose call ends its turn -- Llama 3, DeepSeek, Mistral -- at the end of turn:
+    engine.tool_formats.TURN_END_FORMATS)
     or without one (single-turn). `max_response_tokens` bounds a whole episode (default:
     `engine.rollout.rollout`'s). With `wal` (engine.rollout_wal.RolloutWAL) the batch is
     replayed from the log under `wal_key` when it is there with the same inputs."""
@@ -135,19 +139,32 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
 
     if wal is not None and not wal_key:
         raise ValueError(f"roll_out({route!r}): a rollout log needs a wal_key")
+    from engine.chat import reasoning_markers
+    from engine.reasoning import DEFAULT_MARKERS
+    from engine.tool_formats import TURN_END_FORMATS, tool_format_of
+
     env = spec.environment
+    fmt = tool_format_of(tokenizer) if env is not None else None
+    # a call ends at `</tool_call>`, or (TURN_END_FORMATS: Llama 3, DeepSeek, Mistral) at the end of turn
+    stops = [tool_call_end_id(tokenizer)] if env is not None and fmt not in TURN_END_FORMATS else []
     sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                              stop_token_ids=[tool_call_end_id(tokenizer)] if env is not None else [], seed=seed)
+                              stop_token_ids=stops, seed=seed)
     prompts = [render_row_prompt(r, tokenizer) for r in rows]
+    extra = {"tool_format": fmt} if fmt in TURN_END_FORMATS else {}
+    if env is not None and any(r.get("mode") is not None for r in rows):  # tool results in the row's mode
+        from engine.modes import mode_template_kwargs
+
+        extra["template_kwargs"] = [mode_template_kwargs(r.get("mode")) for r in rows]
     trajs = logged_rollout(wal, wal_key, generator, prompts, sampling, tokenizer=tokenizer, environment=env,
-                           max_turns=max_turns, max_response_tokens=max_response_tokens)
+                           max_turns=max_turns, max_response_tokens=max_response_tokens, **extra)
     opened = [row_prompt_opens_reasoning(r, tokenizer) for r in rows]
     samples = [RolloutSample.from_trajectory(t, rows[i // n], route, max_response_tokens, opened[i // n])
                for i, t in enumerate(trajs)]
+    markers = reasoning_markers(tokenizer)
+    if markers != DEFAULT_MARKERS:
+        for s in samples:
+            s.reasoning_markers = markers
     if env is not None:
-        from engine.tool_formats import tool_format_of
-
-        fmt = tool_format_of(tokenizer)
         for s in samples:
             s.tool_format = fmt
     return samples

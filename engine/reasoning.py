@@ -12,6 +12,14 @@ rewards give it 0 ("unfinished reasoning").
 Verifiers score `answer` only, so a `\\boxed{}` draft, a last number or a broken
 constraint inside the reasoning does not count; tool calls written inside reasoning are
 not executed (engine.rollout).
+
+A model's markers (`engine.chat.reasoning_markers(tokenizer)`) are the experiment's
+`model.reasoning_markers` where set (`set_reasoning_markers`, pipeline.stage_io), else
+derived from the chat template (the text it writes around an assistant message's
+`reasoning_content`), else `<think>` / `</think>`. Code that reads the model's own text
+(loss masks, tool calls in rollouts, the prompt's open block) uses them; the text rewards
+read is written with the default markers (`canonical_reasoning`), so every split after it
+is the default one.
 """
 
 from __future__ import annotations
@@ -76,3 +84,20 @@ def prompt_opens_reasoning(prompt_text: str, markers: ReasoningMarkers = DEFAULT
     close after it): the completion starts in the reasoning."""
     i = prompt_text.rfind(markers.open)
     return i >= 0 and prompt_text.find(markers.close, i) < 0
+
+
+MARKERS_ATTR = "_polymath_reasoning_markers"  # set on a tokenizer by set_reasoning_markers (survives pickling)
+
+
+def set_reasoning_markers(tokenizer, markers: ReasoningMarkers | None) -> None:
+    """Fix `tokenizer`'s reasoning markers (the experiment's `model.reasoning_markers`);
+    None: derive them from its template (engine.chat.reasoning_markers)."""
+    setattr(tokenizer, MARKERS_ATTR, markers)
+
+
+def canonical_reasoning(text: str, markers: ReasoningMarkers | None) -> str:
+    """`text` with `markers` written as the default `<think>` / `</think>` (what every
+    reward split reads); `text` itself, byte for byte, with the default markers or None."""
+    if markers is None or markers == DEFAULT_MARKERS:
+        return text
+    return text.replace(markers.open, DEFAULT_MARKERS.open).replace(markers.close, DEFAULT_MARKERS.close)

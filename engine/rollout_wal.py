@@ -132,24 +132,30 @@ class RolloutWAL:
 
 
 def rollout_fingerprint(prompt_ids: list[list[int]], sampling, *, max_turns: int, env: bool,
-                        max_response_tokens: int | None = None) -> str:
+                        max_response_tokens: int | None = None, tool_format: str | None = None,
+                        template_kwargs: list[dict] | None = None) -> str:
     blob = json.dumps({"p": [list(map(int, p)) for p in prompt_ids], "s": repr(sampling), "m": max_turns, "e": env,
-                       **({"r": max_response_tokens} if max_response_tokens is not None else {})})
+                       **({"r": max_response_tokens} if max_response_tokens is not None else {}),
+                       **({"f": tool_format} if tool_format is not None else {}),
+                       **({"k": template_kwargs} if template_kwargs is not None else {})})
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def logged_rollout(wal: RolloutWAL | None, key: str, generator, prompt_ids: list[list[int]], sampling, *,
-                   tokenizer, environment=None, max_turns: int = 4, max_response_tokens: int | None = None):
+                   tokenizer, environment=None, max_turns: int = 4, max_response_tokens: int | None = None,
+                   tool_format: str | None = None, template_kwargs: list[dict] | None = None):
     """`engine.rollout.rollout`, replayed from `wal` when the batch `key` is logged there
     with the same inputs, else generated and logged (`wal=None`: not logged)."""
     from engine.rollout import Trajectory, rollout
 
     run = lambda: rollout(generator, prompt_ids, sampling, tokenizer=tokenizer, environment=environment,  # noqa: E731
-                          max_turns=max_turns, max_response_tokens=max_response_tokens)
+                          max_turns=max_turns, max_response_tokens=max_response_tokens, tool_format=tool_format,
+                          **({"template_kwargs": template_kwargs} if template_kwargs is not None else {}))
     if wal is None:
         return run()
     fp = rollout_fingerprint(prompt_ids, sampling, max_turns=max_turns, env=environment is not None,
-                             max_response_tokens=max_response_tokens)
+                             max_response_tokens=max_response_tokens, tool_format=tool_format,
+                             template_kwargs=template_kwargs)
     logged = wal.lookup(key, fp)
     if logged is not None:
         return [Trajectory(**t) for t in logged]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMATS = ("hermes", "llama3_json", "deepseek", "mistral", "xml")
@@ -38,9 +38,21 @@ class ToolFormatError(ValueError):
 class Call:
     name: str
     arguments: dict[str, Any]
+    id: str | None = field(default=None, compare=False)  # the call id the model wrote (Mistral), if any
+
+
+# Formats whose call is the whole assistant turn, ended by the template's end-of-turn token
+# (Llama 3's `<|eot_id|>`, DeepSeek's `<｜end▁of▁sentence｜>`, Mistral's `</s>`): a rollout
+# tells a call from an answer by parsing the turn. Hermes and XML calls end at `</tool_call>`.
+TURN_END_FORMATS = ("llama3_json", "deepseek", "mistral")
+# where a call's markup starts in a turn (decoded with special tokens kept); llama3_json:
+# `<|python_tag|>`, or the answer itself
+CALL_OPEN = {"hermes": "<tool_call>", "xml": "<tool_call>", "deepseek": "<｜tool▁calls▁begin｜>",
+             "mistral": "[TOOL_CALLS]", "llama3_json": "<|python_tag|>"}
 
 
 def _call(obj: Any, args_key: str, where: str) -> Call:
+    """A `Call` from a parsed JSON object (its `id` kept when it has a string one)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ToolFormatError(f"{where}: a call must be a JSON object with a string 'name', got {str(obj)[:80]!r}")
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
@@ -51,7 +63,8 @@ def _call(obj: Any, args_key: str, where: str) -> Call:
             raise ToolFormatError(f"{where}: arguments of {obj['name']!r} are not JSON: {args[:80]!r}") from None
     if not isinstance(args, dict):
         raise ToolFormatError(f"{where}: arguments of {obj['name']!r} must be an object, got {type(args).__name__}")
-    return Call(obj["name"], args)
+    call_id = obj.get("id")
+    return Call(obj["name"], args, call_id if isinstance(call_id, str) else None)
 
 
 def _json(text: str, where: str) -> Any:
@@ -201,6 +214,103 @@ def canonical_calls_in_text(text: str, fmt: str | None) -> str:
             return m.group(0)
 
     return re.sub(r"<tool_call>(.*?)</tool_call>", rewrite, text, flags=re.DOTALL)
+
+
+@dataclass(frozen=True)
+class NativeTurn:
+    """An assistant turn of a `TURN_END_FORMATS` family, read as a tool call."""
+    calls: list[Call]  # [] when the markup does not parse (`error` says why)
+    error: str | None
+    reasoning: str  # the turn's text before its answer (closed reasoning block and markers), special tokens kept
+
+
+def native_call_turn(text: str, fmt: str, opened: bool = False, markers=None) -> NativeTurn | None:
+    """The tool call an assistant turn makes in a `TURN_END_FORMATS` format (`text`: the
+    turn decoded with special tokens kept, its end-of-turn token included), or None when
+    it makes none: a plain answer, or a call written inside reasoning that never closes
+    (`opened`: the turn starts inside a block the prompt opened; engine.reasoning), which
+    is not executed. Calls are read from the answer only. A call whose markup does not
+    parse is a call with `error` set (the environment's place to say so)."""
+    from engine.reasoning import DEFAULT_MARKERS, split_reasoning
+
+    if fmt not in TURN_END_FORMATS:
+        raise ValueError(f"native_call_turn: {fmt!r} is not one of {list(TURN_END_FORMATS)}")
+    markers = markers or DEFAULT_MARKERS
+    split = split_reasoning(text, opened=opened, markers=markers)
+    if split.unfinished:
+        return None
+    close = text.rfind(markers.close)
+    reasoning = text[:close + len(markers.close)] if close >= 0 else ""
+    try:
+        calls = parse_calls(split.answer, fmt)
+    except ToolFormatError as exc:
+        return NativeTurn([], str(exc), reasoning)
+    return NativeTurn(calls, None, reasoning) if calls else None
+
+
+def message_calls(calls: list[Call]) -> list[dict]:
+    """`calls` as an assistant message's `tool_calls` (what chat templates render)."""
+    return [{"type": "function", "function": {"name": c.name, "arguments": dict(c.arguments)},
+             **({"id": c.id} if c.id else {})} for c in calls]
+
+
+def native_tool_rows(rows: list[dict], tokenizer, where: str) -> list[dict]:
+    """`native_tool_row` of each row (`data.tool_calls: native`), for a tokenizer whose
+    template writes tool calls (`tool_format_of`); else a ValueError naming `where`."""
+    if any((r.get("reference") or {}).get("tools") for r in rows) and tool_format_of(tokenizer) is None:
+        raise ValueError(f"{where}: data.tool_calls: native needs a chat template that renders assistant "
+                         "tool_calls in a known format (hermes, llama3_json, deepseek, mistral, xml); this one "
+                         "does not (use data.tool_calls: xml, or set model.chat_template)")
+    return [native_tool_row(r, tokenizer) for r in rows]
+
+
+def template_renders_tools(tokenizer) -> bool:
+    """Whether the chat template writes the `tools=` it is given (DeepSeek-R1's does not)."""
+    from engine.chat import render_text
+
+    messages = [{"role": "user", "content": "hi"}]
+    schema = {"type": "function", "function": {"name": _PROBE.name, "description": "",
+                                               "parameters": {"type": "object", "properties": {}}}}
+    return render_text(messages, tokenizer, True, tools=[schema]) != render_text(messages, tokenizer, True)
+
+
+def native_tool_row(row: dict, tokenizer=None) -> dict:
+    """A tool row in the native form (`data.tool_calls: native`): its tools (the
+    reference's `tools` schemas) in `row["tools"]`, which the chat template renders through
+    its `tools=` argument (engine.chat.row_template_kwargs), the system message that listed
+    them in the XML form (engine.adapters.tools_system_text) removed, and each assistant
+    message written as XML calls only (rewards.tool_calls) turned into a message with
+    `tool_calls` and empty content, which the template writes in the family's own call
+    syntax. With `tokenizer`, whose template ignores `tools=` (DeepSeek-R1), the system
+    message listing the tools is kept, so the model still sees them. Other messages are
+    kept as they are; a row whose reference lists no tools is returned unchanged. Raises ValueError naming the row and message when an assistant
+    message mixes calls with other text or its calls do not parse."""
+    from engine.adapters import tools_system_text
+    from rewards.tool_calls import ToolCallParseError, parse_tool_calls
+
+    reference = row.get("reference") or {}
+    tools = reference.get("tools") if isinstance(reference, dict) else None
+    if not tools:
+        return row
+    listing = tools_system_text(tools)
+    keep_listing = tokenizer is not None and not template_renders_tools(tokenizer)
+    messages = []
+    for j, m in enumerate(row["messages"]):
+        if m.get("role") == "system" and m.get("content") == listing and not keep_listing:
+            continue
+        content = m.get("content")
+        if m.get("role") == "assistant" and isinstance(content, str) and "<tool_call>" in content:
+            where = f"row {row.get('id')!r} messages[{j}]"
+            try:
+                calls = [Call(c.name, dict(c.arguments)) for c in parse_tool_calls(content, tools)]
+            except ToolCallParseError as exc:
+                raise ValueError(f"{where}: its tool calls do not parse: {exc}") from None
+            if re.sub(r"<tool_call>.*?</tool_call>", "", content, flags=re.DOTALL).strip():
+                raise ValueError(f"{where}: an assistant message with tool calls must hold only the calls, "
+                                 f"got {content[:120]!r}")
+            m = {**{k: v for k, v in m.items() if k != "content"}, "content": "", "tool_calls": message_calls(calls)}
+        messages.append(m)
+    return {**row, "messages": messages, "tools": list(tools)}
 
 
 _FORMAT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -99,6 +99,7 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
     lists. With a rollout log (`wal`), each domain's batch is replayed from it when logged
     there."""
     from engine.episode import roll_out, score_samples
+    from engine.reasoning import canonical_reasoning
 
     G = settings.group_size
     rows = stream.take(rows_needed)
@@ -115,7 +116,8 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
                            seed=step_seed * 1000 + rnd, max_response_tokens=budget,
                            wal=wal, wal_key=f"seed-{step_seed}/rnd-{rnd}/{dom}")
         scores = score_samples(scorer, spec, samples, f"GRPO rollouts (seed {step_seed}), domain {dom!r}")
-        texts = [s.text for s in samples]
+        # the format verifier and the modes' think penalty read the model's markers as <think>/</think>
+        texts = [canonical_reasoning(s.text, s.reasoning_markers) for s in samples]
         if settings.format_weight > 0:
             fmt = scorer.score("format", texts, [s.reference for s in samples])
             scores = [(1 - settings.format_weight) * x + settings.format_weight * f.score

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from engine.batching import EpochCursor, Sample, build_step_batches, pad_rows
-from engine.chat import render
-from engine.modes import mode_template_kwargs
+from engine.chat import render, row_template_kwargs
 from engine.checkpoint import CheckpointManager
 from engine.logprobs import compute_chunked_token_logprobs
 from experts.sft_settings import SFTSettings
@@ -46,7 +45,7 @@ def render_samples(rows: list[dict], tokenizer, max_length: int) -> list[Sample]
         messages = row.get("messages") if isinstance(row, dict) else None
         if not messages:
             raise ValueError(f"SFT row {i} (id {row.get('id') if isinstance(row, dict) else None!r}) has no messages")
-        r = render(messages, tokenizer, **mode_template_kwargs(row.get("mode")))
+        r = render(messages, tokenizer, **row_template_kwargs(row))
         ids, mask = r.input_ids[:max_length], r.loss_mask[:max_length]
         if sum(mask) == 0:
             raise ValueError(f"SFT row {i} (id {row.get('id')!r}) has no assistant tokens within "

@@ -48,6 +48,9 @@ BUILT_BASES = ("tiny", "toy_hf")  # base models built offline in `prepare`
 
 
 class ModelConfig(Frozen):
+    # added after runs existed: out of the stage hashes while at these values (pipeline.graph._dump)
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"reasoning_markers": None}
+
     base: str = Field("tiny", description="'tiny' or 'toy_hf' (built offline from `tiny` / `toy_hf`), "
                                           "a Hugging Face directory or hub id")
     tiny: TinySpec = TinySpec()
@@ -56,6 +59,17 @@ class ModelConfig(Frozen):
     chat_template: str | None = Field(None, description="a Jinja chat template file replacing the tokenizer's own "
                                                         "(required when the base model ships none)")
     dtype: Literal["fp32", "bf16"] = "fp32"
+    reasoning_markers: tuple[str, str] | None = Field(
+        None, description="the model's reasoning markers [open, close], e.g. ['<think>', '</think>']; default: "
+                          "read off the chat template (what it writes around reasoning_content), else <think>/</think>")
+
+    @model_validator(mode="after")
+    def _markers(self):
+        if self.reasoning_markers is not None:
+            from engine.reasoning import ReasoningMarkers
+
+            ReasoningMarkers(*self.reasoning_markers)  # two different non-empty strings
+        return self
 
 
 class SyntheticData(Frozen):
@@ -80,7 +94,7 @@ class HFData(Frozen):
 
 class DataConfig(Frozen):
     # added after runs existed: out of the prepare hash while at these values (pipeline.graph._dump)
-    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"fields": None, "max_bad_fraction": 0.05}
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"fields": None, "max_bad_fraction": 0.05, "tool_calls": "xml"}
 
     synthetic: SyntheticData | None = None
     train: str | HFData | None = Field(None, description="a JSONL/parquet file or {hf: {path, name, split}}")
@@ -89,6 +103,11 @@ class DataConfig(Frozen):
                                                   "or your own as 'package.module:function'; none: rows in our format")
     fields: dict[str, str] | None = Field(
         None, description="the adapter's field -> your dataset's field, e.g. {question: problem, answer: solution}")
+    tool_calls: Literal["xml", "native"] = Field(
+        "xml", description="how tool rows (xlam, the tool domain: rows whose reference lists tools) carry tools and "
+                           "calls: xml (tools listed in a system message, calls in the project's <tool_call><invoke> "
+                           "form) or native (the row's tools rendered by the chat template's tools= argument, calls "
+                           "as assistant tool_calls in the model family's own syntax: engine.tool_formats)")
     on_bad_row: Literal["skip", "error"] = "skip"
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="prepare fails when a split has more bad "
                                                                      "rows than this fraction (on_bad_row: skip)")

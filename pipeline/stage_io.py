@@ -25,12 +25,17 @@ def data_source(spec, base: Path):
 
 def stage_tokenizer(cfg, model_dir: str | Path):
     """The tokenizer every stage renders with: `model.tokenizer` (default: the model's own,
-    a directory or hub id) with `model.chat_template` replacing its template if set."""
+    a directory or hub id) with `model.chat_template` replacing its template if set, and
+    `model.reasoning_markers` as its reasoning markers if set (engine.reasoning)."""
     from engine.model import load_tokenizer
+    from engine.reasoning import ReasoningMarkers, set_reasoning_markers
 
     template = cfg.model.chat_template
-    return load_tokenizer(cfg.model.tokenizer or model_dir,
-                          chat_template=resolve_path(template, Path(".")) if template else None)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir,
+                               chat_template=resolve_path(template, Path(".")) if template else None)
+    if cfg.model.reasoning_markers is not None:  # else derived from the template (engine.reasoning)
+        set_reasoning_markers(tokenizer, ReasoningMarkers(*cfg.model.reasoning_markers))
+    return tokenizer
 
 
 def export_stage(ctx: StageContext, checkpoint, tokenizer) -> str:

@@ -50,6 +50,14 @@ def prepare(ctx: StageContext) -> dict:
         else:
             train, evals = (_real_split(ctx, d, split, tokenizer, bad_rows, notes) for split in ("train", "eval"))
             _check_demonstrations(d, train)
+        if d.data.tool_calls == "native":  # tools through the template's tools=, calls as tool_calls
+            from engine.data import DataError
+            from engine.tool_formats import native_tool_rows
+
+            try:
+                train, evals = (native_tool_rows(rows, tokenizer, f"domain {d.name!r}") for rows in (train, evals))
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
         if d.modes:  # one row per (problem, mode): engine.modes
             from engine.modes import expand_modes
 

@@ -10,8 +10,9 @@ line is written as `{"line": N, "input": its first 200 characters, "score": 0, "
 usage error (exit 2, nothing written). The output is written atomically.
 
 `--answer-only` scores what training and eval score: the completion's answer, its
-`<think>` reasoning removed (engine.reasoning); `--reasoning-opened` when the prompt
-already opened the block; a reasoning that never closes scores 0 ("unfinished reasoning").
+`<think>` reasoning removed (engine.reasoning; `--reasoning-markers OPEN CLOSE` for a model
+with other markers); `--reasoning-opened` when the prompt already opened the block; a
+reasoning that never closes scores 0 ("unfinished reasoning").
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _reference_problem(verifier: str, reference: dict) -> str | None:
 
 
 def score_rows(verifier: str, lines: list, workers: int | None, timeout: float | None, answer_only: bool = False,
-               reasoning_opened: bool = False) -> list[dict[str, Any]]:
+               reasoning_opened: bool = False, markers: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     """One output row per entry of `read_input_lines`, in order; with `answer_only` the
     verifier reads each completion's answer (engine.reasoning.split_reasoning)."""
     from rewards.batch import score_batch
@@ -90,9 +91,10 @@ def score_rows(verifier: str, lines: list, workers: int | None, timeout: float |
         reason = f"{BAD_INPUT}: {problem}"
         out[k].update(info={"reason": reason}, error=reason)
     if answer_only:
-        from engine.reasoning import UNFINISHED, split_reasoning
+        from engine.reasoning import DEFAULT_MARKERS, UNFINISHED, ReasoningMarkers, split_reasoning
 
-        splits = {k: split_reasoning(lines[k][2]["completion"], opened=reasoning_opened) for k in todo}
+        m = ReasoningMarkers(*markers) if markers else DEFAULT_MARKERS
+        splits = {k: split_reasoning(lines[k][2]["completion"], opened=reasoning_opened, markers=m) for k in todo}
         for k in [k for k in todo if splits[k].unfinished]:
             out[k] = {**lines[k][2], "score": 0.0, "info": {"reason": UNFINISHED}}
         todo = [k for k in todo if not splits[k].unfinished]
@@ -136,7 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="score the answer only (<think> reasoning removed), as training and eval do")
     score.add_argument("--reasoning-opened", action="store_true",
                        help="with --answer-only: the prompt opened the reasoning block (e.g. DeepSeek-R1)")
+    score.add_argument("--reasoning-markers", nargs=2, metavar=("OPEN", "CLOSE"), default=None,
+                       help="with --answer-only: the model's reasoning markers (default <think> </think>)")
     args = parser.parse_args(argv)
+    if args.reasoning_markers:
+        from engine.reasoning import ReasoningMarkers
+
+        try:
+            ReasoningMarkers(*args.reasoning_markers)
+        except ValueError as exc:
+            parser.error(f"--reasoning-markers: {exc}")
 
     from rewards.registry import get_verifier
 
@@ -146,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     lines = read_input_lines(args.input)
-    rows = score_rows(args.verifier, lines, args.workers, args.timeout, args.answer_only, args.reasoning_opened)
+    rows = score_rows(args.verifier, lines, args.workers, args.timeout, args.answer_only, args.reasoning_opened,
+                      args.reasoning_markers)
     out = [json.dumps(row, default=str) for row in rows]
     for (n, *_), row in zip(lines, rows):
         if "error" in row:
