@@ -264,3 +264,49 @@ def test_job_runtime_env_carries_modules_outside_the_checkout(tmp_path):
     assert over[-1] == 'python_path=["tests/fixtures/user_plugins"]'
     assert load_config(tmp_path / "cfg.yaml", over).python_path == ["tests/fixtures/user_plugins"]
     assert "scorer" in sys.modules or __import__("scorer")  # activated here by load_config
+
+
+def test_user_verifier_declares_its_own_time_limit(tmp_path, capsys):
+    """`fn.timeout_s` is that verifier's per-item limit, as declared (no first-item grace):
+    tests/fixtures/fragile_grader's grader hangs on the gold answer 9**9**9 for 3 s, not 60."""
+    import time
+
+    from engine.plugins import activate
+    from rewards import ScorerPool
+    from rewards.batch import DEFAULT_ITEM_TIMEOUT_S, item_timeout_s
+
+    activate([ROOT / "tests" / "fixtures" / "fragile_grader", PLUGINS])
+    assert item_timeout_s("grader:expression_answer") == 3.0
+    assert item_timeout_s("my_rewards:last_number") == DEFAULT_ITEM_TIMEOUT_S  # none declared
+    t0 = time.monotonic()
+    with ScorerPool(num_workers=1) as pool:
+        res = pool.score("grader:expression_answer", ["so 12", "so 7"], [{"answer": "9**9**9"}, {"answer": "3+4"}])
+    assert res[0].score == 0.0 and res[0].info["reason"] == "timeout: item took longer than 3s"
+    assert res[1].score == 1.0 and res[1].info == {"extracted": "7", "gold": 7}
+    assert time.monotonic() - t0 < 25  # FIRST_ITEM_GRACE_S (30 s) was not added
+    f = _rows_file(tmp_path / "rows.jsonl", 4, 0)
+    path = _config(tmp_path, {"train": str(f), "eval": str(f), "adapter": "my_rewards:qa_adapter"},
+                   verifier="my_rewards:with_bad_time_limit", python_path=[str(PLUGINS)])
+    assert main(["validate", str(path)]) == 2
+    assert ("config error: domains[0].verifier: verifier 'my_rewards:with_bad_time_limit': timeout_s must be a "
+            "positive number of seconds, got 'a few seconds'") in capsys.readouterr().err
+
+
+def test_scoring_failures_are_reported_with_row_and_verifier():
+    from engine.episode import MAX_FAILURE_LINES, report_scoring_failures
+    from rewards import RewardResult
+
+    results = [RewardResult(1.0), RewardResult(0.0, {"reason": "verifier error: ValueError: bad gold"}),
+               RewardResult(0.0, {"reason": "timeout: item took longer than 3s"}),
+               RewardResult(0.0, {"reason": "no number in the answer"})]  # a verdict, not a failure
+    lines = []
+    assert report_scoring_failures(results, "pkg.mod:score", "GRPO step 0", ["r0", "r1", "r2", "r3"], lines.append) == 2
+    assert lines == ["GRPO step 0: row 'r1' scored 0 without a verdict from verifier 'pkg.mod:score': verifier error: "
+                     "ValueError: bad gold",
+                     "GRPO step 0: row 'r2' scored 0 without a verdict from verifier 'pkg.mod:score': timeout: item "
+                     "took longer than 3s"]
+    lines.clear()
+    many = [RewardResult(0.0, {"reason": "verifier error: E"})] * (MAX_FAILURE_LINES + 5)
+    assert report_scoring_failures(many, "math", "eval", log=lines.append) == MAX_FAILURE_LINES + 5
+    assert len(lines) == MAX_FAILURE_LINES + 1 and lines[0].startswith("eval: item 0 scored 0")
+    assert lines[-1] == f"eval: ... and 5 more of {MAX_FAILURE_LINES + 5} items scored 0 without a verdict from verifier 'math'"
