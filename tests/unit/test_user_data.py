@@ -310,3 +310,81 @@ def test_scoring_failures_are_reported_with_row_and_verifier():
     assert report_scoring_failures(many, "math", "eval", log=lines.append) == MAX_FAILURE_LINES + 5
     assert len(lines) == MAX_FAILURE_LINES + 1 and lines[0].startswith("eval: item 0 scored 0")
     assert lines[-1] == f"eval: ... and 5 more of {MAX_FAILURE_LINES + 5} items scored 0 without a verdict from verifier 'math'"
+
+
+# ------------------------------------------------------------------ bad rows in real data shapes
+
+
+def _chat_rows() -> list[dict]:
+    """8 rows in our format (nested `messages`), 3 of them bad in the ways real exports are."""
+    rows = [{"id": f"c{i}", "domain": "math", "reference": {"answer": str(i + 1)},
+             "messages": [{"role": "system", "content": "Answer with a number."},
+                          {"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i} + 1 = {i + 1}"}]} for i in range(8)]
+    rows[2]["messages"][2] = {"role": "assistant"}  # an export that dropped an empty turn's content
+    rows[4]["messages"][1] = {"from": "human", "value": "What is 4 plus 1?"}  # a ShareGPT-style turn
+    rows[6]["reference"] = {"note": "answer lost"}  # no answer
+    return rows
+
+
+def _source(kind: str, tmp: Path, rows: list[dict]):
+    """(data.train as the config writes it, how errors name it) for one data shape."""
+    import datasets
+
+    if kind == "jsonl":
+        path = tmp / "chat.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path), str(path)
+    table = datasets.Dataset.from_list(rows)  # Arrow: one struct type, missing keys read back as null
+    if kind == "parquet":
+        table.to_parquet(str(tmp / "chat.parquet"))
+        return str(tmp / "chat.parquet"), str(tmp / "chat.parquet")
+    if kind == "saved-dataset":
+        table.save_to_disk(str(tmp / "chat_ds"))
+        return {"hf": {"path": str(tmp / "chat_ds")}}, f"hf:{tmp / 'chat_ds'}[train]"
+    datasets.DatasetDict({"train": table, "test": table.select(range(2))}).save_to_disk(str(tmp / "chat_dd"))
+    return {"hf": {"path": str(tmp / "chat_dd"), "split": "train"}}, f"hf:{tmp / 'chat_dd'}[train]"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "saved-dataset", "saved-datasetdict"])
+def test_bad_rows_name_file_line_and_field_in_each_data_shape(kind, tmp_path, capsys):
+    """validate's first rows and prepare's max_bad_fraction, on rows with nested messages
+    read from JSONL, parquet and a `datasets` directory from `save_to_disk` (Arrow pads the
+    missing keys with nulls: the reasons must still name the field)."""
+    train, label = _source(kind, tmp_path, _chat_rows())
+    good = tmp_path / "eval.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows()[:2]))
+    want = {3: "messages[2].content must be a string, got None; the message has: role",
+            5: "messages[1].role must be one of ['system', 'user', 'assistant', 'tool'], got None; "
+               "the message has: from, value",
+            7: ("math reference must be a dict with an 'answer' field, got {'note': 'answer lost'}" if kind == "jsonl"
+                else "math reference field 'answer' is null")}
+    path = _config(tmp_path, {"train": train, "eval": str(good)})
+    # validate: 3 bad of the first 8 is a warning naming the first, with its line and field
+    assert main(["validate", str(path)]) == 0
+    assert f"data warning: domains[0].data.train: the first 8 rows: 3 bad of 8; first: {label}:3: {want[3]}; " \
+           f"{label}:5: {want[5]}; {label}:7: {want[7]}" in capsys.readouterr().err
+    # prepare: 3 of 8 is more than max_bad_fraction (0.05): it fails listing each
+    cfg = load_config(path)
+    with pytest.raises(DataError) as info:
+        run_stage(cfg, str(path), "prepare")
+    assert "domain 'math' train: 3 bad rows of 8 (37.5%), more than data.max_bad_fraction=0.05" in str(info.value)
+    for line, reason in want.items():
+        assert f"{label}:{line}: {reason}" in str(info.value)
+    bad = [json.loads(x) for x in (RunDir(cfg.run_path).stage_dir("prepare") / "bad_rows.jsonl").read_text().splitlines()]
+    assert [(b["file"], b["line"], b["reason"]) for b in bad] == [(label, n, r) for n, r in want.items()]
+    # a majority of bad rows among the first ones stops validate (exit 2) with the same names
+    train, label = _source(kind, tmp_path, [r for i, r in enumerate(_chat_rows()) if i in (0, 2, 4, 6)])
+    assert main(["validate", str(_config(tmp_path, {"train": train, "eval": str(good)}))]) == 2
+    assert (f"data error: domains[0].data.train: the first 4 rows read with no adapter (rows in our format): "
+            f"3 bad of 4; first: {label}:2: {want[3]}") in capsys.readouterr().err
+
+
+def test_saved_datasetdict_without_the_split_is_named(tmp_path, capsys):
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(_chat_rows())}).save_to_disk(str(tmp_path / "dd"))
+    path = _config(tmp_path, {"train": {"hf": {"path": str(tmp_path / "dd")}}, "eval": {"hf": {"path": str(tmp_path / "dd"), "split": "test"}}})
+    assert main(["validate", str(path)]) == 2
+    assert ("data error: domains[0].data.train: cannot read: ValueError: Unknown split \"train\". Should be one "
+            "of ['test']") in capsys.readouterr().err
