@@ -200,9 +200,10 @@ def verified_results(scorer, verifier: str, texts: list[str], references: list, 
     return results
 
 
-def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str) -> list[float]:
+def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str,
+                    row_ids: list | None = None) -> list[float]:
     """The scores of `verified_results`."""
-    return [r.score for r in verified_results(scorer, verifier, texts, references, where)]
+    return [r.score for r in verified_results(scorer, verifier, texts, references, where, row_ids)]
 
 
 def score_samples(scorer, spec: DomainSpec, samples: list[RolloutSample], where: str) -> list[float]:

@@ -388,3 +388,25 @@ def test_saved_datasetdict_without_the_split_is_named(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     assert ("data error: domains[0].data.train: cannot read: ValueError: Unknown split \"train\". Should be one "
             "of ['test']") in capsys.readouterr().err
+
+
+def test_eval_names_the_row_a_user_verifier_failed_on(capsys):
+    """eval scores through the stage's scorer pool (checked_scores): the row whose gold
+    answer the fragile grader cannot evaluate is named in the stage log, the others score."""
+    from engine.plugins import activate
+    from pipeline.evaluate import EvalSet, EvalSettings, evaluate_model
+    from pipeline.stage_workers import checked_scores
+    from rewards import ScorerPool
+
+    activate([ROOT / "tests" / "fixtures" / "fragile_grader"])
+    rows = [{"id": i, "domain": "d", "messages": [{"role": "user", "content": "?"}], "reference": {"answer": a}}
+            for i, a in (("e-ok", "3*4"), ("e-raises", "twelve"), ("e-wrong", "2+2"))]
+    with ScorerPool(num_workers=1) as pool:
+        entry = evaluate_model(lambda es, rows_, t, n: ["so 12"] * (len(rows_) * n),
+                               [EvalSet("d", "grader:expression_answer", rows)], checked_scores(pool, "eval of m"),
+                               EvalSettings(samples=2), log=lambda _: None)
+    assert entry["greedy_per_prompt"]["d"] == [1.0, 0.0, 0.0]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "without a verdict" in ln]
+    line = ("eval of m: row 'e-raises' scored 0 without a verdict from verifier 'grader:expression_answer': "
+            "verifier error: NameError: name 'twelve' is not defined")
+    assert lines == [line] * 3  # the greedy completion and the 2 samples
