@@ -84,6 +84,19 @@ def _prompt_length(messages: list[dict], tokenizer, tools: list | None = None) -
     return sum(len(m["content"]) for m in prompt_messages(messages))
 
 
+def _message_problem(m: Any) -> str | None:
+    """What is wrong with one message (after `messages[j]`), naming its field and what the
+    message holds (keys read as null, Arrow's padding in parquet and `datasets`, left out)."""
+    if not isinstance(m, dict):
+        return f" must be an object {{role, content}}, got {type(m).__name__} {m!r:.60}"
+    have = ", ".join(sorted(str(k) for k, v in m.items() if v is not None)) or "no fields"
+    if m.get("role") not in ROLES:
+        return f".role must be one of {list(ROLES)}, got {m.get('role')!r:.40}; the message has: {have}"
+    if not isinstance(m.get("content"), str):
+        return f".content must be a string, got {m.get('content')!r:.40}; the message has: {have}"
+    return None
+
+
 def row_problem(row: Any, max_prompt_tokens: int | None = None, tokenizer=None) -> str | None:
     """Why `row` is not a valid row, or None."""
     if not isinstance(row, dict):
@@ -99,8 +112,9 @@ def row_problem(row: Any, max_prompt_tokens: int | None = None, tokenizer=None) 
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         return f"field 'tools' must be a list of tool schemas (objects), got {tools!r:.80}"
     for j, m in enumerate(row["messages"]):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return f"messages[{j}] must be {{role in {list(ROLES)}, content: str}}, got {m!r:.80}"
+        problem = _message_problem(m)
+        if problem:
+            return f"messages[{j}]{problem}"
     prompt = []
     for m in row["messages"]:
         if m["role"] == "assistant":

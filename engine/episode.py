@@ -170,12 +170,37 @@ def roll_out(rows: list[dict], route: str, spec: DomainSpec, *, generator, token
     return samples
 
 
-def verified_results(scorer, verifier: str, texts: list[str], references: list, where: str) -> list:
+MAX_FAILURE_LINES = 10  # per scored batch: the stage log's lines for rows scored 0 without a verdict
+
+
+def report_scoring_failures(results: list, verifier: str, where: str, row_ids: list | None = None,
+                            log=None) -> int:
+    """One line per result that is not `verifier`'s verdict (rewards.failures: it raised, ran
+    out of time, its worker died), naming `where`, the row (`row_ids[i]`, else the item's
+    index) and the verifier, the first MAX_FAILURE_LINES of them (then how many more); `log`
+    defaults to printing to the stage log. Returns how many there were."""
+    from rewards.failures import scoring_failure
+
+    log = log or (lambda line: print(line, flush=True))
+    failed = [(i, reason) for i, r in enumerate(results) if (reason := scoring_failure(r.info))]
+    for i, reason in failed[:MAX_FAILURE_LINES]:
+        row = f"row {row_ids[i]!r}" if row_ids is not None else f"item {i}"
+        log(f"{where}: {row} scored 0 without a verdict from verifier {verifier!r}: {reason[:500]}")
+    if len(failed) > MAX_FAILURE_LINES:
+        log(f"{where}: ... and {len(failed) - MAX_FAILURE_LINES} more of {len(results)} items scored 0 "
+            f"without a verdict from verifier {verifier!r}")
+    return len(failed)
+
+
+def verified_results(scorer, verifier: str, texts: list[str], references: list, where: str,
+                     row_ids: list | None = None) -> list:
     """`verifier`'s results (rewards.RewardResult) on the answers of `texts`
     (engine.reasoning.split_reasoning) over the scorer pool; a text whose reasoning never
     closes gets 0 with reason "unfinished reasoning" without being scored. A batch on
     which the verifier itself failed at the scorer's `max_error_rate` (default: on every
-    item) raises, naming `where`; below it a failure is its row's 0."""
+    item) raises, naming `where`; below it a failure is its row's 0, and a line in the stage
+    log names the row (`row_ids`, aligned with `texts`), the verifier and the reason
+    (`report_scoring_failures`)."""
     from engine.reasoning import UNFINISHED, split_reasoning
     from rewards.batch import DEFAULT_MAX_ERROR_RATE, check_verifier_errors
     from rewards.registry import RewardResult
@@ -185,15 +210,17 @@ def verified_results(scorer, verifier: str, texts: list[str], references: list, 
     results = [RewardResult(0.0, {"reason": UNFINISHED}) for _ in texts]
     if todo:
         got = scorer.score(verifier, [splits[i].answer for i in todo], [references[i] for i in todo])
-        check_verifier_errors(got, verifier, where, getattr(scorer, "max_error_rate", DEFAULT_MAX_ERROR_RATE))
         for i, r in zip(todo, got, strict=True):
             results[i] = r
+        report_scoring_failures(results, verifier, where, row_ids)
+        check_verifier_errors(got, verifier, where, getattr(scorer, "max_error_rate", DEFAULT_MAX_ERROR_RATE))
     return results
 
 
-def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str) -> list[float]:
+def verified_scores(scorer, verifier: str, texts: list[str], references: list, where: str,
+                    row_ids: list | None = None) -> list[float]:
     """The scores of `verified_results`."""
-    return [r.score for r in verified_results(scorer, verifier, texts, references, where)]
+    return [r.score for r in verified_results(scorer, verifier, texts, references, where, row_ids)]
 
 
 def score_samples(scorer, spec: DomainSpec, samples: list[RolloutSample], where: str) -> list[float]:
@@ -202,7 +229,7 @@ def score_samples(scorer, spec: DomainSpec, samples: list[RolloutSample], where:
     from rewards.failures import scoring_failure
 
     results = verified_results(scorer, spec.verifier, [s.scored_text for s in samples],
-                               [s.reference for s in samples], where)
+                               [s.reference for s in samples], where, row_ids=[s.row_id for s in samples])
     for s, r in zip(samples, results, strict=True):
         s.scoring_failure = scoring_failure(r.info)
     return [r.score for r in results]

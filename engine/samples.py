@@ -25,7 +25,7 @@ def prompt_text(sample, tokenizer) -> str:
 
 def sample_record(sample, tokenizer, reward: bool = True) -> dict:
     """{route, row_id, prompt, completion, completion_ids, reward, finish_reason} (+ teacher
-    for OPD); `completion_ids`: the response's token ids (model and tool-result tokens)."""
+    for OPD, + scoring_failure for a sample scored 0 without a verdict); `completion_ids`: the response's token ids (model and tool-result tokens)."""
     first = next((i for i, m in enumerate(sample.loss_mask) if m), len(sample.input_ids))
     rec = {"route": sample.route, "row_id": sample.row_id, "prompt": prompt_text(sample, tokenizer),
            "completion": sample.text, "completion_ids": list(sample.input_ids[first:]),
@@ -33,6 +33,8 @@ def sample_record(sample, tokenizer, reward: bool = True) -> dict:
            "finish_reason": sample.finish_reason}
     if sample.teacher_index is not None:
         rec["teacher"] = sample.teacher_index
+    if getattr(sample, "scoring_failure", None):  # scored 0 without the verifier's verdict (rewards.failures)
+        rec["scoring_failure"] = sample.scoring_failure
     return rec
 
 

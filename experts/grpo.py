@@ -137,7 +137,7 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
                  generator, scorer, tokenizer, step: int, wal=None) -> tuple[list[list[RolloutSample]], dict]:
     """Sample one step's groups, with dynamic sampling (refill groups whose rewards are all
     equal from the next prompts, up to `max_sampling_rounds`)."""
-    from rewards.failures import VERIFIER_ERROR
+    from rewards.failures import ITEM_TIMEOUT, VERIFIER_ERROR
 
     kept: list[list[RolloutSample]] = []
     all_groups: list[list[RolloutSample]] = []
@@ -166,7 +166,9 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
         "sampling_rounds": rnd + 1,
         # rows scored 0 because the verifier raised / the item ran out of time (rewards.failures)
         "verifier_errors": sum(1 for s in flat if (s.scoring_failure or "").startswith(VERIFIER_ERROR)),
+        "scoring_timeouts": sum(1 for s in flat if (s.scoring_failure or "").startswith(ITEM_TIMEOUT)),
         "scoring_failures": sum(1 for s in flat if s.scoring_failure),
+        "completions_scored": len(flat),
     }
     per_domain: dict[str, list[float]] = {}
     for s in flat:
@@ -208,6 +210,8 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
     loss_fn = GRPOLoss(settings)
     last = {}
     skipped = extra.get("steps_skipped", 0) if resume is not None else 0
+    # rows scored 0 without the verifier's verdict, over the whole stage (the manifest's counts)
+    failures = ScoringFailures(**((extra.get("scoring_failures") or {}) if resume is not None else {}))
     wal_logs = StepLogs(out_dir / "rollout-wal", carried=extra.get("rollout_wal"), start_step=start)
     sync_gap = lambda: weight_sync_check.weight_sync_gap(generator, trainer, probe,  # noqa: E731
                                                          pad_id=tokenizer.pad_token_id)
@@ -235,6 +239,7 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
             stats["weight_sync/logprob_gap"] = sync_gap()
             if gap_before is not None:
                 stats["weight_sync/logprob_gap_before"], gap_before = gap_before, None
+        failures.add(stats, groups, domains)
         ntok = sum(len(s.input_ids) for s in samples)
         last = {"step": step + 1, **stats, **train_metrics, "step_skipped": int(not samples),
                 "steps_skipped": skipped,
@@ -246,9 +251,47 @@ def run_grpo(settings: GRPOSettings, *, trainer, generator, scorer, tokenizer, t
         if checkpoints is not None and ((step + 1) % settings.save_every == 0 or step + 1 == settings.steps):
             carried = wal_logs.carry(step + 1)
             checkpoints.save(trainer, step + 1, {"step": step + 1, "prompt_stream": stream.state_dict(),
-                                                 "steps_skipped": skipped, "rollout_wal": carried})
+                                                 "steps_skipped": skipped, "rollout_wal": carried,
+                                                 "scoring_failures": failures.state()})
             wal_logs.checkpointed(step + 1, carried)
-    return {**last, **{f"rollout_wal/{k}": v for k, v in wal_logs.counts().items()}}
+    return {**last, **{f"rollout_wal/{k}": v for k, v in wal_logs.counts().items()}, **failures.metrics(),
+            **({"note": failures.note()} if failures.failed else {})}
+
+
+class ScoringFailures:
+    """The stage's count of completions scored 0 without their verifier's verdict (it
+    raised, ran past its time limit, its worker died: rewards.failures) and the first
+    reason, with its row and verifier, for the manifest's metrics and note. Each such
+    row is also a line in the stage log (engine.episode.report_scoring_failures)."""
+
+    def __init__(self, scored: int = 0, failed: int = 0, verifier_errors: int = 0, timeouts: int = 0,
+                 first: str = ""):
+        self.scored, self.failed, self.verifier_errors, self.timeouts, self.first = \
+            scored, failed, verifier_errors, timeouts, first
+
+    def add(self, stats: dict, groups: list[list[RolloutSample]], domains: dict[str, DomainSpec]) -> None:
+        self.scored += stats["completions_scored"]
+        self.failed += stats["scoring_failures"]
+        self.verifier_errors += stats["verifier_errors"]
+        self.timeouts += stats["scoring_timeouts"]
+        if not self.first:
+            s = next((s for g in groups for s in g if s.scoring_failure), None)
+            if s is not None:
+                self.first = (f"row {s.row_id!r} (verifier {domains[s.domain].verifier!r}): "
+                              f"{s.scoring_failure[:300]}")
+
+    def state(self) -> dict:
+        return dict(scored=self.scored, failed=self.failed, verifier_errors=self.verifier_errors,
+                    timeouts=self.timeouts, first=self.first)
+
+    def metrics(self) -> dict:
+        return {"scoring/failed": self.failed, "scoring/verifier_errors": self.verifier_errors,
+                "scoring/timeouts": self.timeouts, "scoring/completions": self.scored}
+
+    def note(self) -> str:
+        first = f"; first: {self.first}" if self.first else ""
+        return (f"{self.failed} of {self.scored} completions scored 0 without a verdict "
+                f"({self.verifier_errors} verifier errors, {self.timeouts} timeouts){first}; each in stage.log")
 
 
 def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id, step) -> dict:

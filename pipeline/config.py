@@ -519,7 +519,15 @@ def _verifier_errors(name: str, where: str) -> list[tuple[str, str]]:
     from engine.plugins import is_import_path
 
     if is_import_path(name):
-        return plugin_errors(name, where, "verifier", ("completion", "reference"))
+        errors = plugin_errors(name, where, "verifier", ("completion", "reference"))
+        if not errors:
+            from rewards.batch import declared_timeout_s
+
+            try:
+                declared_timeout_s(name)
+            except ValueError as exc:
+                errors.append((where, str(exc)))
+        return errors
     from rewards import known_verifiers
 
     known = known_verifiers()

@@ -10,7 +10,7 @@ For each model (base, experts, the OPD student, the mixed-RL baseline) and each 
 
 The driver takes its workers as arguments: `load_policy(model_dir)` returns a policy
 `(eval_set, rows, temperature, n) -> texts` (n texts per row, in row order; multi-turn
-tool episodes included), and `score(verifier, texts, references) -> scores`. Models are
+tool episodes included), and `score(verifier, texts, references, row_ids=) -> scores`. Models are
 evaluated one at a time, so only one is resident.
 """
 
@@ -95,7 +95,8 @@ def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) 
         raise ValueError(f"domain {es.domain!r} has no eval rows")
     refs = [r["reference"] for r in rows]
     greedy_texts, tokens = _texts_and_tokens(policy(es, rows, 0.0, 1))
-    greedy = score(es.verifier, _checked(greedy_texts, len(rows), f"{es.domain} greedy"), refs)
+    ids = [r.get("id") for r in rows]
+    greedy = score(es.verifier, _checked(greedy_texts, len(rows), f"{es.domain} greedy"), refs, row_ids=ids)
     out = {"greedy": sum(greedy) / len(greedy), "n": len(rows), "greedy_scores": [float(x) for x in greedy],
            "unfinished_reasoning": unfinished_fraction(greedy_texts)}  # scored 0 (engine.episode)
     prompts = [_prompt_of(r) for r in rows]
@@ -107,7 +108,8 @@ def evaluate_domain(policy: Policy, es: EvalSet, score, settings: EvalSettings) 
     if k > 0:
         texts, _ = _texts_and_tokens(policy(es, rows, settings.temperature, k))
         texts = _checked(texts, len(rows) * k, f"{es.domain} sampled")
-        flat = score(es.verifier, texts, [ref for ref in refs for _ in range(k)])
+        flat = score(es.verifier, texts, [ref for ref in refs for _ in range(k)],
+                     row_ids=[i for i in ids for _ in range(k)])
         per_prompt = _group(flat, k)  # (P, k)
         out["completions"] += [{"kind": f"sampled-{i % k}", "row_id": rows[i // k].get("id"), "prompt": prompts[i // k],
                                 "completion": t, "score": float(x)} for i, (t, x) in enumerate(zip(texts, flat))]

@@ -44,7 +44,9 @@ def _run_grpo_stage(ctx: StageContext, settings, init_dir: str, names: list[str]
     keep = ("reward_mean", "train/loss", "train/clip_frac_high", "train/approx_kl", "response_len")
     latest = checkpoints.latest()
     return {"outputs": {"model": str(latest), "final": export_stage(ctx, latest, tokenizer)},
-            "metrics": {k: v for k, v in final.items() if k in keep or k.startswith(("reward/", "rollout_wal/"))}}
+            "metrics": {k: v for k, v in final.items()
+                        if k in keep or k.startswith(("reward/", "rollout_wal/", "scoring/"))},
+            **({"note": final["note"]} if final.get("note") else {})}
 
 
 def grpo(ctx: StageContext) -> dict:

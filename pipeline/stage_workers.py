@@ -68,11 +68,13 @@ def scorer_pool(cfg, num_workers: int):
 
 
 def checked_scores(pool, where: str):
-    """`score(verifier, texts, refs) -> [float]` over `pool`, raising when the verifier
-    failed on the pool's `max_error_rate` of a batch (`rewards.batch.check_verifier_errors`)."""
+    """`score(verifier, texts, refs, row_ids=None) -> [float]` over `pool`, raising when the
+    verifier failed on the pool's `max_error_rate` of a batch
+    (`rewards.batch.check_verifier_errors`); a row scored 0 without a verdict is a line in
+    the stage log naming its id (`row_ids`, aligned with `texts`)."""
     from engine.episode import verified_scores
 
-    def score(verifier, texts, refs):
-        return verified_scores(pool, verifier, texts, refs, where)
+    def score(verifier, texts, refs, row_ids=None):
+        return verified_scores(pool, verifier, texts, refs, where, row_ids)
 
     return score

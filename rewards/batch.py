@@ -48,8 +48,25 @@ FIRST_ITEM_GRACE_S = 30.0  # added to a worker's first item of each verifier: it
 
 
 def item_timeout_s(verifier: str) -> float:
-    """The per-item time limit of `verifier` (ITEM_TIMEOUT_S, else DEFAULT_ITEM_TIMEOUT_S)."""
-    return ITEM_TIMEOUT_S.get(verifier, DEFAULT_ITEM_TIMEOUT_S)
+    """The per-item time limit of `verifier` (ITEM_TIMEOUT_S, else DEFAULT_ITEM_TIMEOUT_S;
+    a user's verifier may declare its own, `declared_timeout_s`)."""
+    return declared_timeout_s(verifier) or ITEM_TIMEOUT_S.get(verifier, DEFAULT_ITEM_TIMEOUT_S)
+
+
+def declared_timeout_s(verifier: str) -> float | None:
+    """The limit a user's verifier (`package.module:function`) declares as its function's
+    `timeout_s` attribute (seconds; it covers that verifier's first call's imports too, no
+    FIRST_ITEM_GRACE_S is added), or None. A value that is not a positive number is a ValueError."""
+    if ":" not in verifier:
+        return None
+    from rewards.registry import VERIFIERS
+
+    limit = getattr(VERIFIERS.get(verifier), "timeout_s", None)
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
+        raise ValueError(f"verifier {verifier!r}: timeout_s must be a positive number of seconds, got {limit!r}")
+    return float(limit)
 MAX_TASK_DEPTH = 100  # containers in a task (the reference); deeper ones no JSON reader round-trips
 DEFAULT_MAX_ERROR_RATE = 1.0  # stop only on a batch where the verifier failed on every item
 MIN_ITEMS_FOR_ERROR_RATE = 8
@@ -159,7 +176,7 @@ class ScorerPool:
         self.max_error_rate = validate_error_rate(max_error_rate)  # read by `engine.episode.verified_scores`
         self._workers: list[_Worker] = []
         self._failed_starts = 0
-        self._item_timeout_s, self._name = self.timeout_s or DEFAULT_ITEM_TIMEOUT_S, ""
+        self._item_timeout_s, self._name, self._declared = self.timeout_s or DEFAULT_ITEM_TIMEOUT_S, "", False
 
     def __enter__(self) -> "ScorerPool":
         return self
@@ -186,6 +203,7 @@ class ScorerPool:
             if problem:
                 results[i] = RewardResult(0.0, {"reason": f"{BAD_INPUT}: {problem}"})
         self._item_timeout_s, self._name = self.timeout_s or item_timeout_s(name), name
+        self._declared = self.timeout_s is None and declared_timeout_s(name) is not None  # kept as declared
         pending = collections.deque(i for i in range(len(tasks)) if results[i] is None)
         while pending or any(w.task is not None for w in self._workers):
             self._top_up(len(pending))
@@ -207,7 +225,7 @@ class ScorerPool:
                 # a worker's first item of a verifier also pays its imports (math-verify +
                 # sympy: seconds on a loaded machine), outside the verifier's own limit
                 # (a limit the caller set is kept as it is)
-                cold = self.timeout_s is None and self._name not in w.warm
+                cold = self.timeout_s is None and self._name not in w.warm and not self._declared
                 w.limit_s = self._item_timeout_s + (FIRST_ITEM_GRACE_S if cold else 0.0)
                 w.warm.add(self._name)
                 w.task, w.deadline = i, time.monotonic() + w.limit_s

@@ -156,6 +156,8 @@ def answers_match(gold: str, answer: str) -> tuple[bool, str]:
 def reference_problem(reference: Any) -> str | None:
     if not isinstance(reference, dict) or "answer" not in reference:
         return f"math reference must be a dict with an 'answer' field, got {reference!r:.200}"
+    if reference["answer"] is None:  # e.g. a parquet / `datasets` row without one: Arrow pads it with null
+        return "math reference field 'answer' is null"
     return None
 
 

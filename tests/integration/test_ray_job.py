@@ -239,3 +239,35 @@ def test_job_imports_a_user_module_outside_the_checkout(ray_head, tmp_path):
     assert m["status"] == "done" and m["metrics"]["rows"] == {"calc": {"train": 4, "eval": 2}}
     row = json.loads(Path(m["outputs"]["data:calc:train"]).read_text().splitlines()[0])
     assert row["id"] == "calc-0" and "<invoke name=\"add\">" in row["messages"][-1]["content"]
+
+
+def test_job_grpo_stage_scores_with_a_user_verifier_outside_the_checkout(ray_head, tmp_path):
+    """prepare, sft:math and grpo:math each as a Ray job (`run --address`), the user's
+    grader (tests/fixtures/fragile_grader/grader.py) in a package of their own outside the
+    checkout, uploaded with the job (py_modules). The GRPO job's scoring workers run it:
+    the row whose gold answer is "twelve" gets the NameError only the user's code raises,
+    the row whose gold is "9**9**9" its declared 3 s limit, and the stage finishes."""
+    fixture = ROOT / "tests" / "fixtures" / "fragile_grader"
+    mine = tmp_path / "my_code"
+    (mine / "my_grading").mkdir(parents=True)
+    (mine / "my_grading" / "__init__.py").write_text("")
+    shutil.copy(fixture / "grader.py", mine / "my_grading" / "grader.py")
+    raw = yaml.safe_load((fixture / "project.yaml").read_text())
+    raw.update(run_dir=str(tmp_path / "run"), python_path=[str(mine)])
+    dom = raw["domains"][0]
+    dom["verifier"] = "my_grading.grader:expression_answer"
+    dom["data"].update(train=str(fixture / "train.jsonl"), eval=str(fixture / "eval.jsonl"))
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = _run_cli(ray_head, config, "--only", "prepare", "sft:math", "grpo:math", timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[grpo:math] submitted job" in proc.stdout
+    m = _manifest(tmp_path / "run", "grpo:math")
+    assert m["status"] == "done"
+    assert {k: v for k, v in m["metrics"].items() if k.startswith("scoring/")} == {
+        "scoring/completions": 8, "scoring/failed": 4, "scoring/verifier_errors": 2, "scoring/timeouts": 2}
+    log = (tmp_path / "run" / "grpo-math" / "stage.log").read_text()
+    assert ("row 'q-raises' scored 0 without a verdict from verifier 'my_grading.grader:expression_answer': "
+            "verifier error: NameError: name 'twelve' is not defined") in log
+    assert "row 'q-hangs' scored 0 without a verdict from verifier 'my_grading.grader:expression_answer': " \
+           "timeout: item took longer than 3s" in log

@@ -42,7 +42,7 @@ BAD_FILE = {
     5: (_line({k: v for k, v in row(4).items() if k != "messages"}), "missing field 'messages'"),
     6: (_line(row(5, prompt=" \t ")), "empty prompt"),
     7: (_line(row(6, reference="4")), "field 'reference' must be dict"),
-    8: (_line(row(7, messages=[{"role": "user", "content": 7}])), "messages[0] must be"),
+    8: (_line(row(7, messages=[{"role": "user", "content": 7}])), "messages[0].content must be a string, got 7"),
     9: (_line(row(0)), "duplicate id 'r0'"),
     10: (_line("just a string"), "row must be a JSON object"),
     11: (_line(row(10, prompt="ok \u2028 \ud7ff fine")), None),

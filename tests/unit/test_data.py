@@ -58,7 +58,8 @@ def test_bad_rows_reported_with_line(tmp_path):
     assert got[4] == "missing field 'messages'" and got[6].startswith("empty prompt")
     assert got[7] == "prompt too long: 600 > max_prompt_tokens=512"
     assert got[8] == "duplicate id 'r0'" and got[9].startswith("row must be a JSON object")
-    assert got[10].startswith("messages[0] must be")
+    assert got[10] == ("messages[0].role must be one of ['system', 'user', 'assistant', 'tool'], got 'robot'; "
+                       "the message has: content, role")
     assert all(b.file == str(path) for b in result.bad)
 
 

@@ -58,7 +58,7 @@ class FakeModel:
         return out
 
 
-def _score(verifier, texts, refs):
+def _score(verifier, texts, refs, row_ids=None):
     assert verifier == "exact"
     return [float(t == r["answer"]) for t, r in zip(texts, refs)]
 

@@ -264,3 +264,149 @@ def test_job_runtime_env_carries_modules_outside_the_checkout(tmp_path):
     assert over[-1] == 'python_path=["tests/fixtures/user_plugins"]'
     assert load_config(tmp_path / "cfg.yaml", over).python_path == ["tests/fixtures/user_plugins"]
     assert "scorer" in sys.modules or __import__("scorer")  # activated here by load_config
+
+
+def test_user_verifier_declares_its_own_time_limit(tmp_path, capsys):
+    """`fn.timeout_s` is that verifier's per-item limit, as declared (no first-item grace):
+    tests/fixtures/fragile_grader's grader hangs on the gold answer 9**9**9 for 3 s, not 60."""
+    import time
+
+    from engine.plugins import activate
+    from rewards import ScorerPool
+    from rewards.batch import DEFAULT_ITEM_TIMEOUT_S, item_timeout_s
+
+    activate([ROOT / "tests" / "fixtures" / "fragile_grader", PLUGINS])
+    assert item_timeout_s("grader:expression_answer") == 3.0
+    assert item_timeout_s("my_rewards:last_number") == DEFAULT_ITEM_TIMEOUT_S  # none declared
+    t0 = time.monotonic()
+    with ScorerPool(num_workers=1) as pool:
+        res = pool.score("grader:expression_answer", ["so 12", "so 7"], [{"answer": "9**9**9"}, {"answer": "3+4"}])
+    assert res[0].score == 0.0 and res[0].info["reason"] == "timeout: item took longer than 3s"
+    assert res[1].score == 1.0 and res[1].info == {"extracted": "7", "gold": 7}
+    assert time.monotonic() - t0 < 25  # FIRST_ITEM_GRACE_S (30 s) was not added
+    f = _rows_file(tmp_path / "rows.jsonl", 4, 0)
+    path = _config(tmp_path, {"train": str(f), "eval": str(f), "adapter": "my_rewards:qa_adapter"},
+                   verifier="my_rewards:with_bad_time_limit", python_path=[str(PLUGINS)])
+    assert main(["validate", str(path)]) == 2
+    assert ("config error: domains[0].verifier: verifier 'my_rewards:with_bad_time_limit': timeout_s must be a "
+            "positive number of seconds, got 'a few seconds'") in capsys.readouterr().err
+
+
+def test_scoring_failures_are_reported_with_row_and_verifier():
+    from engine.episode import MAX_FAILURE_LINES, report_scoring_failures
+    from rewards import RewardResult
+
+    results = [RewardResult(1.0), RewardResult(0.0, {"reason": "verifier error: ValueError: bad gold"}),
+               RewardResult(0.0, {"reason": "timeout: item took longer than 3s"}),
+               RewardResult(0.0, {"reason": "no number in the answer"})]  # a verdict, not a failure
+    lines = []
+    assert report_scoring_failures(results, "pkg.mod:score", "GRPO step 0", ["r0", "r1", "r2", "r3"], lines.append) == 2
+    assert lines == ["GRPO step 0: row 'r1' scored 0 without a verdict from verifier 'pkg.mod:score': verifier error: "
+                     "ValueError: bad gold",
+                     "GRPO step 0: row 'r2' scored 0 without a verdict from verifier 'pkg.mod:score': timeout: item "
+                     "took longer than 3s"]
+    lines.clear()
+    many = [RewardResult(0.0, {"reason": "verifier error: E"})] * (MAX_FAILURE_LINES + 5)
+    assert report_scoring_failures(many, "math", "eval", log=lines.append) == MAX_FAILURE_LINES + 5
+    assert len(lines) == MAX_FAILURE_LINES + 1 and lines[0].startswith("eval: item 0 scored 0")
+    assert lines[-1] == f"eval: ... and 5 more of {MAX_FAILURE_LINES + 5} items scored 0 without a verdict from verifier 'math'"
+
+
+# ------------------------------------------------------------------ bad rows in real data shapes
+
+
+def _chat_rows() -> list[dict]:
+    """8 rows in our format (nested `messages`), 3 of them bad in the ways real exports are."""
+    rows = [{"id": f"c{i}", "domain": "math", "reference": {"answer": str(i + 1)},
+             "messages": [{"role": "system", "content": "Answer with a number."},
+                          {"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i} + 1 = {i + 1}"}]} for i in range(8)]
+    rows[2]["messages"][2] = {"role": "assistant"}  # an export that dropped an empty turn's content
+    rows[4]["messages"][1] = {"from": "human", "value": "What is 4 plus 1?"}  # a ShareGPT-style turn
+    rows[6]["reference"] = {"note": "answer lost"}  # no answer
+    return rows
+
+
+def _source(kind: str, tmp: Path, rows: list[dict]):
+    """(data.train as the config writes it, how errors name it) for one data shape."""
+    import datasets
+
+    if kind == "jsonl":
+        path = tmp / "chat.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path), str(path)
+    table = datasets.Dataset.from_list(rows)  # Arrow: one struct type, missing keys read back as null
+    if kind == "parquet":
+        table.to_parquet(str(tmp / "chat.parquet"))
+        return str(tmp / "chat.parquet"), str(tmp / "chat.parquet")
+    if kind == "saved-dataset":
+        table.save_to_disk(str(tmp / "chat_ds"))
+        return {"hf": {"path": str(tmp / "chat_ds")}}, f"hf:{tmp / 'chat_ds'}[train]"
+    datasets.DatasetDict({"train": table, "test": table.select(range(2))}).save_to_disk(str(tmp / "chat_dd"))
+    return {"hf": {"path": str(tmp / "chat_dd"), "split": "train"}}, f"hf:{tmp / 'chat_dd'}[train]"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "saved-dataset", "saved-datasetdict"])
+def test_bad_rows_name_file_line_and_field_in_each_data_shape(kind, tmp_path, capsys):
+    """validate's first rows and prepare's max_bad_fraction, on rows with nested messages
+    read from JSONL, parquet and a `datasets` directory from `save_to_disk` (Arrow pads the
+    missing keys with nulls: the reasons must still name the field)."""
+    train, label = _source(kind, tmp_path, _chat_rows())
+    good = tmp_path / "eval.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows()[:2]))
+    want = {3: "messages[2].content must be a string, got None; the message has: role",
+            5: "messages[1].role must be one of ['system', 'user', 'assistant', 'tool'], got None; "
+               "the message has: from, value",
+            7: ("math reference must be a dict with an 'answer' field, got {'note': 'answer lost'}" if kind == "jsonl"
+                else "math reference field 'answer' is null")}
+    path = _config(tmp_path, {"train": train, "eval": str(good)})
+    # validate: 3 bad of the first 8 is a warning naming the first, with its line and field
+    assert main(["validate", str(path)]) == 0
+    assert f"data warning: domains[0].data.train: the first 8 rows: 3 bad of 8; first: {label}:3: {want[3]}; " \
+           f"{label}:5: {want[5]}; {label}:7: {want[7]}" in capsys.readouterr().err
+    # prepare: 3 of 8 is more than max_bad_fraction (0.05): it fails listing each
+    cfg = load_config(path)
+    with pytest.raises(DataError) as info:
+        run_stage(cfg, str(path), "prepare")
+    assert "domain 'math' train: 3 bad rows of 8 (37.5%), more than data.max_bad_fraction=0.05" in str(info.value)
+    for line, reason in want.items():
+        assert f"{label}:{line}: {reason}" in str(info.value)
+    bad = [json.loads(x) for x in (RunDir(cfg.run_path).stage_dir("prepare") / "bad_rows.jsonl").read_text().splitlines()]
+    assert [(b["file"], b["line"], b["reason"]) for b in bad] == [(label, n, r) for n, r in want.items()]
+    # a majority of bad rows among the first ones stops validate (exit 2) with the same names
+    train, label = _source(kind, tmp_path, [r for i, r in enumerate(_chat_rows()) if i in (0, 2, 4, 6)])
+    assert main(["validate", str(_config(tmp_path, {"train": train, "eval": str(good)}))]) == 2
+    assert (f"data error: domains[0].data.train: the first 4 rows read with no adapter (rows in our format): "
+            f"3 bad of 4; first: {label}:2: {want[3]}") in capsys.readouterr().err
+
+
+def test_saved_datasetdict_without_the_split_is_named(tmp_path, capsys):
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(_chat_rows())}).save_to_disk(str(tmp_path / "dd"))
+    path = _config(tmp_path, {"train": {"hf": {"path": str(tmp_path / "dd")}}, "eval": {"hf": {"path": str(tmp_path / "dd"), "split": "test"}}})
+    assert main(["validate", str(path)]) == 2
+    assert ("data error: domains[0].data.train: cannot read: ValueError: Unknown split \"train\". Should be one "
+            "of ['test']") in capsys.readouterr().err
+
+
+def test_eval_names_the_row_a_user_verifier_failed_on(capsys):
+    """eval scores through the stage's scorer pool (checked_scores): the row whose gold
+    answer the fragile grader cannot evaluate is named in the stage log, the others score."""
+    from engine.plugins import activate
+    from pipeline.evaluate import EvalSet, EvalSettings, evaluate_model
+    from pipeline.stage_workers import checked_scores
+    from rewards import ScorerPool
+
+    activate([ROOT / "tests" / "fixtures" / "fragile_grader"])
+    rows = [{"id": i, "domain": "d", "messages": [{"role": "user", "content": "?"}], "reference": {"answer": a}}
+            for i, a in (("e-ok", "3*4"), ("e-raises", "twelve"), ("e-wrong", "2+2"))]
+    with ScorerPool(num_workers=1) as pool:
+        entry = evaluate_model(lambda es, rows_, t, n: ["so 12"] * (len(rows_) * n),
+                               [EvalSet("d", "grader:expression_answer", rows)], checked_scores(pool, "eval of m"),
+                               EvalSettings(samples=2), log=lambda _: None)
+    assert entry["greedy_per_prompt"]["d"] == [1.0, 0.0, 0.0]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "without a verdict" in ln]
+    line = ("eval of m: row 'e-raises' scored 0 without a verdict from verifier 'grader:expression_answer': "
+            "verifier error: NameError: name 'twelve' is not defined")
+    assert lines == [line] * 3  # the greedy completion and the 2 samples

@@ -5,8 +5,9 @@ every process that needs them (stage processes, scoring workers, Ray jobs).
 
 A verifier is `(completion: str, reference: dict, **options) -> score`: a number in
 [0, 1], `{"score": ..., "info": {...}}`, or a `rewards.RewardResult`. It runs in the
-scoring worker processes with the built-in verifiers' per-item time limit: an exception
-or a hang scores that one completion 0 with the reason and the run goes on.
+scoring worker processes with the built-in verifiers' per-item time limit (or your own:
+`last_number.timeout_s = 5.0`): an exception or a hang scores that one completion 0, the
+stage log names the row, the verifier and the reason, and the run goes on.
 """
 
 import re
