@@ -156,11 +156,11 @@ def test_opd_heads_heldout_kl_and_student_fraction(run):
 @pytest.mark.timeout(5400)
 def test_student_mean_beats_mixed_rl(run):
     """Over seeds the student's mean leads mixed RL's by 2 SE of the mean (docs/seeds.md); one run
-    is asserted with the margin the spread of the study's runs gives it (above 0 SE)."""
+    is asserted with the margin the spread of the study's runs gives it (0 SE or more)."""
     results, _, _ = run
     per = results["greedy_per_prompt"]
     diff, se = paired_difference_of_domain_means({d: per["mixed_rl"][d] for d in DOMAINS},
                                                  {d: per["student"][d] for d in DOMAINS})
     need = margin(f"diff | mean of {len(DOMAINS)} | student - mixed_rl")
-    assert need > 0, need
+    assert need >= 0, need  # a run: the student at least above mixed RL
     assert diff > need * se, f"student - mixed_rl (mean of {len(DOMAINS)}) {diff:+.4f} +- {se:.4f}, needs > {need} SE"
