@@ -60,10 +60,11 @@ def merged_state_dict(lm) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(peft_model, path: Path) -> Path:
-    """The adapter alone, in peft's format, under `path/adapter`."""
+def save_adapter(peft_model, path: Path, state_dict: dict | None = None) -> Path:
+    """The adapter alone, in peft's format, under `path/adapter`; `state_dict` (peft's own
+    names) when the model's parameters are partitioned (DeepSpeed ZeRO-3 gathers them)."""
     out = Path(path) / ADAPTER_DIR
-    peft_model.save_pretrained(str(out), safe_serialization=True)
+    peft_model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     return out
 
 
