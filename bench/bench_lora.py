@@ -8,7 +8,8 @@ full fine-tuning on the torch trainer: peak memory (RSS) and the time of one SFT
 config's SFT micro-batch and max_length). `wide`: a random Qwen2-shaped model of 25M
 parameters (hidden 512, 6 layers, vocabulary 8192), where the weights, not the Python
 runtime, dominate memory. LoRA: r 8, alpha 16, the seven projections (the `trainer.lora`
-defaults). fp32, AdamW, 1 thread. Each arm is a fresh process: RSS after the imports, then
+defaults). fp32, AdamW, 1 thread. Each arm is a fresh process: RSS after the imports (torch,
+transformers and peft in every arm), then
 the trainer is built, a warm-up step, and N timed steps (median). Reported: the process's
 peak RSS, and the peak over the RSS after the imports (weights, gradients, optimiser state,
 activations).
@@ -37,6 +38,9 @@ def child(args: dict) -> dict:
     from engine.batching import Sample, build_step_batches
     from engine.trainer import TrainerSettings, build_trainer
     from experts.sft import SFTLoss
+
+    import peft  # noqa: F401  (imported by every arm, so the RSS baseline counts no library)
+    import transformers  # noqa: F401
 
     torch.set_num_threads(1)
     rss0 = current_rss_bytes()
@@ -86,7 +90,7 @@ def main() -> None:
     ap.add_argument("--model", choices=("small-hf", "wide"), default="small-hf")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rows", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
