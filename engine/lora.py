@@ -44,12 +44,16 @@ def _lora_layers(lm):
 def merged_state_dict(lm) -> dict[str, torch.Tensor]:
     """The HF state dict of `lm` (LoRA injected by `apply_lora`) with every adapter merged:
     `<module>.weight` = base + scaling·B·A (peft's `get_delta_weight`), no `lora_*` keys, no
-    `base_layer` in any name; CPU copies, `lm` untouched."""
+    `base_layer` in any name; CPU copies, `lm` untouched. A model held in a low precision
+    (DeepSpeed's bf16 casts the frozen base too) is returned in float32, so a delta below the
+    base's bf16 resolution (an RL-sized step) survives the merge; fp32 models are unchanged."""
     state = {}
     for key, value in lm.state_dict().items():
         if ".lora_" in key:
             continue
         state[key.replace(".base_layer.", ".")] = value.detach().cpu().clone()
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     for name, mod in _lora_layers(lm):
         key = f"{name}.weight"
         if key not in state:
@@ -60,10 +64,11 @@ def merged_state_dict(lm) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(peft_model, path: Path) -> Path:
-    """The adapter alone, in peft's format, under `path/adapter`."""
+def save_adapter(peft_model, path: Path, state_dict: dict | None = None) -> Path:
+    """The adapter alone, in peft's format, under `path/adapter`; `state_dict` (peft's own
+    names) when the model's parameters are partitioned (DeepSpeed ZeRO-3 gathers them)."""
     out = Path(path) / ADAPTER_DIR
-    peft_model.save_pretrained(str(out), safe_serialization=True)
+    peft_model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     return out
 
 

@@ -14,6 +14,14 @@ on CUDA). Several ranks are run as Ray actors by `pipeline/actors.py`.
 - The LM head weight is used outside its module's forward (the loss takes it as an
   argument): under ZeRO-3 it is registered as an external parameter of the wrapper, so it
   is gathered for the wrapper's forward and its gradient is reduced like any other.
+- LoRA (`trainer.lora`, `engine.lora`): peft's adapters are injected into the fp32 model
+  before `deepspeed.initialize` (peft's documented order for DeepSpeed), so the engine sees
+  frozen base weights and trainable A/B; the optimiser (built from `requires_grad`
+  parameters), ZeRO's partitions and the gradient reduction cover the adapter only.
+  `state_dict`/`save_hf` give the merged weights under the plain HF names (gathered first
+  under ZeRO-3), `save_hf` also writes `adapter/` (peft format); DeepSpeed's checkpoint
+  leaves the frozen base out (`exclude_frozen_parameters`), which resume takes from
+  `model_dir` as the torch backend does.
 """
 
 from __future__ import annotations
@@ -89,8 +97,6 @@ def ds_config(settings: TrainerSettings, world_size: int) -> dict:
 class DeepSpeedTrainer:
     def __init__(self, settings: TrainerSettings, model_dir: str, *, tokenizer_dir: str | None = None,
                  rank: int = 0, world_size: int = 1):
-        if getattr(settings, "lora", None) is not None:
-            raise ValueError("trainer.lora needs backend 'torch' (LoRA under deepspeed is not implemented)")
         import deepspeed
 
         if settings.device == "cuda":
@@ -100,6 +106,11 @@ class DeepSpeedTrainer:
         self.settings, self.rank, self.world_size = settings, rank, world_size
         self.tokenizer_dir = tokenizer_dir
         module = _LossModule(load_model(model_dir, dtype="fp32", device=settings.device))
+        self.peft = None
+        if getattr(settings, "lora", None) is not None:
+            from engine.lora import apply_lora
+
+            self.peft = apply_lora(module.lm, settings.lora)  # module.lm now holds the adapters (in place)
         if getattr(settings, "gradient_checkpointing", False):
             enable_gradient_checkpointing(module.lm)
         if settings.zero_stage == 3:
@@ -174,24 +185,38 @@ class DeepSpeedTrainer:
 
     # --------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full HF-named weights on CPU (gathered from the partitions under ZeRO-3)."""
+        """Full HF-named weights on CPU (gathered from the partitions under ZeRO-3); with
+        LoRA, the base with the adapters merged."""
+        return self._gathered_states()[0]
+
+    def _gathered_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(HF state dict, peft's full state dict or None without LoRA), gathered once."""
         import deepspeed
 
         params = list(self.lm.parameters())
         enabled = self.settings.zero_stage == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=enabled):
-            return {k: v.detach().cpu().clone() for k, v in self.lm.state_dict().items()}
+            if self.peft is None:
+                return {k: v.detach().cpu().clone() for k, v in self.lm.state_dict().items()}, None
+            from engine.lora import merged_state_dict
+
+            raw = {k: v.detach().cpu().clone() for k, v in self.peft.state_dict().items() if ".lora_" in k}
+            return merged_state_dict(self.lm), raw
 
     def save_hf(self, path: str | os.PathLike) -> None:
-        state = self.state_dict()  # collective under ZeRO-3: every rank calls it
+        state, raw = self._gathered_states()  # collective under ZeRO-3: every rank calls it
         if self.rank == 0:
             save_hf_dir(self.lm, state, Path(path), self.tokenizer_dir)
+            if self.peft is not None:
+                from engine.lora import save_adapter
+
+                save_adapter(self.peft, Path(path), state_dict=raw)
         barrier(self.world_size)
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict) -> None:
         path = Path(path)
         self.engine.save_checkpoint(str(path / "deepspeed"), tag=CKPT_TAG, client_state={"step": self.step},
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=self.peft is not None)
         self.save_hf(path)
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
@@ -202,7 +227,8 @@ class DeepSpeedTrainer:
         path = Path(path)
         extra = read_extra_state(path)
         _, client = self.engine.load_checkpoint(str(path / "deepspeed"), tag=CKPT_TAG,
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                load_module_strict=self.peft is None)  # LoRA: base from model_dir
         if client is None:
             raise FileNotFoundError(f"load_checkpoint: no DeepSpeed state under {path / 'deepspeed'}")
         self.step = client["step"]

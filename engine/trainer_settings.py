@@ -51,7 +51,7 @@ class TrainerSettings(Settings):
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in "
                                          "backward instead of keeping them (transformers' gradient checkpointing, "
                                          "non-reentrant): less memory, one more forward per step")
-    lora: LoraSettings | None = Field(None, description="train peft LoRA adapters only (torch backend)")
+    lora: LoraSettings | None = Field(None, description="train peft LoRA adapters only")
 
     @field_validator("betas")
     @classmethod
@@ -67,9 +67,6 @@ class TrainerSettings(Settings):
         if self.optimizer == "muon" and self.backend == "deepspeed" and (self.zero_stage or self.dtype != "fp32"):
             raise ValueError("optimizer 'muon' under deepspeed needs zero_stage 0 and dtype fp32 "
                              "(ZeRO and the bf16 optimizer flatten the 2-D matrices Muon works on)")
-        if self.lora is not None and self.backend != "torch":
-            raise ValueError("trainer.lora needs backend 'torch' (LoRA under deepspeed is not implemented; "
-                             f"got backend {self.backend!r})")
         if self.backend == "torch" and self.zero_stage:
             raise ValueError("zero_stage is a deepspeed setting; backend 'torch' needs zero_stage 0")
         return self

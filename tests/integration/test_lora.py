@@ -1,7 +1,7 @@
 """`trainer.lora` (peft LoRA) on the torch trainer, over the toy Qwen3-shaped model:
 only adapter weights train and sit in the optimiser; the weights that leave the trainer
 (generator syncs, checkpoints' HF weights, final/) equal peft's own `merge_and_unload`;
-resume is exact; the settings refuse deepspeed and leave the stage hashes alone."""
+resume is exact; the settings leave the stage hashes alone (DeepSpeed: test_lora_deepspeed.py)."""
 
 from __future__ import annotations
 
@@ -119,12 +119,11 @@ def test_merged_weights_give_the_trainers_logits_and_sync_the_hf_generator(tmp_p
         torch.testing.assert_close(gen.model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_settings_refuse_deepspeed_and_keep_hashes():
+def test_lora_settings_validate_and_keep_hashes():
     from engine.trainer import TrainerSettings
     from pipeline.graph import _dump
 
-    with pytest.raises(ValueError, match="trainer.lora needs backend 'torch'"):
-        TrainerSettings(backend="deepspeed", lora={})
+    assert TrainerSettings(backend="deepspeed", zero_stage=3, lora={}).lora.r == 8  # tests/integration/test_lora_deepspeed.py
     with pytest.raises(ValueError, match="r"):
         TrainerSettings(lora={"r": 0})
     assert "lora" not in _dump(TrainerSettings())
