@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.config import ExperimentConfig
+    from pipeline.config_schema import ExperimentConfig
 
 
 def run_dir_errors(run_path: Path) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.config import ExperimentConfig
+    from pipeline.config_schema import ExperimentConfig
 from engine.modes import route_key
 
 

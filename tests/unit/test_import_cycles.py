@@ -44,22 +44,24 @@ def _is_type_checking(node: ast.AST) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node of `tree` except the bodies of `if TYPE_CHECKING:` blocks (their `else` runs)."""
+def _runtime_nodes(tree: ast.AST, type_only: bool = False):
+    """Every node of `tree` except the bodies of `if TYPE_CHECKING:` blocks (their `else` runs);
+    with `type_only`, those bodies too."""
     todo = [tree]
     while todo:
         node = todo.pop()
         yield node
-        if _is_type_checking(node):
+        if _is_type_checking(node) and not type_only:
             todo.extend(node.orelse)
         else:
             todo.extend(ast.iter_child_nodes(node))
 
 
-def imports_of(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
-    """Project modules that `module` imports anywhere in its file (module or function level)."""
+def imports_of(module: str, path: pathlib.Path, known: set[str], type_only: bool = False) -> set[str]:
+    """Project modules that `module` imports anywhere in its file (module or function level;
+    with `type_only`, under `if TYPE_CHECKING:` too)."""
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path)), type_only):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name in known:
@@ -76,10 +78,10 @@ def imports_of(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
     return found
 
 
-def import_graph(root: pathlib.Path = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
+def import_graph(root: pathlib.Path = ROOT, packages=PACKAGES, type_only: bool = False) -> dict[str, set[str]]:
     modules = project_modules(root, packages)
     known = set(modules)
-    return {name: imports_of(name, path, known) for name, path in modules.items()}
+    return {name: imports_of(name, path, known, type_only) for name, path in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -113,6 +115,15 @@ def test_project_imports_have_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_type_only_imports_have_no_cycle_either():
+    """Shared types sit below both their users (issue 36): `ExperimentConfig` in
+    pipeline.config_schema, which config_paths and graph import downward, `TeacherRef` in
+    distill.teacher_ref. A type-only cycle is a runtime cycle waiting for someone to need
+    the type at run time."""
+    cycle = find_cycle(import_graph(type_only=True))
+    assert cycle is None, "import cycle through type-only imports: " + " -> ".join(cycle)
+
+
 def test_the_walk_sees_lazy_relative_and_submodule_imports(tmp_path):
     # guards against a vacuous walk: each import spelling below makes an edge, and the
     # cycle they close is found
@@ -131,6 +142,7 @@ def test_the_walk_sees_lazy_relative_and_submodule_imports(tmp_path):
     assert graph["pkg.sub.c"] == {"pkg.a"}
     assert graph["pkg.d"] == {"pkg.a"}
     assert graph["pkg.e"] == set()  # TYPE_CHECKING imports never run
+    assert import_graph(tmp_path, ("pkg",), type_only=True)["pkg.e"] == {"pkg.d"}
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
     (pkg / "sub" / "c.py").write_text("x = 1\n")
     assert find_cycle(import_graph(tmp_path, ("pkg",))) is None
