@@ -1,6 +1,7 @@
 """MetricsLogger: one flushed JSON line per step, truncation on resume, wandb optional."""
 
 import json
+import re
 import sys
 import types
 
@@ -105,7 +106,10 @@ def test_a_resumed_stage_logs_to_one_wandb_run(tmp_path, monkeypatch):
     assert second._wandb.id == first._wandb.id
     second.close()
     runs = _offline_runs(tmp_path)
-    assert len(runs) == 2 and all(r.endswith("-grpo-math-0123456789ab") for r in runs), runs
+    # one directory per process, both with the run id; wandb adds "-1" to the second's name when
+    # both start within the same second (offline-run-<YYYYmmdd_HHMMSS>-<id>[-N])
+    assert len(runs) == 2 and all(re.fullmatch(r"offline-run-\d{8}_\d{6}-grpo-math-0123456789ab(-\d+)?", r)
+                                  for r in runs), runs
     samples = _rows(tmp_path / "samples.jsonl")
     assert [(s["step"], s["completion"]) for s in samples] == [(1, "c1"), (2, "c2"), (3, "again")]
     assert set(samples[0]) == {"step", "prompt", "completion", "reward", "route"}
