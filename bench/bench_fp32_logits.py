@@ -15,12 +15,12 @@ runs, independent of the token count; the chunk's (c, V) buffers are float32 eit
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from bench.common import emit_json
 
 
 def main() -> None:
@@ -62,10 +62,7 @@ def main() -> None:
                     "seconds_median": statistics.median(times), "seconds": times,
                     "extra_weight_copy_mib": (v * h * 4 / 2 ** 20) if fp32 else 0.0}
     out["time_ratio_fp32_over_bf16"] = out["fp32_projection"]["seconds_median"] / out["bf16_projection"]["seconds_median"]
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(out, args.out)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ activations, gradients and optimiser state, not the weights).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 
-from bench.common import child_main, current_rss_bytes, peak_rss_bytes, qwen2_config, run_child, save_random_model
+from bench.common import emit_json, child_main, current_rss_bytes, peak_rss_bytes, qwen2_config, run_child, save_random_model
 
 MODULE = "bench.bench_grad_ckpt"
 
@@ -65,11 +64,7 @@ def main() -> None:
     p, c = out["plain"], out["checkpointing"]
     out["memory_saved_mib"] = p["peak_extra_mib"] - c["peak_extra_mib"]
     out["time_ratio"] = c["seconds"] / p["seconds"]
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(out, args.out)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ activations).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 
-from bench.common import (child_main, current_rss_bytes, machine_info, peak_rss_bytes, qwen2_config, run_child,
+from bench.common import (emit_json, child_main, current_rss_bytes, machine_info, peak_rss_bytes, qwen2_config, run_child,
                           save_random_model)
 
 MODULE = "bench.bench_lora"
@@ -105,11 +104,7 @@ def main() -> None:
     for arm in ARMS:
         out[arm]["time_vs_full"] = out[arm]["step_seconds"] / full["step_seconds"]
         out[arm]["peak_extra_vs_full"] = out[arm]["peak_extra_mib"] / full["peak_extra_mib"]
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(out, args.out)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,14 @@ def write_results(name: str, payload: dict, out_dir: str | Path | None = None) -
     return path
 
 
+def emit_json(out: dict, path: str | Path | None) -> None:
+    """Print `out` as JSON and, where `path` is given (a bench's `--out`), write it there too."""
+    text = json.dumps(out, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     cells = [[str(c) for c in r] for r in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
