@@ -151,20 +151,11 @@ def _lora_rank(rank: int, port: int, model_dir: str, out_file: str) -> None:
 def test_two_ranks_train_the_adapter_like_one(tmp_path, toy):
     """2 ranks (gloo, two local processes; each gets half of every step's micro-batches) end
     with the merged weights of 1 rank over all of them (fp32; a different summation order)."""
-    import multiprocessing
-
     from engine.trainer import build_trainer
-    from engine.trainer_deepspeed import free_port
+    from spawn_ranks import run_ranks
 
-    ctx = multiprocessing.get_context("spawn")
     out = tmp_path / "two.pt"
-    port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=_lora_rank, args=(r, port, str(toy), str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_lora_rank, str(toy), str(out), timeout=300)
     one = build_trainer(_settings(lora=NO_DROPOUT), toy)
     for i in range(3):
         assert len(_batches(i)) >= 2  # both ranks get micro-batches

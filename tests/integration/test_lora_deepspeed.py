@@ -14,7 +14,6 @@ backend's 2-rank LoRA test."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 
 import pytest
@@ -159,17 +158,10 @@ def _rank(rank: int, port: int, model_dir: str, out_file: str) -> None:
 
 
 def test_two_deepspeed_ranks_train_the_adapter_like_one(tmp_path, toy, torch_reference):
-    from engine.trainer_deepspeed import free_port
+    from spawn_ranks import run_ranks
 
-    ctx = multiprocessing.get_context("spawn")
     out = tmp_path / "two.pt"
-    port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=_rank, args=(r, port, str(toy), str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_rank, str(toy), str(out), timeout=600)
     ref_metrics, ref_state = torch_reference  # 1 rank (torch backend == 1-rank DeepSpeed, above)
     for stage, (norms, state) in torch.load(out, weights_only=False).items():
         assert norms == pytest.approx([m["grad_norm"] for m in ref_metrics], rel=1e-5), stage
