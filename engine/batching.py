@@ -198,3 +198,129 @@ class EpochCursor:
                              f"{state['seed']}, this run has {self.num_samples} with seed {self.seed}")
         self.shuffle, self.epoch, self.index = state["shuffle"], state["epoch"], state["index"]
         self._order = self._permutation(self.epoch)
+
+
+# ----------------------------------------------------------------------------- packed RL micro-batches
+# RL and OPD micro-batches by tokens (`micro_batch_tokens`): the step's samples are packed
+# best-fit decreasing into rows as long as its longest sample (`plan_packing`), and
+# consecutive rows form micro-batches of at most `micro_batch_tokens` tokens (rows x row
+# length, at least one row). Within a micro-batch the samples are listed row by row, each
+# row's members in their order along the row ("row order"); tensors of one value per token
+# of the packed rows are (R, T) ("row layout"), tensors per sample (S, L) padded to the
+# longest sample ("sample layout"). `unpack_index` (S, L) maps sample layout into the
+# flattened rows, so a per-token result of the model (log-probs) is brought back to the
+# samples by one gather (`unpack_to_samples`), and every loss and normaliser downstream
+# sees exactly the padded batch's (S, L) tensors.
+
+ROW_KEYS = ("input_ids", "attention_mask", "position_ids")  # the model's inputs, row layout
+
+
+def plan_token_micro_batches(lengths: list[int], micro_batch_tokens: int,
+                             row_length: int | None = None) -> list[list[list[int]]]:
+    """Micro-batches, each a list of rows, each a list of sample indices (`lengths[i]`
+    tokens): rows of `row_length` tokens (default: the longest sample) packed best-fit
+    decreasing, then cut into micro-batches of `micro_batch_tokens // row_length` rows (at
+    least one). Deterministic; every index appears once."""
+    if not lengths:
+        raise ValueError("plan_token_micro_batches: no samples")
+    if micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+    row_length = row_length or max(lengths)
+    rows = plan_packing(list(lengths), row_length)
+    per = max(micro_batch_tokens // row_length, 1)
+    return [rows[i:i + per] for i in range(0, len(rows), per)]
+
+
+def row_order(rows: list[list[int]]) -> list[int]:
+    """The sample indices of a micro-batch's rows, row by row: the packed batch's sample order."""
+    return [i for r in rows for i in r]
+
+
+def pack_row_tensors(seqs: list[list[int]], rows: list[list[int]], row_length: int,
+                     pad_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `position_ids` (R, row_length) of `seqs` laid out as
+    `rows` (indices into `seqs`), positions restarting at 0 for every sample (the trainers'
+    block-diagonal attention, `engine.trainer_common`), and `unpack_index` (S, L): for
+    sample k of `row_order(rows)` and its token t, the index of that token in the flattened
+    rows (past the sample's end, where sample-layout masks are 0, its first token's)."""
+    order = row_order(rows)
+    R, S = len(rows), len(order)
+    L = max(len(seqs[i]) for i in order)
+    out = _empty(R, row_length, pad_id)
+    del out["loss_mask"]
+    index = torch.zeros(S, L, dtype=torch.long)
+    k = 0
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            n = len(seqs[i])
+            if start + n > row_length:
+                raise ValueError(f"pack_row_tensors: row {r} overflows {row_length} tokens")
+            out["input_ids"][r, start:start + n] = torch.tensor(seqs[i], dtype=torch.long)
+            out["attention_mask"][r, start:start + n] = 1
+            out["position_ids"][r, start:start + n] = torch.arange(n)
+            index[k, :n] = r * row_length + start + torch.arange(n)
+            index[k, n:] = r * row_length + start
+            start += n
+            k += 1
+        if 0 < start < row_length:  # the padded tail continues the last segment (causal: unseen)
+            out["position_ids"][r, start:] = torch.arange(row_length - start) + out["position_ids"][r, start - 1] + 1
+    out["unpack_index"] = index
+    return out
+
+
+def pack_token_values(values: list[list[float]], rows: list[list[int]], row_length: int,
+                      dtype=torch.float32) -> torch.Tensor:
+    """Per-token values of the samples (`values[i]`, as long as sample i) in row layout (R, T), 0 on padding."""
+    out = torch.zeros(len(rows), row_length, dtype=dtype)
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            n = len(values[i])
+            out[r, start:start + n] = torch.tensor(values[i], dtype=dtype)
+            start += n
+    return out
+
+
+def unpack_to_samples(x: torch.Tensor, batch: dict) -> torch.Tensor:
+    """A row-layout result (R, T, ...) in sample layout (S, L, ...) when `batch` is packed
+    (`unpack_index`), else `x` itself. Differentiable (a gather)."""
+    index = batch.get("unpack_index")
+    if index is None:
+        return x
+    flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return flat[index.to(x.device)]
+
+
+def split_packed_rows(batch: dict, world_size: int) -> tuple[list[dict], list[int]]:
+    """A packed batch (`unpack_index`) cut into `world_size` parts of contiguous rows, each
+    with its own samples (the rows' members, contiguous in row order) and its `unpack_index`
+    rebased; (parts, samples per part). A part with no row gets the first row as a stand-in
+    whose result is dropped (count 0). Row-layout keys are `ROW_KEYS`; any other tensor
+    with a batch dimension is per sample; 0-d tensors and non-tensors go to every part."""
+    index = batch["unpack_index"]
+    T = batch["input_ids"].shape[1]
+    R = batch["input_ids"].shape[0]
+    sample_row = index[:, 0] // T  # (S,) every sample starts in its row
+    bounds = [R * r // world_size for r in range(world_size + 1)]
+    parts, counts = [], []
+    for r in range(world_size):
+        lo, hi = bounds[r], bounds[r + 1]
+        stand_in = hi <= lo
+        if stand_in:
+            lo, hi = 0, 1
+        keep = ((sample_row >= lo) & (sample_row < hi)).nonzero().flatten()
+        s0, s1 = int(keep[0]), int(keep[-1]) + 1
+        part = {}
+        for k, v in batch.items():
+            if not isinstance(v, torch.Tensor) or v.ndim == 0:
+                part[k] = v
+            elif k in ROW_KEYS:
+                part[k] = v[lo:hi]
+            elif k == "unpack_index":
+                part[k] = v[s0:s1] - lo * T
+            else:
+                part[k] = v[s0:s1]
+        parts.append(part)
+        counts.append(0 if stand_in else s1 - s0)
+    return parts, counts

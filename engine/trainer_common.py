@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from engine.batching import unpack_to_samples
 from engine.logprobs import compute_chunked_token_logprobs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
@@ -41,7 +42,8 @@ def batch_sampling(batch: dict) -> dict:
 
 
 class LogprobFn:
-    """Loss-shaped function returning aligned log-probs (zero at every segment start).
+    """Loss-shaped function returning aligned log-probs (zero at every segment start), (B, T),
+    or per sample (S, L) for a packed batch (`unpack_index`, `engine.batching`).
 
     A batch may carry `temperature`, `top_k`, `top_p` (0-d, `batch_sampling`): the
     log-probs are then those of the distribution a generator sampled from."""
@@ -52,7 +54,8 @@ class LogprobFn:
     def __call__(self, hidden, weight, batch):
         lp = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"], self.chunk or None,
                                             **batch_sampling(batch))  # (B, T)
-        return lp.masked_fill(batch["position_ids"] == 0, 0.0), {}
+        # a packed batch's log-probs come back per sample (S, L) (`engine.batching.unpack_to_samples`)
+        return unpack_to_samples(lp.masked_fill(batch["position_ids"] == 0, 0.0), batch), {}
 
 
 # ----------------------------------------------------------------------------- model forward

@@ -77,8 +77,12 @@ class GRPOLoss:
         # the policy being optimised is the one sampled from: filter(softmax(logits / T)), as
         # in verl; T, top-k, top-p travel with the batch, so the loss, the old/reference and
         # the rollout log-probs are all of the same distribution
+        from engine.batching import unpack_to_samples
+
         logprobs = compute_chunked_token_logprobs(hidden, weight, batch["input_ids"],
                                                   **batch_sampling(batch))  # (B, T)
+        # packed rows (R, T) -> the samples' (S, L): the loss and its normalisers see the padded batch's layout
+        logprobs = unpack_to_samples(logprobs, batch)
         return compute_policy_loss(
             logprobs=logprobs,
             # one optimiser step per batch: pi_old == pi_theta, so the ratio is exactly 1
@@ -297,7 +301,8 @@ class ScoringFailures:
 def _optimise(settings, samples, *, trainer, reference, loss_fn, pad_id, step) -> dict:
     """Old/ref log-probs, then epochs x mini-batches optimiser steps; mean metrics."""
     minibatches = build_minibatches(samples, settings.mini_batches_per_step, settings.micro_batch_size,
-                                    pad_id=pad_id, seed=settings.seed + step, **logprob_sampling(settings))
+                                    pad_id=pad_id, seed=settings.seed + step, **logprob_sampling(settings),
+                                    micro_batch_tokens=settings.micro_batch_tokens)
     on_policy = settings.epochs_per_step == 1 and len(minibatches) == 1
     for micro_batches in minibatches:
         for mb in micro_batches:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -16,6 +16,8 @@ KL_ESTIMATOR_NAMES = ("k1", "k2", "k3", "unbiased_k3")
 
 
 class GRPOSettings(Settings):
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"micro_batch_tokens": None}
+
     steps: PositiveInt = 20
     prompts_per_step: PositiveInt = 16
     group_size: int = Field(8, ge=2, description="G samples per prompt")
@@ -31,6 +33,10 @@ class GRPOSettings(Settings):
     epochs_per_step: PositiveInt = 1
     mini_batches_per_step: PositiveInt = 1
     micro_batch_size: PositiveInt = 32
+    micro_batch_tokens: PositiveInt | None = Field(
+        None, description="padding-free training: a step's samples packed into rows as long as its longest "
+        "sample, micro-batches of at most this many tokens (micro_batch_size is then unused); the old/reference "
+        "log-probs too. None: micro_batch_size samples per micro-batch, right-padded")
     # algorithm
     advantage: Annotated[str, registry_name("advantage estimator", ADVANTAGE_ESTIMATOR_NAMES)] = "grpo"
     policy_loss: Annotated[str, registry_name("policy loss", POLICY_LOSS_NAMES)] = "grpo"

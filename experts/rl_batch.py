@@ -41,16 +41,37 @@ def collate_samples(samples: list[RolloutSample], pad_id: int) -> dict[str, torc
             "rollout_logprobs": rollout_lp, "advantages": adv}
 
 
+def collate_packed(samples: list[RolloutSample], rows: list[list[int]], row_length: int,
+                   pad_id: int) -> tuple[dict[str, torch.Tensor], list[RolloutSample]]:
+    """A packed micro-batch of `samples` laid out as `rows` (`engine.batching`): the model's
+    inputs in row layout (R, row_length), `unpack_index` (S, L), and the samples' own
+    tensors (`collate_samples`' loss_mask, rollout_logprobs, advantages) in sample layout,
+    samples in row order; returns the batch and the samples in that order."""
+    from engine.batching import pack_row_tensors, row_order
+
+    ordered = [samples[i] for i in row_order(rows)]
+    batch = pack_row_tensors([s.input_ids for s in samples], rows, row_length, pad_id)
+    per_sample = collate_samples(ordered, pad_id)
+    for k in ("loss_mask", "rollout_logprobs", "advantages"):
+        batch[k] = per_sample[k]
+    return batch, ordered
+
+
 def build_minibatches(samples: list[RolloutSample], num_minibatches: int, micro_batch_size: int, *,
                       pad_id: int, seed: int, max_len: int | None = None,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[dict]]:
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      micro_batch_tokens: int | None = None) -> list[list[dict]]:
     """Shuffle, split into mini-batches, then micro-batches that carry global denominators
     and the sampling distribution (old/reference log-probs are taken under it). Within a
     mini-batch the micro-batches take its samples shortest first: the step's loss is a sum
     over samples, so the grouping changes only the padding (a short single-turn answer is
     not padded to a three-turn episode's length).
     `max_len` (Dr. GRPO's constant): per sample from `max_response_tokens` when every
-    sample has one, else this value, else the mini-batch's longest response."""
+    sample has one, else this value, else the mini-batch's longest response.
+    `micro_batch_tokens` (padding-free): the mini-batch's samples packed into rows as long
+    as its longest sample, micro-batches of at most that many tokens
+    (`engine.batching.plan_token_micro_batches`, `collate_packed`); `micro_batch_size`
+    is then unused. The loss sees the same (S, L) tensors and global denominators."""
     if not samples:
         raise ValueError("build_minibatches: no samples (a step with nothing to train is skipped by the driver)")
     per_sample = all(s.max_response_tokens for s in samples)
@@ -64,11 +85,18 @@ def build_minibatches(samples: list[RolloutSample], num_minibatches: int, micro_
         global_tokens = max(sum(s.num_model_tokens for s in mini), 1)
         mlen = max_len or max(max(s.num_model_tokens for s in mini), 1)
         micro = []
-        for k in range(0, len(mini), micro_batch_size):
-            b = collate_samples(mini[k:k + micro_batch_size], pad_id)
+        if micro_batch_tokens:
+            from engine.batching import plan_token_micro_batches
+
+            row_length = max(len(s.input_ids) for s in mini)
+            parts = [collate_packed(mini, rows, row_length, pad_id) for rows in
+                     plan_token_micro_batches([len(s.input_ids) for s in mini], micro_batch_tokens, row_length)]
+        else:
+            parts = [(collate_samples(mini[k:k + micro_batch_size], pad_id), mini[k:k + micro_batch_size])
+                     for k in range(0, len(mini), micro_batch_size)]
+        for b, part in parts:
             b["global_tokens"] = torch.tensor(float(global_tokens))
             b["global_seqs"] = torch.tensor(float(len(mini)))
-            part = mini[k:k + micro_batch_size]
             b["max_len"] = (torch.tensor([float(s.max_response_tokens) for s in part]) if per_sample
                             else torch.tensor(float(mlen)))  # (B,) or 0-d
             # float64: the trainer must filter with exactly the sampler's values (0.9, not 0.8999999762)

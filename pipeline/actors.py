@@ -133,7 +133,13 @@ def deal_micro_batches(micro_batches: list[dict], world_size: int) -> list[list[
 
 def split_rows_over_ranks(batch: dict, world_size: int) -> tuple[list[dict], list[int]]:
     """Rows of a batch in `world_size` contiguous chunks (0-d tensors go to every chunk);
-    an empty chunk becomes a one-row stand-in whose result is dropped (count 0)."""
+    an empty chunk becomes a one-row stand-in whose result is dropped (count 0). A packed
+    batch is cut at row boundaries with its samples (`engine.batching.split_packed_rows`):
+    counts are samples, the results' rows."""
+    if "unpack_index" in batch:
+        from engine.batching import split_packed_rows
+
+        return split_packed_rows(batch, world_size)
     B = batch["input_ids"].shape[0]
     bounds = [B * r // world_size for r in range(world_size + 1)]
     chunks, counts = [], []
