@@ -192,14 +192,50 @@ class CacheWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
+def prefill_chunks(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """The samples of each prefill forward, in order: `batch_size` at a time, or with
+    `max_tokens` as many as fit in that many tokens (at least one)."""
+    if max_tokens is None:
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+    chunks, cur, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and used + n > max_tokens:
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    return chunks + ([cur] if cur else [])
+
+
+def _prefill_packed(model, seqs: list[list[int]], pad_token_id: int) -> list[torch.Tensor]:
+    """Pre-norm hidden states (n_i, H) of each sequence, from one forward over them packed
+    into rows as long as the longest (`engine.batching`: positions restart per sample and
+    attention stays within each; `attention_mask=None` lets transformers build that mask)."""
+    from engine.batching import pack_row_tensors, plan_packing, unpack_to_samples
+
+    T = max(len(q) for q in seqs)
+    rows = plan_packing([len(q) for q in seqs], T)
+    b = pack_row_tensors(seqs, rows, T, pad_token_id)
+    dev = next(model.parameters()).device
+    hidden = forward_prenorm_hidden(model, b["input_ids"].to(dev), None, b["position_ids"].to(dev))  # (R, T, H)
+    per = unpack_to_samples(hidden, b)  # (S, L, H), samples in row order
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    for k, i in enumerate(r for row in rows for r in row):
+        out[i] = per[k, :len(seqs[i])]
+    return out  # type: ignore[return-value]
+
+
 def write_teacher_cache(model, teacher_index: int, teacher_name: str, samples: Iterable, out_dir: str | Path, *,
                         batch_size: int = 32, dtype: str = "bf16", shard_tokens: int = 65536,
-                        pad_token_id: int = 0) -> dict:
+                        pad_token_id: int = 0, max_tokens: int | None = None) -> dict:
     """Prefill `samples` through `model` and cache the states that predict their response tokens.
 
     Each sample (dict or object) has `sample_id`, `input_ids` (prompt + response) and
-    `response_mask` / `loss_mask` / `response_start`. Returns a summary: the teacher
-    directory, samples, tokens, bytes, bytes_per_token and seconds.
+    `response_mask` / `loss_mask` / `response_start`. Forwards take `batch_size` samples,
+    right-padded; with `max_tokens` (padding-free) as many samples as fit in that many
+    tokens, packed (`_prefill_packed`). Either way the samples are written in the order
+    given, so the shards hold the same samples. Returns a summary: the teacher directory,
+    samples, tokens, bytes, bytes_per_token and seconds.
     """
     t0 = time.perf_counter()
     samples = list(samples)
@@ -208,11 +244,15 @@ def write_teacher_cache(model, teacher_index: int, teacher_name: str, samples: I
     try:
         model.eval()
         with torch.inference_mode():
-            for start in range(0, len(samples), batch_size):
-                batch = samples[start:start + batch_size]
-                ids, attn, pos = _right_pad([list(_field(s, "input_ids")) for s in batch], pad_token_id)
-                dev = next(model.parameters()).device
-                hidden = forward_prenorm_hidden(model, ids.to(dev), attn.to(dev), pos.to(dev))  # (B, T, H)
+            dev = next(model.parameters()).device
+            for chunk in prefill_chunks([len(_field(s, "input_ids")) for s in samples], batch_size, max_tokens):
+                batch = [samples[i] for i in chunk]
+                seqs = [list(_field(s, "input_ids")) for s in batch]
+                if max_tokens is None:
+                    ids, attn, pos = _right_pad(seqs, pad_token_id)
+                    hidden = forward_prenorm_hidden(model, ids.to(dev), attn.to(dev), pos.to(dev))  # (B, T, H)
+                else:
+                    hidden = _prefill_packed(model, seqs, pad_token_id)  # [(n_i, H)]
                 for i, s in enumerate(batch):
                     rows = torch.tensor(compute_predicting_positions(s), dtype=torch.long, device=dev)
                     writer.add(str(_field(s, "sample_id")), hidden[i].index_select(0, rows))  # (L, H)

@@ -216,7 +216,8 @@ def prefill_teacher(settings: OPDSettings, teacher: TeacherRef, routed: list[Rol
 
     model = load_teacher(teacher.model_dir)
     stats = write_teacher_cache(model, teacher.index, teacher.name, routed, cache_dir,
-                                batch_size=settings.prefill_batch_size, dtype=settings.cache_dtype,
+                                batch_size=settings.prefill_batch_size, max_tokens=settings.prefill_tokens,
+                                dtype=settings.cache_dtype,
                                 shard_tokens=settings.shard_tokens, pad_token_id=pad_id)
     del model
     gc.collect()
@@ -255,6 +256,9 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
     from engine.batching import Sample, pad_rows
 
     chosen = [samples[i] for i in plan.sample_indices]
+    if plan.rows is not None:  # packed: every per-token tensor in row layout, samples row by row
+        return _packed_micro_batch(samples, plan, reader, pad_id=pad_id, global_tokens=global_tokens, step=step,
+                                   row_weights=row_weights, advantages=advantages, rollout_logprobs=rollout_logprobs)
     batch = pad_rows([Sample(s.input_ids, s.loss_mask) for s in chosen], pad_id)
     ids = [s.sample_id for s in chosen]
     (tb,) = list(reader.iter_minibatch(ids))  # one teacher per micro-batch by construction
@@ -273,6 +277,39 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
         for i, s in enumerate(chosen):
             lp[i, :len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
         batch["rollout_logprobs"] = lp
+    return batch
+
+
+def _packed_micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, global_tokens: float, step: int,
+                        row_weights: bool, advantages: bool, rollout_logprobs: bool) -> dict:
+    """`_micro_batch` for a packed plan (`plan.rows`): the rows (R, T) with positions restarting
+    per sample, `loss_mask` in row layout (0 at every sample's first token), and per token the
+    row weights, advantages and rollout log-probs. The loss takes the targets row-major, which
+    is the rows' samples in order, each position ascending: the cache's order for these ids."""
+    from engine.batching import pack_row_tensors, pack_token_values
+
+    rows = [list(r) for r in plan.rows]
+    T = max(sum(len(samples[i].input_ids) for i in r) for r in rows)  # the fullest row
+    values = lambda f: {i: f(samples[i]) for r in rows for i in r}  # noqa: E731
+    pack = lambda vals: pack_token_values(vals, rows, T)  # noqa: E731
+    batch = pack_row_tensors([s.input_ids for s in samples], rows, T, pad_id)
+    del batch["unpack_index"]  # the OPD loss reads its targets row-major, not per sample
+    batch["loss_mask"] = pack(values(lambda s: [float(m) for m in s.loss_mask]))
+    batch["loss_mask"][batch["position_ids"] == 0] = 0.0  # a sample's first token has no context in its row
+    ids = [samples[i].sample_id for i in plan.sample_indices]
+    (tb,) = list(reader.iter_minibatch(ids))
+    if tb.teacher_index != plan.teacher_index:
+        raise RuntimeError(f"cache routes {ids[0]} to teacher {tb.teacher_index}, plan says {plan.teacher_index}")
+    batch["teacher_hidden"] = tb.cat()  # (N, Ht) row-major over (sample, position)
+    batch["teacher_index"] = torch.tensor(plan.teacher_index)
+    batch["opt_step"] = torch.tensor(step)
+    batch["global_tokens"] = torch.tensor(float(global_tokens))
+    if row_weights:  # sample_mean: 1 / the sample's response tokens, at each of its tokens (R, T)
+        batch["row_token_weights"] = pack(values(lambda s: [1.0 / max(response_tokens(s), 1)] * len(s.input_ids)))
+    if advantages:  # the sample's group advantage at each of its tokens (R, T)
+        batch["advantages"] = pack(values(lambda s: [float(s.advantage)] * len(s.input_ids)))
+    if rollout_logprobs:  # (R, T)
+        batch["rollout_logprobs"] = pack(values(lambda s: [float(x) for x in s.rollout_logprobs]))
     return batch
 
 
@@ -317,7 +354,9 @@ def train_round(settings: OPDSettings, samples: list[RolloutSample], cache_dir: 
     try:
         for epoch in range(settings.epochs_per_round):
             plan = plan_minibatches(teacher_of, settings.mini_batch_size, settings.micro_batch_size,
-                                    seed=settings.seed * 100_003 + round_idx * 101 + epoch)
+                                    seed=settings.seed * 100_003 + round_idx * 101 + epoch,
+                                    micro_batch_tokens=settings.micro_batch_tokens,
+                                    lengths=[len(s.input_ids) for s in samples])
             # the shard LRU sized so that this epoch maps each shard about once (<= 1.1x)
             capacity = reader.plan(reader.access_sequence(
                 [samples[i].sample_id for i in mp.sample_indices] for micro in plan for mp in micro))

@@ -2,7 +2,8 @@
 
 `OPDLoss(hidden, lm_head_weight, batch)`: the student's hidden states at the positions
 that predict response tokens, the teacher's cached pre-norm states for the same positions
-(`batch["teacher_hidden"]`, row-major over (sample, position)), the teacher's head from a
+(`batch["teacher_hidden"]`, row-major over (sample, position); a packed batch's rows hold
+several samples each, in the cache's order), the teacher's head from a
 `HeadManager` (one resident at a time, in ascending teacher order within an optimiser
 step), and a chunked full-vocabulary divergence (`distill.kl`), weighted by the sample's
 teacher weight and divided by the micro-batch's `global_tokens` (`loss_divisors`: the
@@ -153,14 +154,15 @@ class OPDLoss:
             raise RuntimeError(f"teacher {t}: {h_t.shape[0]} cached positions for {h_s.shape[0]} targets")
         w = torch.full((h_s.shape[0],), self.teacher_weights[t], dtype=torch.float32, device=h_s.device)  # (N,)
         if "row_token_weights" in batch:  # sample_mean: 1 / the row's response tokens, at each of its targets
-            rw = batch["row_token_weights"].to(device=h_s.device, dtype=torch.float32)  # (B,)
-            w = w * rw[:, None].expand(mask.shape)[mask]
+            rw = batch["row_token_weights"].to(device=h_s.device, dtype=torch.float32)  # (B,), or (B, T) packed
+            w = w * (rw[:, 1:][mask] if rw.dim() == 2 else rw[:, None].expand(mask.shape)[mask])
         loss_sum, per_token = compute_chunked_divergence(
             h_s, weight, h_t.to(device=h_s.device), head, w, kind=self.divergence,
             chunk_size=self.chunk_size, beta=self.jsd_beta)
         metrics = {}
         if self.reward_weight > 0 and "advantages" in batch:  # MOPD: plus the reward's policy gradient
-            adv = batch["advantages"].to(device=h_s.device, dtype=torch.float32)  # (B,)
+            adv = batch["advantages"].to(device=h_s.device, dtype=torch.float32)  # (B,), or (B, T) packed
+            adv = adv[:, 1:][mask] if adv.dim() == 2 else adv[:, None].expand(mask.shape)[mask]  # (N,)
             targets = batch["input_ids"][:, 1:][mask].to(h_s.device)  # (N,), the tokens h_s predicted
             behaviour = None
             if self.reward_ratio == "clip":
@@ -168,7 +170,7 @@ class OPDLoss:
                     raise KeyError("OPDLoss: reward_ratio 'clip' needs the batch's rollout_logprobs (B, T)")
                 behaviour = batch["rollout_logprobs"][:, 1:][mask].to(device=h_s.device, dtype=torch.float32)  # (N,)
             pg_sum, pg_metrics = compute_policy_gradient_term(
-                h_s, weight, targets, adv[:, None].expand(mask.shape)[mask], w * self.reward_weight, self.chunk_size,
+                h_s, weight, targets, adv, w * self.reward_weight, self.chunk_size,
                 self.reward_temperature, behaviour, self.reward_clip_low, self.reward_clip_high)
             loss_sum = loss_sum + pg_sum
             metrics[f"pg_sum/teacher{t}"] = float(pg_sum.detach())

@@ -24,7 +24,8 @@ class TeacherSpec(Settings):
 
 class OPDSettings(Settings):
     HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"allocation": "fixed", "allocation_floor": 0.5, "reward_weight": 0.0,
-                                             "reward_ratio": "clip", "reward_clip_low": 0.2, "reward_clip_high": 0.28}
+                                             "reward_ratio": "clip", "reward_clip_low": 0.2, "reward_clip_high": 0.28,
+                                             "micro_batch_tokens": None, "prefill_tokens": None}
 
     student_init: str = Field("sft:all", description="'base', 'sft:all', 'sft:<domain>' or a path")
     teachers: list[TeacherSpec] | None = Field(None, description="default: every domain's expert, weight 1")
@@ -64,6 +65,10 @@ class OPDSettings(Settings):
     cache_dtype: Literal["fp32", "bf16"] = "fp32"
     shard_tokens: PositiveInt = 65536
     prefill_batch_size: PositiveInt = 32
+    prefill_tokens: PositiveInt | None = Field(
+        None, description="padding-free teacher prefill: samples taken in order up to this many tokens per forward, "
+        "packed into rows as long as the longest of them (prefill_batch_size is then unused). None: "
+        "prefill_batch_size samples per forward, right-padded")
     keep_caches: int = Field(0, ge=0, description="round caches kept on disk (the newest); the others are "
                              "deleted once their round's checkpoint is written (rollouts are kept)")
     pipelined: bool = Field(False, description="round r+1's rollouts and teacher prefill run while round r "
@@ -73,6 +78,10 @@ class OPDSettings(Settings):
     epochs_per_round: PositiveInt = 1
     mini_batch_size: PositiveInt = 64
     micro_batch_size: PositiveInt = 16
+    micro_batch_tokens: PositiveInt | None = Field(
+        None, description="padding-free training: each teacher's samples of a step packed into rows as long as "
+        "the longest of them, micro-batches of at most this many tokens (micro_batch_size is then unused). "
+        "None: micro_batch_size samples per micro-batch, right-padded")
     lr: float = Field(3e-4, gt=0.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="over all rounds' optimiser steps (no warmup)")

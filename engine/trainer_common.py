@@ -98,14 +98,17 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
 
 def merge_step_metrics(parts: list[dict]) -> dict:
     """Sum `loss`/`tokens`/`num_micro_batches` over parts; other loss metrics are averaged
-    weighted by micro-batch count; `grad_norm`/`lr` come from the first part."""
+    weighted by micro-batch count (one named like a step figure is dropped); `grad_norm`/`lr`
+    come from the first part."""
     n = sum(p["num_micro_batches"] for p in parts)
     out = {"loss": sum(p["loss"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
            "num_micro_batches": n, "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"]}
     seconds = max(p["seconds"] for p in parts)
     out["seconds"] = seconds
     out["tokens_per_s"] = out["tokens"] / max(seconds, 1e-9)
-    keys = {k for p in parts for k in p.get("loss_metrics", {})}
+    # a loss's own metric named like a step figure (GRPO's per-micro-batch `loss`) does not
+    # replace it: `loss` is the step's, the sum over micro-batches however many there are
+    keys = {k for p in parts for k in p.get("loss_metrics", {})} - set(out)
     for k in sorted(keys):
         num = sum(p["loss_metrics"].get(k, 0.0) * p["num_micro_batches"] for p in parts)
         out[k] = num / max(n, 1)
