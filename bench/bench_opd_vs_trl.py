@@ -3,18 +3,23 @@
     python -m bench.bench_opd_vs_trl [--quick] [--repeats N] [--steps N]
 
 What is compared (CPU, 1 thread, fp32, same student, same teacher, same 8 sequences of
-prompt 32 + response 64 random token ids, batch 8 in one micro-batch, AdamW, clip 1.0):
+a 32-token prompt and a response of 128, 112, 80, 48, 24, 12, 8 or 6 random token ids
+(the spread of a round's rollouts: short answers beside budget-long ones; 38% of a
+right-padded batch is real tokens), batch 8 in one micro-batch, AdamW, clip 1.0):
 - ours: one optimiser step of `distill.opd.train_round`: student forward, the teacher's
   cached PRE-norm hidden states read from the cache, its extracted head (final norm +
   projection) under the `HeadManager`, chunked reverse KL (distill.kl), backward, step.
   The teacher's prefill ran before, in the teach phase; it is reported separately and also
   amortised into an "end to end" figure (each sample is trained once per round).
+  Twice: right-padded (prefill and training), and padding-free (`prefill_tokens`,
+  `micro_batch_tokens`: the sequences packed into rows as long as the longest).
 - TRL: one optimiser step of `DistillationTrainer` (trl 1.16), teacher resident: student
   forward, teacher forward, TRL's own chunked full-vocabulary divergence (beta=1.0 =
   reverse KL), backward, step. Generation is excluded: `_generate` returns the same
   pre-generated sequences. Gradient checkpointing is off (TRL's default is on; ours has none).
 Each configuration runs in fresh processes (`--repeats`), each taking `--steps` timed steps
-after one warm-up step; tokens/s counts every position of the batch (B x T).
+after one warm-up step; tokens/s counts the sequences' real tokens (prompt + response),
+the same count for every side.
 
 Shapes: vocabulary 8192 so the head is a realistic share of a model (~15% of the 4x
 teacher, as a 152k head is of an 8B model); student hidden 256 x 4 layers; the 1x teacher
@@ -38,9 +43,10 @@ from bench.opd_children import run_named_child
 
 MODULE = "bench.bench_opd_vs_trl"
 FULL = {"vocab": 8192, "student": (256, 4, 704), "t1x": (256, 4, 704), "t4x": (512, 8, 1408),
-        "batch": 8, "prompt_len": 32, "response_len": 64, "teachers": [1, 2, 4, 8], "chunk_size": 1024}
+        "batch": 8, "prompt_len": 32, "response_lens": [128, 112, 80, 48, 24, 12, 8, 6], "teachers": [1, 2, 4, 8],
+        "chunk_size": 1024}
 QUICK = {"vocab": 512, "student": (64, 2, 128), "t1x": (64, 2, 128), "t4x": (128, 4, 256),
-         "batch": 4, "prompt_len": 8, "response_len": 8, "teachers": [1, 2], "chunk_size": 16}
+         "batch": 4, "prompt_len": 8, "response_lens": [8, 5, 3, 2], "teachers": [1, 2], "chunk_size": 16}
 
 
 def _child(args: dict, inprocess: bool) -> dict:
@@ -61,15 +67,18 @@ def write_sequences(cfg: dict, path: Path) -> None:
     import json
 
     rng = random.Random(0)
-    n = cfg["prompt_len"] + cfg["response_len"]
-    seqs = [[rng.randrange(2, cfg["vocab"]) for _ in range(n)] for _ in range(cfg["batch"])]
+    lens = [cfg["prompt_len"] + r for r in cfg["response_lens"]]
+    if len(lens) != cfg["batch"]:
+        raise ValueError(f"response_lens has {len(lens)} entries for batch {cfg['batch']}")
+    seqs = [[rng.randrange(2, cfg["vocab"]) for _ in range(n)] for n in lens]
     path.write_text(json.dumps({"prompt_len": cfg["prompt_len"], "seqs": seqs}))
 
 
-def _teach(cfg, root, seqs, teachers: list[str], tag: str, threads: int, inprocess: bool) -> dict:
-    cache = root / f"cache-{tag}" / "cache"
+def _teach(cfg, root, seqs, teachers: list[str], tag: str, threads: int, inprocess: bool,
+           packed: bool = False) -> dict:
+    cache = root / f"cache-{tag}{'-packed' if packed else ''}" / "cache"
     res = _child({"kind": "teach", "threads": threads, "seqs": str(seqs), "teachers": teachers,
-                  "cache_dir": str(cache)}, inprocess)
+                  "cache_dir": str(cache), "packed": packed}, inprocess)
     res["heads"] = [str(cache.parent / f"head{t}.safetensors") for t in range(len(teachers))]
     res["cache_dir"] = str(cache)
     return res
@@ -83,31 +92,45 @@ def _repeat(args: dict, repeats: int, inprocess: bool) -> dict:
 
 
 def compare_one(cfg, root, models, seqs, teacher: str, opts) -> dict:
-    """Ours vs TRL for one teacher: step times, tokens/s, peak RSS, prefill."""
+    """Ours (padded, packed) vs TRL for one teacher: step times, tokens/s, peak RSS, prefill."""
     common = {"threads": opts.threads, "seqs": str(seqs), "warmup": 1, "steps": opts.steps,
               "student": models["student"]["dir"]}
-    teach = _teach(cfg, root, seqs, [models[teacher]["dir"]], teacher, opts.threads, opts.inprocess)
-    ours = _repeat({**common, "kind": "ours", "heads": teach["heads"], "cache_dir": teach["cache_dir"],
-                    "micro_batch": cfg["batch"], "chunk_size": cfg["chunk_size"]}, opts.repeats, opts.inprocess)
+    tokens = sum(cfg["prompt_len"] + r for r in cfg["response_lens"])  # real tokens per step
+    out = {"teacher": teacher, "teacher_params": models[teacher]["params"], "tokens_per_step": tokens,
+           "padded_cells_per_step": cfg["batch"] * (cfg["prompt_len"] + max(cfg["response_lens"]))}
+    runs, raw = {}, None
+    for name, packed in (("ours", False), ("ours_packed", True)):
+        teach = _teach(cfg, root, seqs, [models[teacher]["dir"]], teacher, opts.threads, opts.inprocess, packed)
+        r = _repeat({**common, "kind": "ours", "heads": teach["heads"], "cache_dir": teach["cache_dir"],
+                     "micro_batch": cfg["batch"], "chunk_size": cfg["chunk_size"], "packed": packed},
+                    opts.repeats, opts.inprocess)
+        runs[name] = (teach, r)
+        raw = raw or (teach, r)
     trl = _repeat({**common, "kind": "trl", "teacher": models[teacher]["dir"], "work_dir": str(root / "trl-out")},
                   opts.repeats, opts.inprocess)
-    tokens = cfg["batch"] * (cfg["prompt_len"] + cfg["response_len"])
-    prefill = sum(teach["prefill_seconds"])  # the whole batch, trained once per round
-    out = {"teacher": teacher, "teacher_params": models[teacher]["params"], "tokens_per_step": tokens,
-           "prefill_seconds": prefill, "teach_peak_rss_mib": teach["peak_rss"] / MIB}
-    for name, r in (("ours", ours), ("trl", trl)):
-        out[name] = {"step_seconds": summarize(r["step_seconds"]), "step_cpu_seconds": summarize(r["step_cpu_seconds"]),
-                     "tokens_per_s": summarize([tokens / s for s in r["step_seconds"]]),
-                     "peak_rss_mib": summarize([x / MIB for x in r["peak_rss"]]),
-                     "base_rss_mib": summarize([x / MIB for x in r["base_rss"]])}
-    out["ours"]["tokens_per_s_with_prefill"] = summarize([tokens / (s + prefill) for s in ours["step_seconds"]])
-    out["ratio_tokens_per_s"] = out["ours"]["tokens_per_s"]["median"] / out["trl"]["tokens_per_s"]["median"]
-    out["ratio_tokens_per_s_with_prefill"] = (out["ours"]["tokens_per_s_with_prefill"]["median"]
-                                              / out["trl"]["tokens_per_s"]["median"])
-    out["ratio_tokens_per_cpu_s"] = out["trl"]["step_cpu_seconds"]["median"] / out["ours"]["step_cpu_seconds"]["median"]
-    out["ratio_peak_rss"] = out["ours"]["peak_rss_mib"]["median"] / out["trl"]["peak_rss_mib"]["median"]
-    out["ours"]["loss"] = ours["runs"][0]["loss"]
-    out["_raw"] = (teach, ours)
+    out["trl"] = {"step_seconds": summarize(trl["step_seconds"]), "step_cpu_seconds": summarize(trl["step_cpu_seconds"]),
+                  "tokens_per_s": summarize([tokens / s for s in trl["step_seconds"]]),
+                  "peak_rss_mib": summarize([x / MIB for x in trl["peak_rss"]]),
+                  "base_rss_mib": summarize([x / MIB for x in trl["base_rss"]])}
+    for name, (teach, r) in runs.items():
+        prefill = sum(teach["prefill_seconds"])  # the whole batch, trained once per round
+        o = {"step_seconds": summarize(r["step_seconds"]), "step_cpu_seconds": summarize(r["step_cpu_seconds"]),
+             "tokens_per_s": summarize([tokens / s for s in r["step_seconds"]]),
+             "tokens_per_s_with_prefill": summarize([tokens / (s + prefill) for s in r["step_seconds"]]),
+             "prefill_seconds": prefill, "teach_peak_rss_mib": teach["peak_rss"] / MIB,
+             "peak_rss_mib": summarize([x / MIB for x in r["peak_rss"]]),
+             "base_rss_mib": summarize([x / MIB for x in r["base_rss"]]), "loss": r["runs"][0]["loss"]}
+        o["ratio_tokens_per_s"] = o["tokens_per_s"]["median"] / out["trl"]["tokens_per_s"]["median"]
+        o["ratio_tokens_per_s_with_prefill"] = (o["tokens_per_s_with_prefill"]["median"]
+                                                / out["trl"]["tokens_per_s"]["median"])
+        o["ratio_tokens_per_cpu_s"] = out["trl"]["step_cpu_seconds"]["median"] / o["step_cpu_seconds"]["median"]
+        o["ratio_peak_rss"] = o["peak_rss_mib"]["median"] / out["trl"]["peak_rss_mib"]["median"]
+        out[name] = o
+    # kept at the top level for the padded run, as before
+    for k in ("ratio_tokens_per_s", "ratio_tokens_per_s_with_prefill", "ratio_tokens_per_cpu_s", "ratio_peak_rss"):
+        out[k] = out["ours"][k]
+    out["prefill_seconds"] = out["ours"]["prefill_seconds"]
+    out["_raw"] = raw
     return out
 
 
@@ -136,14 +159,15 @@ def teacher_sweep(cfg, root, models, seqs, opts, one_teacher: tuple[dict, dict])
 
 
 def print_results(res: dict) -> None:
-    rows = [[c["teacher"], f"{c['teacher_params'] / 1e6:.1f}M", fmt(c["ours"]["tokens_per_s"]),
-             fmt(c["ours"]["tokens_per_s_with_prefill"]), fmt(c["trl"]["tokens_per_s"]),
-             f"{c['ratio_tokens_per_s']:.2f}x", f"{c['ratio_tokens_per_cpu_s']:.2f}x",
-             f"{c['ratio_tokens_per_s_with_prefill']:.2f}x",
-             fmt(c["ours"]["peak_rss_mib"]), fmt(c["trl"]["peak_rss_mib"])] for c in res["comparisons"]]
+    rows = [[c["teacher"], f"{c['teacher_params'] / 1e6:.1f}M", side, fmt(c[name]["tokens_per_s"]),
+             fmt(c[name]["tokens_per_s_with_prefill"]), fmt(c["trl"]["tokens_per_s"]),
+             f"{c[name]['ratio_tokens_per_s']:.2f}x", f"{c[name]['ratio_tokens_per_cpu_s']:.2f}x",
+             f"{c[name]['ratio_tokens_per_s_with_prefill']:.2f}x",
+             fmt(c[name]["peak_rss_mib"]), fmt(c["trl"]["peak_rss_mib"])]
+            for c in res["comparisons"] for name, side in (("ours", "padded"), ("ours_packed", "packed"))]
     print_table(f"OPD training step vs trl.DistillationTrainer (student {res['student_params'] / 1e6:.1f}M params; "
                 "median [min-max])",
-                ["teacher", "params", "ours tok/s", "ours+prefill", "TRL tok/s", "ratio", "ratio CPU", "ratio+prefill",
+                ["teacher", "params", "ours", "ours tok/s", "ours+prefill", "TRL tok/s", "ratio", "ratio CPU", "ratio+prefill",
                  "ours RSS MiB", "TRL RSS MiB"], rows)
     rows = [[r["teachers"], fmt(r["step_seconds"]), fmt(r["peak_rss_mib"]), f"{r['teach_peak_rss_mib']:.0f}",
              f"{r['our_teacher_side_mib']:.1f}", f"{r['trl_teachers_resident_mib']:.0f}",
@@ -181,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
            "comparisons": comparisons, "teacher_sweep": sweep,
            "targets": {"ours_over_trl_tokens_per_s_4x_teacher": {"target": 1.5,
                                                                  "measured": comparisons[1]["ratio_tokens_per_s"]},
+                       "ours_packed_with_prefill_over_trl_tokens_per_s_4x_teacher": {
+                           "target": 1.5, "measured": comparisons[1]["ours_packed"]["ratio_tokens_per_s_with_prefill"]},
                        "train_peak_rss_n_max_over_n1": sweep[-1]["peak_rss_mib"]["median"]
                        / sweep[0]["peak_rss_mib"]["median"]}}
     write_results("opd_vs_trl", res, opts.out)

@@ -49,7 +49,8 @@ def teach_child(a: dict) -> dict:
         model = load_model(tdir)
         routed = [s for s in samples if s.teacher_index == t]
         summary = write_teacher_cache(model, t, f"t{t}", routed, a["cache_dir"], batch_size=len(routed),
-                                      dtype="fp32", pad_token_id=0)
+                                      dtype="fp32", pad_token_id=0,
+                                      max_tokens=sum(len(s.input_ids) for s in routed) if a.get("packed") else None)
         seconds.append(summary["seconds"])
         extract_head(tdir, Path(a["cache_dir"]).parent / f"head{t}.safetensors")
         del model
@@ -82,7 +83,9 @@ def ours_child(a: dict) -> dict:
     samples = samples_for(seqs, n_teachers)
     b = len(samples)
     steps = a["warmup"] + a["steps"]
+    longest = max(len(s.input_ids) for s in samples)
     settings = OPDSettings(epochs_per_round=steps, mini_batch_size=b, micro_batch_size=a["micro_batch"],
+                           micro_batch_tokens=a["micro_batch"] * longest if a.get("packed") else None,
                            chunk_size=a["chunk_size"], lr=1e-4, seed=0)
     trainer = build_trainer(TrainerSettings(lr=1e-4, seed=0, deterministic=False), a["student"])
     loss_fn = OPDLoss(a["heads"], [1.0] * n_teachers, "reverse_kl", a["chunk_size"], 0.5)
@@ -135,7 +138,7 @@ def trl_child(a: dict) -> dict:
         output_dir=a["work_dir"], per_device_train_batch_size=b, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, beta=1.0, temperature=1.0,
-        max_completion_length=len(seqs["seqs"][0]) - seqs["prompt_len"], gradient_checkpointing=False,
+        max_completion_length=max(len(x) for x in seqs["seqs"]) - seqs["prompt_len"], gradient_checkpointing=False,
         bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000,
         disable_tqdm=True, dataloader_num_workers=0, seed=0)
     student, teacher = load_model(a["student"]), load_model(a["teacher"])

@@ -47,7 +47,8 @@ def _target_lines(results: Path) -> list[str]:
     if (r := load("opd_vs_trl")) is not None:
         t = r["targets"]
         lines.append(f"OPD step tokens/s ours/TRL, 4x teacher: {t['ours_over_trl_tokens_per_s_4x_teacher']['measured']:.2f}x"
-                     " (target >= 1.5x)")
+                     " padded, without the prefill; packed with the prefill: "
+                     f"{t['ours_packed_with_prefill_over_trl_tokens_per_s_4x_teacher']['measured']:.2f}x (target >= 1.5x)")
         lines.append(f"our training peak RSS, {r['teacher_sweep'][-1]['teachers']} teachers / 1 teacher: "
                      f"{t['train_peak_rss_n_max_over_n1']:.2f} (target: flat, ~1.0)")
     if (r := load("kl_kernel")) is not None and r["targets"]["memory_ratio_at_32k"]["measured"] is not None:
@@ -55,9 +56,9 @@ def _target_lines(results: Path) -> list[str]:
         lines.append(f"chunked KL at 32k vocab: {t['memory_ratio_at_32k']['measured']:.1f}x less peak memory "
                      f"(target >= 4x), {t['time_ratio_at_32k']['measured']:.2f}x the time (target < 1.3x)")
     if (r := load("grpo_vs_trl")) is not None:
-        t = r["targets"]["step_time_ours_over_trl"]
-        lines.append(f"GRPO step time ours/TRL: {t['measured']:.2f}x, excl. generation "
-                     f"{t['measured_excl_generation']:.2f}x (target <= 1.0x)")
+        t = r["targets"]["throughput_ours_packed_over_trl"]
+        lines.append(f"GRPO tokens/s ours (packed)/TRL: training step {t['measured_train_step']:.2f}x, whole step "
+                     f"{t['measured_whole_step']:.2f}x (target >= 1.3x)")
     if (r := load("flops")) is not None:
         lines.append(f"training step at {r['fraction_of_matmul']:.2f} of the fp32 matmul rate (6ND)")
     return lines

@@ -85,6 +85,9 @@ def test_opd_vs_trl_quick(tmp_path):
     r = _read(tmp_path, "opd_vs_trl")
     assert [c["teacher"] for c in r["comparisons"]] == ["t1x", "t4x_0"]
     assert all(c["ratio_tokens_per_s"] > 0 and math.isfinite(c["ours"]["loss"][0]) for c in r["comparisons"])
+    for c in r["comparisons"]:  # padded and packed train the same first step
+        assert math.isclose(c["ours_packed"]["loss"][0], c["ours"]["loss"][0], rel_tol=1e-5)
+        assert c["ours_packed"]["ratio_tokens_per_s_with_prefill"] > 0
     sweep = r["teacher_sweep"]
     assert [s["teachers"] for s in sweep] == [1, 2]
     assert [max(s["head_loads_per_step"]) for s in sweep] == [1, 2] and all(s["max_resident_heads"] == 1 for s in sweep)
@@ -93,5 +96,7 @@ def test_opd_vs_trl_quick(tmp_path):
 def test_grpo_vs_trl_quick(tmp_path):
     bench_grpo_vs_trl.main(["--quick", "--inprocess", "--out", str(tmp_path)])
     r = _read(tmp_path, "grpo_vs_trl")
-    for side in ("ours", "trl"):
+    for side in ("ours (padded)", "ours (packed)", "trl"):
         assert 0 < r[side]["excl_generation_seconds"]["median"] <= r[side]["step_seconds"]["median"]
+        assert r[side]["train_tokens_per_s"] >= r[side]["step_tokens_per_s"] > 0
+    assert r["completion_lengths"]["trl"]["max"] <= r["config"]["max_new_tokens"]
