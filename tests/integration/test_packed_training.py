@@ -203,3 +203,29 @@ def test_two_ranks_train_packed_grpo_micro_batches_like_one_padded_process(ray_l
         _close_weights(student, local.state_dict(), group.state_dict())
     finally:
         group.shutdown()
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_deepspeed_trains_packed_grpo_micro_batches_like_padded_ones(models, stage):
+    """The DeepSpeed back-end (one rank, ZeRO 0 and 3): old log-probs and two optimiser steps
+    on packed micro-batches equal the same back-end on padded ones."""
+    from tests.unit.test_packed_rl import _samples
+    from experts.rl_batch import build_minibatches
+
+    _, student, _, _ = models
+    settings = TrainerSettings(backend="deepspeed", zero_stage=stage, lr=1e-2)
+    loss_fn = GRPOLoss(GRPOSettings(loss_agg="seq-mean-token-sum-norm"))
+    packed_tr, padded_tr = build_trainer(settings, student), build_trainer(settings, student)
+    for step in range(2):
+        samples = _samples(20, seed=20 + step)
+        kw = dict(num_minibatches=1, pad_id=0, seed=step)
+        (packed,) = build_minibatches(samples, micro_batch_size=4, micro_batch_tokens=200, **kw)
+        (padded,) = build_minibatches(samples, micro_batch_size=4, **kw)
+        for mb in packed:
+            mb["old_logprobs"] = packed_tr.forward_logprobs(mb)
+        for mb in padded:
+            mb["old_logprobs"] = padded_tr.forward_logprobs(mb)
+        m, ref = packed_tr.train_step(packed, loss_fn), padded_tr.train_step(padded, loss_fn)
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5), step
+        assert m["tokens"] == ref["tokens"]
+    _close_weights(student, padded_tr.state_dict(), packed_tr.state_dict())
