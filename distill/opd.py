@@ -259,15 +259,8 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
     if plan.rows is not None:  # packed: every per-token tensor in row layout, samples row by row
         return _packed_micro_batch(samples, plan, reader, pad_id=pad_id, global_tokens=global_tokens, step=step,
                                    row_weights=row_weights, advantages=advantages, rollout_logprobs=rollout_logprobs)
-    batch = pad_rows([Sample(s.input_ids, s.loss_mask) for s in chosen], pad_id)
-    ids = [s.sample_id for s in chosen]
-    (tb,) = list(reader.iter_minibatch(ids))  # one teacher per micro-batch by construction
-    if tb.teacher_index != plan.teacher_index:
-        raise RuntimeError(f"cache routes {ids[0]} to teacher {tb.teacher_index}, plan says {plan.teacher_index}")
-    batch["teacher_hidden"] = tb.cat()  # (N, Ht) row-major over (sample, position)
-    batch["teacher_index"] = torch.tensor(plan.teacher_index)
-    batch["opt_step"] = torch.tensor(step)
-    batch["global_tokens"] = torch.tensor(float(global_tokens))
+    batch = _with_teacher_states(pad_rows([Sample(s.input_ids, s.loss_mask) for s in chosen], pad_id),
+                                 samples, plan, reader, global_tokens=global_tokens, step=step)
     if row_weights:  # sample_mean: each row's targets weigh 1 / its response tokens
         batch["row_token_weights"] = torch.tensor([1.0 / max(response_tokens(s), 1) for s in chosen])
     if advantages:  # the reward term (OPDSettings.reward_weight): each row's group advantage
@@ -277,6 +270,21 @@ def _micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: int, glo
         for i, s in enumerate(chosen):
             lp[i, :len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
         batch["rollout_logprobs"] = lp
+    return batch
+
+
+def _with_teacher_states(batch: dict, samples: list[RolloutSample], plan, reader, *, global_tokens: float,
+                         step: int) -> dict:
+    """`batch` plus the cached teacher states of the plan's samples, in its order (N, Ht)
+    row-major over (sample, position), the teacher, the step and the loss divisor."""
+    ids = [samples[i].sample_id for i in plan.sample_indices]
+    (tb,) = list(reader.iter_minibatch(ids))  # one teacher per micro-batch by construction
+    if tb.teacher_index != plan.teacher_index:
+        raise RuntimeError(f"cache routes {ids[0]} to teacher {tb.teacher_index}, plan says {plan.teacher_index}")
+    batch["teacher_hidden"] = tb.cat()
+    batch["teacher_index"] = torch.tensor(plan.teacher_index)
+    batch["opt_step"] = torch.tensor(step)
+    batch["global_tokens"] = torch.tensor(float(global_tokens))
     return batch
 
 
@@ -296,14 +304,7 @@ def _packed_micro_batch(samples: list[RolloutSample], plan, reader, *, pad_id: i
     del batch["unpack_index"]  # the OPD loss reads its targets row-major, not per sample
     batch["loss_mask"] = pack(values(lambda s: [float(m) for m in s.loss_mask]))
     batch["loss_mask"][batch["position_ids"] == 0] = 0.0  # a sample's first token has no context in its row
-    ids = [samples[i].sample_id for i in plan.sample_indices]
-    (tb,) = list(reader.iter_minibatch(ids))
-    if tb.teacher_index != plan.teacher_index:
-        raise RuntimeError(f"cache routes {ids[0]} to teacher {tb.teacher_index}, plan says {plan.teacher_index}")
-    batch["teacher_hidden"] = tb.cat()  # (N, Ht) row-major over (sample, position)
-    batch["teacher_index"] = torch.tensor(plan.teacher_index)
-    batch["opt_step"] = torch.tensor(step)
-    batch["global_tokens"] = torch.tensor(float(global_tokens))
+    batch = _with_teacher_states(batch, samples, plan, reader, global_tokens=global_tokens, step=step)
     if row_weights:  # sample_mean: 1 / the sample's response tokens, at each of its tokens (R, T)
         batch["row_token_weights"] = pack(values(lambda s: [1.0 / max(response_tokens(s), 1)] * len(s.input_ids)))
     if advantages:  # the sample's group advantage at each of its tokens (R, T)
