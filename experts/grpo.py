@@ -98,10 +98,11 @@ class GRPOLoss:
         )
 
 
-def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd, wal=None):
+def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, tokenizer, step_seed, rnd, wal=None,
+                  clock=None):
     """Roll out and score `rows_needed` prompts (engine.episode); returns per-group sample
     lists. With a rollout log (`wal`), each domain's batch is replayed from it when logged
-    there."""
+    there. `clock` (a dict) accumulates the seconds spent in `generate` and `score`."""
     from engine.episode import roll_out, score_samples
     from engine.reasoning import canonical_reasoning
 
@@ -114,11 +115,13 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
     for dom, drows in sorted(by_domain.items()):
         spec = domains[dom]
         budget = response_budget(settings, spec)
+        t0 = time.perf_counter()
         samples = roll_out(drows, dom, spec, generator=generator, tokenizer=tokenizer, n=G,
                            temperature=settings.temperature, top_p=settings.top_p,
                            max_new_tokens=settings.max_new_tokens, max_turns=settings.max_turns,
                            seed=step_seed * 1000 + rnd, max_response_tokens=budget,
                            wal=wal, wal_key=f"seed-{step_seed}/rnd-{rnd}/{dom}")
+        t1 = time.perf_counter()
         scores = score_samples(scorer, spec, samples, f"GRPO rollouts (seed {step_seed}), domain {dom!r}")
         # the format verifier and the modes' think penalty read the model's markers as <think>/</think>
         texts = [canonical_reasoning(s.text, s.reasoning_markers) for s in samples]
@@ -133,6 +136,9 @@ def _sample_round(settings, stream, domains, rows_needed, *, generator, scorer, 
                                         [s.mode for s in samples], spec.modes)
         for s, x in zip(samples, scores, strict=True):
             s.reward = float(x)
+        if clock is not None:
+            clock["generate"] = clock.get("generate", 0.0) + t1 - t0
+            clock["score"] = clock.get("score", 0.0) + time.perf_counter() - t1
         groups += [samples[g * G:(g + 1) * G] for g in range(len(drows))]
     return groups
 
@@ -146,10 +152,11 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
     kept: list[list[RolloutSample]] = []
     all_groups: list[list[RolloutSample]] = []
     rounds = settings.max_sampling_rounds if settings.dynamic_sampling else 1
+    clock: dict[str, float] = {}
     for rnd in range(rounds):
         need = settings.prompts_per_step - len(kept)
         groups = _sample_round(settings, stream, domains, need, generator=generator, scorer=scorer,
-                               tokenizer=tokenizer, step_seed=settings.seed + step, rnd=rnd, wal=wal)
+                               tokenizer=tokenizer, step_seed=settings.seed + step, rnd=rnd, wal=wal, clock=clock)
         all_groups.extend(groups)
         for g in groups:
             if not settings.dynamic_sampling or len({s.reward for s in g}) > 1:
@@ -173,6 +180,9 @@ def collect_step(settings: GRPOSettings, stream: PromptStream, domains: dict[str
         "scoring_timeouts": sum(1 for s in flat if (s.scoring_failure or "").startswith(ITEM_TIMEOUT)),
         "scoring_failures": sum(1 for s in flat if s.scoring_failure),
         "completions_scored": len(flat),
+        # within time/generate_score: the rollouts (tool calls included) and the verifiers
+        "time/generate": clock.get("generate", 0.0),
+        "time/score": clock.get("score", 0.0),
     }
     per_domain: dict[str, list[float]] = {}
     for s in flat:
