@@ -26,6 +26,7 @@ seed only, not on `batch_size`, the order rows are batched in, or the global RNG
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable
 
@@ -111,16 +112,40 @@ def model_end_ids(model, tokenizer=None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def supports_compact_decode(model) -> bool:
+    """Whether `HFGenerator._decode_compact` can drive `model`: a decoder-only model that takes
+    `position_ids` and a `DynamicCache` whose every layer can drop batch rows (full or sliding
+    attention; not linear-attention/recurrent states), and whose generation inputs are the
+    standard ones (no `prepare_inputs_for_generation` override, e.g. multimodal models or 3-D
+    rotary positions). Anything else generates through transformers `generate` (no compaction)."""
+    from transformers import DynamicCache, GenerationMixin
+    from transformers.cache_utils import DynamicLayer
+
+    cls = type(model)
+    if model.config.is_encoder_decoder or not cls._supports_default_dynamic_cache():
+        return False
+    if cls.prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
+        return False
+    params = inspect.signature(model.forward).parameters
+    if not {"position_ids", "past_key_values", "attention_mask"} <= set(params):
+        return False
+    layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+    return bool(layers) and all(isinstance(layer, DynamicLayer) for layer in layers)
+
+
 class HFGenerator:
     """Batched transformers `generate` with left padding and the KV cache."""
 
-    def __init__(self, model, tokenizer=None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64):
+    def __init__(self, model, tokenizer=None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64,
+                 compact: bool = True, compact_fraction: float = 0.25, compact_min_rows: int = 16):
         from transformers import GenerationConfig
 
         from engine.model import load_model, load_tokenizer
 
         if batch_size < 1:
             raise ValueError(f"HFGenerator: batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= compact_fraction <= 1.0:
+            raise ValueError(f"HFGenerator: compact_fraction must be in [0, 1], got {compact_fraction}")
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
             model = load_model(model, dtype=dtype, device=device)
@@ -136,6 +161,11 @@ class HFGenerator:
         # never leak into sampling, which `_RowSampler` alone controls.
         self.model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # The compacting decode loop (`_decode_compact`) where the model allows it, else transformers `generate`.
+        self.compact = compact and supports_compact_decode(self.model)
+        self.compact_fraction = compact_fraction
+        self.compact_min_rows = compact_min_rows
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     # -- generation
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
@@ -154,8 +184,6 @@ class HFGenerator:
 
     @torch.no_grad()
     def _generate_batch(self, prompt_ids, batch_rows, sampling: SamplingParams, seed: int) -> list[Completion]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
         prompts = [list(prompt_ids[i]) for i, _ in batch_rows]
         P = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)  # (B, P) left-padded
@@ -168,17 +196,97 @@ class HFGenerator:
             uniforms = torch.stack([1.0 - torch.rand(sampling.max_new_tokens, dtype=torch.float64,
                                                      generator=torch.Generator().manual_seed(row_seed(seed, i, j)))
                                     for i, j in batch_rows])
-        sampler = _RowSampler(sampling, uniforms, P)
         stop_ids = list(dict.fromkeys([*self.end_ids, *sampling.stop_token_ids]))
+        run = self._decode_compact if self.compact else self._decode_generate
+        tokens, logp = run(ids, mask, uniforms, sampling, stop_ids)  # (B, steps) each
+        return [split_completion(tokens[b].tolist(), logp[b].tolist(), set(stop_ids), sampling.max_new_tokens)
+                for b in range(len(prompts))]
+
+    def _decode_generate(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
+        """transformers `generate`, every row computed until the batch's last one stops."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        P = ids.shape[1]
+        sampler = _RowSampler(sampling, uniforms, P)
         gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens,
                                    eos_token_id=stop_ids, pad_token_id=self.pad_id, use_cache=True)
         seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                    generation_config=gen_cfg, logits_processor=LogitsProcessorList([sampler]))
         new = seqs[:, P:].cpu()  # (B, steps)
         steps = new.shape[1]
-        logp = torch.stack([sampler.steps[t] for t in range(steps)], dim=1) if steps else torch.zeros(len(prompts), 0)
-        return [split_completion(new[b].tolist(), logp[b].tolist(), set(stop_ids), sampling.max_new_tokens)
-                for b in range(len(prompts))]
+        logp = torch.stack([sampler.steps[t] for t in range(steps)], dim=1) if steps else torch.zeros(len(ids), 0)
+        return new, logp
+
+    def _decode_compact(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
+        """Our own decode loop over the model's forward with a `DynamicCache`: the same model
+        inputs `generate` builds (left-padded prefill, position ids `cumsum(mask) - 1`, the 2-D
+        mask dropped when nothing is padded, `logits_to_keep=1`), the same per-step sampling
+        as `_RowSampler`, but rows that emitted a stop token leave the batch: once they are at
+        least `compact_fraction` of it, the cache, mask, positions and inputs keep only the
+        live rows (`Cache.batch_select_indices`). A finished row still in the batch is fed the
+        pad token, as `generate` does, and its outputs are ignored."""
+        from transformers import DynamicCache
+
+        s, model, dev = sampling, self.model, self.device
+        B, T = ids.shape[0], s.max_new_tokens
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long)  # (B, T) filled up to each row's stop
+        logps = torch.zeros((B, T), dtype=torch.float32)
+        stop = torch.tensor(stop_ids, dtype=torch.long)
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        pos = mask.cumsum(-1) - 1  # (B, P), as `generate`: left padding gets position 0
+        pos = pos.masked_fill(mask == 0, 0)
+        attn = None if bool((mask == 1).all()) else mask.to(dev)  # `generate` drops an all-ones mask
+        kw = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = model(input_ids=ids.to(dev), attention_mask=attn, position_ids=pos.to(dev), past_key_values=cache,
+                    use_cache=True, return_dict=True, **kw)
+        last_pos = pos[:, -1:].to(dev)  # (b, 1) position of each row's last token
+        rows = torch.arange(B)  # (b,) original row of each batch row
+        live = torch.ones(B, dtype=torch.bool)  # (b,) not yet stopped
+        steps = 0
+        for t in range(T):
+            scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # (b, V)
+            logp = compute_sampling_logprobs(scores, s.temperature, s.top_k, s.top_p)  # (b, V)
+            if s.greedy:
+                chosen = scores.argmax(dim=-1)  # (b,)
+            else:
+                chosen = sample_inverse_cdf(logp, uniforms[rows, t]).to(scores.device)  # (b,)
+            chosen_lp = logp.gather(-1, chosen[:, None])[:, 0].cpu()
+            chosen = chosen.cpu()
+            idx = rows[live]
+            tokens[idx, t] = chosen[live]
+            logps[idx, t] = chosen_lp[live]
+            steps = t + 1
+            live = live & ~torch.isin(chosen, stop)
+            if t == T - 1 or not bool(live.any()):
+                break
+            feed = torch.where(live, chosen, torch.full_like(chosen, self.pad_id))  # (b,)
+            keep = self._rows_to_keep(live)
+            if keep is not None:
+                keep_dev = keep.to(dev)
+                cache.batch_select_indices(keep_dev)
+                rows, live, feed, last_pos = rows[keep], live[keep], feed[keep], last_pos[keep_dev]
+                if attn is not None:
+                    attn = attn[keep_dev]
+            if attn is not None:
+                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+            last_pos = last_pos + 1
+            out = model(input_ids=feed[:, None].to(dev), attention_mask=attn, position_ids=last_pos,
+                        past_key_values=cache, use_cache=True, return_dict=True, **kw)
+        return tokens[:, :steps], logps[:, :steps]
+
+    def _rows_to_keep(self, live: torch.Tensor) -> torch.Tensor | None:
+        """The batch rows (ascending) to keep when compacting, or None to leave the batch as is:
+        the live rows once the finished ones are at least `compact_fraction` of the batch,
+        topped up with finished rows to at least `compact_min_rows` rows (never more than now)."""
+        b, n_live = len(live), int(live.sum())
+        if b - n_live == 0 or b - n_live < self.compact_fraction * b:
+            return None
+        size = max(n_live, min(self.compact_min_rows, b))
+        if size >= b:
+            return None
+        keep = live.clone()
+        keep[(~live).nonzero()[: size - n_live, 0]] = True
+        return keep.nonzero()[:, 0]
 
     # -- weights
     @torch.no_grad()
