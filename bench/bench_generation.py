@@ -9,7 +9,8 @@ tokens and log-probs bit for bit.
 The prompts are the first `--prompts` training prompts, taken round-robin over the domains
 under `--data` (`<domain>/train.jsonl`, rendered with the model's chat template as the
 rollouts render them); temperature 1, the generator's batch size 128 (configs/tiny.yaml).
-Each repeat runs every variant once, alternating, on one thread. "tokens" counts generated
+Each repeat runs every variant once, alternating, on one thread; wall and process CPU
+seconds are both reported (CPU time is the steadier number on a shared machine). "tokens" counts generated
 tokens (each completion's length, stop token included).
 """
 
@@ -72,19 +73,22 @@ def main() -> None:
     for max_new in args.max_new:
         sampling = SamplingParams(n=args.samples, temperature=1.0, max_new_tokens=max_new, seed=1234)
         times: dict[str, list[float]] = {k: [] for k in variants}
+        cpu: dict[str, list[float]] = {k: [] for k in variants}
         outs = {}
         for _ in range(args.repeats):
             for name, gen in variants.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 outs[name] = gen.generate(prompts, sampling)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         ref = outs["generate"]
         lengths = [len(c.token_ids) for c in ref]
         shape = {"completion_tokens": sum(lengths), "length_mean": statistics.mean(lengths),
                  "length_max": max(lengths), "stopped": sum(c.finish_reason == "stop" for c in ref)}
         for name, ts in times.items():
             got = outs[name]
-            entry = {"wall_s": ts, "wall_s_median": statistics.median(ts),
+            entry = {"wall_s": ts, "wall_s_median": statistics.median(ts), "cpu_s": cpu[name],
+                     "cpu_s_median": statistics.median(cpu[name]),
                      "tokens_per_s": sum(len(c.token_ids) for c in got) / statistics.median(ts)}
             if name != "generate":
                 same_tokens = [a.token_ids == b.token_ids for a, b in zip(got, ref)]
@@ -96,6 +100,7 @@ def main() -> None:
                     "logprobs_bitwise_equal_rows": sum(a.logprobs == b.logprobs for a, b in zip(got, ref)),
                     "logprob_max_abs_diff": max(diffs, default=0.0),
                     "speedup_vs_generate": statistics.median(times["generate"]) / statistics.median(ts),
+                    "cpu_speedup_vs_generate": statistics.median(cpu["generate"]) / statistics.median(cpu[name]),
                 })
             shape[name] = entry
         result["shapes"][str(max_new)] = shape
