@@ -3,8 +3,17 @@
 A generator has `generate(prompt_ids, sampling) -> list[Completion]`, `load_weights(state)`
 and `close()`. `generate` returns a FLAT list: `sampling.n` completions per prompt, the
 prompt's samples consecutive, prompts in the order given (`out[i * n + j]` is sample j of
-prompt i). Stage drivers only ever see this protocol; `HFGenerator` (transformers
-`generate`, CPU default) is here, `VLLMGenerator` (CUDA or vLLM's CPU build) in `engine.generation_vllm`.
+prompt i). Stage drivers only ever see this protocol; `HFGenerator` (a transformers model,
+CPU default) is here, `VLLMGenerator` (CUDA or vLLM's CPU build) in `engine.generation_vllm`.
+
+Finished rows. `HFGenerator` decodes with its own loop over the model's forward and a
+`DynamicCache` (`_decode_compact`): the inputs `generate` would build, but a row that emitted
+a stop token leaves the batch (cache, mask, positions: `Cache.batch_select_indices`), so a
+batch of 6-token math answers beside 96-token replies stops computing the short ones. Models
+the loop cannot drive (`supports_compact_decode`) and `compact=False` use transformers
+`generate`, which computes every row until the batch's last one stops. Both give the same
+tokens and log-probs; on CPU (MKL) bit for bit, as long as a batch does not shrink below
+`compact_min_rows` rows (bench/bench_generation.py, BENCHMARKS.md).
 
 Log-probs. `Completion.logprobs[t]` is the log-probability of the sampled token under the
 distribution it was actually sampled from: `log_softmax(filter(logits / T))`, where
@@ -134,7 +143,14 @@ def supports_compact_decode(model) -> bool:
 
 
 class HFGenerator:
-    """Batched transformers `generate` with left padding and the KV cache."""
+    """Batched generation with left padding and the KV cache; finished rows leave the batch.
+
+    `compact=False` decodes with transformers `generate` instead (every row computed until
+    the batch's last one stops). `compact_fraction`: the batch is compacted once its finished
+    rows are at least this fraction of it (each compaction copies the whole cache).
+    `compact_min_rows`: it never shrinks below this many rows (finished rows fill up): MKL's
+    sgemm rounds a row differently below ~16 rows (per-row results of `x @ W.T` then depend on
+    the batch size), so with 16 the rows get the very numbers `generate` gives them."""
 
     def __init__(self, model, tokenizer=None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64,
                  compact: bool = True, compact_fraction: float = 0.25, compact_min_rows: int = 16):
@@ -146,6 +162,8 @@ class HFGenerator:
             raise ValueError(f"HFGenerator: batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= compact_fraction <= 1.0:
             raise ValueError(f"HFGenerator: compact_fraction must be in [0, 1], got {compact_fraction}")
+        if compact_min_rows < 1:
+            raise ValueError(f"HFGenerator: compact_min_rows must be >= 1, got {compact_min_rows}")
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
             model = load_model(model, dtype=dtype, device=device)

@@ -149,8 +149,9 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
                   f"is in {unfinished_dir(run, name).name}", flush=True)
         raise
     ended = time.time()
+    facts = environment_facts(cfg.seed, numerics=stage.kind != "report")  # the report computes no tensors
     manifest = run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
                                   outputs=result.get("outputs", {}), metrics=result.get("metrics", {}),
-                                  note=result.get("note", ""), environment=environment_facts(cfg.seed, numerics=stage.kind != "report"))
+                                  note=result.get("note", ""), environment=facts)
     attempt_succeeded(run, name)
     return manifest
