@@ -346,7 +346,8 @@ register_generator = GENERATORS.register
 @register_generator("hf")
 def _build_hf(config, model_dir, *, tokenizer, dtype: str, device: str | None = None) -> Generator:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return HFGenerator(model_dir, tokenizer, device=device, dtype=dtype, batch_size=config.batch_size)
+    return HFGenerator(model_dir, tokenizer, device=device, dtype=dtype, batch_size=config.batch_size,
+                       compact=getattr(config, "compact", True))
 
 
 @register_generator("vllm")

@@ -4,6 +4,8 @@ project loads, plus Mistral and Gemma 3 (sliding-window layers): the same tokens
 finish reasons, with rows that stop at very different lengths, greedy and sampled, top-k/top-p;
 finished rows really leave the batch; the output does not depend on the batch size."""
 
+import pathlib
+
 import pytest
 import torch
 import transformers
@@ -181,3 +183,24 @@ def test_unsupported_model_falls_back_to_generate():
 def test_bad_compact_fraction():
     with pytest.raises(ValueError, match="compact_fraction"):
         HFGenerator(_model("qwen2"), None, compact_fraction=1.5)
+
+
+def test_config_option_reaches_the_generator_and_its_default_keeps_the_stage_hashes(tmp_path):
+    """`generator.compact` (default true) picks the path; at its default it stays out of the
+    stage input hashes (finished runs stay done: the default path gives generate's numbers)."""
+    from engine.generation import build_generator
+    from pipeline.config import load_config
+    from pipeline.graph import build_graph, input_hashes
+
+    model = _model("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    TINY = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    cfg = load_config(TINY, check_files=False)
+    assert cfg.generator.compact is True
+    assert build_generator(cfg.generator, tmp_path / "m", device="cpu").compact
+    off = load_config(TINY, ["generator.compact=false"], check_files=False)
+    assert not build_generator(off.generator, tmp_path / "m", device="cpu").compact
+    on = load_config(TINY, ["generator.compact=true"], check_files=False)
+    h, h_on, h_off = (input_hashes(build_graph(c)) for c in (cfg, on, off))
+    assert h == h_on
+    assert h["prepare"] == h_off["prepare"] and h["grpo:math"] != h_off["grpo:math"]
