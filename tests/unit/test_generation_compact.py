@@ -23,6 +23,7 @@ def _model(family: str):
     cfg = {
         "qwen2": lambda: transformers.Qwen2Config(**KW),
         "llama": lambda: transformers.LlamaConfig(**KW),
+        "llama_mha": lambda: transformers.LlamaConfig(**{**KW, "num_key_value_heads": 4}),  # no GQA: keys as views
         "qwen3": lambda: transformers.Qwen3Config(head_dim=8, **KW),
         "mistral": lambda: transformers.MistralConfig(sliding_window=None, **KW),
         # layer 0 slides over 6 tokens, layer 1 is full: the cache mixes both layer kinds
@@ -62,7 +63,7 @@ def _spread(out, max_new):
     assert any(c.finish_reason == "stop" for c in out)
 
 
-FAMILIES = ["qwen2", "llama", "qwen3", "mistral", "gemma3"]
+FAMILIES = ["qwen2", "llama", "llama_mha", "qwen3", "mistral", "gemma3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -107,10 +108,11 @@ def test_top_k_top_p_equal_generate(top_k, top_p):
     _assert_same(got, ref)
 
 
-def test_uncompacted_loop_is_bitwise_generate():
+@pytest.mark.parametrize("family", ["qwen3", "llama_mha"])
+def test_uncompacted_loop_is_bitwise_generate(family):
     """With compaction off (the batch never shrinks) the loop makes the very forward calls
-    `generate` makes: equal to the bit."""
-    model = _model("qwen3")
+    `generate` makes, its in-place cache holding the values `torch.cat` gives: equal to the bit."""
+    model = _model(family)
     prompts = _prompts()
     s = SamplingParams(n=2, temperature=1.0, max_new_tokens=24, stop_token_ids=[5, 6], seed=11)
     ref = HFGenerator(model, None, compact=False).generate(prompts, s)
