@@ -133,6 +133,16 @@ def test_unpadded_batch_equals_generate():
     assert [(c.token_ids, c.logprobs) for c in whole] == [(c.token_ids, c.logprobs) for c in ref]
 
 
+@pytest.mark.parametrize("max_new,stops", [(1, []), (6, list(range(V)))])
+def test_one_step_and_all_stop_at_once_equal_generate(max_new, stops):
+    model = _model("qwen3")
+    s = SamplingParams(n=2, temperature=1.0, max_new_tokens=max_new, stop_token_ids=stops, seed=4)
+    ref = HFGenerator(model, None, compact=False).generate(_prompts(), s)
+    got = HFGenerator(model, None, compact_fraction=0.0, compact_min_rows=1).generate(_prompts(), s)
+    _assert_same(got, ref)
+    assert all(len(c.token_ids) == 1 for c in got)
+
+
 def test_batch_size_does_not_change_the_output():
     model = _model("qwen2")
     prompts = _prompts()
