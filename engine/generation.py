@@ -168,6 +168,39 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
+DECODE_ATTENTION = "polymath_sdpa_decode"
+
+
+@functools.cache
+def _register_decode_attention() -> str:
+    """Register (once) `DECODE_ATTENTION` with transformers' attention and mask interfaces:
+    transformers' SDPA, except that a one-token decode step of a grouped-query attention layer
+    on CPU passes the cache's keys/values to `scaled_dot_product_attention(enable_gqa=True)`
+    instead of materialising them `num_key_value_groups` times (`repeat_kv`, which transformers
+    does whenever there is a padding mask: a copy of the whole cache per layer per step, ~15%
+    of a tiny model's decode step). The same kernel computes the same values (checked bit for
+    bit against `generate`, tests/unit/test_generation_compact.py). Prefill, other devices and
+    anything unusual (dropout, position bias, paged cache) go to transformers' own function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         **kwargs):
+        groups = getattr(module, "num_key_value_groups", 1)
+        if (query.shape[2] != 1 or groups <= 1 or query.device.type != "cpu" or dropout
+                or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    return DECODE_ATTENTION
+
+
 def supports_compact_decode(model) -> bool:
     """Whether `HFGenerator._decode_compact` can drive `model`: a decoder-only model that takes
     `position_ids` and a `DynamicCache` whose every layer can drop batch rows (full or sliding
@@ -283,6 +316,18 @@ class HFGenerator:
         return new, logp
 
     def _decode_compact(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
+        """`_decode_loop`, with transformers' SDPA swapped for `DECODE_ATTENTION` while it runs
+        (a CPU model on SDPA; the model's setting is restored after)."""
+        config = self.model.config
+        if config._attn_implementation != "sdpa" or torch.device(self.device).type != "cpu":
+            return self._decode_loop(ids, mask, uniforms, sampling, stop_ids)
+        config._attn_implementation_internal = _register_decode_attention()
+        try:
+            return self._decode_loop(ids, mask, uniforms, sampling, stop_ids)
+        finally:
+            config._attn_implementation_internal = "sdpa"
+
+    def _decode_loop(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
         """Our own decode loop over the model's forward with a `DynamicCache`: the same model
         inputs `generate` builds (left-padded prefill, position ids `cumsum(mask) - 1`, the 2-D
         mask dropped when nothing is padded, `logits_to_keep=1`), the same per-step sampling

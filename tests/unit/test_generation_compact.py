@@ -216,3 +216,26 @@ def test_config_option_reaches_the_generator_and_its_default_keeps_the_stage_has
     h, h_on, h_off = (input_hashes(build_graph(c)) for c in (cfg, on, off))
     assert h == h_on
     assert h["prepare"] == h_off["prepare"] and h["grpo:math"] != h_off["grpo:math"]
+
+
+def test_decode_steps_use_grouped_query_sdpa_and_the_setting_is_restored():
+    """A CPU SDPA model decodes its one-token steps through `DECODE_ATTENTION` (keys/values not
+    repeated per query head) and gets its own attention setting back afterwards; prefill stays
+    transformers' SDPA. The outputs are `generate`'s, bit for bit, where the batch keeps its rows."""
+    from engine.generation import DECODE_ATTENTION
+
+    model = _model("qwen2")  # 4 query heads over 2 key/value heads
+    assert model.config._attn_implementation == "sdpa"
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], m.config._attn_implementation)),
+        with_kwargs=True)
+    s = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=9)
+    got = HFGenerator(model, None, compact_fraction=1.0).generate(_prompts(), s)
+    assert seen[0][1] == DECODE_ATTENTION and {q for q, _ in seen[1:]} == {1}
+    assert {impl for _, impl in seen} == {DECODE_ATTENTION}
+    assert model.config._attn_implementation == "sdpa"
+    seen.clear()
+    ref = HFGenerator(model, None, compact=False).generate(_prompts(), s)
+    assert {impl for _, impl in seen} == {"sdpa"}
+    assert [(c.token_ids, c.logprobs) for c in got] == [(c.token_ids, c.logprobs) for c in ref]
