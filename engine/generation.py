@@ -9,8 +9,10 @@ CPU default) is here, `VLLMGenerator` (CUDA or vLLM's CPU build) in `engine.gene
 Finished rows. `HFGenerator` decodes with its own loop over the model's forward and a
 `DynamicCache` (`_decode_compact`): the inputs `generate` would build, but a row that emitted
 a stop token leaves the batch (cache, mask, positions: `Cache.batch_select_indices`), so a
-batch of 6-token math answers beside 96-token replies stops computing the short ones. Models
-the loop cannot drive (`supports_compact_decode`) and `compact=False` use transformers
+batch of 6-token math answers beside 96-token replies stops computing the short ones; the
+cache's full-attention layers write in place (no per-step `torch.cat`) and, on CPU, one-token
+steps of grouped-query attention skip transformers' `repeat_kv` copy (`DECODE_ATTENTION`).
+Models the loop cannot drive (`supports_compact_decode`) and `compact=False` use transformers
 `generate`, which computes every row until the batch's last one stops. Both give the same
 tokens and log-probs; on CPU (MKL) bit for bit, as long as a batch does not shrink below
 `compact_min_rows` rows (bench/bench_generation.py, BENCHMARKS.md).
