@@ -319,9 +319,11 @@ class HFGenerator:
 
     def _decode_compact(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
         """`_decode_loop`, with transformers' SDPA swapped for `DECODE_ATTENTION` while it runs
-        (a CPU model on SDPA; the model's setting is restored after)."""
+        (a CPU model on SDPA whose attention layers dispatch through transformers'
+        `AttentionInterface`; the model's setting is restored after)."""
         config = self.model.config
-        if config._attn_implementation != "sdpa" or torch.device(self.device).type != "cpu":
+        if (config._attn_implementation != "sdpa" or torch.device(self.device).type != "cpu"
+                or not type(self.model)._can_set_attn_implementation()):
             return self._decode_loop(ids, mask, uniforms, sampling, stop_ids)
         config._attn_implementation_internal = _register_decode_attention()
         try:
