@@ -3,8 +3,19 @@
 A generator has `generate(prompt_ids, sampling) -> list[Completion]`, `load_weights(state)`
 and `close()`. `generate` returns a FLAT list: `sampling.n` completions per prompt, the
 prompt's samples consecutive, prompts in the order given (`out[i * n + j]` is sample j of
-prompt i). Stage drivers only ever see this protocol; `HFGenerator` (transformers
-`generate`, CPU default) is here, `VLLMGenerator` (CUDA or vLLM's CPU build) in `engine.generation_vllm`.
+prompt i). Stage drivers only ever see this protocol; `HFGenerator` (a transformers model,
+CPU default) is here, `VLLMGenerator` (CUDA or vLLM's CPU build) in `engine.generation_vllm`.
+
+Finished rows. `HFGenerator` decodes with its own loop over the model's forward and a
+`DynamicCache` (`_decode_compact`): the inputs `generate` would build, but a row that emitted
+a stop token leaves the batch (cache, mask, positions: `Cache.batch_select_indices`), so a
+batch of 6-token math answers beside 96-token replies stops computing the short ones; the
+cache's full-attention layers write in place (no per-step `torch.cat`) and, on CPU, one-token
+steps of grouped-query attention skip transformers' `repeat_kv` copy (`DECODE_ATTENTION`).
+Models the loop cannot drive (`supports_compact_decode`) and `compact=False` use transformers
+`generate`, which computes every row until the batch's last one stops. Both give the same
+tokens and log-probs; on CPU (MKL) bit for bit, as long as a batch does not shrink below
+`compact_min_rows` rows (bench/bench_generation.py, BENCHMARKS.md).
 
 Log-probs. `Completion.logprobs[t]` is the log-probability of the sampled token under the
 distribution it was actually sampled from: `log_softmax(filter(logits / T))`, where
@@ -26,6 +37,8 @@ seed only, not on `batch_size`, the order rows are batched in, or the global RNG
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from typing import Callable
 
@@ -111,16 +124,128 @@ def model_end_ids(model, tokenizer=None) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-class HFGenerator:
-    """Batched transformers `generate` with left padding and the KV cache."""
+@functools.cache
+def _preallocated_layer_class():
+    """A transformers `DynamicLayer` whose keys/values live in buffers with room for `capacity`
+    positions: `update` writes the new positions in place instead of concatenating the whole
+    cache into a new tensor every step (`DynamicLayer.update`'s `torch.cat`, ~13% of a tiny
+    model's decode step on CPU). `keys`/`values` are views of the filled part, the very values
+    `torch.cat` would give. Batch selection copies the buffers' live rows."""
+    from transformers.cache_utils import DynamicLayer
 
-    def __init__(self, model, tokenizer=None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64):
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                b, h, _, _ = key_states.shape
+                self._k = key_states.new_empty((b, h, self.capacity, key_states.shape[-1]))
+                self._v = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+            n = key_states.shape[-2]
+            if self.length + n > self.capacity:
+                raise RuntimeError(f"PreallocatedLayer: {self.length + n} positions > capacity {self.capacity}")
+            self._k[:, :, self.length:self.length + n] = key_states
+            self._v[:, :, self.length:self.length + n] = value_states
+            self.length += n
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.length:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("PreallocatedLayer: the decode loop never crops")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("PreallocatedLayer: the decode loop never repeats rows")
+
+    return PreallocatedLayer
+
+
+DECODE_ATTENTION = "polymath_sdpa_decode"
+
+
+@functools.cache
+def _register_decode_attention() -> str:
+    """Register (once) `DECODE_ATTENTION` with transformers' attention and mask interfaces:
+    transformers' SDPA, except that a one-token decode step of a grouped-query attention layer
+    on CPU passes the cache's keys/values to `scaled_dot_product_attention(enable_gqa=True)`
+    instead of materialising them `num_key_value_groups` times (`repeat_kv`, which transformers
+    does whenever there is a padding mask: a copy of the whole cache per layer per step, ~15%
+    of a tiny model's decode step). The same kernel computes the same values (checked bit for
+    bit against `generate`, tests/unit/test_generation_compact.py). Prefill, other devices and
+    anything unusual (dropout, position bias, paged cache) go to transformers' own function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         **kwargs):
+        groups = getattr(module, "num_key_value_groups", 1)
+        if (query.shape[2] != 1 or groups <= 1 or query.device.type != "cpu" or dropout
+                or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    return DECODE_ATTENTION
+
+
+def supports_compact_decode(model) -> bool:
+    """Whether `HFGenerator._decode_compact` can drive `model`: a decoder-only model that takes
+    `position_ids` and a `DynamicCache` whose every layer can drop batch rows (full or sliding
+    attention; not linear-attention/recurrent states), and whose generation inputs are the
+    standard ones (no `prepare_inputs_for_generation` override, e.g. multimodal models or 3-D
+    rotary positions). Anything else generates through transformers `generate` (no compaction)."""
+    from transformers import DynamicCache, GenerationMixin
+    from transformers.cache_utils import DynamicLayer
+
+    cls = type(model)
+    if model.config.is_encoder_decoder or not cls._supports_default_dynamic_cache():
+        return False
+    if cls.prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
+        return False
+    params = inspect.signature(model.forward).parameters
+    if not {"position_ids", "past_key_values", "attention_mask"} <= set(params):
+        return False
+    layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+    return bool(layers) and all(isinstance(layer, DynamicLayer) for layer in layers)
+
+
+class HFGenerator:
+    """Batched generation with left padding and the KV cache; finished rows leave the batch.
+
+    `compact=False` decodes with transformers `generate` instead (every row computed until
+    the batch's last one stops). `compact_fraction`: the batch is compacted once its finished
+    rows are at least this fraction of it (each compaction copies the whole cache).
+    `compact_min_rows`: it never shrinks below this many rows (finished rows fill up): MKL's
+    sgemm rounds a row differently below ~16 rows (per-row results of `x @ W.T` then depend on
+    the batch size), so with 16 the rows get the very numbers `generate` gives them."""
+
+    def __init__(self, model, tokenizer=None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64,
+                 compact: bool = True, compact_fraction: float = 0.25, compact_min_rows: int = 16):
         from transformers import GenerationConfig
 
         from engine.model import load_model, load_tokenizer
 
         if batch_size < 1:
             raise ValueError(f"HFGenerator: batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= compact_fraction <= 1.0:
+            raise ValueError(f"HFGenerator: compact_fraction must be in [0, 1], got {compact_fraction}")
+        if compact_min_rows < 1:
+            raise ValueError(f"HFGenerator: compact_min_rows must be >= 1, got {compact_min_rows}")
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
             model = load_model(model, dtype=dtype, device=device)
@@ -136,6 +261,11 @@ class HFGenerator:
         # never leak into sampling, which `_RowSampler` alone controls.
         self.model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # The compacting decode loop (`_decode_compact`) where the model allows it, else transformers `generate`.
+        self.compact = compact and supports_compact_decode(self.model)
+        self.compact_fraction = compact_fraction
+        self.compact_min_rows = compact_min_rows
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     # -- generation
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
@@ -154,8 +284,6 @@ class HFGenerator:
 
     @torch.no_grad()
     def _generate_batch(self, prompt_ids, batch_rows, sampling: SamplingParams, seed: int) -> list[Completion]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
         prompts = [list(prompt_ids[i]) for i, _ in batch_rows]
         P = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)  # (B, P) left-padded
@@ -168,17 +296,116 @@ class HFGenerator:
             uniforms = torch.stack([1.0 - torch.rand(sampling.max_new_tokens, dtype=torch.float64,
                                                      generator=torch.Generator().manual_seed(row_seed(seed, i, j)))
                                     for i, j in batch_rows])
-        sampler = _RowSampler(sampling, uniforms, P)
         stop_ids = list(dict.fromkeys([*self.end_ids, *sampling.stop_token_ids]))
+        run = self._decode_compact if self.compact else self._decode_generate
+        tokens, logp = run(ids, mask, uniforms, sampling, stop_ids)  # (B, steps) each
+        return [split_completion(tokens[b].tolist(), logp[b].tolist(), set(stop_ids), sampling.max_new_tokens)
+                for b in range(len(prompts))]
+
+    def _decode_generate(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
+        """transformers `generate`, every row computed until the batch's last one stops."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        P = ids.shape[1]
+        sampler = _RowSampler(sampling, uniforms, P)
         gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens,
                                    eos_token_id=stop_ids, pad_token_id=self.pad_id, use_cache=True)
         seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                    generation_config=gen_cfg, logits_processor=LogitsProcessorList([sampler]))
         new = seqs[:, P:].cpu()  # (B, steps)
         steps = new.shape[1]
-        logp = torch.stack([sampler.steps[t] for t in range(steps)], dim=1) if steps else torch.zeros(len(prompts), 0)
-        return [split_completion(new[b].tolist(), logp[b].tolist(), set(stop_ids), sampling.max_new_tokens)
-                for b in range(len(prompts))]
+        logp = torch.stack([sampler.steps[t] for t in range(steps)], dim=1) if steps else torch.zeros(len(ids), 0)
+        return new, logp
+
+    def _decode_compact(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
+        """`_decode_loop`, with transformers' SDPA swapped for `DECODE_ATTENTION` while it runs
+        (a CPU model on SDPA whose attention layers dispatch through transformers'
+        `AttentionInterface`; the model's setting is restored after)."""
+        config = self.model.config
+        if (config._attn_implementation != "sdpa" or torch.device(self.device).type != "cpu"
+                or not type(self.model)._can_set_attn_implementation()):
+            return self._decode_loop(ids, mask, uniforms, sampling, stop_ids)
+        config._attn_implementation_internal = _register_decode_attention()
+        try:
+            return self._decode_loop(ids, mask, uniforms, sampling, stop_ids)
+        finally:
+            config._attn_implementation_internal = "sdpa"
+
+    def _decode_loop(self, ids, mask, uniforms, sampling: SamplingParams, stop_ids: list[int]):
+        """Our own decode loop over the model's forward with a `DynamicCache`: the same model
+        inputs `generate` builds (left-padded prefill, position ids `cumsum(mask) - 1`, the 2-D
+        mask dropped when nothing is padded, `logits_to_keep=1`), the same per-step sampling
+        as `_RowSampler`, but rows that emitted a stop token leave the batch: once they are at
+        least `compact_fraction` of it, the cache, mask, positions and inputs keep only the
+        live rows (`Cache.batch_select_indices`). A finished row still in the batch is fed the
+        pad token, as `generate` does, and its outputs are ignored."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        s, model, dev = sampling, self.model, self.device
+        B, T = ids.shape[0], s.max_new_tokens
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long)  # (B, T) filled up to each row's stop
+        logps = torch.zeros((B, T), dtype=torch.float32)
+        stop = torch.tensor(stop_ids, dtype=torch.long)
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        # full-attention layers write in place (sliding-window ones keep transformers' own)
+        layer_cls = _preallocated_layer_class()
+        cache.layers = [layer_cls(ids.shape[1] + T) if type(layer) is DynamicLayer else layer
+                        for layer in cache.layers]
+        pos = mask.cumsum(-1) - 1  # (B, P), as `generate`: left padding gets position 0
+        pos = pos.masked_fill(mask == 0, 0)
+        attn = None if bool((mask == 1).all()) else mask.to(dev)  # `generate` drops an all-ones mask
+        kw = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = model(input_ids=ids.to(dev), attention_mask=attn, position_ids=pos.to(dev), past_key_values=cache,
+                    use_cache=True, return_dict=True, **kw)
+        last_pos = pos[:, -1:].to(dev)  # (b, 1) position of each row's last token
+        rows = torch.arange(B)  # (b,) original row of each batch row
+        live = torch.ones(B, dtype=torch.bool)  # (b,) not yet stopped
+        steps = 0
+        for t in range(T):
+            scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # (b, V)
+            logp = compute_sampling_logprobs(scores, s.temperature, s.top_k, s.top_p)  # (b, V)
+            if s.greedy:
+                chosen = scores.argmax(dim=-1)  # (b,)
+            else:
+                chosen = sample_inverse_cdf(logp, uniforms[rows, t]).to(scores.device)  # (b,)
+            chosen_lp = logp.gather(-1, chosen[:, None])[:, 0].cpu()
+            chosen = chosen.cpu()
+            idx = rows[live]
+            tokens[idx, t] = chosen[live]
+            logps[idx, t] = chosen_lp[live]
+            steps = t + 1
+            live = live & ~torch.isin(chosen, stop)
+            if t == T - 1 or not bool(live.any()):
+                break
+            feed = torch.where(live, chosen, torch.full_like(chosen, self.pad_id))  # (b,)
+            keep = self._rows_to_keep(live)
+            if keep is not None:
+                keep_dev = keep.to(dev)
+                cache.batch_select_indices(keep_dev)
+                rows, live, feed, last_pos = rows[keep], live[keep], feed[keep], last_pos[keep_dev]
+                if attn is not None:
+                    attn = attn[keep_dev]
+            if attn is not None:
+                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+            last_pos = last_pos + 1
+            out = model(input_ids=feed[:, None].to(dev), attention_mask=attn, position_ids=last_pos,
+                        past_key_values=cache, use_cache=True, return_dict=True, **kw)
+        return tokens[:, :steps], logps[:, :steps]
+
+    def _rows_to_keep(self, live: torch.Tensor) -> torch.Tensor | None:
+        """The batch rows (ascending) to keep when compacting, or None to leave the batch as is:
+        the live rows once the finished ones are at least `compact_fraction` of the batch,
+        topped up with finished rows to at least `compact_min_rows` rows (never more than now)."""
+        b, n_live = len(live), int(live.sum())
+        if b - n_live == 0 or b - n_live < self.compact_fraction * b:
+            return None
+        size = max(n_live, min(self.compact_min_rows, b))
+        if size >= b:
+            return None
+        keep = live.clone()
+        keep[(~live).nonzero()[: size - n_live, 0]] = True
+        return keep.nonzero()[:, 0]
 
     # -- weights
     @torch.no_grad()
@@ -220,7 +447,8 @@ register_generator = GENERATORS.register
 @register_generator("hf")
 def _build_hf(config, model_dir, *, tokenizer, dtype: str, device: str | None = None) -> Generator:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return HFGenerator(model_dir, tokenizer, device=device, dtype=dtype, batch_size=config.batch_size)
+    return HFGenerator(model_dir, tokenizer, device=device, dtype=dtype, batch_size=config.batch_size,
+                       compact=getattr(config, "compact", True))
 
 
 @register_generator("vllm")

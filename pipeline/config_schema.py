@@ -167,13 +167,15 @@ class MixedRLConfig(Frozen):
 
 class GeneratorConfig(Frozen):
     # added after runs existed: out of the stage hashes while at this value (pipeline.graph._dump)
-    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"enforce_eager": False}
+    HASH_NEUTRAL_DEFAULTS: ClassVar[dict] = {"enforce_eager": False, "compact": True}
 
     backend: Literal["hf", "vllm"] = "hf"
     batch_size: PositiveInt = 64
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs (a faster engine start, "
                                                    "slower decoding; the CPU tests use it)")
+    compact: bool = Field(True, description="hf: finished rows leave the batch (engine.generation); false: "
+                                            "transformers generate, every row computed until the batch's last stops")
 
 
 class EvalConfig(Frozen):

@@ -39,13 +39,15 @@ def setup_environment(run_root: Path) -> None:
     os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
 
 
-def environment_facts(seed: int) -> dict:
+def environment_facts(seed: int, numerics: bool = True) -> dict:
     """What makes a stage's numbers reproducible, recorded in its manifest: floating-point
     results differ between CPUs (vector width, BLAS kernels), so a run reproduces bitwise on
-    the same machine and software only (docs/DESIGN.md section 14)."""
+    the same machine and software only (docs/DESIGN.md section 14). A stage without tensor
+    numerics (`numerics=False`: the report) that has not imported torch names the torch and
+    transformers versions from the installed packages' metadata instead of importing them
+    (~2 s of CPU) for BLAS and vector-ISA facts that cannot have touched its output."""
     import platform
-
-    import torch
+    import sys
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -55,13 +57,25 @@ def environment_facts(seed: int) -> dict:
                 break
     except OSError:
         pass
+    facts = {"seed": seed, "cpu_model": cpu, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+             "python": platform.python_version()}
+    if not numerics and "torch" not in sys.modules:
+        from importlib.metadata import PackageNotFoundError, version
+
+        for package in ("torch", "transformers"):
+            try:
+                facts[package] = version(package)
+            except PackageNotFoundError:
+                pass
+        return facts
+    import torch
+
     config = torch.__config__.show()
     blas = next((part.split("=", 1)[1] for part in config.replace(",", " ").split() if part.startswith("BLAS_INFO=")), "?")
-    facts = {"seed": seed, "cpu_model": cpu, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-             "python": platform.python_version(), "torch": torch.__version__, "blas": blas,
-             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-             "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
+    facts.update({"torch": torch.__version__, "blas": blas, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                  "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+                  "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                                  if k in os.environ}})
     if torch.cuda.is_available():
         facts["cuda"] = {"device": torch.cuda.get_device_name(0), "version": torch.version.cuda}
     try:
@@ -135,8 +149,9 @@ def run_stage(cfg: ExperimentConfig, config_path: str, name: str, overrides=(), 
                   f"is in {unfinished_dir(run, name).name}", flush=True)
         raise
     ended = time.time()
+    facts = environment_facts(cfg.seed, numerics=stage.kind != "report")  # the report computes no tensors
     manifest = run.write_manifest(name, status="done", ended=ended, seconds=round(ended - started, 2),
                                   outputs=result.get("outputs", {}), metrics=result.get("metrics", {}),
-                                  note=result.get("note", ""), environment=environment_facts(cfg.seed))
+                                  note=result.get("note", ""), environment=facts)
     attempt_succeeded(run, name)
     return manifest

@@ -263,3 +263,25 @@ def test_environment_facts_name_the_machine_and_software():
     assert f["torch_threads"] == torch.get_num_threads() >= 1
     assert "transformers" in f
     json.dumps(f)  # it goes into manifest.json
+
+
+def test_environment_facts_of_a_stage_without_numerics_do_not_import_torch():
+    """The report stage names the software from package metadata, not by importing torch and
+    transformers (~2 s of CPU); where torch is loaded anyway, it records everything."""
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    code = ("import json, sys; from pipeline.stages import environment_facts; "
+            "f = environment_facts(7, numerics=False); print(json.dumps([f, 'torch' in sys.modules, "
+            "'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    f, torch_loaded, transformers_loaded = json.loads(out.stdout)
+    assert not torch_loaded and not transformers_loaded
+    assert f["seed"] == 7 and f["torch"] == torch.__version__ and f["transformers"] == transformers.__version__
+    assert "blas" not in f
+    from pipeline.stages import environment_facts
+
+    assert environment_facts(7, numerics=False)["blas"] != "?"  # torch is loaded in this process
