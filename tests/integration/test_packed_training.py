@@ -11,7 +11,6 @@ Adam divides each gradient by its own running scale, so a weight whose gradient 
 that nearly cancels moves by a visible fraction of `lr` on rounding alone (seen: 1.6e-5 at
 lr 3e-3 in one o_proj entry after four OPD steps)."""
 
-import os
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ from experts.grpo_settings import GRPOSettings
 from rewards import ScorerPool
 
 SPEC = TinySpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -160,16 +158,6 @@ def test_packed_prefill_writes_the_padded_cache(models, tmp_path):
     finally:
         a.close()
         b.close()
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=os.path.join(ROOT, ".cache", "ray"))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from engine.trainer import TrainerSettings, build_trainer
 from experts.sft import SFTLoss
 
 torch.set_num_threads(1)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC = TinySpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
@@ -24,16 +23,6 @@ def samples(step, n=8):
     g = torch.Generator().manual_seed(100 + step)
     lens = torch.randint(5, 14, (n,), generator=g).tolist()
     return [Sample(torch.randint(6, 90, (k,), generator=g).tolist(), [0, 0] + [1] * (k - 2)) for k in lens]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=os.path.join(ROOT, ".cache", "ray"))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow
